@@ -1,0 +1,110 @@
+"""The ASGI application: /graphql (GraphiQL on GET, queries and mutations on POST,
+subscriptions over graphql-transport-ws only), /healthz and /readyz."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from sqlalchemy import text
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+from strawberry.asgi import GraphQL
+from strawberry.exceptions import ConnectionRejectionError
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+
+import migrations
+from api.context import Context
+from api.schema import build_schema
+from api.settings import Settings, load_settings
+from domain.db import Database
+from policies import Authorizer
+
+log = logging.getLogger("creditpool")
+
+
+class CreditpoolGraphQL(GraphQL):
+    def __init__(self, *, db: Database, authorizer: Authorizer, settings: Settings) -> None:
+        super().__init__(
+            build_schema(
+                max_depth=settings.max_query_depth, max_aliases=settings.max_aliases, max_tokens=settings.max_tokens
+            ),
+            graphql_ide="graphiql" if settings.graphiql else None,
+            # The legacy `graphql-ws` protocol is refused: its handshake gets close code 4406.
+            subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
+        )
+        self.db = db
+        self.authorizer = authorizer
+
+    async def get_context(self, request: Request | WebSocket, response: Any = None) -> Context:
+        return Context(db=self.db, authorizer=self.authorizer, request=request, response=response)
+
+    async def on_ws_connect(self, context: Context) -> None:
+        # Websockets authenticate once, from the connection_init payload.
+        if not isinstance(context.connection_params, dict) or await context.actor() is None:
+            raise ConnectionRejectionError({"code": "UNAUTHENTICATED"})
+
+    async def execute_single(self, request, request_adapter, sub_response, context, root_value, request_data):
+        result = await super().execute_single(
+            request, request_adapter, sub_response, context, root_value, request_data
+        )
+        # A request that could not run at all (syntax, validation, limits) is a 400, not a 200.
+        if result.data is None and result.errors and all(e.path is None for e in result.errors):
+            sub_response.status_code = 400
+        return result
+
+
+def create_app(settings: Settings, *, database_url: str | None = None) -> Starlette:
+    url = database_url or settings.database_url
+    if not url:
+        raise RuntimeError("create_app needs a database URL (the CLI starts the embedded PostgreSQL)")
+    db = Database(url, pool_size=settings.db_pool_size)
+    authorizer = Authorizer()
+    graphql = CreditpoolGraphQL(db=db, authorizer=authorizer, settings=settings)
+    head = migrations.head_revision()
+
+    async def healthz(_: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_: Request) -> JSONResponse:
+        try:
+            async with db.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+                current = await migrations.current_revision(conn)
+        except Exception:  # noqa: BLE001 - readiness reports, it does not raise
+            log.warning("readiness check: database unreachable", exc_info=True)
+            return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
+        if current != head:
+            return JSONResponse(
+                {"status": "unavailable", "database": "ok", "schema": current, "expected": head}, status_code=503
+            )
+        return JSONResponse({"status": "ok", "database": "ok", "schema": current})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette):
+        yield
+        await db.dispose()
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/graphql", graphql, methods=["GET", "POST"]),
+            WebSocketRoute("/graphql", graphql),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.db = db
+    return app
+
+
+def app_from_env() -> Starlette:
+    """Factory for uvicorn workers: the parent process put everything in the environment."""
+    return create_app(load_settings())
+
+
+__all__ = ["app_from_env", "create_app"]

@@ -1,0 +1,195 @@
+"""The `creditpool` command: serve, migrate, create-user, create-service-token, export-schema."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import migrations
+from api.embedded import start_embedded_postgres
+from api.settings import ENV_NAMES, Settings, load_settings
+from domain import demo, identity
+from domain.db import Database
+
+log = logging.getLogger("creditpool")
+DEMO_TOKENS_FILE = "demo-tokens.json"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--database-url", help="PostgreSQL URL (env DATABASE_URL); unset: embedded PostgreSQL")
+    p.add_argument("--data-dir", type=Path, help="data directory (env CREDITPOOL_DATA_DIR)")
+    p.add_argument("--log-level", help="debug, info, warning, error (env CREDITPOOL_LOG_LEVEL)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="creditpool", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the GraphQL service")
+    _add_common(serve)
+    serve.add_argument("--host", help="bind address (env CREDITPOOL_HOST)")
+    serve.add_argument("--port", help="port (env CREDITPOOL_PORT)")
+    serve.add_argument("--workers", help="worker processes (env CREDITPOOL_WORKERS)")
+    serve.add_argument("--demo", action="store_true", help="load demo data once and print demo tokens")
+
+    migrate = sub.add_parser("migrate", help="upgrade the database schema to the newest version")
+    _add_common(migrate)
+
+    user = sub.add_parser("create-user", help="create (or find) a user and print a new API token")
+    _add_common(user)
+    user.add_argument("--email", required=True)
+    user.add_argument("--operator", action="store_true", help="make the user a platform operator")
+
+    svc = sub.add_parser("create-service-token", help="create a service account (if new) and print a token")
+    _add_common(svc)
+    svc.add_argument("--name", required=True)
+
+    schema = sub.add_parser("export-schema", help="write the GraphQL SDL (default: api/schema.graphql)")
+    schema.add_argument("--output", type=Path)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    flags = {k: getattr(args, k, None) for k in ("database_url", "data_dir", "log_level", "host", "port", "workers")}
+    settings = load_settings(**flags)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("casbin", "pgserver", "alembic"):  # they narrate every step at INFO
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    return settings
+
+
+def _database(settings: Settings) -> str:
+    """The embedded server is started and upgraded to head; an external one must already be at
+    head (`creditpool migrate`), so an old process never runs on a schema it does not know."""
+    if settings.database_url is None:
+        url = start_embedded_postgres(settings.data_dir)
+        log.info("embedded PostgreSQL: data in %s", (settings.data_dir / "pgdata").resolve())
+        migrations.upgrade(url)
+        return url
+    current = asyncio.run(_current_revision(settings.database_url))
+    head = migrations.head_revision()
+    if current != head:
+        raise SystemExit(
+            f"the database schema is at {current or 'nothing (empty database)'} but this version needs {head}: "
+            "run `creditpool migrate` first"
+        )
+    return settings.database_url
+
+
+async def _current_revision(url: str) -> str | None:
+    db = Database(url, pool_size=1)
+    try:
+        async with db.engine.connect() as conn:
+            return await migrations.current_revision(conn)
+    finally:
+        await db.dispose()
+
+
+async def _with_db(url: str, fn):
+    db = Database(url, pool_size=2)
+    try:
+        return await fn(db)
+    finally:
+        await db.dispose()
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    settings = _settings(args)
+    url = _database(settings)
+    graphql_url = f"http://{settings.host}:{settings.port}/graphql"
+    if args.demo:
+        _load_demo(settings, url, graphql_url)
+    # Worker processes read their settings from the environment: hand everything down.
+    for field, env in ENV_NAMES.items():
+        value = getattr(settings, field)
+        if value is not None:
+            os.environ[env] = str(value)
+    os.environ["DATABASE_URL"] = url
+    log.info("GraphQL (and GraphiQL in a browser) at %s", graphql_url)
+    uvicorn.run(
+        "api.app:app_from_env", factory=True, host=settings.host, port=settings.port,
+        workers=settings.workers, log_level=settings.log_level, ws="websockets-sansio",
+    )
+
+
+def _load_demo(settings: Settings, url: str, graphql_url: str) -> None:
+    path = settings.data_dir / DEMO_TOKENS_FILE
+    known: dict[str, str] = {}
+    if path.exists():
+        try:
+            known = {i["key"]: i["token"] for i in json.loads(path.read_text())["identities"]}
+        except (ValueError, KeyError, TypeError):
+            known = {}
+    identities = asyncio.run(_with_db(url, lambda db: demo.load_demo(db, known)))
+    payload = {
+        "graphql_url": graphql_url,
+        "workspace_id": str(demo.DEMO_WORKSPACE_ID),
+        "identities": [i.__dict__ for i in identities],
+    }
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.chmod(0o600)
+    print(f"\ncreditpool demo: GraphiQL at {graphql_url}  (workspace {demo.DEMO_WORKSPACE_ID})")
+    print("Paste a token into GraphiQL's headers as {\"Authorization\": \"Bearer <token>\"}:")
+    for i in identities:
+        who = i.email or "(service account)"
+        what = f"{i.role}, {i.seat} seat" if i.role else ("platform operator" if i.key == "operator" else "settles generations")
+        print(f"  {i.key:<9} {who:<32} {what:<28} {i.token}")
+    print(f"The same, as JSON: {path}\n", flush=True)
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    url = settings.database_url or start_embedded_postgres(settings.data_dir)
+    migrations.upgrade(url)
+    print(f"database schema at {migrations.head_revision()}")
+
+
+def cmd_create_user(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    url = _database(settings)
+    _print_secret(url, lambda db: identity.cli_user_token(db, args.email, operator=args.operator))
+
+
+def cmd_create_service_token(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    url = _database(settings)
+    _print_secret(url, lambda db: identity.cli_service_token(db, args.name))
+
+
+def _print_secret(url: str, fn) -> None:
+    try:
+        print(asyncio.run(_with_db(url, fn)))
+    except identity.ValidationFailed as exc:
+        raise SystemExit(f"error: {exc.message}") from None
+
+
+def cmd_export_schema(args: argparse.Namespace) -> None:
+    from api.schema import SDL_PATH, sdl
+
+    out = args.output or SDL_PATH
+    out.write_text(sdl())
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    handler = {
+        "serve": cmd_serve,
+        "migrate": cmd_migrate,
+        "create-user": cmd_create_user,
+        "create-service-token": cmd_create_service_token,
+        "export-schema": cmd_export_schema,
+    }[args.command]
+    handler(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

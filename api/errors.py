@@ -1,0 +1,74 @@
+"""Expected failures as GraphQL types sharing the `Error` interface, and the mapping from
+domain errors. Each mutation's result union lists exactly the errors it can return."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import strawberry
+
+from domain import errors as de
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@strawberry.interface(description="Shared by every expected failure in a mutation result.")
+class Error:
+    message: str
+    code: str
+
+
+@strawberry.type(description="Unknown id, or one the caller may not see (the answer is the same).")
+class NotFoundError(Error):
+    what: str
+
+
+@strawberry.type(description="An input value was refused; nothing was written.")
+class ValidationError(Error):
+    field: str
+
+
+@strawberry.type(description="The plan's seats or creator seats are all taken.")
+class SeatLimitReached(Error):
+    seat_kind: str
+    limit: int
+    requested: int
+
+
+@strawberry.type(description="The change would leave the workspace without an owner.")
+class LastOwner(Error):
+    pass
+
+
+@strawberry.type(description="The user is already a member of this workspace.")
+class AlreadyMember(Error):
+    pass
+
+
+def to_graphql_error(exc: de.DomainError) -> Error:
+    match exc:
+        case de.NotFound():
+            return NotFoundError(message=exc.message, code=exc.code, what=exc.what)
+        case de.ValidationFailed():
+            return ValidationError(message=exc.message, code=exc.code, field=exc.field)
+        case de.SeatLimitReached():
+            return SeatLimitReached(
+                message=exc.message, code=exc.code, seat_kind=exc.seat, limit=exc.limit, requested=exc.requested
+            )
+        case de.LastOwner():
+            return LastOwner(message=exc.message, code=exc.code)
+        case de.AlreadyMember():
+            return AlreadyMember(message=exc.message, code=exc.code)
+    raise TypeError(f"no GraphQL type for {type(exc).__name__}")  # a bug: masked as unexpected
+
+
+async def result(call: Awaitable[T], to_type: Callable[[T], R]) -> R | Any:
+    """Run one domain call; map its value to the success type or its expected failure to the
+    error type. Anything else propagates (auth errors become top-level, the rest is masked)."""
+    try:
+        value = await call
+    except de.DomainError as exc:
+        return to_graphql_error(exc)
+    return to_type(value)

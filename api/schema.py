@@ -1,0 +1,78 @@
+"""The Strawberry schema: merged per-concept types plus the extensions every request runs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import strawberry
+from graphql import GraphQLError
+from strawberry.extensions import (
+    MaxAliasesLimiter,
+    MaxTokensLimiter,
+    ParserCache,
+    QueryDepthLimiter,
+    SchemaExtension,
+    ValidationCache,
+)
+from strawberry.tools import merge_types
+
+from api.catalog import CatalogQuery
+from api.identity import IdentityMutation, IdentityQuery
+from api.workspaces import WorkspaceMutation, WorkspaceQuery
+from domain.errors import AuthError
+
+SDL_PATH = Path(__file__).resolve().parent / "schema.graphql"
+log = logging.getLogger("creditpool.graphql")
+
+Query = merge_types("Query", (IdentityQuery, WorkspaceQuery, CatalogQuery))
+Mutation = merge_types("Mutation", (IdentityMutation, WorkspaceMutation))
+
+
+class PublicErrors(SchemaExtension):
+    """Authentication and authorization failures become top-level errors with a `code`
+    extension; any other exception from a resolver is masked (no SQL or stack text reaches a
+    client) and logged. Request errors (syntax, validation, limits) pass through unchanged."""
+
+    def on_operation(self) -> Iterator[None]:
+        yield
+        result = self.execution_context.result
+        if result is None or not getattr(result, "errors", None):
+            return
+        result.errors = [self._public(e) for e in result.errors]
+
+    @staticmethod
+    def _public(error: GraphQLError) -> GraphQLError:
+        original = error.original_error
+        if original is None or isinstance(original, GraphQLError):
+            return error
+        if isinstance(original, AuthError):
+            code, message = original.code, str(original)
+        else:
+            code, message = "INTERNAL", "Unexpected error."
+        return GraphQLError(
+            message, nodes=error.nodes, source=error.source, positions=error.positions, path=error.path,
+            original_error=None, extensions={"code": code},
+        )
+
+
+def build_schema(*, max_depth: int = 12, max_aliases: int = 15, max_tokens: int = 2000) -> strawberry.Schema:
+    return strawberry.Schema(
+        query=Query,
+        mutation=Mutation,
+        extensions=[
+            # Factories: a fresh extension per request, sharing module-level caches
+            # (parsing and validation are most of a small request's cost, measured).
+            lambda: ParserCache(maxsize=256),
+            lambda: ValidationCache(maxsize=256),
+            lambda: MaxTokensLimiter(max_token_count=max_tokens),
+            lambda: QueryDepthLimiter(max_depth=max_depth),
+            lambda: MaxAliasesLimiter(max_alias_count=max_aliases),
+            PublicErrors,
+        ],
+    )
+
+
+def sdl() -> str:
+    return build_schema().as_str() + "\n"

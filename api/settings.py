@@ -1,0 +1,65 @@
+"""Settings from environment variables, overridable by CLI flags, validated at start."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "creditpool"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CREDITPOOL_", extra="ignore", populate_by_name=True)
+
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("database_url", "DATABASE_URL"),
+        description="PostgreSQL URL; unset means the embedded PostgreSQL in the data directory",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    workers: int = Field(default=1, ge=1, le=64)
+    graphiql: bool = True
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+    max_query_depth: int = Field(default=12, ge=2, le=100)
+    max_aliases: int = Field(default=15, ge=1, le=1000)
+    max_tokens: int = Field(default=2000, ge=100, le=100_000)
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://")):
+            raise ValueError("must start with postgresql://")
+        return v or None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+
+ENV_NAMES = {
+    "database_url": "DATABASE_URL",
+    **{name: f"CREDITPOOL_{name.upper()}" for name in Settings.model_fields if name != "database_url"},
+}
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Environment, then CLI flags (those not None) on top. Raises SystemExit with a readable
+    message naming the variable when a value is invalid."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            lines.append(f"  {ENV_NAMES.get(field, field)} / --{field.replace('_', '-')}: {err['msg']}")
+        raise SystemExit("invalid configuration:\n" + "\n".join(lines)) from None

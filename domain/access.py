@@ -1,0 +1,83 @@
+"""Authorization follows the data (money rule 7): the workspace of a check is read from the row
+being touched, the caller's roles in it from the members table, and the policy decides.
+
+A caller with no relation to the workspace gets `NotFound`, exactly as for an unknown id, so a
+member of workspace A learns nothing about workspace B. A caller who can see the workspace but
+may not do the action gets `Forbidden`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.errors import Forbidden, NotFound
+from domain.identity import Actor
+from domain.workspaces.models import Member
+from policies import Action, Authorizer
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking (the authenticated actor) and the process's policy."""
+
+    actor: Actor
+    authorizer: Authorizer
+
+    def platform_roles(self) -> set[str]:
+        roles = set()
+        if self.actor.is_operator:
+            roles.add("platform:operator")
+        if self.actor.is_service:
+            roles.add("platform:service")
+        return roles
+
+
+def parse_id(value: str | uuid.UUID, what: str) -> uuid.UUID:
+    """A malformed id is just another unknown id."""
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        raise NotFound(what) from None
+
+
+def member_roles(member: Member | None) -> set[str]:
+    if member is None:
+        return set()
+    return {f"role:{member.role.value}", f"seat:{member.seat.value}"}
+
+
+async def active_membership(session: AsyncSession, user_id: uuid.UUID, workspace_id: uuid.UUID) -> Member | None:
+    return (
+        await session.execute(
+            select(Member).where(
+                Member.workspace_id == workspace_id, Member.user_id == user_id, Member.removed_at.is_(None)
+            )
+        )
+    ).scalar_one_or_none()
+
+
+async def authorize(
+    session: AsyncSession, caller: Caller, workspace_id: uuid.UUID, action: Action, *, what: str
+) -> Member | None:
+    """Check `action` in `workspace_id` (read from the row) and return the caller's membership.
+
+    `what` names the thing the client asked for, so that an outsider's error reads exactly like
+    the one for an id that does not exist.
+    """
+    member = await active_membership(session, caller.actor.user_id, workspace_id)
+    roles = member_roles(member) | caller.platform_roles()
+    if not roles:
+        raise NotFound(what)
+    if not caller.authorizer.allows(str(caller.actor.user_id), roles, str(workspace_id), action):
+        if member is None and not caller.authorizer.allows(
+            str(caller.actor.user_id), roles, str(workspace_id), Action.VIEW_WORKSPACE
+        ):
+            raise NotFound(what)  # a platform identity that cannot even see the workspace
+        raise Forbidden(action.value)
+    return member

@@ -1,0 +1,68 @@
+"""Database access: the engine, and the one place that commits.
+
+Every service that writes calls `Database.transaction(work)`. It opens a session, runs `work`
+inside one transaction, commits, and retries the whole unit on a serialization failure or a
+deadlock (bounded, with jitter). Nothing else in the code base commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+T = TypeVar("T")
+
+# SQLSTATEs worth retrying a whole transaction for: serialization_failure, deadlock_detected.
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+def is_retryable(exc: BaseException) -> bool:
+    if not isinstance(exc, DBAPIError):
+        return False
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+    return sqlstate in RETRYABLE_SQLSTATES
+
+
+def async_url(url: str) -> str:
+    """Accept the usual `postgresql://` and `postgres://` spellings; SQLAlchemy needs the driver."""
+    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix):]
+    raise ValueError("DATABASE_URL must be a postgresql:// URL")
+
+
+class Database:
+    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 20, attempts: int = 5) -> None:
+        self.url = async_url(url)
+        self.engine: AsyncEngine = create_async_engine(
+            self.url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
+        )
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=True)
+        self._attempts = attempts
+
+    async def transaction(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Run `work` in one transaction and commit it: the one place that commits."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(is_retryable),
+            stop=stop_after_attempt(self._attempts),
+            wait=wait_random_exponential(multiplier=0.005, max=0.2),
+            reraise=True,
+        ):
+            with attempt:
+                async with self._sessions() as session, session.begin():
+                    return await work(session)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def read(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Run `work` without committing: closing the session rolls the connection back (and,
+        unlike `rollback()`, leaves the loaded objects readable)."""
+        async with self._sessions() as session:
+            return await work(session)
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

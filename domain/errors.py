@@ -1,0 +1,78 @@
+"""Typed domain errors. The API maps each to a member of a mutation's result union
+(expected failures) or to a top-level error (authentication and authorization)."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """An expected failure a client can act on. `code` is stable and machine-readable."""
+
+    code = "ERROR"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(DomainError):
+    """Unknown id, or an id the caller may not see: both answer the same (money rule 7)."""
+
+    code = "NOT_FOUND"
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} not found")
+        self.what = what
+
+
+class ValidationFailed(DomainError):
+    code = "VALIDATION"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class SeatLimitReached(DomainError):
+    code = "SEAT_LIMIT_REACHED"
+
+    def __init__(self, seat: str, limit: int, requested: int) -> None:
+        kind = "creator seats" if seat == "creator" else "seats"
+        super().__init__(f"the plan allows {limit} {kind}; this change needs {requested}")
+        self.seat = seat
+        self.limit = limit
+        self.requested = requested
+
+
+class LastOwner(DomainError):
+    code = "LAST_OWNER"
+
+    def __init__(self) -> None:
+        super().__init__("a workspace must keep at least one owner")
+
+
+class AlreadyMember(DomainError):
+    code = "ALREADY_MEMBER"
+
+    def __init__(self) -> None:
+        super().__init__("that user is already a member of this workspace")
+
+
+class AuthError(Exception):
+    """Not an expected result: surfaces as a top-level GraphQL error, never in a union."""
+
+    code = "AUTH"
+
+
+class Unauthenticated(AuthError):
+    code = "UNAUTHENTICATED"
+
+    def __init__(self) -> None:
+        super().__init__("authentication required")
+
+
+class Forbidden(AuthError):
+    code = "FORBIDDEN"
+
+    def __init__(self, action: str) -> None:
+        super().__init__(f"not allowed: {action}")
+        self.action = action

@@ -1,0 +1,231 @@
+"""Users, service accounts, operators, and API tokens.
+
+Tokens are random secrets shown once. Only their SHA-256 digest is stored: the secret carries
+256 bits of entropy, so a slow password hash would add latency to every request and no safety.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import CheckConstraint, ForeignKey, Index, LargeBinary, String, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, mapped_column
+
+from domain.base import Base, created_at, str_enum, uuid_pk
+from domain.errors import NotFound, ValidationFailed
+
+TOKEN_PREFIX = "cp_"
+# Refresh `last_used_at` at most this often per token, so authenticating stays a read.
+LAST_USED_GRANULARITY = timedelta(seconds=60)
+EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+MAX_EMAIL = 254
+MAX_NAME = 100
+
+
+class UserKind(enum.StrEnum):
+    HUMAN = "human"
+    SERVICE = "service"
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (
+        CheckConstraint("kind = 'service' OR email IS NOT NULL", name="human_has_email"),
+        CheckConstraint("email = lower(email)", name="email_lowercase"),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    kind: Mapped[UserKind] = mapped_column(str_enum(UserKind, "user_kind"))
+    email: Mapped[str | None] = mapped_column(String(MAX_EMAIL), unique=True)
+    name: Mapped[str] = mapped_column(String(MAX_NAME))
+    is_operator: Mapped[bool] = mapped_column(default=False, server_default="false")
+    created_at: Mapped[datetime] = created_at()
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    __table_args__ = (Index("ix_api_tokens_user_id", "user_id"),)
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    name: Mapped[str] = mapped_column(String(MAX_NAME))
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    created_at: Mapped[datetime] = created_at()
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """The authenticated subject of a request: a human (maybe an operator) or a service account."""
+
+    user_id: uuid.UUID
+    kind: UserKind
+    is_operator: bool
+    token_id: uuid.UUID
+
+    @property
+    def is_service(self) -> bool:
+        return self.kind is UserKind.SERVICE
+
+
+def hash_token(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def new_secret() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def normalize_email(email: str) -> str:
+    email = email.strip().lower()
+    if len(email) > MAX_EMAIL or not EMAIL_RE.match(email):
+        raise ValidationFailed("email", "not a valid email address")
+    return email
+
+
+def clean_name(value: str, field: str = "name", *, max_len: int = MAX_NAME) -> str:
+    value = value.strip()
+    if not value:
+        raise ValidationFailed(field, "must not be empty")
+    if len(value) > max_len:
+        raise ValidationFailed(field, f"must be at most {max_len} characters")
+    return value
+
+
+async def get_or_create_user(session: AsyncSession, email: str, *, name: str | None = None) -> User:
+    """Find a human user by email, creating one if needed (race-safe via ON CONFLICT)."""
+    from sqlalchemy.dialects.postgresql import insert
+
+    email = normalize_email(email)
+    display = clean_name(name, "name") if name else email.split("@")[0][:MAX_NAME]
+    await session.execute(
+        insert(User)
+        .values(id=uuid.uuid4(), kind=UserKind.HUMAN, email=email, name=display)
+        .on_conflict_do_nothing(index_elements=[User.email])
+    )
+    return (await session.execute(select(User).where(User.email == email))).scalar_one()
+
+
+async def create_service_account(session: AsyncSession, name: str) -> User:
+    user = User(kind=UserKind.SERVICE, name=clean_name(name), email=None)
+    session.add(user)
+    await session.flush()
+    return user
+
+
+async def issue_token(session: AsyncSession, user_id: uuid.UUID, name: str) -> tuple[ApiToken, str]:
+    """Create a token; the secret is returned once and never stored."""
+    secret = new_secret()
+    token = ApiToken(user_id=user_id, name=clean_name(name), token_hash=hash_token(secret))
+    session.add(token)
+    await session.flush()
+    return token, secret
+
+
+async def revoke_token(session: AsyncSession, actor: Actor, token_id: uuid.UUID) -> ApiToken:
+    token = (
+        await session.execute(
+            select(ApiToken).where(ApiToken.id == token_id, ApiToken.user_id == actor.user_id).with_for_update()
+        )
+    ).scalar_one_or_none()
+    if token is None:
+        raise NotFound("token")
+    if token.revoked_at is None:
+        token.revoked_at = func.now()
+        await session.flush()
+        await session.refresh(token)
+    return token
+
+
+async def list_tokens(session: AsyncSession, user_id: uuid.UUID) -> list[ApiToken]:
+    rows = await session.execute(select(ApiToken).where(ApiToken.user_id == user_id).order_by(ApiToken.created_at))
+    return list(rows.scalars())
+
+
+async def authenticate(session: AsyncSession, secret: str) -> Actor | None:
+    """Resolve a bearer secret to an Actor, or None for unknown or revoked tokens (no detail why)."""
+    if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
+        return None
+    row = (
+        await session.execute(
+            select(ApiToken.id, ApiToken.last_used_at, User.id, User.kind, User.is_operator, func.now())
+            .join(User, User.id == ApiToken.user_id)
+            .where(ApiToken.token_hash == hash_token(secret), ApiToken.revoked_at.is_(None))
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    token_id, last_used, user_id, kind, is_operator, now = row
+    if last_used is None or now - last_used > LAST_USED_GRANULARITY:
+        await session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=now))
+    return Actor(user_id=user_id, kind=UserKind(kind), is_operator=is_operator, token_id=token_id)
+
+
+async def get_user(session: AsyncSession, user_id: uuid.UUID) -> User:
+    user = await session.get(User, user_id)
+    if user is None:
+        raise NotFound("user")
+    return user
+
+
+# --- services (one transaction each) -------------------------------------------------------
+
+async def create_own_token(db, actor: Actor, name: str) -> tuple[ApiToken, str]:
+    return await db.transaction(lambda s: issue_token(s, actor.user_id, name))
+
+
+async def revoke_own_token(db, actor: Actor, token_id: str) -> ApiToken:
+    try:
+        tid = uuid.UUID(str(token_id))
+    except ValueError:
+        raise NotFound("token") from None
+    return await db.transaction(lambda s: revoke_token(s, actor, tid))
+
+
+async def own_tokens(db, actor: Actor) -> list[ApiToken]:
+    return await db.read(lambda s: list_tokens(s, actor.user_id))
+
+
+async def whoami(db, actor: Actor) -> User:
+    return await db.read(lambda s: get_user(s, actor.user_id))
+
+
+async def authenticate_secret(db, secret: str) -> Actor | None:
+    return await db.transaction(lambda s: authenticate(s, secret))
+
+
+async def cli_user_token(db, email: str, *, operator: bool) -> str:
+    """`creditpool create-user`: find or create the user, optionally make them an operator,
+    and return a new token's secret."""
+
+    async def work(session: AsyncSession) -> str:
+        user = await get_or_create_user(session, email)
+        if operator:
+            user.is_operator = True
+        return (await issue_token(session, user.id, "cli"))[1]
+
+    return await db.transaction(work)
+
+
+async def cli_service_token(db, name: str) -> str:
+    """`creditpool create-service-token`: the service account named `name` (created if new)
+    gets a new token; its secret is returned."""
+
+    async def work(session: AsyncSession) -> str:
+        name_ = clean_name(name)
+        user = (
+            await session.execute(
+                select(User).where(User.kind == UserKind.SERVICE, User.name == name_).order_by(User.created_at).limit(1)
+            )
+        ).scalar_one_or_none() or await create_service_account(session, name_)
+        return (await issue_token(session, user.id, name_))[1]
+
+    return await db.transaction(work)

@@ -1,0 +1,1 @@
+"""Workspaces (teams), their members, roles and seats."""

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from domain.base import Base, created_at, str_enum, uuid_pk
+from domain.identity import User
+from domain.plans import Plan
+
+
+class AllocationMode(enum.StrEnum):
+    POOLED = "POOLED"  # one shared workspace balance
+    PER_SEAT = "PER_SEAT"  # each creator seat has its own allowance
+
+
+class Role(enum.StrEnum):
+    OWNER = "owner"
+    ADMIN = "admin"
+    BILLING_MANAGER = "billing_manager"
+    MEMBER = "member"
+
+
+class Seat(enum.StrEnum):
+    CREATOR = "creator"  # may generate
+    STANDARD = "standard"  # view, comment, download
+
+
+class Workspace(Base):
+    __tablename__ = "workspaces"
+    __table_args__ = (CheckConstraint("paid_creator_seats >= 0", name="paid_creator_seats_not_negative"),)
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    name: Mapped[str] = mapped_column(String(100))
+    plan_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("plans.id"), index=True)
+    allocation_mode: Mapped[AllocationMode] = mapped_column(
+        str_enum(AllocationMode, "allocation_mode"), server_default=AllocationMode.POOLED.value
+    )
+    # Creator seats bought on top of the plan's free ones (the seat purchase itself is billing's).
+    paid_creator_seats: Mapped[int] = mapped_column(default=0, server_default="0")
+    created_at: Mapped[datetime] = created_at()
+
+    plan: Mapped[Plan] = relationship(lazy="raise")
+
+    def creator_seat_limit(self, plan: Plan) -> int:
+        return min(plan.seat_cap, plan.free_creator_seats + self.paid_creator_seats)
+
+
+class Member(Base):
+    """A user's membership. Removal is a soft delete (`removed_at`): ledger and audit rows keep
+    pointing at the member who acted, and the same user can be added again as a new member."""
+
+    __tablename__ = "members"
+    __table_args__ = (
+        Index(
+            "uq_members_active_user",
+            "workspace_id",
+            "user_id",
+            unique=True,
+            postgresql_where=text("removed_at IS NULL"),
+        ),
+        Index("ix_members_user_id", "user_id"),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    workspace_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workspaces.id"))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    role: Mapped[Role] = mapped_column(str_enum(Role, "member_role"))
+    seat: Mapped[Seat] = mapped_column(str_enum(Seat, "member_seat"))
+    created_at: Mapped[datetime] = created_at()
+    removed_at: Mapped[datetime | None]
+
+    user: Mapped[User] = relationship(lazy="raise")

@@ -1,0 +1,301 @@
+"""Workspace and membership services. Each public function is one transaction.
+
+Seat caps and the last-owner rule are checked while holding the workspace row lock
+(`SELECT ... FOR UPDATE`), so two concurrent adds can never both take the last seat and two
+owners demoting each other can never leave the workspace ownerless. Lock order everywhere:
+workspace row first, then member rows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, replace
+
+from sqlalchemy import case, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from domain.access import Caller, authorize, parse_id
+from domain.db import Database
+from domain.errors import AlreadyMember, Forbidden, NotFound, ValidationFailed
+from domain.identity import clean_name, get_or_create_user
+from domain.plans import Plan, plan_by_key
+from domain.workspaces.models import AllocationMode, Member, Role, Seat, Workspace
+from domain.workspaces.rules import SeatUsage, check_owner_kept, check_seats
+from policies import Action
+
+
+@dataclass(frozen=True, slots=True)
+class WorkspaceDetail:
+    workspace: Workspace
+    plan: Plan
+    members: list[Member]
+    viewer: Member | None
+
+    @property
+    def usage(self) -> SeatUsage:
+        return SeatUsage(
+            members=len(self.members),
+            creators=sum(m.seat is Seat.CREATOR for m in self.members),
+            owners=sum(m.role is Role.OWNER for m in self.members),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    workspace: Workspace
+    plan: Plan
+    member: Member
+
+
+async def _lock_workspace(session: AsyncSession, workspace_id: uuid.UUID) -> tuple[Workspace, Plan]:
+    # Serializes every seat- and owner-changing transaction of one workspace (see module doc).
+    ws = (
+        await session.execute(select(Workspace).where(Workspace.id == workspace_id).with_for_update())
+    ).scalar_one()
+    return ws, await session.get_one(Plan, ws.plan_id)
+
+
+async def _usage(session: AsyncSession, workspace_id: uuid.UUID) -> SeatUsage:
+    row = (
+        await session.execute(
+            select(
+                func.count(),
+                func.count(case((Member.seat == Seat.CREATOR, 1))),
+                func.count(case((Member.role == Role.OWNER, 1))),
+            ).where(Member.workspace_id == workspace_id, Member.removed_at.is_(None))
+        )
+    ).one()
+    return SeatUsage(members=row[0], creators=row[1], owners=row[2])
+
+
+def _apply(usage: SeatUsage, *, remove: Member | None = None, add: tuple[Role, Seat] | None = None) -> SeatUsage:
+    members, creators, owners = usage.members, usage.creators, usage.owners
+    if remove is not None:
+        members -= 1
+        creators -= remove.seat is Seat.CREATOR
+        owners -= remove.role is Role.OWNER
+    if add is not None:
+        members += 1
+        creators += add[1] is Seat.CREATOR
+        owners += add[0] is Role.OWNER
+    return replace(usage, members=members, creators=creators, owners=owners)
+
+
+def _require_owner_powers(caller: Caller, workspace_id: uuid.UUID, member: Member | None) -> None:
+    """Only an owner can make or unmake an owner (no privilege escalation by admins)."""
+    roles = {f"role:{member.role.value}"} if member else set()
+    if not caller.authorizer.allows(str(caller.actor.user_id), roles, str(workspace_id), Action.MANAGE_OWNERS):
+        raise Forbidden(Action.MANAGE_OWNERS.value)
+
+
+async def create_workspace(
+    db: Database, caller: Caller, *, name: str, plan_key: str, allocation_mode: AllocationMode
+) -> Membership:
+    if caller.actor.is_service:
+        raise Forbidden("service accounts cannot own workspaces")
+    name = clean_name(name)
+
+    async def work(session: AsyncSession) -> Membership:
+        plan = await plan_by_key(session, plan_key)
+        ws = Workspace(name=name, plan_id=plan.id, allocation_mode=allocation_mode)
+        session.add(ws)
+        await session.flush()
+        seat = Seat.CREATOR if ws.creator_seat_limit(plan) > 0 else Seat.STANDARD
+        owner = Member(workspace_id=ws.id, user_id=caller.actor.user_id, role=Role.OWNER, seat=seat)
+        session.add(owner)
+        await session.flush()
+        await session.refresh(ws)
+        await session.refresh(owner)
+        return Membership(ws, plan, owner)
+
+    return await db.transaction(work)
+
+
+async def update_workspace(
+    db: Database,
+    caller: Caller,
+    *,
+    workspace_id: str,
+    name: str | None = None,
+    plan_key: str | None = None,
+    allocation_mode: AllocationMode | None = None,
+    paid_creator_seats: int | None = None,
+) -> Workspace:
+    ws_id = parse_id(workspace_id, "workspace")
+    if name is not None:
+        name = clean_name(name)
+    if paid_creator_seats is not None and not 0 <= paid_creator_seats <= 100_000:
+        raise ValidationFailed("paidCreatorSeats", "must be between 0 and 100000")
+
+    async def work(session: AsyncSession) -> Workspace:
+        await _exists(session, ws_id)
+        await authorize(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
+        ws, plan = await _lock_workspace(session, ws_id)
+        if plan_key is not None:
+            plan = await plan_by_key(session, plan_key)
+            ws.plan_id = plan.id
+        if paid_creator_seats is not None:
+            ws.paid_creator_seats = paid_creator_seats
+        if name is not None:
+            ws.name = name
+        if allocation_mode is not None:
+            ws.allocation_mode = allocation_mode
+        # A smaller plan (or fewer paid seats) must still hold everyone already seated.
+        check_seats(
+            await _usage(session, ws_id),
+            seat_cap=plan.seat_cap,
+            creator_limit=ws.creator_seat_limit(plan),
+        )
+        await session.flush()
+        return ws
+
+    return await db.transaction(work)
+
+
+async def _exists(session: AsyncSession, ws_id: uuid.UUID) -> None:
+    if await session.get(Workspace, ws_id) is None:
+        raise NotFound("workspace")
+
+
+async def add_member(
+    db: Database, caller: Caller, *, workspace_id: str, email: str, role: Role, seat: Seat
+) -> Member:
+    ws_id = parse_id(workspace_id, "workspace")
+
+    async def work(session: AsyncSession) -> Member:
+        await _exists(session, ws_id)
+        me = await authorize(session, caller, ws_id, Action.MANAGE_MEMBERS, what="workspace")
+        if role is Role.OWNER:
+            _require_owner_powers(caller, ws_id, me)
+        ws, plan = await _lock_workspace(session, ws_id)
+        user = await get_or_create_user(session, email)
+        already = await session.execute(
+            select(Member.id).where(
+                Member.workspace_id == ws_id, Member.user_id == user.id, Member.removed_at.is_(None)
+            )
+        )
+        if already.first() is not None:
+            raise AlreadyMember()
+        after = _apply(await _usage(session, ws_id), add=(role, seat))
+        check_seats(after, seat_cap=plan.seat_cap, creator_limit=ws.creator_seat_limit(plan))
+        member = Member(workspace_id=ws_id, user_id=user.id, role=role, seat=seat)
+        session.add(member)
+        await session.flush()
+        await session.refresh(member)
+        member.user = user
+        return member
+
+    return await db.transaction(work)
+
+
+async def _target(session: AsyncSession, caller: Caller, member_id: str) -> tuple[Member, Member | None]:
+    """The member to change, authorized against the member row's own workspace."""
+    mid = parse_id(member_id, "member")
+    target = await session.get(Member, mid)
+    if target is None or target.removed_at is not None:
+        raise NotFound("member")
+    me = await authorize(session, caller, target.workspace_id, Action.MANAGE_MEMBERS, what="member")
+    return target, me
+
+
+async def _relock(session: AsyncSession, target: Member) -> tuple[Workspace, Plan, Member]:
+    ws, plan = await _lock_workspace(session, target.workspace_id)
+    fresh = (
+        await session.execute(
+            select(Member).where(Member.id == target.id).with_for_update().execution_options(populate_existing=True)
+        )
+    ).scalar_one()
+    if fresh.removed_at is not None:
+        raise NotFound("member")
+    return ws, plan, fresh
+
+
+async def change_member_role(db: Database, caller: Caller, *, member_id: str, role: Role) -> Member:
+    async def work(session: AsyncSession) -> Member:
+        target, me = await _target(session, caller, member_id)
+        if role is Role.OWNER or target.role is Role.OWNER:
+            _require_owner_powers(caller, target.workspace_id, me)
+        ws, plan, target = await _relock(session, target)
+        usage = await _usage(session, ws.id)
+        check_owner_kept(_apply(usage, remove=target, add=(role, target.seat)))
+        target.role = role
+        await session.flush()
+        return await _with_user(session, target)
+
+    return await db.transaction(work)
+
+
+async def change_member_seat(db: Database, caller: Caller, *, member_id: str, seat: Seat) -> Member:
+    async def work(session: AsyncSession) -> Member:
+        target, _ = await _target(session, caller, member_id)
+        ws, plan, target = await _relock(session, target)
+        after = _apply(await _usage(session, ws.id), remove=target, add=(target.role, seat))
+        check_seats(after, seat_cap=plan.seat_cap, creator_limit=ws.creator_seat_limit(plan))
+        target.seat = seat
+        await session.flush()
+        return await _with_user(session, target)
+
+    return await db.transaction(work)
+
+
+async def remove_member(db: Database, caller: Caller, *, member_id: str) -> Member:
+    async def work(session: AsyncSession) -> Member:
+        target, me = await _target(session, caller, member_id)
+        if target.role is Role.OWNER:
+            _require_owner_powers(caller, target.workspace_id, me)
+        ws, plan, target = await _relock(session, target)
+        check_owner_kept(_apply(await _usage(session, ws.id), remove=target))
+        target.removed_at = func.now()
+        await session.flush()
+        await session.refresh(target)
+        return await _with_user(session, target)
+
+    return await db.transaction(work)
+
+
+async def _with_user(session: AsyncSession, member: Member) -> Member:
+    return (
+        await session.execute(
+            select(Member).where(Member.id == member.id).options(selectinload(Member.user))
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one()
+
+
+async def viewer_memberships(db: Database, caller: Caller) -> list[Membership]:
+    async def work(session: AsyncSession) -> list[Membership]:
+        rows = await session.execute(
+            select(Member, Workspace, Plan)
+            .join(Workspace, Workspace.id == Member.workspace_id)
+            .join(Plan, Plan.id == Workspace.plan_id)
+            .where(Member.user_id == caller.actor.user_id, Member.removed_at.is_(None))
+            .order_by(Workspace.created_at, Workspace.id)
+        )
+        return [Membership(ws, plan, m) for m, ws, plan in rows]
+
+    return await db.read(work)
+
+
+async def get_workspace(db: Database, caller: Caller, *, workspace_id: str) -> WorkspaceDetail:
+    ws_id = parse_id(workspace_id, "workspace")
+
+    async def work(session: AsyncSession) -> WorkspaceDetail:
+        me = await authorize(session, caller, ws_id, Action.VIEW_WORKSPACE, what="workspace")
+        ws = await session.get(Workspace, ws_id)
+        if ws is None:
+            raise NotFound("workspace")
+        plan = await session.get_one(Plan, ws.plan_id)
+        members = list(
+            (
+                await session.execute(
+                    select(Member)
+                    .where(Member.workspace_id == ws_id, Member.removed_at.is_(None))
+                    .options(selectinload(Member.user))
+                    .order_by(Member.created_at, Member.id)
+                )
+            ).scalars()
+        )
+        return WorkspaceDetail(ws, plan, members, me)
+
+    return await db.read(work)

@@ -1,0 +1,93 @@
+"""Who may do what: the Casbin model and default policy (files beside this module, reviewed in
+git), the action names, and the one `Authorizer` the app builds at start-up and injects.
+
+Role links come from the caller, who reads them from the members table for every check; this
+module stores none. That keeps the policy files the only source of the matrix, and makes a
+membership change visible to the very next request in every process.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from contextvars import ContextVar
+from pathlib import Path
+
+import casbin
+from casbin.rbac.role_manager import RoleManager
+
+HERE = Path(__file__).resolve().parent
+MODEL_PATH = HERE / "model.conf"
+POLICY_PATH = HERE / "policy.csv"
+
+
+class Action(enum.StrEnum):
+    VIEW_WORKSPACE = "workspace.view"
+    MANAGE_WORKSPACE = "workspace.manage"
+    VIEW_BALANCE = "balance.view"
+    VIEW_LEDGER = "ledger.view"
+    GENERATE = "generate"
+    PURCHASE_CREDITS = "credits.purchase"
+    GRANT_CREDITS = "credits.grant"
+    TRANSFER_CREDITS = "credits.transfer"
+    SET_SPEND_LIMITS = "limits.manage"
+    REQUEST_OVERAGE = "overages.request"
+    APPROVE_OVERAGES = "overages.approve"
+    MANAGE_MEMBERS = "members.manage"
+    MANAGE_OWNERS = "members.manage_owners"
+    MANAGE_BILLING_GROUPS = "billing_groups.manage"
+    MANAGE_AUTO_TOPUP = "auto_topup.manage"
+    VIEW_AUDIT_LOG = "audit.view"
+    SETTLE_GENERATIONS = "generations.settle"
+    MANAGE_CATALOG = "catalog.manage"
+
+
+PLATFORM_DOMAIN = "*"
+
+# (subject, domain, roles) of the check being evaluated. A ContextVar, not an attribute, so that
+# concurrent requests on one event loop can never see each other's roles.
+_subject_roles: ContextVar[tuple[str, str, frozenset[str]]] = ContextVar("subject_roles")
+
+
+class _RequestRoleManager(RoleManager):
+    """Answers `g(sub, role, dom)` from the roles handed to the current check."""
+
+    def clear(self) -> None:  # nothing is stored
+        pass
+
+    def add_link(self, name1, name2, *domain) -> None:
+        raise ValueError("role links come from the members table, not from policy.csv")
+
+    def has_link(self, name1, name2, *domain) -> bool:
+        if name1 == name2:
+            return True
+        subject, dom, roles = _subject_roles.get()
+        return name1 == subject and (not domain or domain[0] == dom) and name2 in roles
+
+    def get_roles(self, name, *domain) -> list[str]:
+        subject, dom, roles = _subject_roles.get()
+        return sorted(roles) if name == subject and (not domain or domain[0] == dom) else []
+
+    def get_users(self, name, *domain) -> list[str]:
+        subject, dom, roles = _subject_roles.get()
+        return [subject] if name in roles and (not domain or domain[0] == dom) else []
+
+
+class Authorizer:
+    """Built once per process from the policy files and injected into the request context."""
+
+    def __init__(self, model_path: Path = MODEL_PATH, policy_path: Path = POLICY_PATH) -> None:
+        self._enforcer = casbin.Enforcer(str(model_path), str(policy_path))
+        self._enforcer.set_role_manager(_RequestRoleManager())
+        self._enforcer.build_role_links()
+        unknown = {p[2] for p in self._enforcer.get_policy()} - {a.value for a in Action}
+        if unknown:
+            raise ValueError(f"policy names unknown actions: {sorted(unknown)}")
+
+    def allows(self, subject: str, roles: Iterable[str], workspace: str, action: Action) -> bool:
+        """May `subject`, holding `roles` in `workspace`, do `action` there?"""
+        token = _subject_roles.set((subject, workspace, frozenset(roles)))
+        try:
+            return bool(self._enforcer.enforce(subject, workspace, action.value))
+        finally:
+            _subject_roles.reset(token)

@@ -1,0 +1,185 @@
+"""Shared fixtures: a real PostgreSQL (embedded unless CREDITPOOL_TEST_DATABASE_URL names a
+server), a fresh database built by the real Alembic migrations, the real app served by a real
+uvicorn on a loopback port, and `gql` clients over HTTP and websockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import uvicorn
+from gql import Client, gql
+from gql.transport.aiohttp import AIOHTTPTransport
+from gql.transport.websockets import WebsocketsTransport
+
+import migrations
+from api.app import create_app
+from api.embedded import start_embedded_postgres
+from api.settings import Settings
+from domain import identity
+from domain.db import Database
+
+TEST_DB_ENV = "CREDITPOOL_TEST_DATABASE_URL"
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+class PgServer:
+    """A PostgreSQL server the tests may create databases on."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.created: list[str] = []
+
+    async def create_database(self, prefix: str = "creditpool_test") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        conn = await asyncpg.connect(asyncpg_dsn(self.admin_url))
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        self.created.append(name)
+        return with_database(self.admin_url, name)
+
+    async def drop_all(self) -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(self.admin_url))
+        try:
+            for name in self.created:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def pg_server() -> AsyncIterator[PgServer]:
+    url = os.environ.get(TEST_DB_ENV)
+    tmp = None
+    if not url:
+        tmp = tempfile.mkdtemp(prefix="creditpool-test-")
+        url = start_embedded_postgres(Path(tmp))
+    server = PgServer(url)
+    yield server
+    await server.drop_all()
+
+
+@pytest.fixture(scope="session")
+async def database_url(pg_server: PgServer) -> str:
+    url = await pg_server.create_database()
+    await asyncio.to_thread(migrations.upgrade, url)
+    return url
+
+
+@pytest.fixture(scope="session")
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = Database(database_url, pool_size=20)
+    yield database
+    await database.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, url: str) -> None:
+        port = free_port()
+        self.http_url = f"http://127.0.0.1:{port}/graphql"
+        self.ws_url = f"ws://127.0.0.1:{port}/graphql"
+        self.base_url = f"http://127.0.0.1:{port}"
+        app = create_app(Settings(database_url=url, db_pool_size=30), database_url=url)
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio")
+        self.server = uvicorn.Server(config)
+        # Its own thread and event loop, like a separate process would be: the tests' client
+        # traffic and the server's work never share a loop.
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def live_server(database_url: str):
+    server = LiveServer(database_url)
+    server.start()
+    yield server
+    server.stop()
+
+
+# --- identities --------------------------------------------------------------------------
+
+def unique_email(prefix: str = "user") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}@example.test"
+
+
+async def new_user(db: Database, *, operator: bool = False, prefix: str = "user") -> tuple[str, str]:
+    """A fresh user; returns (email, token)."""
+    email = unique_email(prefix)
+    return email, await identity.cli_user_token(db, email, operator=operator)
+
+
+async def new_service_token(db: Database) -> str:
+    return await identity.cli_service_token(db, f"worker-{uuid.uuid4().hex[:8]}")
+
+
+# --- gql clients ---------------------------------------------------------------------------
+
+class Api:
+    """A signed-in gql session over real HTTP."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+
+    async def __call__(self, query: str, **variables):
+        request = gql(query)
+        request.variable_values = variables or None
+        return await self.session.execute(request)
+
+
+@asynccontextmanager
+async def http_client(server: LiveServer, token: str | None) -> AsyncIterator[Api]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    transport = AIOHTTPTransport(url=server.http_url, headers=headers, ssl=False)
+    async with Client(transport=transport, fetch_schema_from_transport=False, execute_timeout=60) as session:
+        yield Api(session)
+
+
+@asynccontextmanager
+async def ws_client(server: LiveServer, token: str | None, **kwargs) -> AsyncIterator[Api]:
+    payload = {"Authorization": f"Bearer {token}"} if token else {}
+    transport = WebsocketsTransport(url=server.ws_url, init_payload=payload, **kwargs)
+    async with Client(transport=transport, fetch_schema_from_transport=False) as session:
+        yield Api(session)
+
+
+@pytest.fixture
+def client(live_server):
+    return lambda token: http_client(live_server, token)
