@@ -57,8 +57,14 @@ class PublicErrors(SchemaExtension):
         )
 
 
+class CreditpoolSchema(strawberry.Schema):
+    def process_errors(self, errors: list[GraphQLError], execution_context=None) -> None:
+        # Refused credentials and permissions are expected traffic, not server errors to log.
+        super().process_errors([e for e in errors if not isinstance(e.original_error, AuthError)], execution_context)
+
+
 def build_schema(*, max_depth: int = 12, max_aliases: int = 15, max_tokens: int = 2000) -> strawberry.Schema:
-    return strawberry.Schema(
+    return CreditpoolSchema(
         query=Query,
         mutation=Mutation,
         extensions=[

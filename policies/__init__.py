@@ -73,6 +73,22 @@ class _RequestRoleManager(RoleManager):
         return [subject] if name in roles and (not domain or domain[0] == dom) else []
 
 
+SUBJECTS = frozenset(
+    {f"role:{r}" for r in ("owner", "admin", "billing_manager", "member")}
+    | {"seat:creator", "seat:standard", "platform:operator", "platform:service"}
+)
+
+
+def _check_policy(rules: list[list[str]]) -> None:
+    """A typo in a policy file must stop the process, not silently drop a rule (a misspelled
+    `deny` would otherwise stop denying)."""
+    actions = {a.value for a in Action}
+    for rule in rules:
+        sub, _dom, act, eft = rule
+        if sub not in SUBJECTS or act not in actions or eft not in ("allow", "deny"):
+            raise ValueError(f"invalid policy rule {rule}: subject, action or effect is unknown")
+
+
 class Authorizer:
     """Built once per process from the policy files and injected into the request context."""
 
@@ -80,9 +96,7 @@ class Authorizer:
         self._enforcer = casbin.Enforcer(str(model_path), str(policy_path))
         self._enforcer.set_role_manager(_RequestRoleManager())
         self._enforcer.build_role_links()
-        unknown = {p[2] for p in self._enforcer.get_policy()} - {a.value for a in Action}
-        if unknown:
-            raise ValueError(f"policy names unknown actions: {sorted(unknown)}")
+        _check_policy(self._enforcer.get_policy())
 
     def allows(self, subject: str, roles: Iterable[str], workspace: str, action: Action) -> bool:
         """May `subject`, holding `roles` in `workspace`, do `action` there?"""

@@ -50,9 +50,12 @@ class Membership:
 
 async def _lock_workspace(session: AsyncSession, workspace_id: uuid.UUID) -> tuple[Workspace, Plan]:
     # Serializes every seat- and owner-changing transaction of one workspace (see module doc).
+    # Callers authorize *after* taking it, so a role revoked by a concurrent transaction is seen.
     ws = (
         await session.execute(select(Workspace).where(Workspace.id == workspace_id).with_for_update())
-    ).scalar_one()
+    ).scalar_one_or_none()
+    if ws is None:
+        raise NotFound("workspace")
     return ws, await session.get_one(Plan, ws.plan_id)
 
 
@@ -129,9 +132,8 @@ async def update_workspace(
         raise ValidationFailed("paidCreatorSeats", "must be between 0 and 100000")
 
     async def work(session: AsyncSession) -> Workspace:
-        await _exists(session, ws_id)
-        await authorize(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
         ws, plan = await _lock_workspace(session, ws_id)
+        await authorize(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
         if plan_key is not None:
             plan = await plan_by_key(session, plan_key)
             ws.plan_id = plan.id
@@ -153,22 +155,16 @@ async def update_workspace(
     return await db.transaction(work)
 
 
-async def _exists(session: AsyncSession, ws_id: uuid.UUID) -> None:
-    if await session.get(Workspace, ws_id) is None:
-        raise NotFound("workspace")
-
-
 async def add_member(
     db: Database, caller: Caller, *, workspace_id: str, email: str, role: Role, seat: Seat
 ) -> Member:
     ws_id = parse_id(workspace_id, "workspace")
 
     async def work(session: AsyncSession) -> Member:
-        await _exists(session, ws_id)
+        ws, plan = await _lock_workspace(session, ws_id)
         me = await authorize(session, caller, ws_id, Action.MANAGE_MEMBERS, what="workspace")
         if role is Role.OWNER:
             _require_owner_powers(caller, ws_id, me)
-        ws, plan = await _lock_workspace(session, ws_id)
         user = await get_or_create_user(session, email)
         already = await session.execute(
             select(Member.id).where(
@@ -189,34 +185,31 @@ async def add_member(
     return await db.transaction(work)
 
 
-async def _target(session: AsyncSession, caller: Caller, member_id: str) -> tuple[Member, Member | None]:
-    """The member to change, authorized against the member row's own workspace."""
+async def _locked_target(
+    session: AsyncSession, caller: Caller, member_id: str
+) -> tuple[Workspace, Plan, Member, Member | None]:
+    """The member to change, locked, and authorized against the member row's own workspace."""
     mid = parse_id(member_id, "member")
-    target = await session.get(Member, mid)
-    if target is None or target.removed_at is not None:
+    found = await session.get(Member, mid)
+    if found is None or found.removed_at is not None:
         raise NotFound("member")
-    me = await authorize(session, caller, target.workspace_id, Action.MANAGE_MEMBERS, what="member")
-    return target, me
-
-
-async def _relock(session: AsyncSession, target: Member) -> tuple[Workspace, Plan, Member]:
-    ws, plan = await _lock_workspace(session, target.workspace_id)
-    fresh = (
+    ws, plan = await _lock_workspace(session, found.workspace_id)
+    me = await authorize(session, caller, ws.id, Action.MANAGE_MEMBERS, what="member")
+    target = (
         await session.execute(
-            select(Member).where(Member.id == target.id).with_for_update().execution_options(populate_existing=True)
+            select(Member).where(Member.id == mid).with_for_update().execution_options(populate_existing=True)
         )
     ).scalar_one()
-    if fresh.removed_at is not None:
+    if target.removed_at is not None:
         raise NotFound("member")
-    return ws, plan, fresh
+    return ws, plan, target, me
 
 
 async def change_member_role(db: Database, caller: Caller, *, member_id: str, role: Role) -> Member:
     async def work(session: AsyncSession) -> Member:
-        target, me = await _target(session, caller, member_id)
+        ws, plan, target, me = await _locked_target(session, caller, member_id)
         if role is Role.OWNER or target.role is Role.OWNER:
-            _require_owner_powers(caller, target.workspace_id, me)
-        ws, plan, target = await _relock(session, target)
+            _require_owner_powers(caller, ws.id, me)
         usage = await _usage(session, ws.id)
         check_owner_kept(_apply(usage, remove=target, add=(role, target.seat)))
         target.role = role
@@ -228,8 +221,7 @@ async def change_member_role(db: Database, caller: Caller, *, member_id: str, ro
 
 async def change_member_seat(db: Database, caller: Caller, *, member_id: str, seat: Seat) -> Member:
     async def work(session: AsyncSession) -> Member:
-        target, _ = await _target(session, caller, member_id)
-        ws, plan, target = await _relock(session, target)
+        ws, plan, target, _ = await _locked_target(session, caller, member_id)
         after = _apply(await _usage(session, ws.id), remove=target, add=(target.role, seat))
         check_seats(after, seat_cap=plan.seat_cap, creator_limit=ws.creator_seat_limit(plan))
         target.seat = seat
@@ -241,10 +233,9 @@ async def change_member_seat(db: Database, caller: Caller, *, member_id: str, se
 
 async def remove_member(db: Database, caller: Caller, *, member_id: str) -> Member:
     async def work(session: AsyncSession) -> Member:
-        target, me = await _target(session, caller, member_id)
+        ws, plan, target, me = await _locked_target(session, caller, member_id)
         if target.role is Role.OWNER:
-            _require_owner_powers(caller, target.workspace_id, me)
-        ws, plan, target = await _relock(session, target)
+            _require_owner_powers(caller, ws.id, me)
         check_owner_kept(_apply(await _usage(session, ws.id), remove=target))
         target.removed_at = func.now()
         await session.flush()

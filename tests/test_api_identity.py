@@ -1,0 +1,152 @@
+"""Tokens, authentication, and the HTTP edge: bad tokens, malformed requests, limits, masking."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import pytest
+import strawberry
+from sqlalchemy import select
+from gql.transport.exceptions import TransportQueryError
+
+from api.schema import PublicErrors, build_schema
+from domain import identity
+from domain.errors import Forbidden
+from tests.conftest import new_service_token, new_user
+
+CREATE_TOKEN = """
+mutation($name: String!) {
+  createApiToken(input: {name: $name}) {
+    __typename
+    ... on CreatedApiToken { secret token { id name revokedAt } }
+    ... on ValidationError { field code }
+  }
+}"""
+REVOKE = """
+mutation($id: ID!) {
+  revokeApiToken(input: {tokenId: $id}) { __typename ... on ApiToken { id revokedAt } ... on Error { code } }
+}"""
+
+
+async def post(live_server, body, *, token=None, content_type="application/json", raw=None):
+    headers = {"Content-Type": content_type}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(live_server.http_url, json=None if raw is not None else body, data=raw,
+                             headers=headers) as resp:
+            text = await resp.text()
+            return resp.status, text
+
+
+async def test_viewer_is_the_token_owner(db, client):
+    email, token = await new_user(db)
+    async with client(token) as api:
+        viewer = (await api("{ viewer { email kind isOperator } }"))["viewer"]
+    assert viewer == {"email": email, "kind": "HUMAN", "isOperator": False}
+
+
+async def test_a_user_creates_and_revokes_own_tokens(db, client):
+    _, token = await new_user(db)
+    async with client(token) as api:
+        created = (await api(CREATE_TOKEN, name="laptop"))["createApiToken"]
+        assert created["__typename"] == "CreatedApiToken" and created["secret"].startswith("cp_")
+        bad = (await api(CREATE_TOKEN, name="  "))["createApiToken"]
+        assert bad == {"__typename": "ValidationError", "field": "name", "code": "VALIDATION"}
+    async with client(created["secret"]) as second:
+        assert (await second("{ viewer { apiTokens { name lastUsedAt } } }"))["viewer"]["apiTokens"][1]["lastUsedAt"]
+        revoked = (await second(REVOKE, id=created["token"]["id"]))["revokeApiToken"]
+        assert revoked["__typename"] == "ApiToken" and revoked["revokedAt"] is not None
+        with pytest.raises(TransportQueryError) as err:
+            await second("{ viewer { email } }")
+        assert err.value.errors[0]["extensions"] == {"code": "UNAUTHENTICATED"}
+    # The secret is stored only as a hash.
+    stored = await db.read(lambda s: s.execute(select(identity.ApiToken.token_hash)))
+    hashes = set(stored.scalars())
+    assert identity.hash_token(created["secret"]) in hashes
+    assert not any(created["secret"].encode() in h for h in hashes)
+    # The first token still works.
+    async with client(token) as api:
+        assert (await api("{ viewer { kind } }"))["viewer"]["kind"] == "HUMAN"
+
+
+async def test_nobody_revokes_anothers_token(db, client):
+    _, mine = await new_user(db)
+    _, theirs = await new_user(db)
+    async with client(theirs) as api:
+        their_token_id = (await api("{ viewer { apiTokens { id } } }"))["viewer"]["apiTokens"][0]["id"]
+    async with client(mine) as api:
+        out = (await api(REVOKE, id=their_token_id))["revokeApiToken"]
+        assert out == {"__typename": "NotFoundError", "code": "NOT_FOUND"}
+        assert (await api(REVOKE, id="garbage"))["revokeApiToken"] == out
+    async with client(theirs) as api:
+        assert (await api("{ viewer { kind } }"))["viewer"]["kind"] == "HUMAN"
+
+
+@pytest.mark.parametrize("token", ["cp_not-a-real-token", "garbage", "Bearer", ""])
+async def test_invalid_tokens_get_a_plain_unauthenticated_error(live_server, token):
+    status, text = await post(live_server, {"query": "{ viewer { email } }"}, token=token or None)
+    assert status == 200
+    [error] = json.loads(text)["errors"]
+    assert (error["message"], error["extensions"]) == ("authentication required", {"code": "UNAUTHENTICATED"})
+
+
+async def test_malformed_graphql_and_non_json_bodies_are_400(live_server):
+    assert (await post(live_server, {"query": "{ viewer { "}))[0] == 400
+    assert (await post(live_server, {"query": "{ noSuchField }"}))[0] == 400
+    assert (await post(live_server, None, raw=b"{not json"))[0] == 400
+    assert (await post(live_server, {"variables": {}}))[0] == 400
+
+
+async def test_alias_and_token_limits_refuse_the_request(db, live_server):
+    _, token = await new_user(db)
+    assert (await post(live_server, {"query": "{ a: viewer { id } b: viewer { id } }"}, token=token))[0] == 200
+    aliases = "{ " + " ".join(f"a{i}: viewer {{ id }}" for i in range(20)) + " }"
+    status, text = await post(live_server, {"query": aliases}, token=token)
+    assert status == 400 and "aliases" in text.lower()
+    long_query = "{ viewer { " + " ".join(["id"] * 3000) + " } }"
+    status, text = await post(live_server, {"query": long_query}, token=token)
+    assert status == 400 and "token" in text.lower()
+
+
+def test_query_depth_is_limited():
+    # The live schema has no cycles deep enough to hit the default limit (12), so check the
+    # limiter on a schema built with a small one.
+    schema = build_schema(max_depth=3)
+    shallow = schema.execute_sync("{ viewer { workspaces { role } } }")
+    assert not any("depth" in e.message for e in shallow.errors or [])
+    deep = schema.execute_sync("{ viewer { workspaces { workspace { plan { key } } } } }")
+    assert any("exceeds maximum operation depth" in e.message for e in deep.errors)
+
+
+async def test_service_accounts_are_identified_as_such(db, client):
+    token = await new_service_token(db)
+    async with client(token) as api:
+        assert (await api("{ viewer { kind email } }"))["viewer"] == {"kind": "SERVICE", "email": None}
+        with pytest.raises(TransportQueryError) as err:
+            await api('mutation { createWorkspace(input: {name: "x"}) { __typename } }')
+        assert err.value.errors[0]["extensions"]["code"] == "FORBIDDEN"
+
+
+def test_unexpected_errors_are_masked_and_auth_errors_keep_their_code():
+    @strawberry.type
+    class Query:
+        @strawberry.field
+        def boom(self) -> str:
+            raise RuntimeError('relation "secret_table" does not exist')
+
+        @strawberry.field
+        def denied(self) -> str:
+            raise Forbidden("members.manage")
+
+    schema = strawberry.Schema(query=Query, extensions=[PublicErrors])
+    result = schema.execute_sync("{ boom }")
+    assert [e.message for e in result.errors] == ["Unexpected error."]
+    assert result.errors[0].extensions == {"code": "INTERNAL"}
+    assert "secret_table" not in str(result.errors[0].formatted)
+    result = schema.execute_sync("{ denied }")
+    assert result.errors[0].message == "not allowed: members.manage"
+    assert result.errors[0].extensions == {"code": "FORBIDDEN"}
+    result = schema.execute_sync("{ nope }")
+    assert "Cannot query field" in result.errors[0].message  # request errors pass through
