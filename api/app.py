@@ -21,14 +21,19 @@ import migrations
 from api.context import Context
 from api.schema import build_schema
 from api.settings import Settings, load_settings
+from domain.clock import SYSTEM_CLOCK, Clock
 from domain.db import Database
+from domain.ledger.payments import PaymentProvider, TrustedReferenceProvider
+from domain.ledger.service import LedgerRules
 from policies import Authorizer
 
 log = logging.getLogger("creditpool")
 
 
 class CreditpoolGraphQL(GraphQL):
-    def __init__(self, *, db: Database, authorizer: Authorizer, settings: Settings) -> None:
+    def __init__(
+        self, *, db: Database, authorizer: Authorizer, settings: Settings, clock: Clock, payments: PaymentProvider
+    ) -> None:
         super().__init__(
             build_schema(
                 max_depth=settings.max_query_depth, max_aliases=settings.max_aliases, max_tokens=settings.max_tokens
@@ -39,9 +44,15 @@ class CreditpoolGraphQL(GraphQL):
         )
         self.db = db
         self.authorizer = authorizer
+        self.clock = clock
+        self.payments = payments
+        self.ledger_rules = LedgerRules(policy_violation_fee=settings.policy_violation_fee_percent / 100)
 
     async def get_context(self, request: Request | WebSocket, response: Any = None) -> Context:
-        return Context(db=self.db, authorizer=self.authorizer, request=request, response=response)
+        return Context(
+            db=self.db, authorizer=self.authorizer, request=request, response=response, clock=self.clock,
+            payments=self.payments, ledger_rules=self.ledger_rules,
+        )
 
     async def on_ws_connect(self, context: Context) -> None:
         # Websockets authenticate once, from the connection_init payload.
@@ -58,13 +69,20 @@ class CreditpoolGraphQL(GraphQL):
         return result
 
 
-def create_app(settings: Settings, *, database_url: str | None = None) -> Starlette:
+def create_app(
+    settings: Settings, *, database_url: str | None = None, clock: Clock = SYSTEM_CLOCK,
+    payments: PaymentProvider | None = None,
+) -> Starlette:
+    """Build the app. `clock` and `payments` are the seams tests (and a real payment provider)
+    plug into; the defaults are the system clock and the trusted-reference provider."""
     url = database_url or settings.database_url
     if not url:
         raise RuntimeError("create_app needs a database URL (the CLI starts the embedded PostgreSQL)")
     db = Database(url, pool_size=settings.db_pool_size)
     authorizer = Authorizer()
-    graphql = CreditpoolGraphQL(db=db, authorizer=authorizer, settings=settings)
+    graphql = CreditpoolGraphQL(
+        db=db, authorizer=authorizer, settings=settings, clock=clock, payments=payments or TrustedReferenceProvider()
+    )
     head = migrations.head_revision()
 
     async def healthz(_: Request) -> JSONResponse:

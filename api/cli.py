@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -113,6 +114,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
             os.environ[env] = str(value)
     os.environ["DATABASE_URL"] = url
     log.info("GraphQL (and GraphiQL in a browser) at %s", graphql_url)
+    # uvicorn re-raises SIGTERM after its graceful shutdown, which would end the process without
+    # running exit handlers, leaving the embedded PostgreSQL running. Exit normally instead.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     uvicorn.run(
         "api.app:app_from_env", factory=True, host=settings.host, port=settings.port,
         workers=settings.workers, log_level=settings.log_level, ws="websockets-sansio",
@@ -134,8 +138,11 @@ def _load_demo(settings: Settings, url: str, graphql_url: str) -> None:
         "identities": [i.__dict__ for i in identities],
     }
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    path.chmod(0o600)
+    # Tokens are secrets: the file is created readable by its owner only, never briefly wider.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(payload, indent=2) + "\n")
+    path.chmod(0o600)  # an older file keeps its mode on O_TRUNC
     print(f"\ncreditpool demo: GraphiQL at {graphql_url}  (workspace {demo.DEMO_WORKSPACE_ID})")
     print("Paste a token into GraphiQL's headers as {\"Authorization\": \"Bearer <token>\"}:")
     for i in identities:

@@ -13,6 +13,9 @@ from starlette.websockets import WebSocket
 
 from domain import identity
 from domain.access import Caller
+from domain.clock import SYSTEM_CLOCK, Clock
+from domain.ledger.payments import PaymentProvider, TrustedReferenceProvider
+from domain.ledger.service import LedgerRules
 from domain.db import Database
 from domain.errors import Unauthenticated
 from policies import Authorizer
@@ -32,6 +35,9 @@ class Context:
     db: Database
     authorizer: Authorizer
     request: Request | WebSocket
+    clock: Clock = SYSTEM_CLOCK
+    payments: PaymentProvider = field(default_factory=TrustedReferenceProvider)
+    ledger_rules: LedgerRules = field(default_factory=LedgerRules)
     response: Any = None
     connection_params: dict[str, Any] | None = None
     loaders: dict[str, Any] = field(default_factory=dict)
@@ -59,4 +65,4 @@ class Context:
         actor = await self.actor()
         if actor is None:
             raise Unauthenticated()
-        return Caller(actor=actor, authorizer=self.authorizer)
+        return Caller(actor=actor, authorizer=self.authorizer, clock=self.clock)

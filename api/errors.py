@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import strawberry
 
 from domain import errors as de
+from domain.money import format_credits
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -47,6 +48,32 @@ class AlreadyMember(Error):
     pass
 
 
+@strawberry.type(description="Not enough spendable credits; nothing was held.")
+class InsufficientCredits(Error):
+    needed: str
+    available: str
+
+
+@strawberry.type(description="The idempotency key was used before with a different request; nothing moved.")
+class IdempotencyKeyReused(Error):
+    pass
+
+
+@strawberry.type(description="The payment reference was already turned into credits; nothing was created.")
+class PaymentReferenceUsed(Error):
+    pass
+
+
+@strawberry.type(description="The payment provider refused the payment; nothing was created.")
+class PaymentFailed(Error):
+    reason: str
+
+
+@strawberry.type(description="The generation was already completed, failed or timed out.")
+class GenerationAlreadySettled(Error):
+    status: str
+
+
 def to_graphql_error(exc: de.DomainError) -> Error:
     match exc:
         case de.NotFound():
@@ -61,6 +88,19 @@ def to_graphql_error(exc: de.DomainError) -> Error:
             return LastOwner(message=exc.message, code=exc.code)
         case de.AlreadyMember():
             return AlreadyMember(message=exc.message, code=exc.code)
+        case de.InsufficientCredits():
+            return InsufficientCredits(
+                message=exc.message, code=exc.code, needed=format_credits(exc.needed),
+                available=format_credits(exc.available),
+            )
+        case de.IdempotencyKeyReused():
+            return IdempotencyKeyReused(message=exc.message, code=exc.code)
+        case de.PaymentReferenceUsed():
+            return PaymentReferenceUsed(message=exc.message, code=exc.code)
+        case de.PaymentFailed():
+            return PaymentFailed(message=exc.message, code=exc.code, reason=exc.reason)
+        case de.GenerationAlreadySettled():
+            return GenerationAlreadySettled(message=exc.message, code=exc.code, status=exc.status)
     raise TypeError(f"no GraphQL type for {type(exc).__name__}")  # a bug: masked as unexpected
 
 

@@ -20,18 +20,20 @@ from strawberry.tools import merge_types
 
 from api.catalog import CatalogQuery
 from api.identity import IdentityMutation, IdentityQuery
+from api.ledger import LedgerMutation, LedgerQuery
 from api.workspaces import WorkspaceMutation, WorkspaceQuery
-from domain.errors import AuthError
+from domain.errors import AuthError, DomainError
 
 SDL_PATH = Path(__file__).resolve().parent / "schema.graphql"
 log = logging.getLogger("creditpool.graphql")
 
-Query = merge_types("Query", (IdentityQuery, WorkspaceQuery, CatalogQuery))
-Mutation = merge_types("Mutation", (IdentityMutation, WorkspaceMutation))
+Query = merge_types("Query", (IdentityQuery, WorkspaceQuery, CatalogQuery, LedgerQuery))
+Mutation = merge_types("Mutation", (IdentityMutation, WorkspaceMutation, LedgerMutation))
 
 
 class PublicErrors(SchemaExtension):
-    """Authentication and authorization failures become top-level errors with a `code`
+    """Authentication and authorization failures, and expected domain failures raised where a
+    field has no result union (a bad cursor in a query), become top-level errors with a `code`
     extension; any other exception from a resolver is masked (no SQL or stack text reaches a
     client) and logged. Request errors (syntax, validation, limits) pass through unchanged."""
 
@@ -47,7 +49,7 @@ class PublicErrors(SchemaExtension):
         original = error.original_error
         if original is None or isinstance(original, GraphQLError):
             return error
-        if isinstance(original, AuthError):
+        if isinstance(original, (AuthError, DomainError)):
             code, message = original.code, str(original)
         else:
             code, message = "INTERNAL", "Unexpected error."
@@ -60,7 +62,8 @@ class PublicErrors(SchemaExtension):
 class CreditpoolSchema(strawberry.Schema):
     def process_errors(self, errors: list[GraphQLError], execution_context=None) -> None:
         # Refused credentials and permissions are expected traffic, not server errors to log.
-        super().process_errors([e for e in errors if not isinstance(e.original_error, AuthError)], execution_context)
+        expected = (AuthError, DomainError)
+        super().process_errors([e for e in errors if not isinstance(e.original_error, expected)], execution_context)
 
 
 def build_schema(*, max_depth: int = 12, max_aliases: int = 15, max_tokens: int = 2000) -> strawberry.Schema:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
@@ -32,13 +33,18 @@ class Settings(BaseSettings):
     max_query_depth: int = Field(default=12, ge=2, le=100)
     max_aliases: int = Field(default=15, ge=1, le=1000)
     max_tokens: int = Field(default=2000, ge=100, le=100_000)
+    # Share of a hold kept when a generation fails for a policy violation (technical failures
+    # and cancellations are always free). Decimal, never float: it is on the money path.
+    policy_violation_fee_percent: Decimal = Field(default=Decimal("10"), ge=0, le=100)
 
-    @field_validator("database_url")
+    @field_validator("database_url", mode="before")
     @classmethod
-    def _postgres_only(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://")):
+    def _postgres_only(cls, v: object) -> object:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None  # an empty DATABASE_URL= means unset: use the embedded PostgreSQL
+        if isinstance(v, str) and not v.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://")):
             raise ValueError("must start with postgresql://")
-        return v or None
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod

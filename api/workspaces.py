@@ -74,6 +74,7 @@ class Workspace:
     id: strawberry.ID
     name: str
     allocation_mode: AllocationMode
+    pool_fallback: bool
     paid_creator_seats: int
     created_at: datetime
 
@@ -119,7 +120,7 @@ class Workspace:
     def from_model(cls, w: m.Workspace) -> Workspace:
         return cls(
             id=strawberry.ID(str(w.id)), name=w.name, allocation_mode=w.allocation_mode,
-            paid_creator_seats=w.paid_creator_seats, created_at=w.created_at,
+            pool_fallback=w.pool_fallback, paid_creator_seats=w.paid_creator_seats, created_at=w.created_at,
         )
 
 
@@ -152,6 +153,9 @@ class UpdateWorkspaceInput:
     plan_key: str | None = None
     allocation_mode: AllocationMode | None = None
     paid_creator_seats: int | None = None
+    pool_fallback: bool | None = strawberry.field(
+        default=None, description="PER_SEAT only: may a member spend from the pool when their seat is empty?"
+    )
 
 
 @strawberry.input
@@ -226,7 +230,7 @@ class WorkspaceMutation:
         call = workspaces.update_workspace(
             info.context.db, caller, workspace_id=str(input.workspace_id), name=input.name,
             plan_key=input.plan_key, allocation_mode=input.allocation_mode,
-            paid_creator_seats=input.paid_creator_seats,
+            paid_creator_seats=input.paid_creator_seats, pool_fallback=input.pool_fallback,
         )
         return await result(call, Workspace.from_model)
 

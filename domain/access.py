@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from domain.clock import SYSTEM_CLOCK, Clock
 from domain.errors import Forbidden, NotFound
 from domain.identity import Actor
 from domain.workspaces.models import Member
@@ -22,10 +23,11 @@ from policies import Action, Authorizer
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who is asking (the authenticated actor) and the process's policy."""
+    """Who is asking (the authenticated actor), the process's policy, and its clock."""
 
     actor: Actor
     authorizer: Authorizer
+    clock: Clock = SYSTEM_CLOCK
 
     def platform_roles(self) -> set[str]:
         roles = set()

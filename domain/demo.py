@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.db import Database
 from domain.identity import Actor, User, UserKind, authenticate, issue_token
+from domain.ledger.consumption import Scope
+from domain.ledger.models import Cause, CreditPack, EntryKind, Grant, GrantSource, LedgerEntry
+from domain.money import UNITS_PER_CREDIT
 from domain.plans import plan_by_key
 from domain.pricing import Modality, ModelPrice
 from domain.workspaces.models import AllocationMode, Member, Role, Seat, Workspace
@@ -44,6 +48,10 @@ PRICES = [
 ]
 
 
+# Packs at the public figures: 100 credits for $10, 500 for $45, 1,000 for $80.
+PACKS = [("Starter pack", 100, 1000), ("Studio pack", 500, 4500), ("Production pack", 1000, 8000)]
+
+
 def _id(key: str) -> uuid.UUID:
     return uuid.uuid5(_NS, key)
 
@@ -76,6 +84,24 @@ async def _seed(session: AsyncSession) -> None:
     for key, _email, _name, role, seat, _op in IDENTITIES:
         if role is not None:
             session.add(Member(workspace_id=DEMO_WORKSPACE_ID, user_id=_id(f"user:{key}"), role=role, seat=seat))
+    for name, credits, cents in PACKS:
+        if await session.get(CreditPack, _id(f"pack:{name}")) is None:
+            session.add(CreditPack(id=_id(f"pack:{name}"), name=name, units=credits * UNITS_PER_CREDIT,
+                                   price_minor=cents, currency="USD"))
+    # A starting balance, through real grant entries so the ledger stays conserved: a team
+    # allowance that never expires and a promotion that expires in two weeks.
+    now = datetime.now(UTC)
+    for key, source, credits, expires in (
+        ("grant:allowance", GrantSource.PLAN_ALLOWANCE, 1000, None),
+        ("grant:promotion", GrantSource.PROMOTION, 200, now + timedelta(days=14)),
+    ):
+        units = credits * UNITS_PER_CREDIT
+        session.add(Grant(id=_id(key), workspace_id=DEMO_WORKSPACE_ID, scope=Scope.WORKSPACE, source=source,
+                          effective_at=now, expires_at=expires, amount=units, remaining=units,
+                          reason="demo starting balance", created_by=_id("user:operator")))
+        await session.flush()
+        session.add(LedgerEntry(workspace_id=DEMO_WORKSPACE_ID, grant_id=_id(key), kind=EntryKind.GRANT,
+                                amount=units, cause=Cause.GRANT, actor_id=_id("user:operator")))
 
 
 async def _tokens(session: AsyncSession, known: dict[str, str]) -> list[DemoIdentity]:

@@ -76,3 +76,42 @@ class Forbidden(AuthError):
     def __init__(self, action: str) -> None:
         super().__init__(f"not allowed: {action}")
         self.action = action
+
+
+class InsufficientCredits(DomainError):
+    code = "INSUFFICIENT_CREDITS"
+
+    def __init__(self, needed: int, available: int) -> None:
+        super().__init__("not enough credits for this generation")
+        self.needed = needed  # units
+        self.available = available  # units
+
+
+class IdempotencyKeyReused(DomainError):
+    code = "IDEMPOTENCY_KEY_REUSED"
+
+    def __init__(self) -> None:
+        super().__init__("this idempotency key was already used with a different request")
+
+
+class PaymentReferenceUsed(DomainError):
+    code = "PAYMENT_REFERENCE_USED"
+
+    def __init__(self) -> None:
+        super().__init__("this payment reference was already turned into credits")
+
+
+class PaymentFailed(DomainError):
+    code = "PAYMENT_FAILED"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"payment failed: {reason}")
+        self.reason = reason
+
+
+class GenerationAlreadySettled(DomainError):
+    code = "GENERATION_ALREADY_SETTLED"
+
+    def __init__(self, status: str) -> None:
+        super().__init__(f"the generation is already {status.lower()}")
+        self.status = status

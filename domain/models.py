@@ -2,8 +2,12 @@
 
 from domain.base import Base
 from domain.identity import ApiToken, User
+from domain.ledger.models import CreditPack, Generation, Grant, IdempotencyKey, LedgerEntry, Purchase
 from domain.plans import Plan
 from domain.pricing import ModelPrice
 from domain.workspaces.models import Member, Workspace
 
-__all__ = ["ApiToken", "Base", "Member", "ModelPrice", "Plan", "User", "Workspace"]
+__all__ = [
+    "ApiToken", "Base", "CreditPack", "Generation", "Grant", "IdempotencyKey", "LedgerEntry", "Member", "ModelPrice",
+    "Plan", "Purchase", "User", "Workspace",
+]

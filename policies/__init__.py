@@ -39,6 +39,7 @@ class Action(enum.StrEnum):
     MANAGE_AUTO_TOPUP = "auto_topup.manage"
     VIEW_AUDIT_LOG = "audit.view"
     SETTLE_GENERATIONS = "generations.settle"
+    START_FOR_MEMBER = "generations.start_for_member"
     MANAGE_CATALOG = "catalog.manage"
 
 

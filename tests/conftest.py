@@ -28,7 +28,9 @@ from api.app import create_app
 from api.embedded import start_embedded_postgres
 from api.settings import Settings
 from domain import identity
+from domain.clock import OffsetClock
 from domain.db import Database
+from domain.ledger.payments import ScriptedProvider
 
 TEST_DB_ENV = "CREDITPOOL_TEST_DATABASE_URL"
 
@@ -101,12 +103,20 @@ def free_port() -> int:
 
 
 class LiveServer:
+    """The real app on a real uvicorn. Its clock and payment provider are the two seams tests
+    steer: `clock.offset` moves time (reset it in a finally), `payments.failures` makes the
+    next N payments fail."""
+
     def __init__(self, url: str) -> None:
+        self.clock = OffsetClock()
+        self.payments = ScriptedProvider()
         port = free_port()
         self.http_url = f"http://127.0.0.1:{port}/graphql"
         self.ws_url = f"ws://127.0.0.1:{port}/graphql"
         self.base_url = f"http://127.0.0.1:{port}"
-        app = create_app(Settings(database_url=url, db_pool_size=30), database_url=url)
+        app = create_app(
+            Settings(database_url=url, db_pool_size=30), database_url=url, clock=self.clock, payments=self.payments
+        )
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio")
         self.server = uvicorn.Server(config)
         # Its own thread and event loop, like a separate process would be: the tests' client

@@ -53,6 +53,7 @@ ALLOWED: dict[Action, frozenset[str]] = {
     Action.MANAGE_AUTO_TOPUP:     frozenset({"owner", "billing_manager"}),
     Action.VIEW_AUDIT_LOG:        frozenset({"owner", "admin", "operator"}),
     Action.SETTLE_GENERATIONS:    frozenset({"service", "operator"}),  # never a member (rule 8)
+    Action.START_FOR_MEMBER:      frozenset({"service"}),
     Action.MANAGE_CATALOG:        frozenset({"operator"}),
 }
 

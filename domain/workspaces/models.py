@@ -39,6 +39,8 @@ class Workspace(Base):
     allocation_mode: Mapped[AllocationMode] = mapped_column(
         str_enum(AllocationMode, "allocation_mode"), server_default=AllocationMode.POOLED.value
     )
+    # PER_SEAT only: when a seat is empty, may its member spend from the workspace pool?
+    pool_fallback: Mapped[bool] = mapped_column(default=False, server_default="false")
     # Creator seats bought on top of the plan's free ones (the seat purchase itself is billing's).
     paid_creator_seats: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[datetime] = created_at()

@@ -124,7 +124,10 @@ async def update_workspace(
     plan_key: str | None = None,
     allocation_mode: AllocationMode | None = None,
     paid_creator_seats: int | None = None,
+    pool_fallback: bool | None = None,
 ) -> Workspace:
+    """Switching the allocation mode moves no credit: every grant keeps its scope, amounts and
+    dates; the mode only decides which grants a spend may draw from (domain.ledger.service)."""
     ws_id = parse_id(workspace_id, "workspace")
     if name is not None:
         name = clean_name(name)
@@ -143,6 +146,8 @@ async def update_workspace(
             ws.name = name
         if allocation_mode is not None:
             ws.allocation_mode = allocation_mode
+        if pool_fallback is not None:
+            ws.pool_fallback = pool_fallback
         # A smaller plan (or fewer paid seats) must still hold everyone already seated.
         check_seats(
             await _usage(session, ws_id),

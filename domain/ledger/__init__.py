@@ -1,0 +1,1 @@
+"""The credit ledger: grants (buckets), holds, and the entries that move credits."""

@@ -1,0 +1,73 @@
+"""Exactly-once for credit-moving mutations (money rule 3).
+
+The key row is inserted in the same transaction as the movement, with the id the result will
+have. `INSERT ... ON CONFLICT DO NOTHING` makes a concurrent duplicate wait on the unique key
+until the first transaction ends: if it committed, the duplicate reads its result; if it rolled
+back (an expected failure such as insufficient credits, where nothing moved), the duplicate
+runs afresh. Keys are scoped to (workspace, caller).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.errors import IdempotencyKeyReused, ValidationFailed
+from domain.ledger.models import IdempotencyKey
+
+MAX_KEY = 200
+
+
+def request_hash(operation: str, request: dict[str, Any]) -> bytes:
+    canonical = json.dumps({"op": operation, **request}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).digest()
+
+
+def check_key(key: str) -> str:
+    key = key.strip()
+    if not key or len(key) > MAX_KEY:
+        raise ValidationFailed("idempotencyKey", f"must be 1 to {MAX_KEY} characters")
+    return key
+
+
+async def claim(
+    session: AsyncSession,
+    *,
+    workspace_id: uuid.UUID,
+    actor_id: uuid.UUID,
+    key: str,
+    operation: str,
+    request: dict[str, Any],
+    result_id: uuid.UUID,
+) -> uuid.UUID | None:
+    """Claim `key` for a new result `result_id`. Returns None when claimed (go ahead and do the
+    work), or the first result's id when this exact request already ran. Raises
+    IdempotencyKeyReused when the key ran with a different request."""
+    digest = request_hash(operation, request)
+    inserted = await session.execute(
+        insert(IdempotencyKey)
+        .values(workspace_id=workspace_id, actor_id=actor_id, key=key, operation=operation,
+                request_hash=digest, result_id=result_id)
+        .on_conflict_do_nothing()
+        .returning(IdempotencyKey.key)
+    )
+    if inserted.first() is not None:
+        return None
+    first = (
+        await session.execute(
+            select(IdempotencyKey.operation, IdempotencyKey.request_hash, IdempotencyKey.result_id).where(
+                IdempotencyKey.workspace_id == workspace_id,
+                IdempotencyKey.actor_id == actor_id,
+                IdempotencyKey.key == key,
+            )
+        )
+    ).one()
+    if first.operation != operation or first.request_hash != digest:
+        raise IdempotencyKeyReused()
+    return first.result_id

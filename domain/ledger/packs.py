@@ -1,0 +1,64 @@
+"""Credit packs, managed by operators: credits for a price, optionally expiring after N days."""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.access import Caller, parse_id
+from domain.db import Database
+from domain.errors import Forbidden, NotFound, ValidationFailed
+from domain.identity import clean_name
+from domain.ledger.models import CreditPack
+from domain.money import parse_credits
+from policies import Action
+
+CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
+
+
+def _require_operator(caller: Caller) -> None:
+    # The catalog is platform-wide: checked in the platform domain, not in a workspace.
+    if not caller.authorizer.allows(str(caller.actor.user_id), caller.platform_roles(), "*", Action.MANAGE_CATALOG):
+        raise Forbidden(Action.MANAGE_CATALOG.value)
+
+
+async def create_pack(
+    db: Database, caller: Caller, *, name: str, credits: str, price_minor: int, currency: str,
+    expires_after_days: int | None = None,
+) -> CreditPack:
+    _require_operator(caller)
+    name = clean_name(name)
+    units = parse_credits(credits, "credits")
+    if not 0 <= price_minor <= 10**12:
+        raise ValidationFailed("priceMinor", "must be between 0 and 10^12 minor units")
+    currency = currency.strip().upper()
+    if not CURRENCY_RE.match(currency):
+        raise ValidationFailed("currency", "must be a three-letter ISO 4217 code")
+    if expires_after_days is not None and not 1 <= expires_after_days <= 36600:
+        raise ValidationFailed("expiresAfterDays", "must be between 1 and 36600, or absent for never")
+
+    async def work(session: AsyncSession) -> CreditPack:
+        pack = CreditPack(name=name, units=units, price_minor=price_minor, currency=currency,
+                          expires_after_days=expires_after_days)
+        session.add(pack)
+        await session.flush()
+        await session.refresh(pack)
+        return pack
+
+    return await db.transaction(work)
+
+
+async def set_pack_active(db: Database, caller: Caller, *, pack_id: str, active: bool) -> CreditPack:
+    _require_operator(caller)
+    pid = parse_id(pack_id, "credit pack")
+
+    async def work(session: AsyncSession) -> CreditPack:
+        pack = await session.get(CreditPack, pid, with_for_update=True)
+        if pack is None:
+            raise NotFound("credit pack")
+        pack.is_active = active
+        await session.flush()
+        return pack
+
+    return await db.transaction(work)

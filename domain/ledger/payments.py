@@ -1,0 +1,56 @@
+"""The payment provider seam. Charging cards is out of scope: the platform takes the payment
+and passes its reference; a provider confirms that reference before credits are created.
+
+`TrustedReferenceProvider` (the default) accepts the reference the platform vouches for. A real
+provider (Stripe, Paddle, ...) implements `confirm` by looking the payment up; the test provider
+succeeds or fails on demand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRequest:
+    reference: str
+    amount_minor: int
+    currency: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentOutcome:
+    ok: bool
+    reason: str = ""
+
+
+class PaymentProvider(Protocol):
+    name: str
+
+    async def confirm(self, request: PaymentRequest) -> PaymentOutcome: ...
+
+
+class TrustedReferenceProvider:
+    name = "trusted-reference"
+
+    async def confirm(self, request: PaymentRequest) -> PaymentOutcome:
+        return PaymentOutcome(ok=True)
+
+
+class ScriptedProvider:
+    """For tests and demos: fails while `failures` is positive, then succeeds."""
+
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.seen: list[PaymentRequest] = []
+
+    async def confirm(self, request: PaymentRequest) -> PaymentOutcome:
+        self.seen.append(request)
+        if self.failures > 0:
+            self.failures -= 1
+            return PaymentOutcome(ok=False, reason="card declined")
+        return PaymentOutcome(ok=True)

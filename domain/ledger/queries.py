@@ -1,0 +1,244 @@
+"""Reading the ledger: balances (from grant rows, never by summing entries), the entry history
+with cursor pagination, generations with their holds, captures and releases, credit packs."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.access import Caller, authorize, parse_id
+from domain.db import Database
+from domain.errors import NotFound, ValidationFailed
+from domain.ledger.consumption import Scope
+from domain.ledger.models import CreditPack, EntryKind, Generation, GenerationStatus, Grant, LedgerEntry
+from domain.ledger.service import GenerationResult, generation_result
+from domain.workspaces.models import AllocationMode, Member, Workspace
+from policies import Action
+
+MAX_PAGE = 200
+MAX_EXPIRY_WINDOW_DAYS = 3660
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeBalance:
+    scope: Scope
+    member_id: uuid.UUID | None
+    available: int
+    held: int
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    workspace_id: uuid.UUID
+    allocation_mode: AllocationMode
+    pool_fallback: bool
+    available: int  # spendable now, all scopes
+    held: int
+    scopes: list[ScopeBalance]
+    viewer_spendable: int  # what the viewer could spend now (0 without a creator seat)
+    grants: list[Grant]  # live grants: with credits remaining or held, or not yet effective
+    expiring: list[Grant]  # grants with credits that expire within the window
+    expiring_units: int
+    as_of: datetime
+
+
+def _spendable_now(g: Grant, now: datetime) -> bool:
+    return g.effective_at <= now and (g.expires_at is None or g.expires_at > now)
+
+
+async def workspace_balance(db: Database, caller: Caller, *, workspace_id: str, expiring_within_days: int = 7) -> Balance:
+    ws_id = parse_id(workspace_id, "workspace")
+    if not 0 <= expiring_within_days <= MAX_EXPIRY_WINDOW_DAYS:
+        raise ValidationFailed("expiringWithinDays", f"must be between 0 and {MAX_EXPIRY_WINDOW_DAYS}")
+
+    async def work(session: AsyncSession) -> Balance:
+        me = await authorize(session, caller, ws_id, Action.VIEW_BALANCE, what="workspace")
+        ws = await session.get_one(Workspace, ws_id)
+        now = caller.clock.now()
+        # The partial index ix_grants_live keeps this proportional to live grants, not history.
+        grants = list((await session.execute(
+            select(Grant).where(Grant.workspace_id == ws_id, or_(Grant.remaining > 0, Grant.held > 0))
+            .order_by(Grant.scope, Grant.member_id, Grant.priority, Grant.expires_at.nulls_last(), Grant.created_at)
+        )).scalars())
+        per_scope: dict[tuple[Scope, uuid.UUID | None], list[int]] = {}
+        for g in grants:
+            figures = per_scope.setdefault((g.scope, g.member_id), [0, 0])
+            figures[0] += g.remaining if _spendable_now(g, now) else 0
+            figures[1] += g.held
+        horizon = now + timedelta(days=expiring_within_days)
+        expiring = [g for g in grants if g.remaining > 0 and g.expires_at is not None and now < g.expires_at <= horizon]
+        viewer = 0
+        if me is not None and caller.authorizer.allows(
+            str(caller.actor.user_id), {f"role:{me.role.value}", f"seat:{me.seat.value}"}, str(ws_id), Action.GENERATE
+        ):
+            viewer = sum(g.remaining for g in grants if _spendable_now(g, now) and _may_spend(ws, me, g))
+        return Balance(
+            workspace_id=ws_id, allocation_mode=ws.allocation_mode, pool_fallback=ws.pool_fallback,
+            available=sum(f[0] for f in per_scope.values()), held=sum(f[1] for f in per_scope.values()),
+            scopes=[ScopeBalance(s, m, f[0], f[1]) for (s, m), f in per_scope.items()],
+            viewer_spendable=viewer, grants=grants, expiring=expiring,
+            expiring_units=sum(g.remaining for g in expiring), as_of=now,
+        )
+
+    return await db.read(work)
+
+
+def _may_spend(ws: Workspace, member: Member, g: Grant) -> bool:
+    """Python twin of `service.spend_scopes` for reads (the SQL one decides spends)."""
+    if ws.allocation_mode is AllocationMode.POOLED:
+        return g.scope is Scope.WORKSPACE
+    if g.scope is Scope.SEAT:
+        return g.member_id == member.id
+    return g.scope is Scope.WORKSPACE and ws.pool_fallback
+
+
+# --- cursor pagination ------------------------------------------------------------------------
+
+def encode_cursor(kind: str, value: str) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{value}".encode()).decode()
+
+
+def decode_cursor(cursor: str | None, kind: str) -> str | None:
+    if cursor is None:
+        return None
+    try:
+        prefix, _, value = base64.urlsafe_b64decode(cursor.encode()).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationFailed("after", "not a cursor from this list") from None
+    if prefix != kind or not value:
+        raise ValidationFailed("after", "not a cursor from this list")
+    return value
+
+
+def _page_size(first: int) -> int:
+    if not 1 <= first <= MAX_PAGE:
+        raise ValidationFailed("first", f"must be between 1 and {MAX_PAGE}")
+    return first
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[Any]
+    cursors: list[str]
+    has_next_page: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerFilter:
+    kinds: list[EntryKind] | None = None
+    member_id: str | None = None
+    generation_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+async def ledger_page(
+    db: Database, caller: Caller, *, workspace_id: str, first: int = 50, after: str | None = None,
+    filter: LedgerFilter | None = None,
+) -> Page:
+    """Newest first. The cursor is the entry id, so pages stay stable while entries are added."""
+    ws_id = parse_id(workspace_id, "workspace")
+    size = _page_size(first)
+    after_id = decode_cursor(after, "entry")
+    f = filter or LedgerFilter()
+
+    async def work(session: AsyncSession) -> Page:
+        await authorize(session, caller, ws_id, Action.VIEW_LEDGER, what="workspace")
+        conds = [LedgerEntry.workspace_id == ws_id]
+        if after_id is not None:
+            conds.append(LedgerEntry.id < int(after_id))
+        if f.kinds:
+            conds.append(LedgerEntry.kind.in_(f.kinds))
+        if f.member_id:
+            conds.append(LedgerEntry.member_id == parse_id(f.member_id, "member"))
+        if f.generation_id:
+            conds.append(LedgerEntry.generation_id == parse_id(f.generation_id, "generation"))
+        if f.since:
+            conds.append(LedgerEntry.created_at >= f.since)
+        if f.until:
+            conds.append(LedgerEntry.created_at < f.until)
+        rows = list((await session.execute(
+            select(LedgerEntry).where(and_(*conds)).order_by(LedgerEntry.id.desc()).limit(size + 1)
+        )).scalars())
+        items = rows[:size]
+        return Page(items, [encode_cursor("entry", str(e.id)) for e in items], len(rows) > size)
+
+    try:
+        return await db.read(work)
+    except ValueError:
+        raise ValidationFailed("after", "not a cursor from this list") from None
+
+
+async def generations_page(
+    db: Database, caller: Caller, *, workspace_id: str, first: int = 50, after: str | None = None,
+    status: GenerationStatus | None = None, member_id: str | None = None,
+) -> Page:
+    """Newest first. Holders of `ledger.view` see every generation; anyone else who can see the
+    workspace sees their own."""
+    ws_id = parse_id(workspace_id, "workspace")
+    size = _page_size(first)
+    after_value = decode_cursor(after, "generation")
+
+    async def work(session: AsyncSession) -> Page:
+        me = await authorize(session, caller, ws_id, Action.VIEW_WORKSPACE, what="workspace")
+        conds = [Generation.workspace_id == ws_id]
+        if not _sees_all(caller, me, ws_id):
+            conds.append(Generation.member_id == (me.id if me else None))
+        if status is not None:
+            conds.append(Generation.status == status)
+        if member_id:
+            conds.append(Generation.member_id == parse_id(member_id, "member"))
+        if after_value is not None:
+            ts, _, gid = after_value.partition("|")
+            at = datetime.fromisoformat(ts)
+            conds.append(or_(Generation.created_at < at, and_(Generation.created_at == at, Generation.id < uuid.UUID(gid))))
+        rows = list((await session.execute(
+            select(Generation.id, Generation.created_at).where(and_(*conds))
+            .order_by(Generation.created_at.desc(), Generation.id.desc()).limit(size + 1)
+        )).all())
+        items = [await generation_result(session, r.id) for r in rows[:size]]
+        cursors = [encode_cursor("generation", f"{r.created_at.isoformat()}|{r.id}") for r in rows[:size]]
+        return Page(items, cursors, len(rows) > size)
+
+    try:
+        return await db.read(work)
+    except ValueError:
+        raise ValidationFailed("after", "not a cursor from this list") from None
+
+
+def _sees_all(caller: Caller, me: Member | None, ws_id: uuid.UUID) -> bool:
+    roles = ({f"role:{me.role.value}", f"seat:{me.seat.value}"} if me else set()) | caller.platform_roles()
+    return caller.authorizer.allows(str(caller.actor.user_id), roles, str(ws_id), Action.VIEW_LEDGER)
+
+
+async def get_generation(db: Database, caller: Caller, *, generation_id: str) -> GenerationResult:
+    gid = parse_id(generation_id, "generation")
+
+    async def work(session: AsyncSession) -> GenerationResult:
+        gen = await session.get(Generation, gid)
+        if gen is None:
+            raise NotFound("generation")
+        roles_ok = caller.platform_roles() & {"platform:service", "platform:operator"}
+        if not roles_ok:
+            me = await authorize(session, caller, gen.workspace_id, Action.VIEW_WORKSPACE, what="generation")
+            if not _sees_all(caller, me, gen.workspace_id) and (me is None or gen.member_id != me.id):
+                raise NotFound("generation")
+        return await generation_result(session, gid)
+
+    return await db.read(work)
+
+
+async def credit_packs(db: Database, *, include_inactive: bool = False) -> list[CreditPack]:
+    async def work(session: AsyncSession) -> list[CreditPack]:
+        q = select(CreditPack).order_by(CreditPack.units)
+        if not include_inactive:
+            q = q.where(CreditPack.is_active)
+        return list((await session.execute(q)).scalars())
+
+    return await db.read(work)

@@ -1,0 +1,397 @@
+"""The `creditpool` command, run as real subprocesses: `serve` (embedded PostgreSQL with
+`--demo`, and an external database that must be migrated first), `migrate`, `create-user`,
+`create-service-token`, and settings validation. HTTP checks go over a real loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+
+import migrations
+from domain import demo
+from domain.db import Database
+from domain.identity import Actor, UserKind, authenticate_secret
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_KEYS = ["owner", "admin", "creator1", "creator2", "standard", "operator", "worker"]
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=15)
+CLI_TIMEOUT = 120  # one short command (may start the embedded PostgreSQL)
+EMBEDDED_STARTUP = 120  # initdb on a fresh data dir
+EXTERNAL_STARTUP = 45
+
+
+def _cli() -> list[str]:
+    """The console script of the interpreter running the tests, else the one on PATH, else
+    the module: works from /tmp/venv and from the project's own .venv."""
+    beside = Path(sys.executable).with_name("creditpool")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("creditpool")
+    return [found] if found else [sys.executable, "-m", "api.cli"]
+
+
+CLI = _cli()
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The test environment without any database or creditpool configuration."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("CREDITPOOL_")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+async def cli(*args: str, env: dict[str, str] | None = None,
+              timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """Run one command to completion (killed after `timeout`)."""
+    return await asyncio.to_thread(
+        subprocess.run, [*CLI, *args], cwd=ROOT, env=env or child_env(),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def one_token(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cp_") and len(lines[0]) > 30, result.stdout
+    return lines[0]
+
+
+# --- a served process ------------------------------------------------------------------
+
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    port: int
+    out: Path
+    err: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def graphql_url(self) -> str:
+        return f"{self.base_url}/graphql"
+
+    def stdout(self) -> str:
+        return self.out.read_text()
+
+    def stderr(self) -> str:
+        return self.err.read_text()
+
+
+async def wait_healthy(server: Served, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        while time.monotonic() < deadline:
+            if server.proc.poll() is not None:
+                pytest.fail(f"serve exited with {server.proc.returncode}:\n{server.stderr()}")
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with http.get(f"{server.base_url}/healthz") as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+    pytest.fail(f"serve did not answer /healthz within {timeout}s:\n{server.stderr()}")
+
+
+async def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+    """Send `sig`, wait; kill when it does not exit in time. Returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            await asyncio.to_thread(proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 10)
+    return proc.returncode
+
+
+@contextlib.asynccontextmanager
+async def serving(*args: str, logs: Path, env: dict[str, str] | None = None,
+                  startup: float = EXTERNAL_STARTUP) -> AsyncIterator[Served]:
+    """`creditpool serve --host 127.0.0.1 --port <free> *args`, healthy; always stopped on exit."""
+    port = free_port()
+    logs.mkdir(parents=True, exist_ok=True)
+    out, err = logs / f"serve-{port}.out", logs / f"serve-{port}.err"
+    with out.open("w") as o, err.open("w") as e:
+        proc = subprocess.Popen(
+            [*CLI, "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+            cwd=ROOT, env=env or child_env(), stdout=o, stderr=e,
+        )
+    server = Served(proc, port, out, err)
+    try:
+        await wait_healthy(server, startup)
+        yield server
+    finally:
+        await stop(proc)
+
+
+def postmaster_pid(data_dir: Path) -> int | None:
+    """The embedded server's pid while its postmaster.pid names a running postgres."""
+    pgdata = data_dir / "pgdata"
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return None
+    return pid if str(pgdata) in cmdline or str(pgdata.resolve()) in cmdline else None
+
+
+async def wait_postgres_stopped(data_dir: Path, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while postmaster_pid(data_dir) is not None:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
+def stop_embedded_postgres(data_dir: Path) -> None:
+    """Test cleanup: stop an embedded PostgreSQL a `serve` left behind (fast shutdown, then kill)."""
+    pid = postmaster_pid(data_dir)
+    if pid is None:
+        return
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# --- HTTP ------------------------------------------------------------------------------
+
+async def get(server: Served, path: str, **headers: str) -> tuple[int, str, str]:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+        async with http.get(f"{server.base_url}{path}", headers=headers) as r:
+            return r.status, r.headers.get("content-type", ""), await r.text()
+
+
+async def graphql(server: Served, token: str, query: str, **variables) -> dict:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+        async with http.post(
+            server.graphql_url, json={"query": query, "variables": variables},
+            headers={"Authorization": f"Bearer {token}"},
+        ) as r:
+            body = await r.json()
+            assert r.status == 200 and not body.get("errors"), (r.status, body)
+            return body["data"]
+
+
+async def assert_ready(server: Served) -> None:
+    status, _, body = await get(server, "/readyz")
+    assert status == 200, body
+    assert json.loads(body) == {"status": "ok", "database": "ok", "schema": migrations.head_revision()}
+
+
+VIEWER = "{ viewer { email kind isOperator } }"
+MEMBERS = "query($id: ID!) { workspace(id: $id) { id members { id } } }"
+
+
+# --- 1. serve --demo on the embedded PostgreSQL --------------------------------------------
+
+def demo_file(data_dir: Path) -> dict:
+    return json.loads((data_dir / "demo-tokens.json").read_text())
+
+
+def tokens_of(payload: dict) -> dict[str, str]:
+    return {i["key"]: i["token"] for i in payload["identities"]}
+
+
+def assert_demo_output(server: Served, data_dir: Path) -> dict:
+    """The data-dir log line, the printed tokens and URL, and demo-tokens.json agree."""
+    data_lines = [line for line in server.stderr().splitlines() if "embedded PostgreSQL: data in" in line]
+    assert len(data_lines) == 1, server.stderr()
+    assert str((data_dir / "pgdata").resolve()) in data_lines[0]
+
+    path = data_dir / "demo-tokens.json"
+    assert path.stat().st_mode & 0o777 == 0o600  # it holds secrets
+    payload = demo_file(data_dir)
+    assert [i["key"] for i in payload["identities"]] == DEMO_KEYS
+    assert payload["workspace_id"] == str(demo.DEMO_WORKSPACE_ID)
+    assert payload["graphql_url"] == server.graphql_url
+
+    out = server.stdout()
+    assert f"GraphiQL at {server.graphql_url}" in out
+    rows = [line.split() for line in out.splitlines()]
+    printed = {row[0]: row[-1] for row in rows if row and row[0] in DEMO_KEYS}  # "  owner  <email> ... <token>"
+    assert printed == tokens_of(payload)
+    assert all(t.startswith("cp_") for t in printed.values())
+    return payload
+
+
+async def test_serve_demo_on_embedded_postgres_and_restart(tmp_path):
+    data_dir = tmp_path / "data"
+    env = child_env()  # no DATABASE_URL: the embedded PostgreSQL in the data dir
+    try:
+        async with serving("--demo", "--data-dir", str(data_dir), logs=tmp_path, env=env,
+                           startup=EMBEDDED_STARTUP) as server:
+            first = assert_demo_output(server, data_dir)
+            tokens = tokens_of(first)
+
+            status, _, body = await get(server, "/healthz")
+            assert (status, json.loads(body)) == (200, {"status": "ok"})
+            await assert_ready(server)
+
+            status, content_type, html = await get(server, "/graphql", Accept="text/html")
+            assert status == 200 and content_type.startswith("text/html")
+            assert "graphiql" in html.lower()
+
+            identities = {i["key"]: i for i in first["identities"]}
+            for key, ident in identities.items():
+                viewer = (await graphql(server, ident["token"], VIEWER))["viewer"]
+                assert viewer["email"] == ident["email"]
+                assert viewer["kind"] == ("SERVICE" if key == "worker" else "HUMAN")
+                assert viewer["isOperator"] is (key == "operator")
+            assert identities["owner"]["email"] == f"owner@{demo.DEMO_DOMAIN}"
+
+            ws = (await graphql(server, tokens["owner"], MEMBERS, id=first["workspace_id"]))["workspace"]
+            assert len(ws["members"]) == 5
+
+            # Ctrl+C: exits on its own (not killed after the grace period), stopping PostgreSQL too.
+            assert await stop(server.proc, signal.SIGINT) in (0, 130, -signal.SIGINT)
+            assert await wait_postgres_stopped(data_dir), "Ctrl+C left the embedded PostgreSQL running"
+
+        # Restart on the same data dir: no new demo data, the same tokens.
+        async with serving("--demo", "--data-dir", str(data_dir), logs=tmp_path, env=env,
+                           startup=EMBEDDED_STARTUP) as server:
+            second = assert_demo_output(server, data_dir)
+            assert tokens_of(second) == tokens
+            assert (await graphql(server, tokens["owner"], VIEWER))["viewer"]["email"] == f"owner@{demo.DEMO_DOMAIN}"
+            ws = (await graphql(server, tokens["owner"], MEMBERS, id=second["workspace_id"]))["workspace"]
+            assert ws["id"] == first["workspace_id"] and len(ws["members"]) == 5
+            await assert_ready(server)
+    finally:
+        stop_embedded_postgres(data_dir)
+
+
+async def test_sigterm_stops_the_embedded_postgres(tmp_path):
+    data_dir = tmp_path / "data"
+    try:
+        async with serving("--data-dir", str(data_dir), logs=tmp_path, startup=EMBEDDED_STARTUP) as server:
+            assert postmaster_pid(data_dir) is not None
+            await stop(server.proc, signal.SIGTERM)
+            assert await wait_postgres_stopped(data_dir, timeout=5), "SIGTERM left the embedded PostgreSQL running"
+    finally:
+        stop_embedded_postgres(data_dir)
+
+
+# --- 2. an external database must be migrated first -----------------------------------------
+
+async def test_serve_refuses_an_unmigrated_database_until_migrate(pg_server, tmp_path):
+    url = await pg_server.create_database()
+    head = migrations.head_revision()
+
+    refused = await cli("serve", "--database-url", url, "--port", str(free_port()), timeout=60)
+    assert refused.returncode != 0
+    assert "creditpool migrate" in refused.stderr and head in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    # The other commands that need the schema refuse the same way (and create nothing).
+    refused = await cli("create-user", "--email", "early@example.test", "--database-url", url)
+    assert refused.returncode != 0 and "creditpool migrate" in refused.stderr, refused.stderr
+    assert refused.stdout == ""
+
+    for _ in range(2):  # idempotent
+        migrated = await cli("migrate", "--database-url", url)
+        assert migrated.returncode == 0, migrated.stderr
+        assert f"database schema at {head}" in migrated.stdout
+
+    async with serving("--database-url", url, logs=tmp_path) as server:
+        await assert_ready(server)
+        # The schema moving away from head while serving: not ready, still alive.
+        await asyncio.to_thread(migrations.downgrade, url, "base")
+        status, _, body = await get(server, "/readyz")
+        assert status == 503
+        assert json.loads(body) == {"status": "unavailable", "database": "ok", "schema": None, "expected": head}
+        status, _, _ = await get(server, "/healthz")
+        assert status == 200
+
+
+# --- 3. create-user and create-service-token ------------------------------------------------
+
+async def authenticate(url: str, *secrets: str) -> list[Actor | None]:
+    db = Database(url, pool_size=1)
+    try:
+        return [await authenticate_secret(db, s) for s in secrets]
+    finally:
+        await db.dispose()
+
+
+async def test_create_user_prints_a_working_operator_token(database_url):
+    email = f"cli-{uuid.uuid4().hex[:10]}@example.test"
+    token = one_token(await cli("create-user", "--email", email, "--operator", "--database-url", database_url))
+    again = one_token(await cli("create-user", "--email", email, "--database-url", database_url))
+    assert again != token
+
+    actor, actor_again = await authenticate(database_url, token, again)
+    assert actor is not None and actor.kind is UserKind.HUMAN and actor.is_operator
+    assert actor_again is not None and actor_again.user_id == actor.user_id  # found, not duplicated
+
+
+async def test_create_user_rejects_an_invalid_email(database_url):
+    result = await cli("create-user", "--email", "not-an-email", "--database-url", database_url)
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert "email" in result.stderr and "not a valid email address" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_create_service_token_reuses_the_service_account(database_url):
+    name = f"worker-x-{uuid.uuid4().hex[:8]}"
+    first = one_token(await cli("create-service-token", "--name", name, "--database-url", database_url))
+    second = one_token(await cli("create-service-token", "--name", name, "--database-url", database_url))
+    other = one_token(await cli("create-service-token", "--name", f"{name}-2", "--database-url", database_url))
+    assert len({first, second, other}) == 3
+
+    a, b, c = await authenticate(database_url, first, second, other)
+    assert a is not None and b is not None and c is not None
+    assert a.kind is UserKind.SERVICE and not a.is_operator
+    assert a.user_id == b.user_id  # same name, same service account
+    assert c.user_id != a.user_id
+
+
+# --- 4. settings validation -------------------------------------------------------------------
+
+UNREACHABLE = "postgresql://creditpool@127.0.0.1:1/nowhere"  # never reached when validation works
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "names"),
+    [
+        ({"CREDITPOOL_PORT": "abc"}, ["--database-url", UNREACHABLE], ["CREDITPOOL_PORT", "--port"]),
+        ({}, ["--port", "0", "--database-url", UNREACHABLE], ["CREDITPOOL_PORT", "--port"]),
+        ({"DATABASE_URL": "mysql://x"}, [], ["DATABASE_URL"]),
+        ({}, ["--database-url", "mysql://x"], ["--database-url"]),
+        ({"CREDITPOOL_LOG_LEVEL": "verbose"}, ["--database-url", UNREACHABLE], ["CREDITPOOL_LOG_LEVEL"]),
+    ],
+    ids=["env-port-not-a-number", "flag-port-zero", "env-mysql-url", "flag-mysql-url", "env-log-level"],
+)
+async def test_serve_rejects_invalid_settings_naming_the_variable(tmp_path, env, args, names):
+    result = await cli("serve", "--data-dir", str(tmp_path), *args, env=child_env(**env))
+    assert result.returncode != 0
+    assert "invalid configuration" in result.stderr, result.stderr
+    for name in names:
+        assert name in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "pgdata").exists()  # failed before touching anything
