@@ -16,6 +16,7 @@ from api.embedded import start_embedded_postgres
 from api.settings import ENV_NAMES, Settings, load_settings
 from domain import demo, identity
 from domain.db import Database
+from domain.ledger.invariants import check_ledger
 
 log = logging.getLogger("creditpool")
 DEMO_TOKENS_FILE = "demo-tokens.json"
@@ -49,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     svc = sub.add_parser("create-service-token", help="create a service account (if new) and print a token")
     _add_common(svc)
     svc.add_argument("--name", required=True)
+
+    check = sub.add_parser("check-ledger", help="prove every grant's figures equal its ledger entries")
+    _add_common(check)
+    check.add_argument("--workspace", help="only this workspace id")
 
     schema = sub.add_parser("export-schema", help="write the GraphQL SDL (default: api/schema.graphql)")
     schema.add_argument("--output", type=Path)
@@ -178,6 +183,20 @@ def _print_secret(url: str, fn) -> None:
         raise SystemExit(f"error: {exc.message}") from None
 
 
+def cmd_check_ledger(args: argparse.Namespace) -> None:
+    import uuid
+
+    settings = _settings(args)
+    url = _database(settings)
+    ws = uuid.UUID(args.workspace) if args.workspace else None
+    violations = asyncio.run(_with_db(url, lambda db: check_ledger(db, ws)))
+    for v in violations:
+        print(f"grant {v.grant_id}: {v.detail}")
+    if violations:
+        raise SystemExit(f"{len(violations)} ledger violation(s)")
+    print("ledger consistent: every grant equals the sum of its entries")
+
+
 def cmd_export_schema(args: argparse.Namespace) -> None:
     from api.schema import SDL_PATH, sdl
 
@@ -193,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         "migrate": cmd_migrate,
         "create-user": cmd_create_user,
         "create-service-token": cmd_create_service_token,
+        "check-ledger": cmd_check_ledger,
         "export-schema": cmd_export_schema,
     }[args.command]
     handler(args)

@@ -257,6 +257,10 @@ class PageInfo:
     has_next_page: bool
     end_cursor: str | None
 
+    @classmethod
+    def of(cls, page: queries.Page) -> PageInfo:
+        return cls(has_next_page=page.has_next_page, end_cursor=page.cursors[-1] if page.cursors else None)
+
 
 @strawberry.type
 class LedgerEntryEdge:
@@ -436,7 +440,7 @@ class LedgerQuery:
             return None
         return LedgerEntryConnection(
             edges=[LedgerEntryEdge(cursor=c, node=LedgerEntry.from_model(e)) for e, c in zip(page.items, page.cursors)],
-            page_info=PageInfo(has_next_page=page.has_next_page, end_cursor=page.cursors[-1] if page.cursors else None),
+            page_info=PageInfo.of(page),
         )
 
     @strawberry.field(description="Generations, newest first: all of them for ledger viewers, else your own.")
@@ -454,7 +458,7 @@ class LedgerQuery:
             return None
         return GenerationConnection(
             edges=[GenerationEdge(cursor=c, node=Generation.from_result(r)) for r, c in zip(page.items, page.cursors)],
-            page_info=PageInfo(has_next_page=page.has_next_page, end_cursor=page.cursors[-1] if page.cursors else None),
+            page_info=PageInfo.of(page),
         )
 
     @strawberry.field(description="One generation with its holds, captures and releases.")

@@ -395,3 +395,26 @@ async def test_serve_rejects_invalid_settings_naming_the_variable(tmp_path, env,
         assert name in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "pgdata").exists()  # failed before touching anything
+
+
+async def test_check_ledger_reports_a_grant_its_entries_do_not_explain(pg_server):
+    url = await pg_server.create_database("creditpool_check")
+    await asyncio.to_thread(migrations.upgrade, url)
+    ok = await cli("check-ledger", "--database-url", url)
+    assert ok.returncode == 0 and "ledger consistent" in ok.stdout, ok.stderr
+    # A grant with credits but no GRANT entry: money created outside the ledger.
+    db = Database(url, pool_size=1)
+    try:
+        async def forge(session):
+            from sqlalchemy import text
+            await session.execute(text(
+                "WITH w AS (INSERT INTO workspaces (id, name, plan_id) "
+                "  VALUES (gen_random_uuid(), 'forged', (SELECT id FROM plans WHERE key = 'starter')) RETURNING id) "
+                "INSERT INTO grants (id, workspace_id, scope, source, effective_at, amount, remaining) "
+                "SELECT gen_random_uuid(), w.id, 'WORKSPACE', 'PROMOTION', now(), 5000, 5000 FROM w"))
+        await db.transaction(forge)
+    finally:
+        await db.dispose()
+    bad = await cli("check-ledger", "--database-url", url)
+    assert bad.returncode != 0
+    assert "1 ledger violation" in bad.stderr and "granted=None" in bad.stdout

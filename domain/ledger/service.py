@@ -563,14 +563,9 @@ async def complete_generation(
             captured += take
             shortfall = extra - take
         await _post(session, posting)
-        gen.status = GenerationStatus.COMPLETED
-        gen.captured_units = captured
-        gen.released_units = total_held - min(cost, total_held)
         gen.shortfall_units = shortfall
-        gen.settled_at = now
-        gen.settled_by = caller.actor.user_id
-        await session.flush()
-        return await generation_result(session, gen.id)
+        return await _settled(session, gen, caller, GenerationStatus.COMPLETED, captured,
+                              total_held - min(cost, total_held), now)
 
     return await db.transaction(work)
 
@@ -600,14 +595,8 @@ async def fail_generation(
         captured = _capture_in_order(posting, rows, held, fee)
         _release_rest(posting, rows, held, now)
         await _post(session, posting)
-        gen.status = GenerationStatus.FAILED
         gen.failure_kind = kind
-        gen.captured_units = captured
-        gen.released_units = total - captured
-        gen.settled_at = now
-        gen.settled_by = caller.actor.user_id
-        await session.flush()
-        return await generation_result(session, gen.id)
+        return await _settled(session, gen, caller, GenerationStatus.FAILED, captured, total - captured, now)
 
     return await db.transaction(work)
 
@@ -634,6 +623,19 @@ async def _settling(
     if gen.status is not GenerationStatus.STARTED:
         raise GenerationAlreadySettled(gen.status.value)
     return gen, True
+
+
+async def _settled(
+    session: AsyncSession, gen: Generation, caller: Caller, status: GenerationStatus, captured: int, released: int,
+    now: datetime,
+) -> GenerationResult:
+    gen.status = status
+    gen.captured_units = captured
+    gen.released_units = released
+    gen.settled_at = now
+    gen.settled_by = caller.actor.user_id
+    await session.flush()
+    return await generation_result(session, gen.id)
 
 
 def _settle_posting(gen: Generation, caller: Caller, key: str) -> Posting:
