@@ -147,16 +147,6 @@ def test_greedy_in_consumption_order(pool, units, now):
     assert used_ranks == sorted(used_ranks)
 
 
-@pytest.mark.parametrize("units", [0, -5, True, 1.0, "10"])
-def test_units_must_be_a_positive_int(units):
-    pool = [bucket(available=100)]
-    with pytest.raises(ValueError):
-        plan_draws(pool, units, BASE)
-
-
-# Examples
-
-
 def bucket(**fields) -> Bucket:
     defaults = dict(
         grant_id=uuid.uuid4(),
@@ -168,6 +158,16 @@ def bucket(**fields) -> Bucket:
         available=1000,
     )
     return Bucket(**(defaults | fields))
+
+
+@pytest.mark.parametrize("units", [0, -5, True, 1.0, "10"])
+def test_units_must_be_a_positive_int(units):
+    pool = [bucket(available=100)]
+    with pytest.raises(ValueError):
+        plan_draws(pool, units, BASE)
+
+
+# Examples
 
 
 def test_promotion_expiring_soon_is_spent_before_a_purchase():

@@ -11,7 +11,7 @@ A pure rule, no database. The order is deterministic and explainable:
 
 Only grants that may pay *now* take part: effective (effective_at <= now), not expired
 (now < expires_at; a grant expiring exactly now is expired, money rule 6) and with units available
-(remaining minus held). Which scopes a spend may draw from (pooled or per-seat allocation mode) is
+(a grant's `remaining`, which never includes held credits). Which scopes a spend may draw from (pooled or per-seat allocation mode) is
 the caller's decision: it passes only the buckets the spend is allowed to use.
 """
 
@@ -43,7 +43,7 @@ class Bucket:
     effective_at: datetime  # tz-aware
     expires_at: datetime | None  # None: never expires
     created_at: datetime
-    available: int  # spendable now: remaining minus held, >= 0
+    available: int  # spendable now: the grant's `remaining` (held credits excluded), >= 0
 
 
 @dataclass(frozen=True, slots=True)
