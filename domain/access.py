@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from domain.clock import SYSTEM_CLOCK, Clock
 from domain.errors import Forbidden, NotFound
 from domain.identity import Actor
-from domain.workspaces.models import Member
+from domain.workspaces.models import Member, Workspace
 from policies import Action, Authorizer
 
 
@@ -76,6 +76,8 @@ async def authorize(
     roles = member_roles(member) | caller.platform_roles()
     if not roles:
         raise NotFound(what)
+    if member is None and await session.get(Workspace, workspace_id) is None:
+        raise NotFound(what)  # a platform identity asking about a workspace that does not exist
     if not caller.authorizer.allows(str(caller.actor.user_id), roles, str(workspace_id), action):
         if member is None and not caller.authorizer.allows(
             str(caller.actor.user_id), roles, str(workspace_id), Action.VIEW_WORKSPACE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 
 UNITS_PER_CREDIT = 1000
@@ -17,24 +18,28 @@ def format_credits(units: int) -> str:
     return str(units_to_credits(units))
 
 MAX_CREDITS = Decimal("1000000000")  # one billion credits in one movement is surely a typo
+# Plain decimal notation with ASCII digits only: no exponent, no separators, no other scripts.
+# Parsed by hand into integer units, so no Decimal context can round anything.
+_CREDITS_RE = re.compile(r"\+?([0-9]+)(?:\.([0-9]+))?")
 
 
-def parse_credits(value: str, field: str) -> int:
-    """A decimal string from a client ("12.5") to units. At most 3 decimal places, positive,
-    finite, and below MAX_CREDITS; anything else is a validation error, never rounded."""
-    from decimal import InvalidOperation
-
+def parse_credits(value: str, field: str, *, allow_zero: bool = False) -> int:
+    """A decimal string from a client ("12.5") to units. At most 3 significant decimal places,
+    positive (or zero where `allow_zero`), at most MAX_CREDITS; anything else is a validation
+    error, never rounded."""
     from domain.errors import ValidationFailed
 
-    try:
-        credits = Decimal(value.strip())
-    except (InvalidOperation, AttributeError):
-        raise ValidationFailed(field, "must be a decimal number of credits, e.g. \"12.5\"") from None
-    if not credits.is_finite() or credits <= 0:
-        raise ValidationFailed(field, "must be a positive number of credits")
-    if credits > MAX_CREDITS:
-        raise ValidationFailed(field, f"must be at most {MAX_CREDITS} credits")
-    units = credits * UNITS_PER_CREDIT
-    if units != units.to_integral_value():
+    match = _CREDITS_RE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise ValidationFailed(field, "must be a decimal number of credits, e.g. \"12.5\"")
+    whole, fraction = match.group(1), match.group(2) or ""
+    if fraction[3:].strip("0"):
         raise ValidationFailed(field, "has more than 3 decimal places (1 unit = 0.001 credit)")
-    return int(units)
+    if len(whole.lstrip("0")) > len(str(int(MAX_CREDITS))):
+        raise ValidationFailed(field, f"must be at most {MAX_CREDITS} credits")
+    units = int(whole) * UNITS_PER_CREDIT + int(fraction[:3].ljust(3, "0"))
+    if units > MAX_CREDITS * UNITS_PER_CREDIT:
+        raise ValidationFailed(field, f"must be at most {MAX_CREDITS} credits")
+    if units == 0 and not allow_zero:
+        raise ValidationFailed(field, "must be a positive number of credits")
+    return units

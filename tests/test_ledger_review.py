@@ -1,6 +1,6 @@
 """Review probes for the credit ledger: concurrency between holds and settlements, idempotency
-edges, exact arithmetic of credit strings, and authorization edges. Tests marked
-`xfail(strict=True)` demonstrate a confirmed bug; the others are new coverage that passes."""
+edges, exact arithmetic of credit strings, and authorization edges. Several of these first
+demonstrated real bugs (since fixed) and stay as regression tests."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ async def test_concurrent_complete_and_fail_on_one_generation_settle_it_once(db,
         async with client(tok) as api:
             return (await api(FAIL, g=gen["id"], key=key(), kind="TECHNICAL"))["failGeneration"]
 
-    calls = [complete(team.worker), fail(other_worker)] * 5
+    calls = [complete(team.worker) for _ in range(5)] + [fail(other_worker) for _ in range(5)]
     random.shuffle(calls)
     results = await asyncio.gather(*calls)
     kinds = [r["__typename"] for r in results]
@@ -87,17 +87,55 @@ async def test_concurrent_complete_and_fail_on_one_generation_settle_it_once(db,
     await assert_ledger_clean(db, team.ws)
 
 
-async def test_many_concurrent_starts_completes_and_fails_on_shared_grants_stay_consistent(db, live_server, client):
-    """Starts (which lock spendable grants) race completions above and below the hold (which lock
-    the generation, then held and spendable grants) and failures: only typed results, no deadlock
-    surfacing as an error, no overdraft, and the invariant checker stays clean."""
-    team = await make_team(db, client, creators=4)
+async def _deadlocks(db) -> int:
+    from sqlalchemy import text
+
+    async def work(session):
+        return (await session.execute(text(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"))).scalar_one()
+
+    return await db.read(work)
+
+
+async def _created_and_accounted(db, ws: str) -> tuple[int, int, int]:
+    """(units created by purchase/grant entries, units still on grants or spent or expired,
+    units transferred out minus units granted by transfers): conservation across grants."""
+    from sqlalchemy import text
+
+    async def work(session):
+        created = (await session.execute(text(
+            "SELECT coalesce(sum(amount), 0) FROM ledger_entries WHERE workspace_id = CAST(:ws AS uuid) "
+            "AND kind = 'GRANT' AND cause <> 'TRANSFER'"), {"ws": ws})).scalar_one()
+        on_grants = (await session.execute(text(
+            "SELECT coalesce(sum(remaining + held + captured + expired), 0) FROM grants "
+            "WHERE workspace_id = CAST(:ws AS uuid)"), {"ws": ws})).scalar_one()
+        moved = (await session.execute(text(
+            "SELECT coalesce(sum(CASE kind WHEN 'TRANSFER_OUT' THEN amount ELSE -amount END), 0) FROM ledger_entries "
+            "WHERE workspace_id = CAST(:ws AS uuid) AND cause = 'TRANSFER'"), {"ws": ws})).scalar_one()
+        return created, on_grants, moved
+
+    return await db.read(work)
+
+
+async def test_many_concurrent_starts_settlements_and_transfers_on_shared_grants_stay_consistent(
+    db, live_server, client
+):
+    """Starts (lock spendable grants), completions above and below the hold (lock the generation,
+    then held and spendable grants), failures, and transfers between the pool and seats (lock
+    source grants, create new ones) all at once on one PER_SEAT workspace with pool fallback: only
+    typed results, nothing created or lost across grants, the invariant checker stays clean."""
+    team = await make_team(db, client, mode="PER_SEAT", creators=4)
+    async with client(team.owner) as api:
+        await api('mutation($ws: ID!) { updateWorkspace(input: {workspaceId: $ws, poolFallback: true}) '
+                  '{ __typename } }', ws=team.ws)
     now = live_server.clock.now()
     await grant(client, team, "60", expires=now + timedelta(days=2), priority=10)
     await grant(client, team, "60", expires=now + timedelta(days=5))
     await grant(client, team, "60")
     await grant(client, team, "40", source="ADJUSTMENT", priority=500)
-    total = Decimal("220")
+    for _, seat in team.creators:
+        await grant(client, team, "9", member=seat, expires=now + timedelta(days=1))
+    deadlocks_before = await _deadlocks(db)
 
     async def start(i: int):
         token, _ = team.creators[i % len(team.creators)]
@@ -114,28 +152,29 @@ async def test_many_concurrent_starts_completes_and_fails_on_shared_grants_stay_
             cost = "4.5" if i % 3 == 1 else "1.25"  # above the 3-credit hold, and below it
             return (await api(COMPLETE, g=gen_id, key=key(), cost=cost))["completeGeneration"]
 
-    work = [settle(g["id"], i) for i, g in enumerate(first)] + [start(i) for i in range(60)]
+    async def transfer(i: int):
+        _, seat = team.creators[i % len(team.creators)]
+        direction = {"to": seat} if i % 2 else {"from": seat}
+        async with client(team.owner) as api:
+            out = (await api(TRANSFER, ws=team.ws, amount="1.5", key=key(), **direction))["transferCredits"]
+        return {"__typename": "Generation"} if out["__typename"] == "Transfer" else out
+
+    work = ([settle(g["id"], i) for i, g in enumerate(first)] + [start(i) for i in range(60)]
+            + [transfer(i) for i in range(20)])
     random.shuffle(work)
     results = await asyncio.gather(*work)
     assert {r["__typename"] for r in results} <= TYPED, [r for r in results if r["__typename"] not in TYPED]
     await assert_ledger_clean(db, team.ws)
-    b = await balance(client, team.owner, team.ws)
-    assert Decimal(b["available"]) >= 0 and Decimal(b["held"]) >= 0
-    grants = b["grants"]
-    assert all(Decimal(g["remaining"]) >= 0 and Decimal(g["held"]) >= 0 for g in grants)
-    # Settle everything still running and check nothing was created or lost.
-    running = [r["id"] for r in results if r["__typename"] == "Generation" and r.get("status") == "STARTED"]
+    running = [r["id"] for r in results if r.get("status") == "STARTED"]
     async with client(team.worker) as api:
         for gid in running:
-            out = (await api(FAIL, g=gid, key=key(), kind="CANCELLED"))["failGeneration"]
-            assert out["__typename"] == "Generation"
-    b = await balance(client, team.owner, team.ws)
-    assert b["held"] == "0.000"
-    async with client(team.owner) as api:
-        q = 'query($ws: ID!) { balance(workspaceId: $ws) { grants { captured } } }'
-        # Spent-out grants drop out of `grants`; the sum of captures plus available is checked below.
+            assert (await api(FAIL, g=gid, key=key(), kind="CANCELLED"))["failGeneration"]["__typename"] == "Generation"
+    assert (await balance(client, team.owner, team.ws))["held"] == "0.000"
     await assert_ledger_clean(db, team.ws)
-    assert Decimal(b["available"]) <= total
+    created, on_grants, moved = await _created_and_accounted(db, team.ws)
+    assert (created, moved) == (on_grants, 0)
+    # The locking order (generation, then grants by id) promises no deadlock, not even a retried one.
+    assert await _deadlocks(db) == deadlocks_before
 
 
 # --- idempotency -------------------------------------------------------------------------------
@@ -176,9 +215,6 @@ async def test_a_start_retried_after_insufficient_credits_runs_afresh_once_funde
     assert (b["available"], b["held"]) == ("5.000", "5.000")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a purchase replay (same key, same input) asks the payment provider "
-                   "again before looking up the key, so a provider hiccup on the retry answers PaymentFailed for "
-                   "a purchase that succeeded (exactly-once: the same key must return the first result)")
 async def test_a_purchase_replay_returns_the_first_result_even_if_the_provider_is_down(db, live_server, client):
     team = await make_team(db, client, creators=0)
     pack = await _a_pack(client, team.operator)
@@ -194,8 +230,6 @@ async def test_a_purchase_replay_returns_the_first_result_even_if_the_provider_i
     assert replay == first
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a purchase replay re-reads the pack before the idempotency key, so "
-                   "after the pack is taken off sale the retry of a successful purchase answers NotFound")
 async def test_a_purchase_replay_returns_the_first_result_after_the_pack_is_taken_off_sale(db, client):
     team = await make_team(db, client, creators=0)
     pack = await _a_pack(client, team.operator)
@@ -212,33 +246,138 @@ async def test_a_purchase_replay_returns_the_first_result_after_the_pack_is_take
     assert replay == first
 
 
+async def test_one_key_across_operations_is_refused_and_moves_nothing(db, client):
+    team = await make_team(db, client, mode="PER_SEAT", creators=1)
+    _, seat = team.creators[0]
+    await grant(client, team, "100")
+    async with client(team.operator) as api:  # the operator's key space is separate from the owner's
+        await api(GRANT, ws=team.ws, amount="1", key="shared-key", source="PROMOTION", priority=100)
+    before = await balance(client, team.owner, team.ws)
+    async with client(team.owner) as api:
+        moved = (await api(TRANSFER, ws=team.ws, amount="10", key="shared-key", to=seat))["transferCredits"]
+        assert moved["__typename"] == "Transfer"
+        started = (await api(START, ws=team.ws, model="sdxl", key="shared-key"))["startGeneration"]
+        assert started["__typename"] == "IdempotencyKeyReused"
+        other = (await api(TRANSFER, ws=team.ws, amount="11", key="shared-key", to=seat))["transferCredits"]
+        assert other["__typename"] == "IdempotencyKeyReused"
+        replay = (await api(TRANSFER, ws=team.ws, amount="10", key=" shared-key ", to=seat))["transferCredits"]
+        assert replay == moved
+    after = await balance(client, team.owner, team.ws)
+    assert (after["available"], after["held"]) == (before["available"], "0.000")
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_concurrent_settlements_with_one_key_and_different_inputs_settle_once(db, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    token, _ = team.creators[0]
+    async with client(token) as api:
+        gen = (await api(START, ws=team.ws, model="video-standard", key=key()))["startGeneration"]
+    k = key()
+
+    async def complete(cost):
+        async with client(team.worker) as api:
+            return (await api(COMPLETE, g=gen["id"], key=k, cost=cost))["completeGeneration"]
+
+    results = await asyncio.gather(*(complete(c) for c in ["10", "20", "30", "40"] * 3))
+    won = [r for r in results if r["__typename"] == "Generation"]
+    assert {r["captured"] for r in won} == {won[0]["captured"]} and len(won) == 3
+    assert sum(r["__typename"] == "IdempotencyKeyReused" for r in results) == 9
+    b = await balance(client, team.owner, team.ws)
+    assert (Decimal(b["available"]), b["held"]) == (100 - Decimal(won[0]["captured"]), "0.000")
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_settlement_retry_with_the_same_id_in_another_spelling_returns_the_first_result(db, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    token, _ = team.creators[0]
+    async with client(token) as api:
+        gen = (await api(START, ws=team.ws, model="sdxl", key=key()))["startGeneration"]
+    k = key()
+    async with client(team.worker) as api:
+        done = (await api(COMPLETE, g=gen["id"], key=k))["completeGeneration"]
+        again = (await api(COMPLETE, g=gen["id"].upper(), key=k))["completeGeneration"]
+    assert again == done
+
+
+async def test_a_start_replay_returns_the_first_generation_after_its_model_is_retired(db, client):
+    from sqlalchemy import text
+
+    model = f"review-retire-{uuid.uuid4().hex[:8]}"
+    await _ensure_price(db, model, 4)
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    token, _ = team.creators[0]
+    k = key()
+    async with client(token) as api:
+        first = (await api(START, ws=team.ws, model=model, key=k))["startGeneration"]
+    assert first["__typename"] == "Generation"
+
+    async def retire(session):
+        await session.execute(text("UPDATE model_prices SET is_active = false WHERE model_key = :m"), {"m": model})
+
+    await db.transaction(retire)
+    async with client(token) as api:
+        replay = (await api(START, ws=team.ws, model=model, key=k))["startGeneration"]
+    assert replay == first
+
+
+async def test_a_generation_whose_actual_cost_is_zero_completes_and_releases_everything(db, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    token, _ = team.creators[0]
+    async with client(token) as api:
+        gen = (await api(START, ws=team.ws, model="sdxl", key=key()))["startGeneration"]
+    async with client(team.worker) as api:
+        done = (await api(COMPLETE, g=gen["id"], key=key(), cost="0"))["completeGeneration"]
+    assert (done["__typename"], done.get("captured"), done.get("released")) == ("Generation", "0.000", "5.000")
+
+
+async def test_a_technical_failure_after_expiry_releases_onto_the_grant_and_expires_at_once(db, live_server, client):
+    team = await make_team(db, client, creators=1)
+    promo = await grant(client, team, "30", expires=live_server.clock.now() + timedelta(hours=1))
+    keep = await grant(client, team, "30")
+    token, _ = team.creators[0]
+    async with client(token) as api:
+        gen = (await api(START, ws=team.ws, model="video-standard", key=key()))["startGeneration"]
+    assert {h["grant"]["id"]: h["held"] for h in gen["holds"]} == {promo["id"]: "30.000", keep["id"]: "20.000"}
+    try:
+        live_server.clock.offset = timedelta(hours=2)
+        async with client(team.worker) as api:
+            failed = (await api(FAIL, g=gen["id"], key=key(), kind="TECHNICAL"))["failGeneration"]
+        b = await balance(client, team.owner, team.ws)
+    finally:
+        live_server.clock.offset = timedelta(0)
+    assert (failed["captured"], failed["released"]) == ("0.000", "50.000")
+    assert (b["available"], b["held"]) == ("30.000", "0.000")
+    assert [g["id"] for g in b["grants"]] == [keep["id"]]  # the promotion's credits expired, none vanished
+    await assert_ledger_clean(db, team.ws)
+
+
 # --- exact arithmetic ------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "units"), [
-    (" 5 ", 5000), ("+5", 5000), ("5.000000", 5000), ("1e3", 1_000_000), ("0.001", 1), ("1E-3", 1),
+    (" 5 ", 5000), ("+5", 5000), ("5.000000", 5000), ("0.001", 1), ("007.5", 7500),
     ("999999999.999", 999_999_999_999), ("1000000000", 1_000_000_000_000),
 ])
 def test_credit_strings_that_are_exact_parse_to_units(text, units):
     assert parse_credits(text, "amount") == units
 
 
-@pytest.mark.parametrize("text", ["0.0005", "0.0009", "-0", "0e5", "1000000000.001", "sNaN", "-Infinity", "", "  "])
+@pytest.mark.parametrize("text", ["0.0005", "0.0009", "-0", "0e5", "1000000000.001", "sNaN", "-Infinity", "", "  ",
+                                  "1e3", "1E-3", "1_000", "\u0665", "5.", ".5", "1,5", "0x10"])
 def test_credit_strings_that_are_not_exact_positive_units_are_refused(text):
     with pytest.raises(ValidationFailed):
         parse_credits(text, "amount")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_credits multiplies in the default 28-digit Decimal context, so a "
-                   "value with more significant digits is rounded to a whole unit and accepted (money rule 4: "
-                   "never rounded, refused)")
 @pytest.mark.parametrize("text", ["0.99999999999999999999999999999", "1.0000000000000000000000000001"])
 def test_credit_strings_with_more_than_28_digits_are_refused_not_rounded(text):
     with pytest.raises(ValidationFailed):
         parse_credits(text, "amount")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: through the API, grantCredits(amount: '0.99999999999999999999999999999') "
-                   "creates a grant of exactly 1.000 credit")
 async def test_a_grant_of_a_long_fraction_is_refused_through_the_api(db, client):
     team = await make_team(db, client, creators=0)
     async with client(team.operator) as api:
@@ -304,17 +443,14 @@ async def test_a_removed_members_running_generation_still_settles_from_its_own_h
     b = await balance(client, team.owner, team.ws)
     pool = [s for s in b["scopes"] if s["scope"] == "WORKSPACE"]
     assert [s["available"] for s in pool] == ["100.000"]  # the extra came from the seat, not the pool
-    async with client(token) as api:  # the removed member can no longer start
-        with pytest.raises(TransportQueryError):
-            await api(START, ws=team.ws, model="sdxl", key=key())
+    async with client(token) as api:  # the removed member can no longer start (nor see the workspace)
+        out = (await api(START, ws=team.ws, model="sdxl", key=key()))["startGeneration"]
+        assert out["__typename"] == "NotFoundError"
     await assert_ledger_clean(db, team.ws)
 
 
 # --- members never settle their own generations ----------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG (rule 8): an operator who is also a creator member can start a "
-                   "generation and then fail it as TECHNICAL (or complete it at 0.001): nothing checks that the "
-                   "settler is not the generation's own member/requester")
 async def test_an_operator_who_is_a_member_cannot_settle_their_own_generation(db, client):
     team = await make_team(db, client, creators=0)
     await grant(client, team, "100")
@@ -336,8 +472,6 @@ async def test_an_operator_who_is_a_member_cannot_settle_their_own_generation(db
 
 # --- transfers -----------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: transferCredits compares from/to member ids as raw strings, so the same "
-                   "seat spelled in upper case is moved onto itself (new grants re-created with a fresh created_at)")
 async def test_a_transfer_from_a_seat_to_the_same_seat_is_refused_however_the_id_is_spelled(db, client):
     team = await make_team(db, client, mode="PER_SEAT", creators=1)
     _, seat = team.creators[0]
@@ -408,9 +542,6 @@ async def test_a_member_of_a_gets_identical_answers_for_bs_generation_and_an_unk
     assert (await balance(client, b.owner, b.ws))["held"] == "5.000"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an operator reading the balance of a workspace id that does not exist "
-                   "passes `authorize` (platform role) and then hits session.get_one -> an unexpected, masked "
-                   "error instead of null")
 async def test_an_operator_reading_an_unknown_workspaces_balance_gets_null(db, client):
     team = await make_team(db, client, creators=0)
     async with client(team.operator) as api:
@@ -418,9 +549,6 @@ async def test_an_operator_reading_an_unknown_workspaces_balance_gets_null(db, c
     assert out["balance"] is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an operator granting to a workspace id that does not exist passes "
-                   "`authorize` and then violates the idempotency_keys foreign key -> an unexpected, masked error "
-                   "instead of NotFoundError")
 async def test_an_operator_granting_to_an_unknown_workspace_gets_not_found(db, client):
     team = await make_team(db, client, creators=0)
     async with client(team.operator) as api:

@@ -36,6 +36,29 @@ def check_key(key: str) -> str:
     return key
 
 
+async def first_result(
+    session: AsyncSession, *, workspace_id: uuid.UUID, actor_id: uuid.UUID, key: str, operation: str,
+    request: dict[str, Any],
+) -> uuid.UUID | None:
+    """Read-only look-up before any side effect (a payment provider call, a catalog check): the
+    first result's id when this exact request already ran, None when the key is unused.
+    Raises IdempotencyKeyReused when the key ran with a different request."""
+    first = (
+        await session.execute(
+            select(IdempotencyKey.operation, IdempotencyKey.request_hash, IdempotencyKey.result_id).where(
+                IdempotencyKey.workspace_id == workspace_id,
+                IdempotencyKey.actor_id == actor_id,
+                IdempotencyKey.key == key,
+            )
+        )
+    ).one_or_none()
+    if first is None:
+        return None
+    if first.operation != operation or first.request_hash != request_hash(operation, request):
+        raise IdempotencyKeyReused()
+    return first.result_id
+
+
 async def claim(
     session: AsyncSession,
     *,

@@ -45,7 +45,8 @@ WHERE (CAST(:ws AS uuid) IS NULL OR g.workspace_id = CAST(:ws AS uuid))
 
 _ORPHANS = text("""
 SELECT count(*) FROM ledger_entries e LEFT JOIN grants g ON g.id = e.grant_id
-WHERE g.id IS NULL OR g.workspace_id <> e.workspace_id
+WHERE (CAST(:ws AS uuid) IS NULL OR e.workspace_id = CAST(:ws AS uuid))
+  AND (g.id IS NULL OR g.workspace_id <> e.workspace_id)
 """)
 
 
@@ -64,7 +65,7 @@ async def find_violations(session: AsyncSession, workspace_id: uuid.UUID | None 
             f"remaining={r.e_remaining} held={r.e_held} captured={r.e_captured} expired={r.e_expired} "
             f"transferred_out={r.e_transferred_out}"
         )))
-    orphans = (await session.execute(_ORPHANS)).scalar_one()
+    orphans = (await session.execute(_ORPHANS, {"ws": workspace_id})).scalar_one()
     if orphans:
         out.append(Violation(None, f"{orphans} ledger entries point at a missing grant or another workspace"))
     return out

@@ -214,13 +214,23 @@ async def purchase_credits(
     reference = payment_reference.strip()
     if not reference or len(reference) > 200:
         raise ValidationFailed("paymentReference", "must be 1 to 200 characters")
-    request = {"workspace": str(ws_id), "pack": pack_id, "reference": reference}
+    request = {"workspace": str(ws_id), "pack": str(parse_id(pack_id, "credit pack")), "reference": reference}
 
-    async def check(session: AsyncSession) -> CreditPack:
+    async def check(session: AsyncSession) -> CreditPack | PurchaseResult:
         await authorize(session, caller, ws_id, Action.PURCHASE_CREDITS, what="workspace")
+        # A replay answers with the first result before anything else is asked: the provider may
+        # be down or the pack off sale by now, and the purchase still happened.
+        first = await idempotency.first_result(
+            session, workspace_id=ws_id, actor_id=caller.actor.user_id, key=key, operation="purchaseCredits",
+            request=request,
+        )
+        if first is not None:
+            return await _purchase_result(session, first)
         return await _active_pack(session, pack_id)
 
     pack = await db.read(check)
+    if isinstance(pack, PurchaseResult):
+        return pack
     # The provider is asked outside any transaction: no lock is held across its round trip.
     outcome = await provider.confirm(
         PaymentRequest(reference=reference, amount_minor=pack.price_minor, currency=pack.currency,
@@ -298,7 +308,7 @@ async def grant_credits(
         if value is not None and value.tzinfo is None:
             raise ValidationFailed(name, "must include a time zone")
     request = {"workspace": str(ws_id), "amount": units, "source": source.value, "reason": reason,
-               "member": member_id, "expires": expires_at, "effective": effective_at, "priority": priority,
+               "member": str(parse_id(member_id, "member")) if member_id else None, "expires": expires_at, "effective": effective_at, "priority": priority,
                "ref": external_ref}
 
     async def work(session: AsyncSession) -> Grant:
@@ -364,9 +374,11 @@ async def transfer_credits(
     ws_id = parse_id(workspace_id, "workspace")
     key = idempotency.check_key(idempotency_key)
     units = parse_credits(amount, "amount")
-    if (from_member_id or None) == (to_member_id or None):
+    source_id = str(parse_id(from_member_id, "member")) if from_member_id else None
+    target_id = str(parse_id(to_member_id, "member")) if to_member_id else None
+    if source_id == target_id:
         raise ValidationFailed("toMemberId", "source and destination are the same")
-    request = {"workspace": str(ws_id), "amount": units, "from": from_member_id, "to": to_member_id}
+    request = {"workspace": str(ws_id), "amount": units, "from": source_id, "to": target_id}
 
     async def work(session: AsyncSession) -> TransferResult:
         await authorize(session, caller, ws_id, Action.TRANSFER_CREDITS, what="workspace")
@@ -452,10 +464,19 @@ async def start_generation(
     parameters = parameters or {}
     _check_parameters(parameters)
     request = {"workspace": str(ws_id), "model": model_key, "parameters": parameters,
-               "for": on_behalf_of_member_id}
+               "for": str(parse_id(on_behalf_of_member_id, "member")) if on_behalf_of_member_id else None}
 
     async def work(session: AsyncSession) -> GenerationResult:
         ws, member = await _spender(session, caller, ws_id, on_behalf_of_member_id)
+        generation_id = uuid.uuid4()
+        # Claimed before pricing: a replay returns the first generation even if the model has
+        # been retired since (its hold exists; saying "unknown model" would hide it).
+        first = await idempotency.claim(
+            session, workspace_id=ws_id, actor_id=caller.actor.user_id, key=key, operation="startGeneration",
+            request=request, result_id=generation_id,
+        )
+        if first is not None:
+            return await generation_result(session, first)
         price = (
             await session.execute(
                 select(ModelPrice.units_per_generation).where(ModelPrice.model_key == model_key, ModelPrice.is_active)
@@ -463,13 +484,6 @@ async def start_generation(
         ).scalar_one_or_none()
         if price is None:
             raise ValidationFailed("modelKey", f"unknown model {model_key!r}")
-        generation_id = uuid.uuid4()
-        first = await idempotency.claim(
-            session, workspace_id=ws_id, actor_id=caller.actor.user_id, key=key, operation="startGeneration",
-            request=request, result_id=generation_id,
-        )
-        if first is not None:
-            return await generation_result(session, first)
         now = caller.clock.now()
         rows = await _lock_spendable(session, ws_id, spend_scopes(ws, member), now)
         draws: list[Draw] = []
@@ -528,8 +542,8 @@ async def complete_generation(
     drawn from the member's spendable credits in consumption order; what they cannot cover is
     recorded on the generation as `shortfall` (never silently dropped, never an overdraft)."""
     key = idempotency.check_key(idempotency_key)
-    actual_units = parse_credits(actual_cost, "actualCost") if actual_cost is not None else None
-    request = {"generation": generation_id, "actual": actual_units}
+    actual_units = parse_credits(actual_cost, "actualCost", allow_zero=True) if actual_cost is not None else None
+    request = {"generation": str(parse_id(generation_id, "generation")), "actual": actual_units}
 
     async def work(session: AsyncSession) -> GenerationResult:
         gen, claimed = await _settling(session, caller, generation_id, key, "completeGeneration", request)
@@ -578,7 +592,7 @@ async def fail_generation(
     with their original expiry. A policy violation keeps `rules.policy_violation_fee` of the
     hold (rounded up to the unit) and releases the rest."""
     key = idempotency.check_key(idempotency_key)
-    request = {"generation": generation_id, "kind": kind.value}
+    request = {"generation": str(parse_id(generation_id, "generation")), "kind": kind.value}
 
     async def work(session: AsyncSession) -> GenerationResult:
         gen, claimed = await _settling(session, caller, generation_id, key, "failGeneration", request)
@@ -614,6 +628,11 @@ async def _settling(
     if gen is None:
         raise NotFound("generation")
     await authorize(session, caller, gen.workspace_id, Action.SETTLE_GENERATIONS, what="generation")
+    # Money rule 8, beyond the policy: whoever's credits paid never settles it, not even an
+    # operator who is also that member (settling decides the refund).
+    payer = await session.get_one(Member, gen.member_id)
+    if payer.user_id == caller.actor.user_id:
+        raise Forbidden("members cannot settle their own generations")
     first = await idempotency.claim(
         session, workspace_id=gen.workspace_id, actor_id=caller.actor.user_id, key=key, operation=operation,
         request=request, result_id=gen.id,
