@@ -1,15 +1,66 @@
-"""The model price table every signed-in user can read."""
+"""The price catalog: model prices, quotes with line items, versioned price lists."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any
+
 import strawberry
+from strawberry.scalars import JSON
 from strawberry.types import Info
 
 from api.context import Context
+from api.errors import NotFoundError, ValidationError, result
 from domain import pricing
-from domain.money import format_credits
+from domain.pricing import rules
+from domain.pricing import service as prices
 
 Modality = strawberry.enum(pricing.Modality, name="Modality")
+
+
+def _dec(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+@strawberry.type(description="One step of a price: a metered dimension, a multiplier, the minimum or the rounding.")
+class LineItem:
+    kind: str
+    label: str
+    quantity: str | None
+    rate: str | None
+    amount: str = strawberry.field(description="Credits, exact (may carry more than 3 decimals; the total is rounded).")
+
+    @classmethod
+    def of(cls, item: rules.LineItem) -> LineItem:
+        return cls(kind=str(item.kind), label=item.label, quantity=_dec(item.quantity), rate=_dec(item.rate),
+                   amount=str(item.amount))
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LineItem:
+        return cls(kind=d["kind"], label=d["label"], quantity=d["quantity"], rate=d["rate"], amount=d["amount"])
+
+
+@strawberry.type
+class TimeWindow:
+    name: str
+    start: str
+    end: str
+    multiplier: str
+    timezone: str
+    weekdays: list[int] | None = strawberry.field(description="0 = Monday; null: every day.")
+
+    @classmethod
+    def of(cls, w: rules.TimeWindow) -> TimeWindow:
+        d = prices.window_to_json(w)
+        return cls(name=d["name"], start=d["start"], end=d["end"], multiplier=d["multiplier"],
+                   timezone=d["timezone"], weekdays=d["weekdays"])
+
+
+@strawberry.type(description="A time-of-day multiplier in force now, and when it stops.")
+class MultiplierInForce:
+    window: TimeWindow
+    ends_at: datetime | None
 
 
 @strawberry.type
@@ -18,19 +69,207 @@ class ModelPrice:
     display_name: str
     vendor: str
     modality: Modality
-    credits_per_generation: str = strawberry.field(description="Decimal string, e.g. \"10.000\".")
+    active: bool
+    price: JSON = strawberry.field(description="The full price: base, minimum, rates per dimension, tiers, "
+                                               "multipliers, defaults and limits, as decimal strings.")
+    metered_parameters: list[str]
+    default_cost: str = strawberry.field(description="Credits for one generation at default parameters, now.")
+    generations_covered: int | None = strawberry.field(
+        description="How many default generations the viewer's spendable balance covers (-1: free). "
+                    "Only when the catalog is read for a workspace."
+    )
+
+    @classmethod
+    def of(cls, m: prices.PricedModel, default: rules.Quote | None, covered: int | None) -> ModelPrice:
+        return cls(
+            model_key=m.row.model_key, display_name=m.row.display_name, vendor=m.row.vendor, modality=m.row.modality,
+            active=m.row.is_active, price=m.row.spec, metered_parameters=list(rules.metered_parameters(m.spec)),
+            default_cost=str(default.total) if default else "", generations_covered=covered,
+        )
+
+
+@strawberry.type
+class PriceList:
+    version: int
+    effective_at: datetime
+    note: str | None
+    time_windows: list[TimeWindow]
+    plan_multipliers: JSON
+    models: list[ModelPrice]
+
+    @classmethod
+    def of(cls, c: prices.Catalog, view: prices.CatalogView | None = None) -> PriceList:
+        pl = c.price_list
+        return cls(
+            version=pl.version, effective_at=pl.effective_at, note=pl.note,
+            time_windows=[TimeWindow.of(w) for w in c.windows], plan_multipliers=pl.plan_multipliers,
+            models=[
+                ModelPrice.of(m, view.default_quotes.get(m.row.model_key) if view else None,
+                              view.covered.get(m.row.model_key) if view and view.covered is not None else None)
+                for m in c.models
+            ],
+        )
+
+
+@strawberry.type
+class Quote:
+    model_key: str
+    price_list_version: int
+    total: str = strawberry.field(description="Credits, rounded once, up, to 0.001.")
+    line_items: list[LineItem]
+    parameters: JSON = strawberry.field(description="The parameters priced, after defaults and limits.")
+    multiplier: MultiplierInForce | None
+    spendable: str = strawberry.field(description="What the viewer can spend now.")
+    can_afford: bool
+
+    @classmethod
+    def of(cls, v: prices.QuoteView) -> Quote:
+        from domain.money import format_credits
+
+        q = v.priced.quote
+        return cls(
+            model_key=v.priced.model.row.model_key, price_list_version=v.priced.catalog.price_list.version,
+            total=str(q.total.quantize(Decimal("0.001"))), line_items=[LineItem.of(i) for i in q.line_items],
+            parameters={k: str(x) if isinstance(x, Decimal) else x for k, x in q.parameters.items()},
+            multiplier=MultiplierInForce(window=TimeWindow.of(q.window), ends_at=q.window_ends_at) if q.window else None,
+            spendable=format_credits(v.spendable), can_afford=v.can_afford,
+        )
+
+
+@strawberry.input
+class NamedMultiplierInput:
+    name: str
+    multiplier: str
+
+
+@strawberry.input
+class FileTierInput:
+    above_mb: str
+    rate_factor: str
+
+
+@strawberry.input(description="A model's price; money as decimal strings of credits.")
+class ModelPriceInput:
+    model_key: str
+    display_name: str
+    vendor: str
+    modality: Modality
+    active: bool = True
+    base: str | None = None
+    minimum: str | None = None
+    per_1k_input_tokens: str | None = None
+    per_1k_output_tokens: str | None = None
+    per_megapixel: str | None = None
+    resolution_tiers: list[NamedMultiplierInput] | None = None
+    per_second: str | None = None
+    included_steps: int = 0
+    per_extra_step: str | None = None
+    per_mb: str | None = None
+    file_tiers: list[FileTierInput] | None = None
+    input_type_multipliers: list[NamedMultiplierInput] | None = None
+    defaults: JSON | None = None
+    limits: JSON | None = None
+
+    def spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            name: getattr(self, name)
+            for name in ("base", "minimum", "per_1k_input_tokens", "per_1k_output_tokens", "per_megapixel",
+                         "per_second", "per_extra_step", "per_mb")
+            if getattr(self, name) is not None
+        }
+        if self.included_steps:
+            spec["included_steps"] = self.included_steps
+        if self.resolution_tiers is not None:
+            spec["resolution_tiers"] = {t.name: t.multiplier for t in self.resolution_tiers}
+        if self.input_type_multipliers is not None:
+            spec["input_type_multipliers"] = {t.name: t.multiplier for t in self.input_type_multipliers}
+        if self.file_tiers:
+            spec["file_tiers"] = [{"above_mb": t.above_mb, "rate_factor": t.rate_factor} for t in self.file_tiers]
+        if self.defaults:
+            spec["defaults"] = self.defaults
+        if self.limits:
+            spec["limits"] = self.limits
+        return spec
+
+
+@strawberry.input
+class TimeWindowInput:
+    name: str
+    start: str = strawberry.field(description="Local wall-clock time, e.g. \"18:00\".")
+    end: str
+    multiplier: str
+    timezone: str = strawberry.field(description="IANA name, e.g. \"America/New_York\".")
+    weekdays: list[int] | None = None
+
+
+@strawberry.input
+class PlanMultiplierInput:
+    plan_key: str
+    multiplier: str
+    model_key: str | None = strawberry.field(default=None, description="Null: every model of the list.")
+
+
+@strawberry.input
+class PublishPriceListInput:
+    models: list[ModelPriceInput]
+    time_windows: list[TimeWindowInput] | None = None
+    plan_multipliers: list[PlanMultiplierInput] | None = None
+    effective_at: datetime | None = strawberry.field(default=None, description="Default: now. Never in the past.")
+    note: str | None = None
+
+
+QuoteResult = Annotated[Quote | NotFoundError | ValidationError, strawberry.union("QuoteResult")]
+PublishPriceListResult = Annotated[PriceList | ValidationError, strawberry.union("PublishPriceListResult")]
+
+
+def _publish_args(input: PublishPriceListInput) -> dict[str, Any]:
+    """Input to domain values; a malformed price is a ValidationFailed raised inside `result`."""
+    models = [prices.build_model(m.model_key, m.display_name, m.vendor, m.modality, m.spec(), m.active)
+              for m in input.models]
+    windows = [prices.window_from_json({"name": w.name, "start": w.start, "end": w.end, "multiplier": w.multiplier,
+                                        "timezone": w.timezone, "weekdays": w.weekdays})
+               for w in input.time_windows or []]
+    plans: dict[str, dict[str, str]] = {}
+    for p in input.plan_multipliers or []:
+        plans.setdefault(p.plan_key, {})[p.model_key or "*"] = p.multiplier
+    return {"models": models, "windows": windows, "plan_multipliers": plans, "effective_at": input.effective_at,
+            "note": input.note}
 
 
 @strawberry.type
 class CatalogQuery:
-    @strawberry.field(description="The current price of every active model.")
-    async def model_prices(self, info: Info[Context, None]) -> list[ModelPrice]:
-        await info.context.caller()
-        rows = await pricing.current_prices(info.context.db)
-        return [
-            ModelPrice(
-                model_key=p.model_key, display_name=p.display_name, vendor=p.vendor, modality=p.modality,
-                credits_per_generation=format_credits(p.units_per_generation),
-            )
-            for p in rows
-        ]
+    @strawberry.field(description="The current price of every model, for every signed-in user. With a "
+                                  "workspace: prices under its plan and how many generations the viewer's "
+                                  "balance covers.")
+    async def model_prices(self, info: Info[Context, None], workspace_id: strawberry.ID | None = None) -> PriceList:
+        caller = await info.context.caller()
+        view = await prices.current_catalog(info.context.db, caller,
+                                            workspace_id=str(workspace_id) if workspace_id else None)
+        return PriceList.of(view.catalog, view)
+
+    @strawberry.field(description="Every price list version, newest first (old versions stay readable).")
+    async def price_lists(self, info: Info[Context, None]) -> list[PriceList]:
+        caller = await info.context.caller()
+        return [PriceList.of(c) for c in await prices.price_list_versions(info.context.db, caller)]
+
+    @strawberry.field(description="What a generation would cost now, with line items. Nothing is held.")
+    async def quote(
+        self, info: Info[Context, None], workspace_id: strawberry.ID, model_key: str, parameters: JSON | None = None
+    ) -> QuoteResult:
+        caller = await info.context.caller()
+        call = prices.quote_generation(info.context.db, caller, workspace_id=str(workspace_id), model_key=model_key,
+                                       parameters=parameters)
+        return await result(call, Quote.of)
+
+
+@strawberry.type
+class CatalogMutation:
+    @strawberry.mutation(description="Operators: publish a complete new price list version.")
+    async def publish_price_list(self, info: Info[Context, None], input: PublishPriceListInput) -> PublishPriceListResult:
+        caller = await info.context.caller()
+
+        async def call():
+            prices.require_catalog_manager(caller)  # before reading the input: outsiders learn nothing
+            return await prices.publish_price_list(info.context.db, caller, **_publish_args(input))
+
+        return await result(call(), PriceList.of)

@@ -12,6 +12,7 @@ import strawberry
 from strawberry.scalars import JSON
 from strawberry.types import Info
 
+from api.catalog import LineItem
 from api.context import Context
 from api.errors import (
     GenerationAlreadySettled,
@@ -150,6 +151,8 @@ class Generation:
     settled_at: datetime | None
     holds: list[GenerationHold] = strawberry.field(description="Which grants paid, and how much.")
     entries: list[LedgerEntry]
+    price_list_version: int | None = strawberry.field(description="The price list it was priced under.")
+    quote: list[LineItem] = strawberry.field(description="The line items of the price held at start.")
 
     @classmethod
     def from_result(cls, r: ledger.GenerationResult) -> Generation:
@@ -178,6 +181,8 @@ class Generation:
                 for gid, f in per_grant.items()
             ],
             entries=[LedgerEntry.from_model(e) for e in r.entries],
+            price_list_version=g.quote["version"] if g.quote else None,
+            quote=[LineItem.from_json(i) for i in (g.quote or {}).get("line_items", [])],
         )
 
 
@@ -334,7 +339,11 @@ class StartGenerationInput:
 class CompleteGenerationInput:
     generation_id: strawberry.ID
     idempotency_key: str
-    actual_cost: str | None = strawberry.field(default=None, description="Credits; null: the held cost.")
+    usage: JSON | None = strawberry.field(
+        default=None, description="Reported usage (e.g. {output_tokens: 812, seconds: 7}), priced with the "
+                                  "generation's own price list version.")
+    actual_cost: str | None = strawberry.field(
+        default=None, description="Credits, instead of usage; null for both: the held cost.")
 
 
 @strawberry.input
@@ -530,7 +539,7 @@ class LedgerMutation:
         caller = await ctx.caller()
         call = ledger.complete_generation(
             ctx.db, caller, generation_id=str(input.generation_id), idempotency_key=input.idempotency_key,
-            actual_cost=input.actual_cost,
+            actual_cost=input.actual_cost, usage=input.usage,
         )
         return await result(call, Generation.from_result)
 

@@ -18,7 +18,7 @@ from strawberry.extensions import (
 )
 from strawberry.tools import merge_types
 
-from api.catalog import CatalogQuery
+from api.catalog import CatalogMutation, CatalogQuery
 from api.identity import IdentityMutation, IdentityQuery
 from api.ledger import LedgerMutation, LedgerQuery
 from api.workspaces import WorkspaceMutation, WorkspaceQuery
@@ -28,7 +28,7 @@ SDL_PATH = Path(__file__).resolve().parent / "schema.graphql"
 log = logging.getLogger("creditpool.graphql")
 
 Query = merge_types("Query", (IdentityQuery, WorkspaceQuery, CatalogQuery, LedgerQuery))
-Mutation = merge_types("Mutation", (IdentityMutation, WorkspaceMutation, LedgerMutation))
+Mutation = merge_types("Mutation", (IdentityMutation, WorkspaceMutation, LedgerMutation, CatalogMutation))
 
 
 class PublicErrors(SchemaExtension):

@@ -6,7 +6,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.db import Database
@@ -15,7 +14,8 @@ from domain.ledger.consumption import Scope
 from domain.ledger.models import Cause, CreditPack, EntryKind, Grant, GrantSource, LedgerEntry
 from domain.money import UNITS_PER_CREDIT
 from domain.plans import plan_by_key
-from domain.pricing import Modality, ModelPrice
+from domain.pricing import Modality
+from domain.pricing.service import build_model, insert_price_list, window_from_json
 from domain.workspaces.models import AllocationMode, Member, Role, Seat, Workspace
 
 _NS = uuid.UUID("6f1d2c1e-9a51-4e0c-a3a4-7d3c2b5e9f10")
@@ -33,20 +33,46 @@ IDENTITIES = [
     ("worker", None, "generation-worker", None, None, False),
 ]
 
-# Credits per generation, from the public figures fair platforms publish (units: 1 credit = 1000).
+# The demo catalog, at the public figures fair platforms publish: text 1-5 credits, images 5-25,
+# video 50-200, a premium video model at 500 with a companion image model at 70. Specs are the
+# JSON form of domain.pricing.rules.PriceSpec (decimal strings).
+VIDEO_RES = {"480p": "0.5", "720p": "1", "1080p": "1.5", "4K": "3"}
 PRICES = [
-    ("text-fast", "Text Fast", "OpenAI-class", Modality.TEXT, 1),
-    ("text-pro", "Text Pro", "Anthropic-class", Modality.TEXT, 5),
-    ("sdxl", "SDXL", "Stability", Modality.IMAGE, 5),
-    ("dalle-3", "DALL-E 3 class", "OpenAI-class", Modality.IMAGE, 10),
-    ("image-premium", "Image Premium", "Midjourney-class", Modality.IMAGE, 15),
-    ("video-standard", "Video Standard", "Runway-class", Modality.VIDEO, 50),
-    ("video-pro", "Video Pro", "Kling-class", Modality.VIDEO, 200),
-    ("video-premium", "Video Premium", "Vidzy", Modality.VIDEO, 500),
-    ("video-premium-image", "Video Premium companion image", "Vidzy", Modality.IMAGE, 70),
-    ("voice", "Voice", "ElevenLabs-class", Modality.AUDIO, 3),
+    ("text-fast", "Text Fast", "OpenAI-class", Modality.TEXT, {
+        "per_1k_input_tokens": "0.5", "per_1k_output_tokens": "1.5", "minimum": "1",
+        "defaults": {"input_tokens": 500, "output_tokens": 500}, "limits": {"output_tokens": 4000}}),
+    ("text-pro", "Text Pro", "Anthropic-class", Modality.TEXT, {
+        "per_1k_input_tokens": "1", "per_1k_output_tokens": "4", "minimum": "1",
+        "defaults": {"input_tokens": 1000, "output_tokens": 1000}, "limits": {"output_tokens": 8000}}),
+    ("sdxl", "SDXL", "Stability", Modality.IMAGE, {
+        "base": "5", "included_steps": 30, "per_extra_step": "0.1", "resolution_tiers": {"512": "0.6", "1024": "1"},
+        "defaults": {"resolution": "1024", "steps": 30}, "limits": {"steps": 150}}),
+    ("dalle-3", "DALL-E 3 class", "OpenAI-class", Modality.IMAGE, {
+        "base": "10", "resolution_tiers": {"1024": "1", "1792": "1.5"}, "defaults": {"resolution": "1024"}}),
+    ("image-premium", "Image Premium", "Midjourney-class", Modality.IMAGE, {
+        "base": "15", "per_megapixel": "2.5", "defaults": {"megapixels": 2}, "limits": {"megapixels": 16}}),
+    ("video-standard", "Video Standard", "Runway-class", Modality.VIDEO, {
+        "per_second": "10", "resolution_tiers": VIDEO_RES,
+        "input_type_multipliers": {"text-to-video": "1", "image-to-video": "0.8"},
+        "defaults": {"seconds": 5, "resolution": "720p", "input_type": "text-to-video"}, "limits": {"seconds": 10}}),
+    ("video-pro", "Video Pro", "Kling-class", Modality.VIDEO, {
+        "per_second": "20", "resolution_tiers": VIDEO_RES,
+        "input_type_multipliers": {"text-to-video": "1", "image-to-video": "0.8"},
+        "defaults": {"seconds": 10, "resolution": "720p", "input_type": "text-to-video"}, "limits": {"seconds": 10}}),
+    ("video-premium", "Video Premium", "Vidzy", Modality.VIDEO, {"base": "500"}),
+    ("video-premium-image", "Video Premium companion image", "Vidzy", Modality.IMAGE, {"base": "70"}),
+    ("voice", "Voice", "ElevenLabs-class", Modality.AUDIO, {
+        "base": "1", "per_second": "0.1", "defaults": {"seconds": 20}, "limits": {"seconds": 600}}),
+    ("transcribe", "Transcribe", "Whisper-class", Modality.AUDIO, {
+        "per_mb": "0.2", "file_tiers": [{"above_mb": "10", "rate_factor": "0.7"}], "minimum": "1",
+        "defaults": {"file_mb": 5}, "limits": {"file_mb": 500}}),
 ]
-
+# Evening surge and night off-peak in New York; enterprise workspaces pay 20% less.
+WINDOWS = [
+    {"name": "evening surge", "start": "18:00", "end": "22:00", "multiplier": "1.5", "timezone": "America/New_York"},
+    {"name": "night off-peak", "start": "02:00", "end": "06:00", "multiplier": "0.8", "timezone": "America/New_York"},
+]
+PLAN_MULTIPLIERS = {"enterprise": {"*": "0.8"}}
 
 # Packs at the public figures: 100 credits for $10, 500 for $45, 1,000 for $80.
 PACKS = [("Starter pack", 100, 1000), ("Studio pack", 500, 4500), ("Production pack", 1000, 8000)]
@@ -69,11 +95,11 @@ class DemoIdentity:
 async def _seed(session: AsyncSession) -> None:
     if await session.get(Workspace, DEMO_WORKSPACE_ID) is not None:
         return
-    for key, name, vendor, modality, credits in PRICES:
-        exists = await session.execute(select(ModelPrice.id).where(ModelPrice.model_key == key))
-        if exists.first() is None:
-            session.add(ModelPrice(id=_id(f"price:{key}"), model_key=key, display_name=name, vendor=vendor,
-                                   modality=modality, units_per_generation=credits * 1000))
+    await insert_price_list(
+        session, models=[build_model(key, name, vendor, modality, spec) for key, name, vendor, modality, spec in PRICES],
+        windows=[window_from_json(w) for w in WINDOWS], plan_multipliers=PLAN_MULTIPLIERS,
+        effective_at=datetime.now(UTC), note="demo catalog", published_by=None,
+    )
     plan = await plan_by_key(session, "team")
     session.add(Workspace(id=DEMO_WORKSPACE_ID, name="Demo Studio", plan_id=plan.id,
                           allocation_mode=AllocationMode.POOLED))

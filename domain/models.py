@@ -4,10 +4,10 @@ from domain.base import Base
 from domain.identity import ApiToken, User
 from domain.ledger.models import CreditPack, Generation, Grant, IdempotencyKey, LedgerEntry, Purchase
 from domain.plans import Plan
-from domain.pricing import ModelPrice
+from domain.pricing import ModelPrice, PriceList
 from domain.workspaces.models import Member, Workspace
 
 __all__ = [
     "ApiToken", "Base", "CreditPack", "Generation", "Grant", "IdempotencyKey", "LedgerEntry", "Member", "ModelPrice",
-    "Plan", "Purchase", "User", "Workspace",
+    "Plan", "PriceList", "Purchase", "User", "Workspace",
 ]

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -28,6 +29,8 @@ from api.app import create_app
 from api.embedded import start_embedded_postgres
 from api.settings import Settings
 from domain import identity
+from domain.pricing import Modality
+from domain.pricing import service as pricing
 from domain.clock import OffsetClock
 from domain.db import Database
 from domain.ledger.payments import ScriptedProvider
@@ -82,10 +85,54 @@ async def pg_server() -> AsyncIterator[PgServer]:
     await server.drop_all()
 
 
+# The price list every test database starts with: flat prices for the ledger tests, metered
+# ones for the pricing tests. No time windows, so no test's price depends on the hour it runs.
+TEST_MODELS = {
+    "sdxl": (Modality.IMAGE, {"base": "5"}),
+    "dalle-3": (Modality.IMAGE, {"base": "10"}),
+    "video-standard": (Modality.VIDEO, {"base": "50"}),
+    "test-six": (Modality.IMAGE, {"base": "6"}),
+    "test-three": (Modality.IMAGE, {"base": "3"}),
+    "test-free": (Modality.OTHER, {}),
+    "test-video": (Modality.VIDEO, {
+        "per_second": "10", "resolution_tiers": {"480p": "0.5", "720p": "1", "1080p": "1.5"},
+        "input_type_multipliers": {"text-to-video": "1", "image-to-video": "0.8"},
+        "defaults": {"seconds": 5, "resolution": "720p", "input_type": "text-to-video"}, "limits": {"seconds": 10}}),
+    "test-text": (Modality.TEXT, {
+        "per_1k_input_tokens": "1", "per_1k_output_tokens": "4", "minimum": "1",
+        "defaults": {"input_tokens": 1000, "output_tokens": 500}, "limits": {"output_tokens": 8000}}),
+    "test-files": (Modality.AUDIO, {
+        "per_mb": "0.1", "file_tiers": [{"above_mb": "10", "rate_factor": "0.7"}], "limits": {"file_mb": 100}}),
+}
+
+
+def test_models(overrides: dict | None = None, retired: frozenset[str] = frozenset()) -> list:
+    models = {**TEST_MODELS, **(overrides or {})}
+    return [pricing.build_model(key, key, "test", modality, spec, active=key not in retired)
+            for key, (modality, spec) in models.items()]
+
+
+async def publish_test_catalog(db: Database, overrides: dict | None = None, *, retired=frozenset(), windows=()):
+    """A new price list version: the test models plus `overrides`, in force from a second ago.
+    Every version keeps every test model, so tests that run later still find their prices."""
+    return await db.transaction(lambda s: pricing.insert_price_list(
+        s, models=test_models(overrides, frozenset(retired)), windows=windows, plan_multipliers={},
+        note="test catalog", published_by=None, effective_at=datetime.now(UTC) - timedelta(seconds=1),
+    ))
+
+
 @pytest.fixture(scope="session")
 async def database_url(pg_server: PgServer) -> str:
     url = await pg_server.create_database()
     await asyncio.to_thread(migrations.upgrade, url)
+    db = Database(url, pool_size=1)
+    try:
+        await db.transaction(lambda s: pricing.insert_price_list(
+            s, models=test_models(), windows=(), plan_multipliers={}, note="test catalog", published_by=None,
+            effective_at=datetime.now(UTC) - timedelta(days=1),
+        ))
+    finally:
+        await db.dispose()
     return url
 
 

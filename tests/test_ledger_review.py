@@ -16,6 +16,8 @@ from gql.transport.exceptions import TransportQueryError
 from domain.errors import ValidationFailed
 from domain.money import parse_credits
 from tests.conftest import new_user
+from domain.pricing import Modality
+from tests.conftest import publish_test_catalog
 from tests.test_api_ledger import (
     ADD,
     BALANCE,
@@ -26,7 +28,6 @@ from tests.test_api_ledger import (
     START,
     TRANSFER,
     _a_pack,
-    _ensure_price,
     assert_ledger_clean,
     balance,
     grant,
@@ -35,26 +36,6 @@ from tests.test_api_ledger import (
 )
 
 TYPED = {"Generation", "InsufficientCredits", "GenerationAlreadySettled"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-async def review_prices(db):
-    for model_key, credits in (("sdxl", 5), ("dalle-3", 10), ("video-standard", 50), ("review-three", 3)):
-        await _ensure_price(db, model_key, credits)
-
-
-async def _ensure_free_model(db, model_key: str) -> None:
-    from sqlalchemy.dialects.postgresql import insert
-
-    from domain.pricing import Modality, ModelPrice
-
-    async def work(session):
-        await session.execute(insert(ModelPrice).values(
-            id=uuid.uuid4(), model_key=model_key, display_name=model_key, vendor="test", modality=Modality.TEXT,
-            units_per_generation=0,
-        ).on_conflict_do_nothing(index_elements=[ModelPrice.model_key]))
-
-    await db.transaction(work)
 
 
 # --- concurrency ---------------------------------------------------------------------------------
@@ -140,7 +121,7 @@ async def test_many_concurrent_starts_settlements_and_transfers_on_shared_grants
     async def start(i: int):
         token, _ = team.creators[i % len(team.creators)]
         async with client(token) as api:
-            return (await api(START, ws=team.ws, model="review-three", key=key()))["startGeneration"]
+            return (await api(START, ws=team.ws, model="test-three", key=key()))["startGeneration"]
 
     first = await asyncio.gather(*(start(i) for i in range(30)))
     assert {r["__typename"] for r in first} == {"Generation"}
@@ -302,10 +283,9 @@ async def test_a_settlement_retry_with_the_same_id_in_another_spelling_returns_t
 
 
 async def test_a_start_replay_returns_the_first_generation_after_its_model_is_retired(db, client):
-    from sqlalchemy import text
 
     model = f"review-retire-{uuid.uuid4().hex[:8]}"
-    await _ensure_price(db, model, 4)
+    await publish_test_catalog(db, {model: (Modality.IMAGE, {"base": "4"})})
     team = await make_team(db, client, creators=1)
     await grant(client, team, "100")
     token, _ = team.creators[0]
@@ -314,10 +294,7 @@ async def test_a_start_replay_returns_the_first_generation_after_its_model_is_re
         first = (await api(START, ws=team.ws, model=model, key=k))["startGeneration"]
     assert first["__typename"] == "Generation"
 
-    async def retire(session):
-        await session.execute(text("UPDATE model_prices SET is_active = false WHERE model_key = :m"), {"m": model})
-
-    await db.transaction(retire)
+    await publish_test_catalog(db, {model: (Modality.IMAGE, {"base": "4"})}, retired={model})
     async with client(token) as api:
         replay = (await api(START, ws=team.ws, model=model, key=k))["startGeneration"]
     assert replay == first
@@ -409,18 +386,17 @@ async def test_capture_above_the_hold_never_takes_another_generations_hold(db, c
 
 
 async def test_a_free_model_holds_nothing_and_settles_any_extra_from_spendable_credits(db, client):
-    await _ensure_free_model(db, "review-free")
     team = await make_team(db, client, mode="PER_SEAT", creators=1)
     token, seat = team.creators[0]
     async with client(token) as api:
-        gen = (await api(START, ws=team.ws, model="review-free", key=key()))["startGeneration"]
+        gen = (await api(START, ws=team.ws, model="test-free", key=key()))["startGeneration"]
     assert (gen["__typename"], gen["cost"], gen["holds"]) == ("Generation", "0.000", [])
     await grant(client, team, "2", member=seat)
     async with client(team.worker) as api:
         done = (await api(COMPLETE, g=gen["id"], key=key(), cost="3"))["completeGeneration"]
     assert (done["captured"], done["released"], done["shortfall"]) == ("2.000", "0.000", "1.000")
     async with client(token) as api:
-        gen2 = (await api(START, ws=team.ws, model="review-free", key=key()))["startGeneration"]
+        gen2 = (await api(START, ws=team.ws, model="test-free", key=key()))["startGeneration"]
     async with client(team.worker) as api:
         failed = (await api(FAIL, g=gen2["id"], key=key(), kind="POLICY_VIOLATION"))["failGeneration"]
     assert (failed["status"], failed["captured"], failed["released"]) == ("FAILED", "0.000", "0.000")

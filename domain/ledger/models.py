@@ -163,6 +163,10 @@ class Generation(Base):
     # Actual cost above the hold that no credits were left to cover: recorded, never hidden.
     shortfall_units: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     failure_kind: Mapped[FailureKind | None] = mapped_column(str_enum(FailureKind, "failure_kind"))
+    # The price list version it was priced under, and the quote it held (line items, window,
+    # plan multiplier): completion prices reported usage with these, never with a newer list.
+    price_list_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("price_lists.id"))
+    quote: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = created_at()
     settled_at: Mapped[datetime | None]
     settled_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))

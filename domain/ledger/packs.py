@@ -8,19 +8,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.access import Caller, parse_id
 from domain.db import Database
-from domain.errors import Forbidden, NotFound, ValidationFailed
+from domain.errors import NotFound, ValidationFailed
 from domain.identity import clean_name
 from domain.ledger.models import CreditPack
 from domain.money import parse_credits
-from policies import Action
+from domain.pricing.service import require_catalog_manager
 
 CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
 
 
 def _require_operator(caller: Caller) -> None:
-    # The catalog is platform-wide: checked in the platform domain, not in a workspace.
-    if not caller.authorizer.allows(str(caller.actor.user_id), caller.platform_roles(), "*", Action.MANAGE_CATALOG):
-        raise Forbidden(Action.MANAGE_CATALOG.value)
+    require_catalog_manager(caller)
 
 
 async def create_pack(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.access import Caller, authorize, parse_id
@@ -17,7 +17,7 @@ from domain.db import Database
 from domain.errors import NotFound, ValidationFailed
 from domain.ledger.consumption import Scope
 from domain.ledger.models import CreditPack, EntryKind, Generation, GenerationStatus, Grant, LedgerEntry
-from domain.ledger.service import GenerationResult, generation_result
+from domain.ledger.service import GenerationResult, generation_result, spend_scopes
 from domain.workspaces.models import AllocationMode, Member, Workspace
 from policies import Action
 
@@ -73,11 +73,7 @@ async def workspace_balance(db: Database, caller: Caller, *, workspace_id: str, 
             figures[1] += g.held
         horizon = now + timedelta(days=expiring_within_days)
         expiring = [g for g in grants if g.remaining > 0 and g.expires_at is not None and now < g.expires_at <= horizon]
-        viewer = 0
-        if me is not None and caller.authorizer.allows(
-            str(caller.actor.user_id), {f"role:{me.role.value}", f"seat:{me.seat.value}"}, str(ws_id), Action.GENERATE
-        ):
-            viewer = sum(g.remaining for g in grants if _spendable_now(g, now) and _may_spend(ws, me, g))
+        viewer = await spendable_units(session, caller, ws, me)
         return Balance(
             workspace_id=ws_id, allocation_mode=ws.allocation_mode, pool_fallback=ws.pool_fallback,
             available=sum(f[0] for f in per_scope.values()), held=sum(f[1] for f in per_scope.values()),
@@ -89,13 +85,22 @@ async def workspace_balance(db: Database, caller: Caller, *, workspace_id: str, 
     return await db.read(work)
 
 
-def _may_spend(ws: Workspace, member: Member, g: Grant) -> bool:
-    """Python twin of `service.spend_scopes` for reads (the SQL one decides spends)."""
-    if ws.allocation_mode is AllocationMode.POOLED:
-        return g.scope is Scope.WORKSPACE
-    if g.scope is Scope.SEAT:
-        return g.member_id == member.id
-    return g.scope is Scope.WORKSPACE and ws.pool_fallback
+async def spendable_units(session: AsyncSession, caller: Caller, ws: Workspace, me: Member | None) -> int:
+    """What the viewer could spend right now: 0 without a generate permission, else the sum of
+    the grants the allocation mode lets their spend draw from."""
+    if me is None or not caller.authorizer.allows(
+        str(caller.actor.user_id), {f"role:{me.role.value}", f"seat:{me.seat.value}"}, str(ws.id), Action.GENERATE
+    ):
+        return 0
+    now = caller.clock.now()
+    g = Grant.__table__
+    total = (await session.execute(
+        select(func.coalesce(func.sum(g.c.remaining), 0)).where(
+            g.c.workspace_id == ws.id, spend_scopes(ws, me), g.c.remaining > 0, g.c.effective_at <= now,
+            or_(g.c.expires_at.is_(None), g.c.expires_at > now),
+        )
+    )).scalar_one()
+    return int(total)
 
 
 # --- cursor pagination ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from sqlalchemy import and_, bindparam, false, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from domain.access import Caller, active_membership, authorize, member_roles, parse_id
+from domain.access import Caller, authorize, member_roles, parse_id
 from domain.db import Database
 from domain.errors import (
     Forbidden,
@@ -49,7 +49,7 @@ from domain.ledger.models import (
 )
 from domain.ledger.payments import PaymentProvider, PaymentRequest
 from domain.money import parse_credits
-from domain.pricing import ModelPrice
+from domain.pricing.service import price_request, reprice_usage
 from domain.workspaces.models import AllocationMode, Member, Seat, Workspace
 from policies import Action
 
@@ -477,14 +477,11 @@ async def start_generation(
         )
         if first is not None:
             return await generation_result(session, first)
-        price = (
-            await session.execute(
-                select(ModelPrice.units_per_generation).where(ModelPrice.model_key == model_key, ModelPrice.is_active)
-            )
-        ).scalar_one_or_none()
-        if price is None:
-            raise ValidationFailed("modelKey", f"unknown model {model_key!r}")
         now = caller.clock.now()
+        # The same function as `quote`; open-ended usage (output tokens, duration) holds the most
+        # the request allows, and completion captures what was actually used.
+        priced = await price_request(session, ws, model_key, parameters, now, open_ended_max=True)
+        price = priced.quote.units
         rows = await _lock_spendable(session, ws_id, spend_scopes(ws, member), now)
         draws: list[Draw] = []
         if price > 0:
@@ -495,6 +492,7 @@ async def start_generation(
         session.add(Generation(
             id=generation_id, workspace_id=ws_id, member_id=member.id, requested_by=caller.actor.user_id,
             model_key=model_key, parameters=parameters, status=GenerationStatus.STARTED, quoted_units=price,
+            price_list_id=priced.catalog.price_list.id, quote=priced.as_json(),
         ))
         await session.flush()
         posting = Posting(ws_id, Cause.GENERATION, caller.actor.user_id, key, generation_id=generation_id,
@@ -507,13 +505,13 @@ async def start_generation(
     return await db.transaction(work)
 
 
-def _check_parameters(parameters: dict[str, Any]) -> None:
+def _check_parameters(parameters: dict[str, Any], field: str = "parameters") -> None:
     import json
 
     if not isinstance(parameters, dict):
-        raise ValidationFailed("parameters", "must be a JSON object")
+        raise ValidationFailed(field, "must be a JSON object")
     if len(json.dumps(parameters, default=str)) > MAX_PARAMETERS_BYTES:
-        raise ValidationFailed("parameters", f"must be at most {MAX_PARAMETERS_BYTES} bytes")
+        raise ValidationFailed(field, f"must be at most {MAX_PARAMETERS_BYTES} bytes")
 
 
 async def _spender(
@@ -537,19 +535,30 @@ async def _spender(
 
 async def complete_generation(
     db: Database, caller: Caller, *, generation_id: str, idempotency_key: str, actual_cost: str | None = None,
+    usage: dict[str, Any] | None = None,
 ) -> GenerationResult:
-    """Capture the actual cost. Below the hold: the rest is released. Above it: the extra is
-    drawn from the member's spendable credits in consumption order; what they cannot cover is
-    recorded on the generation as `shortfall` (never silently dropped, never an overdraft)."""
+    """Capture the actual cost: `usage` (reported metering, priced with the generation's own
+    price list version, window and plan multiplier), or an explicit `actual_cost`, or by default
+    the held cost. Below the hold: the rest is released. Above it: the extra is drawn from the
+    member's spendable credits in consumption order; what they cannot cover is recorded on the
+    generation as `shortfall` (never silently dropped, never an overdraft)."""
     key = idempotency.check_key(idempotency_key)
+    if actual_cost is not None and usage is not None:
+        raise ValidationFailed("usage", "give the reported usage or an actual cost, not both")
+    if usage is not None:
+        _check_parameters(usage, "usage")
     actual_units = parse_credits(actual_cost, "actualCost", allow_zero=True) if actual_cost is not None else None
-    request = {"generation": str(parse_id(generation_id, "generation")), "actual": actual_units}
+    request = {"generation": str(parse_id(generation_id, "generation")), "actual": actual_units, "usage": usage}
 
     async def work(session: AsyncSession) -> GenerationResult:
         gen, claimed = await _settling(session, caller, generation_id, key, "completeGeneration", request)
         if not claimed:
             return await generation_result(session, gen.id)
         cost = gen.quoted_units if actual_units is None else actual_units
+        if usage is not None:
+            if gen.price_list_id is None or gen.quote is None:
+                raise ValidationFailed("usage", "this generation predates metered prices: give an actual cost")
+            cost = (await reprice_usage(session, gen.price_list_id, gen.model_key, gen.quote, usage)).units
         held = await _held_by_grant(session, gen.id)
         total_held = sum(held.values())
         now = caller.clock.now()

@@ -1,5 +1,6 @@
-"""Prices: the per-model catalog (`catalog`) and the pure pricing rules (`rules`)."""
+"""Prices: the versioned catalog (`catalog`), the pure pricing rules (`rules`), and the services
+that quote and publish (`service`)."""
 
-from domain.pricing.catalog import Modality, ModelPrice, current_prices, list_model_prices
+from domain.pricing.catalog import Modality, ModelPrice, PriceList
 
-__all__ = ["Modality", "ModelPrice", "current_prices", "list_model_prices"]
+__all__ = ["Modality", "ModelPrice", "PriceList"]
