@@ -73,18 +73,21 @@ class ModelPrice:
     price: JSON = strawberry.field(description="The full price: base, minimum, rates per dimension, tiers, "
                                                "multipliers, defaults and limits, as decimal strings.")
     metered_parameters: list[str]
-    default_cost: str = strawberry.field(description="Credits for one generation at default parameters, now.")
+    default_cost: str = strawberry.field(
+        description="Credits for one generation at default parameters: now, under the viewer's plan, for the "
+                    "current catalog; the list price (no time-of-day or plan multiplier) for other versions.")
     generations_covered: int | None = strawberry.field(
         description="How many default generations the viewer's spendable balance covers (-1: free). "
                     "Only when the catalog is read for a workspace."
     )
 
     @classmethod
-    def of(cls, m: prices.PricedModel, default: rules.Quote | None, covered: int | None) -> ModelPrice:
+    def of(cls, m: prices.PricedModel, default: rules.Quote | None, covered: int | None, at: datetime) -> ModelPrice:
+        default = default or rules.quote(m.spec, {}, at=at)
         return cls(
             model_key=m.row.model_key, display_name=m.row.display_name, vendor=m.row.vendor, modality=m.row.modality,
             active=m.row.is_active, price=m.row.spec, metered_parameters=list(rules.metered_parameters(m.spec)),
-            default_cost=str(default.total) if default else "", generations_covered=covered,
+            default_cost=str(default.total.quantize(Decimal("0.001"))), generations_covered=covered,
         )
 
 
@@ -105,7 +108,8 @@ class PriceList:
             time_windows=[TimeWindow.of(w) for w in c.windows], plan_multipliers=pl.plan_multipliers,
             models=[
                 ModelPrice.of(m, view.default_quotes.get(m.row.model_key) if view else None,
-                              view.covered.get(m.row.model_key) if view and view.covered is not None else None)
+                              view.covered.get(m.row.model_key) if view and view.covered is not None else None,
+                              pl.effective_at)
                 for m in c.models
             ],
         )

@@ -113,11 +113,12 @@ def test_models(overrides: dict | None = None, retired: frozenset[str] = frozens
 
 
 async def publish_test_catalog(db: Database, overrides: dict | None = None, *, retired=frozenset(), windows=()):
-    """A new price list version: the test models plus `overrides`, in force from a second ago.
+    """A new price list version: the test models plus `overrides`, in force from now (a tie on
+    the effective time goes to the higher version, so it supersedes anything published before).
     Every version keeps every test model, so tests that run later still find their prices."""
     return await db.transaction(lambda s: pricing.insert_price_list(
         s, models=test_models(overrides, frozenset(retired)), windows=windows, plan_multipliers={},
-        note="test catalog", published_by=None, effective_at=datetime.now(UTC) - timedelta(seconds=1),
+        note="test catalog", published_by=None, effective_at=datetime.now(UTC),
     ))
 
 

@@ -83,7 +83,8 @@ def quantities(key: str, limit: Decimal | None = None):
 
 nudges = {key: st.integers(min_value=0, max_value=3).map(D) if key in WHOLE_PARAMETERS else _scaled(0, 3, 2)
           for key in NUMERIC_PARAMETERS}
-raises = {key: nudges[key] | quantities(key) for key in NUMERIC_PARAMETERS}  # small steps cross tier edges
+steps = {key: D(1) if key in WHOLE_PARAMETERS else D("0.01") for key in NUMERIC_PARAMETERS}  # the smallest raise
+raises = {key: nudges[key] | quantities(key) for key in NUMERIC_PARAMETERS}
 
 
 @functools.cache
@@ -198,12 +199,14 @@ def test_raising_any_numeric_parameter_never_lowers_the_total(case, data):
         if key not in NUMERIC_PARAMETERS:
             continue
         limit = spec.limits.get(key, MAX_QUANTITY)
-        low = dict(normalized)
+        low, high = dict(normalized), dict(normalized)
         edges = boundaries(spec, key)
-        if edges and data.draw(st.integers(0, 3), label=f"start {key} just below a tier edge unless 0"):
+        if edges and data.draw(st.sampled_from([True, True, False]), label=f"{key} across a tier edge"):
             edge = data.draw(st.sampled_from(edges), label="edge")
-            low[key] = min(limit, max(D(0), edge - data.draw(nudges[key], label="below it by")))
-        high = dict(low, **{key: min(limit, low[key] + data.draw(raises[key], label=f"raise {key} by"))})
+            low[key] = min(limit, max(D(0), edge - data.draw(nudges[key], label="from below it by")))
+            high[key] = min(limit, edge + data.draw(nudges[key], label="to above it by") + steps[key])
+        else:
+            high[key] = min(limit, low[key] + data.draw(raises[key], label=f"raise {key} by"))
         cheaper, dearer = quote(spec, low, **context), quote(spec, high, **context)
         assert dearer.total >= cheaper.total, key
         assert before_minimum(dearer) >= before_minimum(cheaper), key  # also where the minimum hides it
