@@ -19,6 +19,7 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 
 import migrations
 from api.context import Context
+from api.live import LiveHub, broadcast_url
 from api.schema import build_schema
 from api.settings import Settings, load_settings
 from domain.clock import SYSTEM_CLOCK, Clock
@@ -32,7 +33,8 @@ log = logging.getLogger("creditpool")
 
 class CreditpoolGraphQL(GraphQL):
     def __init__(
-        self, *, db: Database, authorizer: Authorizer, settings: Settings, clock: Clock, payments: PaymentProvider
+        self, *, db: Database, authorizer: Authorizer, settings: Settings, clock: Clock, payments: PaymentProvider,
+        live: LiveHub,
     ) -> None:
         super().__init__(
             build_schema(
@@ -47,11 +49,12 @@ class CreditpoolGraphQL(GraphQL):
         self.clock = clock
         self.payments = payments
         self.ledger_rules = LedgerRules(policy_violation_fee=settings.policy_violation_fee_percent / 100)
+        self.live = live
 
     async def get_context(self, request: Request | WebSocket, response: Any = None) -> Context:
         return Context(
             db=self.db, authorizer=self.authorizer, request=request, response=response, clock=self.clock,
-            payments=self.payments, ledger_rules=self.ledger_rules,
+            payments=self.payments, ledger_rules=self.ledger_rules, live=self.live,
         )
 
     async def on_ws_connect(self, context: Context) -> None:
@@ -80,8 +83,14 @@ def create_app(
         raise RuntimeError("create_app needs a database URL (the CLI starts the embedded PostgreSQL)")
     db = Database(url, pool_size=settings.db_pool_size)
     authorizer = Authorizer()
+    live = LiveHub(
+        db, broadcast_url(settings.broadcast_url, db.url, settings.workers), clock,
+        debounce=settings.balance_debounce_ms / 1000, recheck=settings.live_recheck_seconds,
+    )
+    db.events = live.outlet()
     graphql = CreditpoolGraphQL(
-        db=db, authorizer=authorizer, settings=settings, clock=clock, payments=payments or TrustedReferenceProvider()
+        db=db, authorizer=authorizer, settings=settings, clock=clock, payments=payments or TrustedReferenceProvider(),
+        live=live,
     )
     head = migrations.head_revision()
 
@@ -104,7 +113,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette):
+        await live.start()
         yield
+        await live.stop()
         await db.dispose()
 
     app = Starlette(

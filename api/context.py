@@ -38,6 +38,7 @@ class Context:
     clock: Clock = SYSTEM_CLOCK
     payments: PaymentProvider = field(default_factory=TrustedReferenceProvider)
     ledger_rules: LedgerRules = field(default_factory=LedgerRules)
+    live: Any = None  # the process's api.live.LiveHub
     response: Any = None
     connection_params: dict[str, Any] | None = None
     loaders: dict[str, Any] = field(default_factory=dict)

@@ -21,6 +21,7 @@ from strawberry.tools import merge_types
 from api.catalog import CatalogMutation, CatalogQuery
 from api.identity import IdentityMutation, IdentityQuery
 from api.ledger import LedgerMutation, LedgerQuery
+from api.live import Subscription
 from api.workspaces import WorkspaceMutation, WorkspaceQuery
 from domain.errors import AuthError, DomainError
 
@@ -39,7 +40,14 @@ class PublicErrors(SchemaExtension):
 
     def on_operation(self) -> Iterator[None]:
         yield
-        result = self.execution_context.result
+        self._rewrite(self.execution_context.result)
+
+    def on_stream_result(self, result) -> Iterator[None]:
+        # Subscriptions (and operations over websockets) deliver results one by one.
+        self._rewrite(result)
+        yield None
+
+    def _rewrite(self, result) -> None:
         if result is None or not getattr(result, "errors", None):
             return
         result.errors = [self._public(e) for e in result.errors]
@@ -70,6 +78,7 @@ def build_schema(*, max_depth: int = 12, max_aliases: int = 15, max_tokens: int 
     return CreditpoolSchema(
         query=Query,
         mutation=Mutation,
+        subscription=Subscription,
         extensions=[
             # Factories: a fresh extension per request, sharing module-level caches
             # (parsing and validation are most of a small request's cost, measured).

@@ -36,6 +36,18 @@ class Settings(BaseSettings):
     # Share of a hold kept when a generation fails for a policy violation (technical failures
     # and cancellations are always free). Decimal, never float: it is on the money path.
     policy_violation_fee_percent: Decimal = Field(default=Decimal("10"), ge=0, le=100)
+    # How live events cross processes: auto (in-process for one worker, PostgreSQL LISTEN/NOTIFY
+    # for several), memory://, postgres (the service's own database), or redis://host:port.
+    broadcast_url: str = "auto"
+    live_recheck_seconds: float = Field(default=2.0, gt=0, le=60)
+    balance_debounce_ms: int = Field(default=50, ge=0, le=5000)
+
+    @field_validator("broadcast_url")
+    @classmethod
+    def _known_broadcast(cls, v: str) -> str:
+        if v not in ("auto", "postgres", "memory://") and not v.startswith(("redis://", "rediss://")):
+            raise ValueError("must be auto, postgres, memory:// or a redis:// URL")
+        return v
 
     @field_validator("database_url", mode="before")
     @classmethod

@@ -7,14 +7,28 @@ deadlock (bounded, with jitter). Nothing else in the code base commits.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from domain.events import EventOutlet, NoOutlet
 
 T = TypeVar("T")
+log = logging.getLogger("creditpool.db")
 
 # SQLSTATEs worth retrying a whole transaction for: serialization_failure, deadlock_detected.
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
@@ -44,6 +58,7 @@ class Database:
         )
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=True)
         self._attempts = attempts
+        self.events: EventOutlet = NoOutlet()  # the app plugs its broadcaster in
 
     async def transaction(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """Run `work` in one transaction and commit it: the one place that commits."""
@@ -54,9 +69,24 @@ class Database:
             reraise=True,
         ):
             with attempt:
-                async with self._sessions() as session, session.begin():
-                    return await work(session)
+                async with self._sessions() as session:
+                    async with session.begin():
+                        value = await work(session)
+                        events = session.info.pop("events", [])
+                        if events:
+                            await self.events.before_commit(session, events)
+                    if events:
+                        await self._after_commit(events)
+                    return value
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _after_commit(self, events) -> None:
+        # The transaction is committed whatever happens here: a failed publish must not turn a
+        # success into an error. Balance subscribers re-read on their own schedule as well.
+        try:
+            await self.events.after_commit(events)
+        except Exception:  # noqa: BLE001
+            log.warning("publishing %d events after commit failed", len(events), exc_info=True)
 
     async def read(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """Run `work` without committing: closing the session rolls the connection back (and,

@@ -155,16 +155,17 @@ class LiveServer:
     steer: `clock.offset` moves time (reset it in a finally), `payments.failures` makes the
     next N payments fail."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, **settings) -> None:
         self.clock = OffsetClock()
         self.payments = ScriptedProvider()
         port = free_port()
         self.http_url = f"http://127.0.0.1:{port}/graphql"
         self.ws_url = f"ws://127.0.0.1:{port}/graphql"
         self.base_url = f"http://127.0.0.1:{port}"
-        app = create_app(
-            Settings(database_url=url, db_pool_size=30), database_url=url, clock=self.clock, payments=self.payments
-        )
+        # Streams re-check access every half second, so revocation tests stay short.
+        settings = {"db_pool_size": 30, "live_recheck_seconds": 0.5, "balance_debounce_ms": 20, **settings}
+        app = create_app(Settings(database_url=url, **settings), database_url=url, clock=self.clock,
+                         payments=self.payments)
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio")
         self.server = uvicorn.Server(config)
         # Its own thread and event loop, like a separate process would be: the tests' client
@@ -221,6 +222,11 @@ class Api:
         request.variable_values = variables or None
         return await self.session.execute(request)
 
+    def subscribe(self, query: str, **variables):
+        request = gql(query)
+        request.variable_values = variables or None
+        return self.session.subscribe(request)
+
 
 @asynccontextmanager
 async def http_client(server: LiveServer, token: str | None) -> AsyncIterator[Api]:
@@ -231,9 +237,10 @@ async def http_client(server: LiveServer, token: str | None) -> AsyncIterator[Ap
 
 
 @asynccontextmanager
-async def ws_client(server: LiveServer, token: str | None, **kwargs) -> AsyncIterator[Api]:
+async def ws_client(server: LiveServer | str, token: str | None, **kwargs) -> AsyncIterator[Api]:
     payload = {"Authorization": f"Bearer {token}"} if token else {}
-    transport = WebsocketsTransport(url=server.ws_url, init_payload=payload, **kwargs)
+    url = server if isinstance(server, str) else server.ws_url
+    transport = WebsocketsTransport(url=url, init_payload=payload, **kwargs)
     async with Client(transport=transport, fetch_schema_from_transport=False) as session:
         yield Api(session)
 

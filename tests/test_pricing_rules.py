@@ -94,19 +94,19 @@ def one_of(names: tuple[str, ...]):
 
 @st.composite
 def specs(draw) -> PriceSpec:
-    kwargs = dict(
-        base=draw(money),
-        minimum=draw(money),
-        per_1k_input_tokens=draw(rates),
-        per_1k_output_tokens=draw(rates),
-        per_megapixel=draw(rates),
-        per_second=draw(rates),
-        per_extra_step=draw(rates),
-        included_steps=draw(st.integers(min_value=0, max_value=50)),
-        per_mb=draw(rates),
-        resolution_tiers=draw(resolution_maps),
-        input_type_multipliers=draw(input_type_maps),
-    )
+    kwargs = {
+        "base": draw(money),
+        "minimum": draw(money),
+        "per_1k_input_tokens": draw(rates),
+        "per_1k_output_tokens": draw(rates),
+        "per_megapixel": draw(rates),
+        "per_second": draw(rates),
+        "per_extra_step": draw(rates),
+        "included_steps": draw(st.integers(min_value=0, max_value=50)),
+        "per_mb": draw(rates),
+        "resolution_tiers": draw(resolution_maps),
+        "input_type_multipliers": draw(input_type_maps),
+    }
     if kwargs["per_mb"] is not None:
         kwargs["file_tiers"] = tuple(FileTier(above, factor) for above, factor in draw(file_bands))
     metered = [key for key, rate in zip(NUMERIC_PARAMETERS, ("per_1k_input_tokens", "per_1k_output_tokens",
@@ -162,9 +162,9 @@ plan_multipliers = st.just(D(1)) | multipliers
 @st.composite
 def cases(draw):
     spec = draw(specs())
-    return spec, draw(parameters(spec)), dict(
-        at=draw(moments), windows=draw(window_lists), plan_multiplier=draw(plan_multipliers)
-    )
+    return spec, draw(parameters(spec)), {
+        "at": draw(moments), "windows": draw(window_lists), "plan_multiplier": draw(plan_multipliers)
+    }
 
 
 # --- properties -------------------------------------------------------------------------------

@@ -102,3 +102,14 @@ def plan_draws(buckets: Iterable[Bucket], units: int, now: datetime) -> list[Dra
         draws.append(Draw(bucket.grant_id, take))
         needed -= take
     return draws
+
+
+def may_draw(mode: str, pool_fallback: bool, spender: uuid.UUID, scope: Scope, grant_member: uuid.UUID | None) -> bool:
+    """Which grants a member's spend may draw from, by allocation mode: POOLED draws from the
+    workspace pool; PER_SEAT from the spender's own seat, and from the pool only with fallback.
+    (`domain.ledger.service.spend_scopes` is the same rule as SQL, for the spend itself.)"""
+    if mode == "POOLED":
+        return scope is Scope.WORKSPACE
+    if scope is Scope.SEAT:
+        return grant_member == spender
+    return scope is Scope.WORKSPACE and pool_fallback

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from domain.access import Caller, authorize, parse_id
 from domain.db import Database
 from domain.errors import NotFound, ValidationFailed
-from domain.ledger.consumption import Scope
+from domain.ledger.consumption import Scope, may_draw
 from domain.ledger.models import CreditPack, EntryKind, Generation, GenerationStatus, Grant, LedgerEntry
 from domain.ledger.service import GenerationResult, generation_result, spend_scopes
 from domain.workspaces.models import AllocationMode, Member, Workspace
@@ -101,6 +101,77 @@ async def spendable_units(session: AsyncSession, caller: Caller, ws: Workspace, 
         )
     )).scalar_one()
     return int(total)
+
+
+# --- live balance snapshots (read once per workspace, viewed per subscriber) ----------------------
+
+@dataclass(frozen=True, slots=True)
+class LiveGrant:
+    scope: Scope
+    member_id: uuid.UUID | None
+    remaining: int
+    held: int
+    effective_at: datetime
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A workspace's committed live grants: one read serves every subscriber of a process."""
+
+    workspace_id: uuid.UUID
+    allocation_mode: AllocationMode
+    pool_fallback: bool
+    grants: tuple[LiveGrant, ...]
+    as_of: datetime
+
+
+async def balance_snapshot(db: Database, workspace_id: uuid.UUID, now: datetime) -> Snapshot:
+    """Internal: no authorization. Callers authorize the subscriber themselves."""
+
+    async def work(session: AsyncSession) -> Snapshot:
+        ws = await session.get_one(Workspace, workspace_id)
+        g = Grant.__table__
+        rows = await session.execute(
+            select(g.c.scope, g.c.member_id, g.c.remaining, g.c.held, g.c.effective_at, g.c.expires_at)
+            .where(g.c.workspace_id == workspace_id, or_(g.c.remaining > 0, g.c.held > 0))
+        )
+        grants = tuple(LiveGrant(Scope(r.scope), r.member_id, r.remaining, r.held, r.effective_at, r.expires_at)
+                       for r in rows)
+        return Snapshot(workspace_id, ws.allocation_mode, ws.pool_fallback, grants, now)
+
+    return await db.read(work)
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceView:
+    workspace_id: uuid.UUID
+    available: int
+    held: int
+    viewer_spendable: int
+    scopes: list[ScopeBalance]
+    as_of: datetime
+
+
+def view_of(snapshot: Snapshot, spender: uuid.UUID | None) -> BalanceView:
+    """The balance as one subscriber sees it. `spender` is their member id when they may
+    generate (their spendable amount follows the allocation mode), else None."""
+    now = snapshot.as_of
+    per_scope: dict[tuple[Scope, uuid.UUID | None], list[int]] = {}
+    spendable = 0
+    for g in snapshot.grants:
+        live = g.effective_at <= now and (g.expires_at is None or g.expires_at > now)
+        figures = per_scope.setdefault((g.scope, g.member_id), [0, 0])
+        figures[0] += g.remaining if live else 0
+        figures[1] += g.held
+        if live and spender is not None and may_draw(snapshot.allocation_mode, snapshot.pool_fallback, spender,
+                                                     g.scope, g.member_id):
+            spendable += g.remaining
+    return BalanceView(
+        workspace_id=snapshot.workspace_id, available=sum(f[0] for f in per_scope.values()),
+        held=sum(f[1] for f in per_scope.values()), viewer_spendable=spendable,
+        scopes=[ScopeBalance(s, m, f[0], f[1]) for (s, m), f in per_scope.items()], as_of=now,
+    )
 
 
 # --- cursor pagination ------------------------------------------------------------------------

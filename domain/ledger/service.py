@@ -33,6 +33,7 @@ from domain.errors import (
     ValidationFailed,
 )
 from domain.identity import clean_name
+from domain import events
 from domain.ledger import idempotency
 from domain.ledger.consumption import Bucket, Draw, NotEnough, Scope, consumption_key, plan_draws
 from domain.ledger.models import (
@@ -48,7 +49,7 @@ from domain.ledger.models import (
     Purchase,
 )
 from domain.ledger.payments import PaymentProvider, PaymentRequest
-from domain.money import parse_credits
+from domain.money import format_credits, parse_credits
 from domain.pricing.service import price_request, reprice_usage
 from domain.workspaces.models import AllocationMode, Member, Seat, Workspace
 from policies import Action
@@ -117,7 +118,10 @@ EFFECT = {
 
 async def _post(session: AsyncSession, posting: Posting) -> None:
     """Apply the movements to the (already locked) grants and append their entries: one
-    executemany UPDATE and one executemany INSERT, whatever the number of grants."""
+    executemany UPDATE and one executemany INSERT, whatever the number of grants. Balance
+    subscribers are signalled when the transaction commits."""
+    if posting.movements:
+        events.emit(session, posting.workspace_id, events.BALANCE_CHANGED)
     moves = [m for m in posting.movements if m.kind is not EntryKind.GRANT]
     if moves:
         deltas: dict[uuid.UUID, list[int]] = {}
@@ -272,6 +276,8 @@ async def purchase_credits(
         posting = Posting(ws_id, Cause.PURCHASE, caller.actor.user_id, key, purchase_id=purchase_id)
         posting.add(grant.id, EntryKind.GRANT, pack.units)
         await _post(session, posting)
+        events.emit(session, ws_id, events.CREDITS_ADDED, source=GrantSource.PURCHASE.value,
+                    credits=format_credits(pack.units), grantId=str(grant.id))
         return await _purchase_result(session, purchase_id)
 
     return await db.transaction(work)
@@ -336,6 +342,8 @@ async def grant_credits(
         posting = Posting(ws_id, Cause.GRANT, caller.actor.user_id, key)
         posting.add(grant.id, EntryKind.GRANT, units)
         await _post(session, posting)
+        events.emit(session, ws_id, events.CREDITS_ADDED, source=source.value, credits=format_credits(units),
+                    grantId=str(grant.id), memberId=str(member.id) if member else None)
         await session.refresh(grant)
         return grant
 
@@ -500,6 +508,8 @@ async def start_generation(
         for draw in draws:
             posting.add(draw.grant_id, EntryKind.HOLD, draw.units)
         await _post(session, posting)
+        events.emit(session, ws_id, events.GENERATION_STARTED, generationId=str(generation_id),
+                    memberId=str(member.id), modelKey=model_key, cost=format_credits(price))
         return await generation_result(session, generation_id)
 
     return await db.transaction(work)
@@ -663,6 +673,9 @@ async def _settled(
     gen.settled_at = now
     gen.settled_by = caller.actor.user_id
     await session.flush()
+    events.emit(session, gen.workspace_id, events.GENERATION_SETTLED, generationId=str(gen.id),
+                memberId=str(gen.member_id), status=status.value, captured=format_credits(captured),
+                released=format_credits(released), shortfall=format_credits(gen.shortfall_units))
     return await generation_result(session, gen.id)
 
 

@@ -172,7 +172,7 @@ def _too_precise(d: Decimal) -> bool:
 def _spec_figure(value: Any, field_name: str) -> Decimal:
     """A figure of a price spec (money, multiplier, limit): Decimal, int or decimal string; never
     float (TypeError: a programming error on the money path). Non-negative, finite, bounded."""
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, (bool, float)):
         raise TypeError(f"{field_name}: use Decimal (or int, or a decimal string), never {type(value).__name__}")
     if isinstance(value, Decimal):
         d = value
@@ -194,6 +194,11 @@ def _spec_figure(value: Any, field_name: str) -> Decimal:
     if _too_precise(d):
         raise ValidationFailed(field_name, f"has more than {MAX_PLACES} decimal places")
     return Decimal(0) if d == 0 else d
+
+
+def spec_figure(value: Any, field_name: str) -> Decimal:
+    """Public form of the figure check, for other price-list values (plan multipliers)."""
+    return _spec_figure(value, field_name)
 
 
 def _spec_choices(value: Mapping[str, Any] | None, field_name: str) -> dict[str, Decimal] | None:
@@ -611,7 +616,13 @@ def quote(
 ) -> Quote:
     """What one generation costs: the exact line items and the total rounded once, up to 0.001
     credit (see the module docstring). Raises `ValidationFailed` for bad parameters (see
-    `normalize`) or a negative plan multiplier; `TypeError` for a naive `at` or a float price."""
+    `normalize`) or a negative plan multiplier; `TypeError` for a naive `at` or a float price.
+
+    Hold and capture: `startGeneration` holds `quote(spec, params, at=now, open_ended_max=True)`;
+    `completeGeneration` captures `quote(same spec, reported usage, at=the generation's start,
+    same windows and plan multiplier)`. Same `at` means the same time-of-day window, and since the
+    price is monotone in every numeric parameter, usage within the held parameters never costs
+    more than the hold. (Reported usage above the model's limits is refused like any request.)"""
     _check_at(at)
     plan = _plan_multiplier(plan_multiplier)
     params = normalize(spec, parameters, open_ended_max=open_ended_max)
@@ -706,7 +717,7 @@ def generations_covered(
     floor(balance / price), counted in whole units (a fraction of a unit pays for nothing). 0 for
     a zero or negative balance. -1 for a free model (price 0): "unlimited", not a count; show it
     as such. Uses the time-of-day window in force at `at`, like a quote at that moment."""
-    if isinstance(balance, bool) or isinstance(balance, float) or not isinstance(balance, (Decimal, int)):
+    if isinstance(balance, (bool, float)) or not isinstance(balance, (Decimal, int)):
         raise TypeError("balance: use Decimal credits, never float")
     balance = Decimal(balance)
     if not balance.is_finite():

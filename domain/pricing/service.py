@@ -328,7 +328,7 @@ async def insert_price_list(
         for model_key, value in by_model.items():
             if model_key != "*" and model_key not in keys:
                 raise ValidationFailed("planMultipliers", f"unknown model {model_key!r} for plan {plan_key!r}")
-            multiplier = rules._spec_figure(value, "planMultipliers.multiplier")
+            multiplier = rules.spec_figure(value, "planMultipliers.multiplier")
             clean_multipliers.setdefault(plan_key, {})[model_key] = str(multiplier)
     # Versions are numbered in publication order; the lock makes concurrent publishes queue.
     await session.execute(text("SELECT pg_advisory_xact_lock(hashtext('creditpool.price_lists'))"))

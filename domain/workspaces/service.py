@@ -15,6 +15,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
+from domain import events
 from domain.access import Caller, authorize, parse_id
 from domain.db import Database
 from domain.errors import AlreadyMember, Forbidden, NotFound, ValidationFailed
@@ -144,6 +145,9 @@ async def update_workspace(
             ws.paid_creator_seats = paid_creator_seats
         if name is not None:
             ws.name = name
+        if allocation_mode is not None or pool_fallback is not None:
+            # What each member may spend changes with the mode: balance subscribers re-read.
+            events.emit(session, ws_id, events.BALANCE_CHANGED)
         if allocation_mode is not None:
             ws.allocation_mode = allocation_mode
         if pool_fallback is not None:
@@ -183,11 +187,19 @@ async def add_member(
         member = Member(workspace_id=ws_id, user_id=user.id, role=role, seat=seat)
         session.add(member)
         await session.flush()
+        _member_event(session, member, "ADDED")
         await session.refresh(member)
         member.user = user
         return member
 
     return await db.transaction(work)
+
+
+def _member_event(session: AsyncSession, member: Member, change: str) -> None:
+    # A seat change alters who may spend: balance subscribers re-read too.
+    events.emit(session, member.workspace_id, events.MEMBER_CHANGED, memberId=str(member.id), change=change,
+                role=member.role.value, seat=member.seat.value)
+    events.emit(session, member.workspace_id, events.BALANCE_CHANGED)
 
 
 async def _locked_target(
@@ -219,6 +231,7 @@ async def change_member_role(db: Database, caller: Caller, *, member_id: str, ro
         check_owner_kept(_apply(usage, remove=target, add=(role, target.seat)))
         target.role = role
         await session.flush()
+        _member_event(session, target, "ROLE_CHANGED")
         return await _with_user(session, target)
 
     return await db.transaction(work)
@@ -231,6 +244,7 @@ async def change_member_seat(db: Database, caller: Caller, *, member_id: str, se
         check_seats(after, seat_cap=plan.seat_cap, creator_limit=ws.creator_seat_limit(plan))
         target.seat = seat
         await session.flush()
+        _member_event(session, target, "SEAT_CHANGED")
         return await _with_user(session, target)
 
     return await db.transaction(work)
@@ -244,6 +258,7 @@ async def remove_member(db: Database, caller: Caller, *, member_id: str) -> Memb
         check_owner_kept(_apply(await _usage(session, ws.id), remove=target))
         target.removed_at = func.now()
         await session.flush()
+        _member_event(session, target, "REMOVED")
         await session.refresh(target)
         return await _with_user(session, target)
 

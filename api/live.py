@@ -1,0 +1,267 @@
+"""Live balances and workspace events over GraphQL subscriptions, across processes.
+
+Transport between processes is the `broadcaster` library: one channel per workspace, on
+PostgreSQL LISTEN/NOTIFY (several workers, no extra service), in-process memory (one worker), or
+Redis. Inside a process, `LiveHub` keeps one watcher per watched workspace:
+
+- a balance signal marks the workspace dirty; after a short debounce the watcher reads the
+  committed balance once and hands it to every local subscriber, who keeps only the newest
+  (coalescing). The read always happens after the last signal, so the last balance a subscriber
+  receives equals the committed one;
+- workspace events are passed through in the order the channel delivers them (commit order with
+  NOTIFY, which is sent inside the committing transaction).
+
+Every stream re-checks its token and membership every `recheck` seconds and ends when either
+is gone, so a removed member's or a revoked token's streams stop within seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import strawberry
+from broadcaster import Broadcast
+from strawberry.scalars import JSON
+from strawberry.types import Info
+
+from api.context import Context
+from api.ledger import Scope
+from domain import events, identity
+from domain.access import Caller, authorize, parse_id
+from domain.clock import Clock
+from domain.db import Database
+from domain.errors import Unauthenticated
+from domain.events import EventOutlet, NotifyOutlet, PublishOutlet
+from domain.ledger import queries
+from domain.money import format_credits
+from domain.workspaces.models import Member
+from policies import Action
+
+log = logging.getLogger("creditpool.live")
+
+
+def broadcast_url(setting: str, database_url: str, workers: int) -> str:
+    """`auto`: in-process for one worker, PostgreSQL LISTEN/NOTIFY for several."""
+    if setting == "auto":
+        setting = "memory://" if workers == 1 else "postgres"
+    if setting == "postgres":
+        return database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    return setting
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    latest: queries.Snapshot | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(eq=False)
+class _Watcher:
+    subscribers: set[_Subscriber] = field(default_factory=set)
+    dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    listening: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+
+class LiveHub:
+    def __init__(self, db: Database, url: str, clock: Clock, *, debounce: float = 0.05, recheck: float = 2.0):
+        self.db = db
+        self.url = url
+        self.clock = clock
+        self.debounce = debounce
+        self.recheck = recheck
+        self.broadcast = Broadcast(url)
+        self._watchers: dict[uuid.UUID, _Watcher] = {}
+
+    def outlet(self) -> EventOutlet:
+        # NOTIFY goes out inside the committing transaction; other backends publish after it.
+        if self.url.startswith(("postgres://", "postgresql://")):
+            return NotifyOutlet()
+        return PublishOutlet(self.broadcast.publish)
+
+    async def start(self) -> None:
+        await self.broadcast.connect()
+
+    async def stop(self) -> None:
+        for w in list(self._watchers.values()):
+            for t in w.tasks:
+                t.cancel()
+        await self.broadcast.disconnect()
+
+    # --- access ---------------------------------------------------------------------------
+
+    async def _member(self, caller: Caller, ws_id: uuid.UUID) -> Member | None:
+        return await self.db.read(lambda s: authorize(s, caller, ws_id, Action.VIEW_BALANCE, what="workspace"))
+
+    async def _still_allowed(self, caller: Caller, ws_id: uuid.UUID, secret: str | None) -> Member | None:
+        actor = await identity.authenticate_secret(self.db, secret) if secret else None
+        if actor is None or actor.user_id != caller.actor.user_id:
+            raise Unauthenticated()
+        return await self._member(caller, ws_id)  # NotFound once the membership is gone
+
+    @staticmethod
+    def _spender(caller: Caller, ws_id: uuid.UUID, member: Member | None) -> uuid.UUID | None:
+        if member is None:
+            return None
+        roles = {f"role:{member.role.value}", f"seat:{member.seat.value}"}
+        return member.id if caller.authorizer.allows(str(caller.actor.user_id), roles, str(ws_id), Action.GENERATE) \
+            else None
+
+    # --- balances -------------------------------------------------------------------------
+
+    async def balances(self, caller: Caller, workspace_id: str, secret: str | None) -> AsyncIterator[queries.BalanceView]:
+        ws_id = parse_id(workspace_id, "workspace")
+        member = await self._member(caller, ws_id)
+        sub = _Subscriber()
+        watcher = self._join(ws_id, sub)
+        try:
+            await watcher.listening.wait()  # listening first, then read: no commit falls between
+            snapshot = await queries.balance_snapshot(self.db, ws_id, self.clock.now())
+            yield queries.view_of(snapshot, self._spender(caller, ws_id, member))
+            checked = time.monotonic()
+            while True:
+                try:
+                    await asyncio.wait_for(sub.wake.wait(), timeout=self.recheck)
+                except TimeoutError:
+                    pass
+                if time.monotonic() - checked >= self.recheck:
+                    member = await self._still_allowed(caller, ws_id, secret)
+                    checked = time.monotonic()
+                if sub.wake.is_set():
+                    sub.wake.clear()
+                    yield queries.view_of(sub.latest, self._spender(caller, ws_id, member))
+        finally:
+            self._leave(ws_id, sub)
+
+    def _join(self, ws_id: uuid.UUID, sub: _Subscriber) -> _Watcher:
+        watcher = self._watchers.get(ws_id)
+        if watcher is None:
+            watcher = self._watchers[ws_id] = _Watcher()
+            watcher.tasks = [asyncio.create_task(self._listen(ws_id, watcher)),
+                             asyncio.create_task(self._refresh(ws_id, watcher))]
+        watcher.subscribers.add(sub)
+        return watcher
+
+    def _leave(self, ws_id: uuid.UUID, sub: _Subscriber) -> None:
+        watcher = self._watchers.get(ws_id)
+        if watcher is None:
+            return
+        watcher.subscribers.discard(sub)
+        if not watcher.subscribers:
+            del self._watchers[ws_id]
+            for t in watcher.tasks:
+                t.cancel()
+
+    async def _listen(self, ws_id: uuid.UUID, watcher: _Watcher) -> None:
+        async with self.broadcast.subscribe(events.channel(ws_id)) as subscriber:
+            watcher.listening.set()
+            async for message in subscriber:
+                if message is None:
+                    return
+                if any(e["kind"] == events.BALANCE_CHANGED for e in events.decode(message.message)):
+                    watcher.dirty.set()
+
+    async def _refresh(self, ws_id: uuid.UUID, watcher: _Watcher) -> None:
+        while True:
+            await watcher.dirty.wait()
+            await asyncio.sleep(self.debounce)  # coalesce a burst of commits into one read
+            watcher.dirty.clear()  # before reading: a commit during the read triggers another
+            try:
+                snapshot = await queries.balance_snapshot(self.db, ws_id, self.clock.now())
+            except Exception:  # noqa: BLE001 - keep watching; the next signal retries
+                log.warning("balance read for %s failed", ws_id, exc_info=True)
+                watcher.dirty.set()
+                await asyncio.sleep(1)
+                continue
+            for sub in list(watcher.subscribers):
+                sub.latest = snapshot
+                sub.wake.set()
+
+    # --- workspace events -------------------------------------------------------------------
+
+    async def workspace_events(self, caller: Caller, workspace_id: str, secret: str | None) -> AsyncIterator[dict]:
+        ws_id = parse_id(workspace_id, "workspace")
+        await self._member(caller, ws_id)
+        async with self.broadcast.subscribe(events.channel(ws_id)) as subscriber:
+            checked = time.monotonic()
+            while True:
+                try:
+                    message = await asyncio.wait_for(subscriber.get(), timeout=self.recheck)
+                except TimeoutError:
+                    message = None
+                if time.monotonic() - checked >= self.recheck:
+                    await self._still_allowed(caller, ws_id, secret)
+                    checked = time.monotonic()
+                if message is not None:
+                    for e in events.decode(message.message):
+                        if e["kind"] != events.BALANCE_CHANGED:
+                            yield e
+
+
+# --- GraphQL -----------------------------------------------------------------------------------
+
+@strawberry.type
+class LiveScopeBalance:
+    scope: Scope
+    member_id: strawberry.ID | None
+    available: str
+    held: str
+
+
+@strawberry.type
+class BalanceUpdate:
+    workspace_id: strawberry.ID
+    available: str
+    held: str
+    viewer_spendable: str = strawberry.field(description="What the subscriber could spend now.")
+    scopes: list[LiveScopeBalance]
+    as_of: datetime
+
+    @classmethod
+    def of(cls, v: queries.BalanceView) -> BalanceUpdate:
+        return cls(
+            workspace_id=strawberry.ID(str(v.workspace_id)), available=format_credits(v.available),
+            held=format_credits(v.held), viewer_spendable=format_credits(v.viewer_spendable),
+            scopes=[LiveScopeBalance(scope=s.scope, member_id=strawberry.ID(str(s.member_id)) if s.member_id else None,
+                                     available=format_credits(s.available), held=format_credits(s.held))
+                    for s in v.scopes],
+            as_of=v.as_of,
+        )
+
+
+@strawberry.type
+class WorkspaceEvent:
+    workspace_id: strawberry.ID
+    kind: str = strawberry.field(description="GENERATION_STARTED, GENERATION_SETTLED, CREDITS_ADDED, MEMBER_CHANGED, ...")
+    at: datetime
+    payload: JSON
+
+    @classmethod
+    def of(cls, workspace_id: str, e: dict[str, Any]) -> WorkspaceEvent:
+        return cls(workspace_id=strawberry.ID(workspace_id), kind=e["kind"], at=datetime.fromisoformat(e["at"]),
+                   payload=e["payload"])
+
+
+@strawberry.type
+class Subscription:
+    @strawberry.subscription(description="The workspace's available and held credits and your spendable amount: "
+                                         "now, then after every committed change (coalesced).")
+    async def balance_changed(self, info: Info[Context, None], workspace_id: strawberry.ID) -> AsyncIterator[BalanceUpdate]:
+        ctx = info.context
+        caller = await ctx.caller()
+        async for view in ctx.live.balances(caller, str(workspace_id), ctx.secret()):
+            yield BalanceUpdate.of(view)
+
+    @strawberry.subscription(description="Generations started and settled, credits added, member and seat changes.")
+    async def workspace_events(self, info: Info[Context, None], workspace_id: strawberry.ID) -> AsyncIterator[WorkspaceEvent]:
+        ctx = info.context
+        caller = await ctx.caller()
+        async for e in ctx.live.workspace_events(caller, str(workspace_id), ctx.secret()):
+            yield WorkspaceEvent.of(str(workspace_id), e)

@@ -1,0 +1,102 @@
+"""Workspace events: what changed, raised inside the transaction that changed it and delivered
+only if that transaction commits.
+
+Services call `emit(session, ...)`. `Database.transaction` hands the events of a committed
+transaction to its `EventOutlet`: with PostgreSQL LISTEN/NOTIFY they are sent by `pg_notify`
+inside the transaction itself (PostgreSQL delivers a notification only on commit, and in commit
+order), otherwise they are published right after the commit (in-process or Redis).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+# Kinds. BALANCE_CHANGED is a signal for balance subscribers (they re-read the committed balance);
+# the others are the workspace events dashboards show.
+BALANCE_CHANGED = "BALANCE_CHANGED"
+GENERATION_STARTED = "GENERATION_STARTED"
+GENERATION_SETTLED = "GENERATION_SETTLED"
+CREDITS_ADDED = "CREDITS_ADDED"
+MEMBER_CHANGED = "MEMBER_CHANGED"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    workspace_id: uuid.UUID
+    kind: str
+    payload: dict[str, Any] = field(default_factory=dict)
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def as_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "payload": self.payload, "at": self.at.isoformat()}
+
+
+def channel(workspace_id: uuid.UUID) -> str:
+    """One channel per workspace (a PostgreSQL identifier: at most 63 characters)."""
+    return f"cpws_{workspace_id.hex}"
+
+
+def emit(session: AsyncSession, workspace_id: uuid.UUID, kind: str, **payload: Any) -> None:
+    session.info.setdefault("events", []).append(Event(workspace_id, kind, payload))
+
+
+def encode(events: list[Event]) -> str:
+    return json.dumps([e.as_json() for e in events], default=str, separators=(",", ":"))
+
+
+def decode(message: str) -> list[dict[str, Any]]:
+    return json.loads(message)
+
+
+def by_workspace(events: list[Event]) -> dict[uuid.UUID, list[Event]]:
+    out: dict[uuid.UUID, list[Event]] = {}
+    for e in events:
+        out.setdefault(e.workspace_id, []).append(e)
+    return out
+
+
+class EventOutlet(Protocol):
+    async def before_commit(self, session: AsyncSession, events: list[Event]) -> None: ...
+    async def after_commit(self, events: list[Event]) -> None: ...
+
+
+class NotifyOutlet:
+    """PostgreSQL NOTIFY inside the transaction: delivered on commit, never for a rollback."""
+
+    async def before_commit(self, session: AsyncSession, events: list[Event]) -> None:
+        for ws, batch in by_workspace(events).items():
+            await session.execute(select(func.pg_notify(channel(ws), encode(batch))))
+
+    async def after_commit(self, events: list[Event]) -> None:
+        return None
+
+
+class PublishOutlet:
+    """Publish after the commit through a broadcaster (in-process or Redis)."""
+
+    def __init__(self, publish) -> None:
+        self._publish = publish
+
+    async def before_commit(self, session: AsyncSession, events: list[Event]) -> None:
+        return None
+
+    async def after_commit(self, events: list[Event]) -> None:
+        for ws, batch in by_workspace(events).items():
+            await self._publish(channel(ws), encode(batch))
+
+
+class NoOutlet:
+    """For processes without subscribers (the CLI): events are dropped."""
+
+    async def before_commit(self, session: AsyncSession, events: list[Event]) -> None:
+        return None
+
+    async def after_commit(self, events: list[Event]) -> None:
+        return None

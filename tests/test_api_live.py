@@ -1,0 +1,264 @@
+"""Live balances and workspace events over graphql-transport-ws, within and across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import websockets
+from gql.transport.exceptions import TransportQueryError
+
+from tests.conftest import free_port, ws_client
+from tests.test_api_ledger import ADD, BALANCE, COMPLETE, START, grant, key, make_team
+
+BALANCES = """
+subscription($ws: ID!) { balanceChanged(workspaceId: $ws) { available held viewerSpendable asOf } }"""
+EVENTS = """
+subscription($ws: ID!) { workspaceEvents(workspaceId: $ws) { kind payload at } }"""
+
+
+async def next_within(agen, seconds: float):
+    return await asyncio.wait_for(agen.__anext__(), seconds)
+
+
+async def last_balance(agen, expected: dict, seconds: float = 10) -> dict:
+    """Read updates until one equals `expected` (coalescing may skip intermediate ones)."""
+    deadline = time.monotonic() + seconds
+    seen = None
+    while time.monotonic() < deadline:
+        seen = (await next_within(agen, deadline - time.monotonic()))["balanceChanged"]
+        if {k: seen[k] for k in expected} == expected:
+            return seen
+    raise AssertionError(f"never saw {expected}, last {seen}")
+
+
+async def test_a_subscriber_sees_the_balance_now_and_after_each_change(db, live_server, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    token, _ = team.creators[0]
+    async with ws_client(live_server, token) as ws:
+        stream = ws.subscribe(BALANCES, ws=team.ws)
+        first = (await next_within(stream, 5))["balanceChanged"]
+        assert (first["available"], first["held"], first["viewerSpendable"]) == ("100.000", "0.000", "100.000")
+        async with client(token) as api:
+            gen = (await api(START, ws=team.ws, model="dalle-3", key=key()))["startGeneration"]
+        await last_balance(stream, {"available": "90.000", "held": "10.000", "viewerSpendable": "90.000"})
+        async with client(team.worker) as api:
+            await api(COMPLETE, g=gen["id"], key=key(), cost="4")
+        await last_balance(stream, {"available": "96.000", "held": "0.000"})
+        async with client(token) as api:  # the query and the stream agree on the spendable amount
+            assert (await api(BALANCE, ws=team.ws))["balance"]["viewerSpendable"] == "96.000"
+        await stream.aclose()
+
+
+async def test_workspace_events_arrive_in_order(db, live_server, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    token, _ = team.creators[0]
+    async with ws_client(live_server, team.owner) as ws:
+        stream = ws.subscribe(EVENTS, ws=team.ws)
+        listening = asyncio.ensure_future(next_within(stream, 10))
+        await asyncio.sleep(0.3)  # the subscription is live before anything happens
+        async with client(token) as api:
+            gen = (await api(START, ws=team.ws, model="sdxl", key=key()))["startGeneration"]
+        async with client(team.worker) as api:
+            await api(COMPLETE, g=gen["id"], key=key())
+        async with client(team.owner) as api:
+            await api(ADD, ws=team.ws, email=f"late-{key()}@example.test", role="MEMBER", seat="STANDARD")
+        got = [(await listening)["workspaceEvents"]]
+        while len(got) < 3:
+            got.append((await next_within(stream, 5))["workspaceEvents"])
+        await stream.aclose()
+    assert [e["kind"] for e in got] == ["GENERATION_STARTED", "GENERATION_SETTLED", "MEMBER_CHANGED"]
+    assert got[0]["payload"]["generationId"] == got[1]["payload"]["generationId"] == gen["id"]
+    assert got[1]["payload"]["status"] == "COMPLETED" and got[2]["payload"]["change"] == "ADDED"
+
+
+async def test_after_200_concurrent_spends_the_last_balance_each_subscriber_got_is_the_committed_one(
+    db, live_server, client
+):
+    team = await make_team(db, client, creators=4)
+    await grant(client, team, "1000")
+    watchers = [team.owner] + [t for t, _ in team.creators]
+    async with contextlib.AsyncExitStack() as stack:
+        streams = []
+        for token in watchers:
+            ws = await stack.enter_async_context(ws_client(live_server, token))
+            stream = ws.subscribe(BALANCES, ws=team.ws)
+            await next_within(stream, 5)
+            streams.append(stream)
+
+        async def spend(i: int):
+            token, _ = team.creators[i % 4]
+            async with client(token) as api:
+                return (await api(START, ws=team.ws, model="test-three", key=key()))["startGeneration"]["__typename"]
+
+        kinds = await asyncio.gather(*(spend(i) for i in range(200)))
+        assert kinds.count("Generation") == 200
+        async with client(team.owner) as api:
+            committed = (await api(BALANCE, ws=team.ws))["balance"]
+        assert committed["held"] == "600.000"
+        want = {"available": committed["available"], "held": committed["held"]}
+        for stream in streams:
+            await last_balance(stream, want)
+            # ...and nothing older arrives after it: whatever else comes is the committed balance too.
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    later = (await next_within(stream, 1))["balanceChanged"]
+                    assert {k: later[k] for k in want} == want
+        for s in streams:
+            await s.aclose()
+
+
+async def test_500_concurrent_subscribers_all_receive_the_final_balance(db, live_server, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    token, _ = team.creators[0]
+    async with contextlib.AsyncExitStack() as stack:
+        streams = []
+        for _ in range(100):  # 100 connections with 5 subscriptions each
+            ws = await stack.enter_async_context(ws_client(live_server, team.owner))
+            streams += [ws.subscribe(BALANCES, ws=team.ws) for _ in range(5)]
+        firsts = await asyncio.gather(*(next_within(s, 30) for s in streams))
+        assert {f["balanceChanged"]["available"] for f in firsts} == {"100.000"}
+        async with client(token) as api:
+            await api(START, ws=team.ws, model="video-standard", key=key())
+        finals = await asyncio.gather(*(last_balance(s, {"available": "50.000", "held": "50.000"}, 30)
+                                        for s in streams))
+        assert len(finals) == 500
+        for s in streams:
+            await s.aclose()
+
+
+async def test_a_subscription_to_another_workspace_is_refused_like_an_unknown_id(db, live_server, client):
+    a = await make_team(db, client, creators=0)
+    b = await make_team(db, client, creators=0)
+    async with ws_client(live_server, a.owner) as ws:
+        answers = []
+        for ws_id in (b.ws, "00000000-0000-4000-8000-000000000000"):
+            for query in (BALANCES, EVENTS):
+                with pytest.raises(TransportQueryError) as err:
+                    await next_within(ws.subscribe(query, ws=ws_id), 5)
+                answers.append((err.value.errors[0]["message"], err.value.errors[0]["extensions"]))
+        # The connection stays usable for the workspaces the caller may see.
+        ok = await next_within(ws.subscribe(BALANCES, ws=a.ws), 5)
+    assert answers == [("workspace not found", {"code": "NOT_FOUND"})] * 4
+    assert ok["balanceChanged"]["available"] == "0.000"
+
+
+async def test_a_removed_members_stream_ends(db, live_server, client):
+    team = await make_team(db, client, creators=1)
+    token, member = team.creators[0]
+    async with ws_client(live_server, token) as ws:
+        stream = ws.subscribe(BALANCES, ws=team.ws)
+        await next_within(stream, 5)
+        async with client(team.owner) as api:
+            await api("mutation($m: ID!) { removeMember(input: {memberId: $m}) { __typename } }", m=member)
+        started = time.monotonic()
+        with pytest.raises(TransportQueryError) as err:
+            while True:
+                await next_within(stream, 5)
+    assert time.monotonic() - started < 3
+    assert err.value.errors[0]["extensions"]["code"] == "NOT_FOUND"
+
+
+async def test_a_revoked_tokens_stream_ends(db, live_server, client):
+    team = await make_team(db, client, creators=0)
+    async with client(team.owner) as api:
+        created = (await api('mutation { createApiToken(input: {name: "dash"}) { ... on CreatedApiToken '
+                             '{ secret token { id } } } }'))["createApiToken"]
+    async with ws_client(live_server, created["secret"]) as ws:
+        stream = ws.subscribe(EVENTS, ws=team.ws)
+        pending = asyncio.ensure_future(next_within(stream, 10))
+        await asyncio.sleep(0.2)
+        async with client(team.owner) as api:
+            await api("mutation($id: ID!) { revokeApiToken(input: {tokenId: $id}) { __typename } }",
+                      id=created["token"]["id"])
+        with pytest.raises(TransportQueryError) as err:
+            await pending
+    assert err.value.errors[0]["extensions"]["code"] == "UNAUTHENTICATED"
+
+
+# --- across processes ------------------------------------------------------------------------
+
+def _cli() -> list[str]:
+    exe = Path(sys.executable).with_name("creditpool")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "api.cli"]
+
+
+@contextlib.asynccontextmanager
+async def served(database_url: str, log: Path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITPOOL_") and k != "DATABASE_URL"}
+    env.update(DATABASE_URL=database_url, CREDITPOOL_PORT=str(port), CREDITPOOL_BROADCAST_URL="postgres",
+               CREDITPOOL_LOG_LEVEL="warning")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*_cli(), "serve"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                cwd=Path(__file__).resolve().parent.parent)
+    try:
+        deadline = time.monotonic() + 30
+        async with aiohttp.ClientSession() as http:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                        if r.status == 200:
+                            break
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                await asyncio.sleep(0.1)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def test_a_subscriber_on_process_a_sees_a_generation_started_through_process_b(db, database_url, client, tmp_path):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    token, _ = team.creators[0]
+    async with served(database_url, tmp_path / "a.log") as port_a, served(database_url, tmp_path / "b.log") as port_b:
+        async with ws_client(f"ws://127.0.0.1:{port_a}/graphql", team.owner) as ws, \
+                ws_client(f"ws://127.0.0.1:{port_b}/graphql", team.owner) as ws_b:
+            balances = ws.subscribe(BALANCES, ws=team.ws)
+            events_ = ws.subscribe(EVENTS, ws=team.ws)
+            balances_b = ws_b.subscribe(BALANCES, ws=team.ws)  # a second dashboard, on process B
+            assert (await next_within(balances, 5))["balanceChanged"]["held"] == "0.000"
+            assert (await next_within(balances_b, 5))["balanceChanged"]["held"] == "0.000"
+            pending_event = asyncio.ensure_future(next_within(events_, 10))
+            await asyncio.sleep(0.3)
+            async with aiohttp.ClientSession() as http:
+                body = {"query": START, "variables": {"ws": team.ws, "model": "dalle-3", "key": key()}}
+                sent = time.monotonic()
+                async with http.post(f"http://127.0.0.1:{port_b}/graphql", json=body,
+                                     headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert json.loads(await r.text())["data"]["startGeneration"]["__typename"] == "Generation"
+            update = await last_balance(balances, {"held": "10.000"}, seconds=1)
+            event = (await pending_event)["workspaceEvents"]
+            assert time.monotonic() - sent < 1.0
+            assert update["available"] == "90.000" and event["kind"] == "GENERATION_STARTED"
+            assert (await last_balance(balances_b, {"held": "10.000"}, seconds=1))["available"] == "90.000"
+            for stream in (balances, events_, balances_b):
+                await stream.aclose()
+
+
+async def test_the_legacy_protocol_and_unauthenticated_connections_get_close_codes(live_server):
+    async with websockets.connect(live_server.ws_url, subprotocols=["graphql-ws"]) as legacy:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(legacy.recv(), 5)
+    assert closed.value.rcvd.code == 4406
+    async with websockets.connect(live_server.ws_url, subprotocols=["graphql-transport-ws"]) as anon:
+        await anon.send(json.dumps({"type": "connection_init", "payload": {}}))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(anon.recv(), 5)
+    assert closed.value.rcvd.code == 4403
