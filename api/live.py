@@ -56,6 +56,23 @@ def broadcast_url(setting: str, database_url: str, workers: int) -> str:
     return setting
 
 
+def _broadcast(url: str) -> Broadcast:
+    if not url.startswith(("redis://", "rediss://")):
+        return Broadcast(url)
+    from broadcaster._backends.redis import RedisBackend  # redis is an optional dependency
+
+    class SubscribedFirst(RedisBackend):
+        """broadcaster 0.3's Redis backend wakes its listener before SUBSCRIBE completes; redis-py
+        then sees no subscription and stops listening, so no message ever arrives. Subscribing
+        first, then waking the listener, closes that race."""
+
+        async def subscribe(self, channel: str) -> None:
+            await self._pubsub.subscribe(channel)
+            self._ready.set()
+
+    return Broadcast(backend=SubscribedFirst(url))
+
+
 @dataclass(eq=False)
 class _Subscriber:
     latest: queries.Snapshot | None = None
@@ -77,7 +94,7 @@ class LiveHub:
         self.clock = clock
         self.debounce = debounce
         self.recheck = recheck
-        self.broadcast = Broadcast(url)
+        self.broadcast = _broadcast(url)
         self._watchers: dict[uuid.UUID, _Watcher] = {}
 
     def outlet(self) -> EventOutlet:

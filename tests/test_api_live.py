@@ -262,3 +262,29 @@ async def test_the_legacy_protocol_and_unauthenticated_connections_get_close_cod
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await asyncio.wait_for(anon.recv(), 5)
     assert closed.value.rcvd.code == 4403
+
+
+REDIS_ENV = "CREDITPOOL_TEST_REDIS_URL"
+
+
+@pytest.mark.skipif(not os.environ.get(REDIS_ENV), reason=f"{REDIS_ENV} names no Redis (.ci/run sets it when one answers)")
+async def test_two_servers_share_live_updates_through_redis(db, database_url, client):
+    from tests.conftest import LiveServer, http_client
+
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    token, _ = team.creators[0]
+    servers = [LiveServer(database_url, broadcast_url=os.environ[REDIS_ENV]) for _ in range(2)]
+    for s in servers:
+        s.start()
+    try:
+        async with ws_client(servers[0], team.owner) as ws:
+            stream = ws.subscribe(BALANCES, ws=team.ws)
+            assert (await next_within(stream, 5))["balanceChanged"]["held"] == "0.000"
+            async with http_client(servers[1], token) as api:
+                await api(START, ws=team.ws, model="sdxl", key=key())
+            assert (await last_balance(stream, {"held": "5.000"}, seconds=2))["available"] == "95.000"
+            await stream.aclose()
+    finally:
+        for s in servers:
+            s.stop()
