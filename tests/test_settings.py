@@ -21,3 +21,19 @@ def test_policy_violation_fee_must_be_a_percentage(monkeypatch):
     monkeypatch.setenv("CREDITPOOL_POLICY_VIOLATION_FEE_PERCENT", "150")
     with pytest.raises(SystemExit, match="CREDITPOOL_POLICY_VIOLATION_FEE_PERCENT"):
         load_settings()
+
+
+def test_live_events_cross_processes_through_postgres_when_there_are_several_workers():
+    from api.live import broadcast_url
+
+    db = "postgresql+asyncpg://u@/db?host=/tmp/x"
+    assert broadcast_url("auto", db, workers=1) == "memory://"
+    assert broadcast_url("auto", db, workers=4) == "postgresql://u@/db?host=/tmp/x"
+    assert broadcast_url("postgres", db, workers=1) == "postgresql://u@/db?host=/tmp/x"
+    assert broadcast_url("redis://r:6379", db, workers=4) == "redis://r:6379"
+
+
+def test_an_unknown_broadcaster_is_refused(monkeypatch):
+    monkeypatch.setenv("CREDITPOOL_BROADCAST_URL", "kafka://x")
+    with pytest.raises(SystemExit, match="CREDITPOOL_BROADCAST_URL"):
+        load_settings()
