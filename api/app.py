@@ -3,8 +3,10 @@ subscriptions over graphql-transport-ws only), /healthz and /readyz."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import text
@@ -24,6 +26,7 @@ from api.schema import build_schema
 from api.settings import Settings, load_settings
 from domain.clock import SYSTEM_CLOCK, Clock
 from domain.db import Database
+from domain.periods import service as periods
 from domain.ledger.payments import PaymentProvider, TrustedReferenceProvider
 from domain.ledger.service import LedgerRules
 from policies import Authorizer
@@ -111,10 +114,25 @@ def create_app(
             )
         return JSONResponse({"status": "ok", "database": "ok", "schema": current})
 
+    async def scheduler() -> None:
+        # Every process runs it; each unit of work is claimed in the database (SKIP LOCKED), so
+        # adding processes never runs a job twice.
+        while True:
+            try:
+                report = await periods.tick(db, clock, hold_ttl=timedelta(seconds=settings.hold_ttl_seconds))
+                if any((report.periods_closed, report.daily_issued, report.grants_expired, report.holds_timed_out)):
+                    log.info("scheduler: %s", report)
+            except Exception:  # noqa: BLE001 - keep the process serving; the next round retries
+                log.warning("scheduler round failed", exc_info=True)
+            await asyncio.sleep(settings.scheduler_interval_seconds)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette):
         await live.start()
+        task = asyncio.create_task(scheduler()) if settings.scheduler_interval_seconds else None
         yield
+        if task is not None:
+            task.cancel()
         await live.stop()
         await db.dispose()
 

@@ -51,9 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(svc)
     svc.add_argument("--name", required=True)
 
+    tick = sub.add_parser("tick", help="run whatever is due once (period closes, expiry, hold timeouts) and exit")
+    _add_common(tick)
+
     check = sub.add_parser("check-ledger", help="prove every grant's figures equal its ledger entries")
     _add_common(check)
     check.add_argument("--workspace", help="only this workspace id")
+
+    from api import bench  # light: the benchmark imports its machinery when it runs
+
+    bench.add_arguments(sub.add_parser("bench", help="load benchmark next to the raw PostgreSQL ceiling (BENCHMARKS.md)"))
 
     schema = sub.add_parser("export-schema", help="write the GraphQL SDL (default: api/schema.graphql)")
     schema.add_argument("--output", type=Path)
@@ -183,6 +190,20 @@ def _print_secret(url: str, fn) -> None:
         raise SystemExit(f"error: {exc.message}") from None
 
 
+def cmd_tick(args: argparse.Namespace) -> None:
+    from datetime import timedelta
+
+    from domain.clock import SYSTEM_CLOCK
+    from domain.periods.service import tick
+
+    settings = _settings(args)
+    url = _database(settings)
+    report = asyncio.run(_with_db(url, lambda db: tick(db, SYSTEM_CLOCK,
+                                                       hold_ttl=timedelta(seconds=settings.hold_ttl_seconds))))
+    print(f"periods closed: {report.periods_closed}, daily grants: {report.daily_issued}, "
+          f"grants expired: {report.grants_expired}, holds timed out: {report.holds_timed_out}")
+
+
 def cmd_check_ledger(args: argparse.Namespace) -> None:
     import uuid
 
@@ -205,6 +226,12 @@ def cmd_export_schema(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from api.bench import main as bench_main
+
+    bench_main(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     handler = {
@@ -213,7 +240,9 @@ def main(argv: list[str] | None = None) -> None:
         "create-user": cmd_create_user,
         "create-service-token": cmd_create_service_token,
         "check-ledger": cmd_check_ledger,
+        "tick": cmd_tick,
         "export-schema": cmd_export_schema,
+        "bench": cmd_bench,
     }[args.command]
     handler(args)
 

@@ -22,14 +22,17 @@ from api.catalog import CatalogMutation, CatalogQuery
 from api.identity import IdentityMutation, IdentityQuery
 from api.ledger import LedgerMutation, LedgerQuery
 from api.live import Subscription
+from api.periods import PeriodsMutation, PeriodsQuery
 from api.workspaces import WorkspaceMutation, WorkspaceQuery
 from domain.errors import AuthError, DomainError
 
 SDL_PATH = Path(__file__).resolve().parent / "schema.graphql"
 log = logging.getLogger("creditpool.graphql")
 
-Query = merge_types("Query", (IdentityQuery, WorkspaceQuery, CatalogQuery, LedgerQuery))
-Mutation = merge_types("Mutation", (IdentityMutation, WorkspaceMutation, LedgerMutation, CatalogMutation))
+Query = merge_types("Query", (IdentityQuery, WorkspaceQuery, CatalogQuery, LedgerQuery, PeriodsQuery))
+Mutation = merge_types(
+    "Mutation", (IdentityMutation, WorkspaceMutation, LedgerMutation, CatalogMutation, PeriodsMutation)
+)
 
 
 class PublicErrors(SchemaExtension):

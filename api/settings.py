@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     # Share of a hold kept when a generation fails for a policy violation (technical failures
     # and cancellations are always free). Decimal, never float: it is on the money path.
     policy_violation_fee_percent: Decimal = Field(default=Decimal("10"), ge=0, le=100)
+    # Holds older than this are released and their generation marked TIMED_OUT.
+    hold_ttl_seconds: int = Field(default=3600, ge=60, le=30 * 86400)
+    # How often each server process runs the scheduler (period closes, expiry, hold timeouts);
+    # 0 turns it off (then run `creditpool tick` from cron).
+    scheduler_interval_seconds: int = Field(default=30, ge=0, le=86400)
     # How live events cross processes: auto (in-process for one worker, PostgreSQL LISTEN/NOTIFY
     # for several), memory://, postgres (the service's own database), or redis://host:port.
     broadcast_url: str = "auto"

@@ -12,6 +12,7 @@ from api.context import Context
 from api.errors import AlreadyMember, LastOwner, NotFoundError, SeatLimitReached, ValidationError, result
 from domain import plans as plans_domain
 from domain.errors import NotFound
+from domain.money import format_credits
 from domain.plans import Plan as PlanModel
 from domain.workspaces import models as m
 from domain.workspaces import service as workspaces
@@ -21,16 +22,37 @@ Role = strawberry.enum(m.Role, name="Role")
 Seat = strawberry.enum(m.Seat, name="Seat")
 
 
+RolloverPolicy = strawberry.enum(plans_domain.RolloverPolicy, name="RolloverPolicy")
+BillingInterval = strawberry.enum(plans_domain.BillingInterval, name="BillingInterval")
+
+
 @strawberry.type
 class Plan:
     key: str
     name: str
     seat_cap: int
     free_creator_seats: int
+    included_credits: str = strawberry.field(description="Per monthly period: for the pool, or per creator seat.")
+    billing_interval: BillingInterval
+    rollover_policy: RolloverPolicy
+    rollover_cap_credits: str | None
+    rollover_cap_percent: int | None
+    rollover_periods: int = strawberry.field(description="Rolled-over credits expire after this many periods.")
+    trial_credits: str
+    trial_days: int
+    daily_free_credits: str
 
     @classmethod
     def from_model(cls, p: PlanModel) -> Plan:
-        return cls(key=p.key, name=p.name, seat_cap=p.seat_cap, free_creator_seats=p.free_creator_seats)
+        return cls(
+            key=p.key, name=p.name, seat_cap=p.seat_cap, free_creator_seats=p.free_creator_seats,
+            included_credits=format_credits(p.included_units), billing_interval=p.billing_interval,
+            rollover_policy=p.rollover_policy,
+            rollover_cap_credits=format_credits(p.rollover_cap_units) if p.rollover_cap_units is not None else None,
+            rollover_cap_percent=p.rollover_cap_percent, rollover_periods=p.rollover_periods,
+            trial_credits=format_credits(p.trial_units), trial_days=p.trial_days,
+            daily_free_credits=format_credits(p.daily_free_units),
+        )
 
 
 @strawberry.type
@@ -77,6 +99,9 @@ class Workspace:
     pool_fallback: bool
     paid_creator_seats: int
     created_at: datetime
+    period_start: datetime
+    next_renewal_at: datetime
+    cancelled_at: datetime | None
 
     async def _detail(self, info: Info[Context, None]) -> workspaces.WorkspaceDetail:
         # Cached per request: members, seat usage and viewer fields share one load.
@@ -121,6 +146,7 @@ class Workspace:
         return cls(
             id=strawberry.ID(str(w.id)), name=w.name, allocation_mode=w.allocation_mode,
             pool_fallback=w.pool_fallback, paid_creator_seats=w.paid_creator_seats, created_at=w.created_at,
+            period_start=w.period_start, next_renewal_at=w.next_renewal_at, cancelled_at=w.cancelled_at,
         )
 
 

@@ -13,6 +13,7 @@ from domain.identity import Actor, User, UserKind, authenticate, issue_token
 from domain.ledger.consumption import Scope
 from domain.ledger.models import Cause, CreditPack, EntryKind, Grant, GrantSource, LedgerEntry
 from domain.money import UNITS_PER_CREDIT
+from domain.periods.service import open_workspace
 from domain.plans import plan_by_key
 from domain.pricing import Modality
 from domain.pricing.service import build_model, insert_price_list, window_from_json
@@ -101,8 +102,10 @@ async def _seed(session: AsyncSession) -> None:
         effective_at=datetime.now(UTC), note="demo catalog", published_by=None,
     )
     plan = await plan_by_key(session, "team")
-    session.add(Workspace(id=DEMO_WORKSPACE_ID, name="Demo Studio", plan_id=plan.id,
-                          allocation_mode=AllocationMode.POOLED))
+    now = datetime.now(UTC)
+    ws = Workspace(id=DEMO_WORKSPACE_ID, name="Demo Studio", plan_id=plan.id, allocation_mode=AllocationMode.POOLED,
+                   billing_anchor=now, period_start=now, next_renewal_at=now)
+    session.add(ws)
     for key, email, name, role, seat, operator in IDENTITIES:
         kind = UserKind.SERVICE if email is None else UserKind.HUMAN
         session.add(User(id=_id(f"user:{key}"), kind=kind, email=email, name=name, is_operator=operator))
@@ -114,9 +117,9 @@ async def _seed(session: AsyncSession) -> None:
         if await session.get(CreditPack, _id(f"pack:{name}")) is None:
             session.add(CreditPack(id=_id(f"pack:{name}"), name=name, units=credits * UNITS_PER_CREDIT,
                                    price_minor=cents, currency="USD"))
+    await open_workspace(session, ws, plan, now)
     # A starting balance, through real grant entries so the ledger stays conserved: a team
     # allowance that never expires and a promotion that expires in two weeks.
-    now = datetime.now(UTC)
     for key, source, credits, expires in (
         ("grant:allowance", GrantSource.PLAN_ALLOWANCE, 1000, None),
         ("grant:promotion", GrantSource.PROMOTION, 200, now + timedelta(days=14)),

@@ -2,12 +2,12 @@
 
 from domain.base import Base
 from domain.identity import ApiToken, User
-from domain.ledger.models import CreditPack, Generation, Grant, IdempotencyKey, LedgerEntry, Purchase
+from domain.ledger.models import CreditPack, Generation, Grant, IdempotencyKey, LedgerEntry, PeriodClose, Purchase
 from domain.plans import Plan
 from domain.pricing import ModelPrice, PriceList
 from domain.workspaces.models import Member, Workspace
 
 __all__ = [
-    "ApiToken", "Base", "CreditPack", "Generation", "Grant", "IdempotencyKey", "LedgerEntry", "Member", "ModelPrice",
+    "ApiToken", "Base", "CreditPack", "Generation", "Grant", "IdempotencyKey", "LedgerEntry", "Member", "ModelPrice", "PeriodClose",
     "Plan", "PriceList", "Purchase", "User", "Workspace",
 ]

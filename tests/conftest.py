@@ -162,8 +162,10 @@ class LiveServer:
         self.http_url = f"http://127.0.0.1:{port}/graphql"
         self.ws_url = f"ws://127.0.0.1:{port}/graphql"
         self.base_url = f"http://127.0.0.1:{port}"
-        # Streams re-check access every half second, so revocation tests stay short.
-        settings = {"db_pool_size": 30, "live_recheck_seconds": 0.5, "balance_debounce_ms": 20, **settings}
+        # Streams re-check access every half second, so revocation tests stay short. The
+        # scheduler is off: tests that move time run `tick` themselves, at the time they choose.
+        settings = {"db_pool_size": 30, "live_recheck_seconds": 0.5, "balance_debounce_ms": 20,
+                    "scheduler_interval_seconds": 0, **settings}
         app = create_app(Settings(database_url=url, **settings), database_url=url, clock=self.clock,
                          payments=self.payments)
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio")

@@ -408,8 +408,9 @@ async def test_check_ledger_reports_a_grant_its_entries_do_not_explain(pg_server
         async def forge(session):
             from sqlalchemy import text
             await session.execute(text(
-                "WITH w AS (INSERT INTO workspaces (id, name, plan_id) "
-                "  VALUES (gen_random_uuid(), 'forged', (SELECT id FROM plans WHERE key = 'starter')) RETURNING id) "
+                "WITH w AS (INSERT INTO workspaces (id, name, plan_id, billing_anchor, period_start, next_renewal_at) "
+                "  VALUES (gen_random_uuid(), 'forged', (SELECT id FROM plans WHERE key = 'starter'), now(), now(), "
+                "          now() + interval '1 month') RETURNING id) "
                 "INSERT INTO grants (id, workspace_id, scope, source, effective_at, amount, remaining) "
                 "SELECT gen_random_uuid(), w.id, 'WORKSPACE', 'PROMOTION', now(), 5000, 5000 FROM w"))
         await db.transaction(forge)

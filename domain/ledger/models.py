@@ -12,7 +12,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Identity, Index, LargeBinary, String, text
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Identity, Index, LargeBinary, String, UniqueConstraint, func, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -30,6 +30,7 @@ class GrantSource(enum.StrEnum):
     ROLLOVER = "ROLLOVER"
     REFUND = "REFUND"
     ADJUSTMENT = "ADJUSTMENT"
+    DAILY_FREE = "DAILY_FREE"  # the plan's daily free allowance; expires at the end of its day
 
 
 class EntryKind(enum.StrEnum):
@@ -98,6 +99,7 @@ class Grant(Base):
         CheckConstraint("expires_at IS NULL OR expires_at > effective_at", name="expires_after_effective"),
         # The spend path reads a workspace's live grants; spent-out grants drop out of the index.
         Index("ix_grants_live", "workspace_id", "scope", "member_id", postgresql_where=text("remaining > 0 OR held > 0")),
+        Index("ix_grants_expiring", "expires_at", postgresql_where=text("remaining > 0 AND expires_at IS NOT NULL")),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
@@ -148,6 +150,7 @@ class Generation(Base):
         ),
         Index("ix_generations_workspace_created", "workspace_id", "created_at"),
         Index("ix_generations_member", "member_id"),
+        Index("ix_generations_running", "started_at", postgresql_where=text("status = 'STARTED'")),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
@@ -167,6 +170,7 @@ class Generation(Base):
     # plan multiplier): completion prices reported usage with these, never with a newer list.
     price_list_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("price_lists.id"))
     quote: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    started_at: Mapped[datetime]  # service clock: hold timeouts count from it
     created_at: Mapped[datetime] = created_at()
     settled_at: Mapped[datetime | None]
     settled_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
@@ -195,7 +199,26 @@ class LedgerEntry(Base):
     member_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("members.id"))  # whose spend, if any
     actor_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # The business time of the movement (the service clock); created_at is the database's.
+    occurred_at: Mapped[datetime] = mapped_column(server_default=func.now())
     created_at: Mapped[datetime] = created_at()
+
+
+class PeriodClose(Base):
+    """One closed billing period of a workspace: what rolled over, what expired (breakage), and
+    what the next period's allowance issued. Unique per period start: closed exactly once."""
+
+    __tablename__ = "period_closes"
+    __table_args__ = (UniqueConstraint("workspace_id", "period_start"),)
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    workspace_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workspaces.id"))
+    period_start: Mapped[datetime]
+    period_end: Mapped[datetime]
+    rolled_over_units: Mapped[int] = mapped_column(BigInteger)
+    expired_units: Mapped[int] = mapped_column(BigInteger)
+    issued_units: Mapped[int] = mapped_column(BigInteger)
+    closed_at: Mapped[datetime] = created_at()
 
 
 class IdempotencyKey(Base):
@@ -217,5 +240,5 @@ class IdempotencyKey(Base):
 
 __all__ = [
     "Cause", "CreditPack", "EntryKind", "FailureKind", "Generation", "GenerationStatus", "Grant", "GrantSource",
-    "IdempotencyKey", "LedgerEntry", "Purchase", "Scope",
+    "IdempotencyKey", "LedgerEntry", "PeriodClose", "Purchase", "Scope",
 ]

@@ -99,6 +99,9 @@ class Posting:
     purchase_id: uuid.UUID | None = None
     transfer_id: uuid.UUID | None = None
     member_id: uuid.UUID | None = None
+    # Business time of the movements (the service clock, or the boundary a period close or an
+    # expiry belongs to); None: the database's now().
+    occurred_at: datetime | None = None
     movements: list[Movement] = field(default_factory=list)
 
     def add(self, grant_id: uuid.UUID, kind: EntryKind, amount: int) -> None:
@@ -116,7 +119,7 @@ EFFECT = {
 }
 
 
-async def _post(session: AsyncSession, posting: Posting) -> None:
+async def post_movements(session: AsyncSession, posting: Posting) -> None:
     """Apply the movements to the (already locked) grants and append their entries: one
     executemany UPDATE and one executemany INSERT, whatever the number of grants. Balance
     subscribers are signalled when the transaction commits."""
@@ -155,6 +158,7 @@ async def _post(session: AsyncSession, posting: Posting) -> None:
                     "purchase_id": posting.purchase_id, "transfer_id": posting.transfer_id,
                     "member_id": posting.member_id, "actor_id": posting.actor_id,
                     "idempotency_key": posting.idempotency_key,
+                    **({"occurred_at": posting.occurred_at} if posting.occurred_at else {}),
                 }
                 for m in posting.movements
             ],
@@ -273,9 +277,9 @@ async def purchase_credits(
         )
         if inserted.first() is None:
             raise PaymentReferenceUsed()
-        posting = Posting(ws_id, Cause.PURCHASE, caller.actor.user_id, key, purchase_id=purchase_id)
+        posting = Posting(ws_id, Cause.PURCHASE, caller.actor.user_id, key, purchase_id=purchase_id, occurred_at=now)
         posting.add(grant.id, EntryKind.GRANT, pack.units)
-        await _post(session, posting)
+        await post_movements(session, posting)
         events.emit(session, ws_id, events.CREDITS_ADDED, source=GrantSource.PURCHASE.value,
                     credits=format_credits(pack.units), grantId=str(grant.id))
         return await _purchase_result(session, purchase_id)
@@ -339,9 +343,9 @@ async def grant_credits(
         )
         session.add(grant)
         await session.flush()
-        posting = Posting(ws_id, Cause.GRANT, caller.actor.user_id, key)
+        posting = Posting(ws_id, Cause.GRANT, caller.actor.user_id, key, occurred_at=now)
         posting.add(grant.id, EntryKind.GRANT, units)
-        await _post(session, posting)
+        await post_movements(session, posting)
         events.emit(session, ws_id, events.CREDITS_ADDED, source=source.value, credits=format_credits(units),
                     grantId=str(grant.id), memberId=str(member.id) if member else None)
         await session.refresh(grant)
@@ -409,7 +413,7 @@ async def transfer_credits(
             draws = plan_draws(_spendable_buckets(rows), units, now)
         except NotEnough as short:
             raise InsufficientCredits(short.needed, short.available) from None
-        posting = Posting(ws_id, Cause.TRANSFER, caller.actor.user_id, key, transfer_id=transfer_id)
+        posting = Posting(ws_id, Cause.TRANSFER, caller.actor.user_id, key, transfer_id=transfer_id, occurred_at=now)
         for draw in draws:
             src = rows[draw.grant_id]
             new = Grant(
@@ -423,7 +427,7 @@ async def transfer_credits(
             posting.add(src.id, EntryKind.TRANSFER_OUT, draw.units)
             posting.add(new.id, EntryKind.GRANT, draw.units)
         await session.flush()
-        await _post(session, posting)
+        await post_movements(session, posting)
         return await _transfer_result(session, ws_id, transfer_id)
 
     return await db.transaction(work)
@@ -500,14 +504,14 @@ async def start_generation(
         session.add(Generation(
             id=generation_id, workspace_id=ws_id, member_id=member.id, requested_by=caller.actor.user_id,
             model_key=model_key, parameters=parameters, status=GenerationStatus.STARTED, quoted_units=price,
-            price_list_id=priced.catalog.price_list.id, quote=priced.as_json(),
+            price_list_id=priced.catalog.price_list.id, quote=priced.as_json(), started_at=now,
         ))
         await session.flush()
         posting = Posting(ws_id, Cause.GENERATION, caller.actor.user_id, key, generation_id=generation_id,
-                          member_id=member.id)
+                          member_id=member.id, occurred_at=now)
         for draw in draws:
             posting.add(draw.grant_id, EntryKind.HOLD, draw.units)
-        await _post(session, posting)
+        await post_movements(session, posting)
         events.emit(session, ws_id, events.GENERATION_STARTED, generationId=str(generation_id),
                     memberId=str(member.id), modelKey=model_key, cost=format_credits(price))
         return await generation_result(session, generation_id)
@@ -595,7 +599,7 @@ async def complete_generation(
                     posting.add(draw.grant_id, EntryKind.CAPTURE, draw.units)
             captured += take
             shortfall = extra - take
-        await _post(session, posting)
+        await post_movements(session, posting)
         gen.shortfall_units = shortfall
         return await _settled(session, gen, caller, GenerationStatus.COMPLETED, captured,
                               total_held - min(cost, total_held), now)
@@ -627,7 +631,7 @@ async def fail_generation(
         posting = _settle_posting(gen, caller, key)
         captured = _capture_in_order(posting, rows, held, fee)
         _release_rest(posting, rows, held, now)
-        await _post(session, posting)
+        await post_movements(session, posting)
         gen.failure_kind = kind
         return await _settled(session, gen, caller, GenerationStatus.FAILED, captured, total - captured, now)
 
@@ -663,6 +667,26 @@ async def _settling(
     return gen, True
 
 
+async def time_out(session: AsyncSession, gen: Generation, now: datetime) -> int:
+    """Release every hold of a generation that ran past its time-to-live and mark it TIMED_OUT
+    (the caller locked the generation row). Returns the units released."""
+    held = await _held_by_grant(session, gen.id)
+    rows = await _lock_grants(session, list(held))
+    total = sum(held.values())
+    posting = Posting(gen.workspace_id, Cause.GENERATION, None, None, generation_id=gen.id, member_id=gen.member_id,
+                      occurred_at=now)
+    _release_rest(posting, rows, held, now)
+    await post_movements(session, posting)
+    gen.status = GenerationStatus.TIMED_OUT
+    gen.released_units = total
+    gen.settled_at = now
+    await session.flush()
+    events.emit(session, gen.workspace_id, events.GENERATION_SETTLED, generationId=str(gen.id),
+                memberId=str(gen.member_id), status=GenerationStatus.TIMED_OUT.value, captured=format_credits(0),
+                released=format_credits(total), shortfall=format_credits(0))
+    return total
+
+
 async def _settled(
     session: AsyncSession, gen: Generation, caller: Caller, status: GenerationStatus, captured: int, released: int,
     now: datetime,
@@ -681,7 +705,7 @@ async def _settled(
 
 def _settle_posting(gen: Generation, caller: Caller, key: str) -> Posting:
     return Posting(gen.workspace_id, Cause.GENERATION, caller.actor.user_id, key, generation_id=gen.id,
-                   member_id=gen.member_id)
+                   member_id=gen.member_id, occurred_at=caller.clock.now())
 
 
 async def _held_by_grant(session: AsyncSession, generation_id: uuid.UUID) -> dict[uuid.UUID, int]:

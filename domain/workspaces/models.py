@@ -31,7 +31,10 @@ class Seat(enum.StrEnum):
 
 class Workspace(Base):
     __tablename__ = "workspaces"
-    __table_args__ = (CheckConstraint("paid_creator_seats >= 0", name="paid_creator_seats_not_negative"),)
+    __table_args__ = (
+        CheckConstraint("paid_creator_seats >= 0", name="paid_creator_seats_not_negative"),
+        Index("ix_workspaces_next_daily_at", "next_daily_at", postgresql_where=text("next_daily_at IS NOT NULL")),
+    )
 
     id: Mapped[uuid.UUID] = uuid_pk()
     name: Mapped[str] = mapped_column(String(100))
@@ -44,6 +47,12 @@ class Workspace(Base):
     # Creator seats bought on top of the plan's free ones (the seat purchase itself is billing's).
     paid_creator_seats: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[datetime] = created_at()
+    # Billing periods are monthly, on the anchor's day of the month (clamped to short months).
+    billing_anchor: Mapped[datetime]
+    period_start: Mapped[datetime]
+    next_renewal_at: Mapped[datetime] = mapped_column(index=True)
+    next_daily_at: Mapped[datetime | None]  # set while the plan has a daily free allowance
+    cancelled_at: Mapped[datetime | None]  # no allowance is issued after this
 
     plan: Mapped[Plan] = relationship(lazy="raise")
 

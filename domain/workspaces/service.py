@@ -20,6 +20,8 @@ from domain.access import Caller, authorize, parse_id
 from domain.db import Database
 from domain.errors import AlreadyMember, Forbidden, NotFound, ValidationFailed
 from domain.identity import clean_name, get_or_create_user
+from domain.periods.rules import next_day
+from domain.periods.service import open_workspace
 from domain.plans import Plan, plan_by_key
 from domain.workspaces.models import AllocationMode, Member, Role, Seat, Workspace
 from domain.workspaces.rules import SeatUsage, check_owner_kept, check_seats
@@ -102,13 +104,16 @@ async def create_workspace(
 
     async def work(session: AsyncSession) -> Membership:
         plan = await plan_by_key(session, plan_key)
-        ws = Workspace(name=name, plan_id=plan.id, allocation_mode=allocation_mode)
+        now = caller.clock.now()
+        ws = Workspace(name=name, plan_id=plan.id, allocation_mode=allocation_mode, billing_anchor=now,
+                       period_start=now, next_renewal_at=now)
         session.add(ws)
         await session.flush()
         seat = Seat.CREATOR if ws.creator_seat_limit(plan) > 0 else Seat.STANDARD
         owner = Member(workspace_id=ws.id, user_id=caller.actor.user_id, role=Role.OWNER, seat=seat)
         session.add(owner)
         await session.flush()
+        await open_workspace(session, ws, plan, now)  # first period, allowance, trial, daily credits
         await session.refresh(ws)
         await session.refresh(owner)
         return Membership(ws, plan, owner)
@@ -139,8 +144,12 @@ async def update_workspace(
         ws, plan = await _lock_workspace(session, ws_id)
         await authorize(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
         if plan_key is not None:
+            # A plan change applies from the next boundary: this period's allowance, banked
+            # rollover credits and purchased credits all stay as they are (see README).
             plan = await plan_by_key(session, plan_key)
             ws.plan_id = plan.id
+            if plan.daily_free_units > 0 and ws.next_daily_at is None:
+                ws.next_daily_at = next_day(caller.clock.now())
         if paid_creator_seats is not None:
             ws.paid_creator_seats = paid_creator_seats
         if name is not None:
@@ -158,6 +167,22 @@ async def update_workspace(
             seat_cap=plan.seat_cap,
             creator_limit=ws.creator_seat_limit(plan),
         )
+        await session.flush()
+        return ws
+
+    return await db.transaction(work)
+
+
+async def cancel_subscription(db: Database, caller: Caller, *, workspace_id: str) -> Workspace:
+    """No allowance is issued after the current period; everything already granted (purchased
+    packs, banked rollover, this period's allowance) stays until its own expiry."""
+    ws_id = parse_id(workspace_id, "workspace")
+
+    async def work(session: AsyncSession) -> Workspace:
+        ws, _ = await _lock_workspace(session, ws_id)
+        await authorize(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
+        if ws.cancelled_at is None:
+            ws.cancelled_at = caller.clock.now()
         await session.flush()
         return ws
 

@@ -1,0 +1,318 @@
+"""Billing periods, allowances, expiry and hold timeouts, and the scheduler (`tick`) that runs
+them. Every unit of work is claimed with `SELECT ... FOR UPDATE SKIP LOCKED` and finished in its
+own transaction that also moves the claim forward (a workspace's `next_renewal_at`, a grant's
+remaining, a generation's status), so any number of processes can tick at once and no unit runs
+twice. After downtime the loop catches up one boundary at a time, in order.
+
+Business time: ledger entries written here carry the time they belong to (`occurred_at`): the
+boundary for a period close, the expiry time for an expiry, the deadline for a hold timeout, so
+breakage per period is exact however late the tick runs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, func, not_, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain import events
+from domain.access import Caller, authorize, parse_id
+from domain.clock import Clock
+from domain.db import Database
+from domain.ledger.consumption import Scope
+from domain.ledger.models import (
+    Cause,
+    EntryKind,
+    Generation,
+    GenerationStatus,
+    Grant,
+    GrantSource,
+    LedgerEntry,
+    PeriodClose,
+)
+from domain.ledger.service import Posting, post_movements, time_out
+from domain.periods.rules import add_months, boundary_index, day_start, next_day, rollover_units
+from domain.plans import Plan, RolloverPolicy
+from domain.workspaces.models import AllocationMode, Member, Seat, Workspace
+from policies import Action
+
+GRANTS = Grant.__table__
+
+
+# --- issuing -------------------------------------------------------------------------------------
+
+async def _issue(
+    session: AsyncSession, ws: Workspace, posting: Posting, *, source: GrantSource, units: int,
+    effective_at: datetime, expires_at: datetime | None, reason: str, member: Member | None = None,
+    parent: uuid.UUID | None = None, priority: int = 100,
+) -> Grant:
+    grant = Grant(
+        id=uuid.uuid4(), workspace_id=ws.id, scope=Scope.SEAT if member else Scope.WORKSPACE,
+        member_id=member.id if member else None, source=source, priority=priority, effective_at=effective_at,
+        expires_at=expires_at, amount=units, remaining=units, reason=reason, parent_grant_id=parent,
+    )
+    session.add(grant)
+    posting.add(grant.id, EntryKind.GRANT, units)
+    return grant
+
+
+async def _recipients(session: AsyncSession, ws: Workspace) -> list[Member | None]:
+    """Who receives a period's allowance: the pool (POOLED), or every creator seat (PER_SEAT)."""
+    if ws.allocation_mode is AllocationMode.POOLED:
+        return [None]
+    rows = await session.execute(
+        select(Member).where(Member.workspace_id == ws.id, Member.removed_at.is_(None), Member.seat == Seat.CREATOR)
+        .order_by(Member.created_at, Member.id)
+    )
+    return list(rows.scalars())
+
+
+def _allowance_expiry(plan: Plan, ws: Workspace, period_end: datetime) -> datetime | None:
+    return None if plan.rollover_policy is RolloverPolicy.NEVER_EXPIRE else period_end
+
+
+async def _issue_allowance(
+    session: AsyncSession, ws: Workspace, plan: Plan, posting: Posting, start: datetime, end: datetime
+) -> int:
+    if ws.cancelled_at is not None or plan.included_units <= 0:
+        return 0
+    issued = 0
+    for member in await _recipients(session, ws):
+        await _issue(session, ws, posting, source=GrantSource.PLAN_ALLOWANCE, units=plan.included_units,
+                     effective_at=start, expires_at=_allowance_expiry(plan, ws, end), member=member,
+                     reason=f"{plan.name} allowance for the period from {start.date()}")
+        issued += plan.included_units
+    return issued
+
+
+async def open_workspace(session: AsyncSession, ws: Workspace, plan: Plan, now: datetime) -> None:
+    """A new workspace: its first period starts now (the billing anchor), with its allowance, the
+    plan's trial credits and today's free credits."""
+    ws.billing_anchor = ws.period_start = now
+    ws.next_renewal_at = add_months(now, 1)
+    ws.next_daily_at = next_day(now) if plan.daily_free_units > 0 else None
+    await session.flush()
+    posting = Posting(ws.id, Cause.GRANT, None, None, occurred_at=now)
+    await _issue_allowance(session, ws, plan, posting, now, ws.next_renewal_at)
+    if plan.trial_units > 0 and plan.trial_days > 0:
+        await _issue(session, ws, posting, source=GrantSource.TRIAL, units=plan.trial_units, effective_at=now,
+                     expires_at=now + timedelta(days=plan.trial_days), reason=f"{plan.name} trial")
+    if plan.daily_free_units > 0:
+        await _issue(session, ws, posting, source=GrantSource.DAILY_FREE, units=plan.daily_free_units,
+                     effective_at=now, expires_at=ws.next_daily_at, reason="daily free credits")
+    await session.flush()
+    await post_movements(session, posting)
+
+
+async def close_period(session: AsyncSession, ws: Workspace, plan: Plan) -> PeriodClose:
+    """Close the period ending at `ws.next_renewal_at` (the workspace row is locked): apply the
+    plan's rule to that period's allowance (expire it, or roll the capped part over and expire
+    the rest; never-expiring allowances stay), then issue the next period's allowance.
+    Purchased and other credits are not touched here; they expire on their own dates."""
+    start, boundary = ws.period_start, ws.next_renewal_at
+    k = boundary_index(ws.billing_anchor, boundary)
+    following = add_months(ws.billing_anchor, k + 1)
+    allowances = list((await session.execute(
+        select(Grant).where(Grant.workspace_id == ws.id, Grant.source == GrantSource.PLAN_ALLOWANCE,
+                            Grant.effective_at == start, Grant.remaining > 0)
+        .order_by(Grant.id).with_for_update()
+    )).scalars())
+    rolls = Posting(ws.id, Cause.TRANSFER, None, None, occurred_at=boundary)
+    expiry = Posting(ws.id, Cause.EXPIRY, None, None, occurred_at=boundary)
+    rolled = expired = 0
+    for g in allowances:
+        if g.expires_at is None:  # NEVER_EXPIRE: it simply stays
+            continue
+        keep = 0
+        if plan.rollover_policy is RolloverPolicy.ROLLOVER:
+            keep = rollover_units(g.remaining, g.amount, plan.rollover_cap_units, plan.rollover_cap_percent)
+        if keep:
+            member = await session.get(Member, g.member_id) if g.member_id else None
+            await _issue(session, ws, rolls, source=GrantSource.ROLLOVER, units=keep, effective_at=boundary,
+                         expires_at=add_months(ws.billing_anchor, k + plan.rollover_periods), member=member,
+                         parent=g.id, reason=f"rollover from the period from {start.date()}")
+            rolls.add(g.id, EntryKind.TRANSFER_OUT, keep)
+            rolled += keep
+        expiry.add(g.id, EntryKind.EXPIRE, g.remaining - keep)
+        expired += g.remaining - keep
+    issue = Posting(ws.id, Cause.GRANT, None, None, occurred_at=boundary)
+    issued = await _issue_allowance(session, ws, plan, issue, boundary, following)
+    await session.flush()
+    for posting in (rolls, expiry, issue):
+        await post_movements(session, posting)
+    closed = PeriodClose(workspace_id=ws.id, period_start=start, period_end=boundary, rolled_over_units=rolled,
+                         expired_units=expired, issued_units=issued)
+    session.add(closed)
+    ws.period_start, ws.next_renewal_at = boundary, following
+    await session.flush()
+    return closed
+
+
+# --- the scheduler -----------------------------------------------------------------------------
+
+@dataclass
+class TickReport:
+    periods_closed: int = 0
+    daily_issued: int = 0
+    grants_expired: int = 0
+    holds_timed_out: int = 0
+    closes: list[PeriodClose] = field(default_factory=list)
+
+
+async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 100) -> TickReport:
+    """Run everything that is due at `clock.now()`, once, then return. Safe to run in any number
+    of processes at once: each unit is claimed with SKIP LOCKED and moved forward in the same
+    transaction, so a unit another process holds is skipped, and a done unit is no longer due."""
+    report = TickReport()
+    now = clock.now()
+    while closed := await db.transaction(lambda s: _close_one_due_period(s, now)):
+        report.periods_closed += 1
+        report.closes.append(closed)
+    while await db.transaction(lambda s: _issue_one_due_day(s, now)):
+        report.daily_issued += 1
+    while expired := await db.transaction(lambda s: _expire_due_grants(s, now, batch)):
+        report.grants_expired += expired
+    while timed_out := await db.transaction(lambda s: _time_out_holds(s, now, hold_ttl, batch)):
+        report.holds_timed_out += timed_out
+    return report
+
+
+async def _claim_workspace(session: AsyncSession, due) -> Workspace | None:
+    return (await session.execute(
+        select(Workspace).where(due).order_by(Workspace.id).limit(1).with_for_update(skip_locked=True)
+    )).scalar_one_or_none()
+
+
+async def _close_one_due_period(session: AsyncSession, now: datetime) -> PeriodClose | None:
+    ws = await _claim_workspace(session, Workspace.next_renewal_at <= now)
+    if ws is None:
+        return None
+    plan = await session.get_one(Plan, ws.plan_id)
+    closed = await close_period(session, ws, plan)
+    events.emit(session, ws.id, events.PERIOD_CLOSED, periodStart=closed.period_start.isoformat(),
+                periodEnd=closed.period_end.isoformat(), rolledOver=closed.rolled_over_units,
+                expired=closed.expired_units, issued=closed.issued_units)
+    return closed
+
+
+async def _issue_one_due_day(session: AsyncSession, now: datetime) -> bool:
+    """Daily free credits: today's grant, once. Days missed during downtime are skipped, not
+    back-issued: their credits would have expired already."""
+    ws = await _claim_workspace(session, and_(Workspace.next_daily_at.is_not(None), Workspace.next_daily_at <= now))
+    if ws is None:
+        return False
+    plan = await session.get_one(Plan, ws.plan_id)
+    today = day_start(now)
+    if plan.daily_free_units > 0 and ws.cancelled_at is None:
+        posting = Posting(ws.id, Cause.GRANT, None, None, occurred_at=today)
+        await _issue(session, ws, posting, source=GrantSource.DAILY_FREE, units=plan.daily_free_units,
+                     effective_at=today, expires_at=next_day(today), reason="daily free credits")
+        await session.flush()
+        await post_movements(session, posting)
+        ws.next_daily_at = next_day(today)
+    else:
+        ws.next_daily_at = None
+    return True
+
+
+async def _expire_due_grants(session: AsyncSession, now: datetime, batch: int) -> int:
+    """An expiry entry for the remaining credits of every grant past its expiry. Held credits
+    stay held (a hold placed before expiry may be captured; released later, they expire then).
+    Allowances of a period not yet closed wait for the close, which may roll part of them over."""
+    ws = Workspace.__table__
+    unclosed_allowance = and_(GRANTS.c.source == GrantSource.PLAN_ALLOWANCE.value,
+                              GRANTS.c.expires_at >= ws.c.next_renewal_at)
+    rows = (await session.execute(
+        select(GRANTS.c.id, GRANTS.c.workspace_id, GRANTS.c.remaining, GRANTS.c.expires_at)
+        .join(ws, ws.c.id == GRANTS.c.workspace_id)
+        .where(GRANTS.c.remaining > 0, GRANTS.c.expires_at <= now, not_(unclosed_allowance))
+        .order_by(GRANTS.c.id).limit(batch).with_for_update(of=GRANTS, skip_locked=True)
+    )).all()
+    for r in rows:
+        posting = Posting(r.workspace_id, Cause.EXPIRY, None, None, occurred_at=r.expires_at)
+        posting.add(r.id, EntryKind.EXPIRE, r.remaining)
+        await post_movements(session, posting)
+    return len(rows)
+
+
+async def _time_out_holds(session: AsyncSession, now: datetime, ttl: timedelta, batch: int) -> int:
+    gens = list((await session.execute(
+        select(Generation).where(Generation.status == GenerationStatus.STARTED, Generation.started_at <= now - ttl)
+        .order_by(Generation.id).limit(batch).with_for_update(skip_locked=True)
+    )).scalars())
+    for gen in gens:
+        await time_out(session, gen, gen.started_at + ttl)  # it timed out at its deadline, however late we run
+    return len(gens)
+
+
+# --- reading: what happens next ------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class BucketOutlook:
+    grant: Grant
+    rolls_over: int
+    expires: int
+    stays: int
+
+
+@dataclass(frozen=True, slots=True)
+class Breakage:
+    period_start: datetime
+    period_end: datetime
+    expired_units: int
+    rolled_over_units: int
+    issued_units: int
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    workspace: Workspace
+    plan: Plan
+    next_renewal_at: datetime
+    buckets: list[BucketOutlook]
+    breakage: list[Breakage]
+
+
+async def schedule(db: Database, caller: Caller, *, workspace_id: str, periods: int = 12) -> Schedule:
+    """The next renewal, what each live bucket will do at it ("120 roll over, 30 expire"), and
+    the breakage (credits lost to expiry) of the last closed periods."""
+    ws_id = parse_id(workspace_id, "workspace")
+
+    async def work(session: AsyncSession) -> Schedule:
+        await authorize(session, caller, ws_id, Action.VIEW_BALANCE, what="workspace")
+        ws = await session.get_one(Workspace, ws_id)
+        plan = await session.get_one(Plan, ws.plan_id)
+        boundary = ws.next_renewal_at
+        grants = list((await session.execute(
+            select(Grant).where(Grant.workspace_id == ws_id, or_(Grant.remaining > 0, Grant.held > 0))
+            .order_by(Grant.expires_at.nulls_last(), Grant.created_at)
+        )).scalars())
+        buckets = []
+        for g in grants:
+            rolls = expires = 0
+            if g.expires_at is not None and g.expires_at <= boundary:
+                if g.source is GrantSource.PLAN_ALLOWANCE and plan.rollover_policy is RolloverPolicy.ROLLOVER:
+                    rolls = rollover_units(g.remaining, g.amount, plan.rollover_cap_units, plan.rollover_cap_percent)
+                expires = g.remaining - rolls
+            buckets.append(BucketOutlook(g, rolls, expires, g.remaining - rolls - expires))
+        closes = list((await session.execute(
+            select(PeriodClose).where(PeriodClose.workspace_id == ws_id)
+            .order_by(PeriodClose.period_start.desc()).limit(periods)
+        )).scalars())
+        # Breakage of a period: every expiry entry that belongs to it, from any grant (allowance,
+        # promotion, trial, rollover), by business time: after its start, up to its end.
+        breakage = []
+        for c in closes:
+            lost = (await session.execute(
+                select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
+                    LedgerEntry.workspace_id == ws_id, LedgerEntry.kind == EntryKind.EXPIRE,
+                    LedgerEntry.occurred_at > c.period_start, LedgerEntry.occurred_at <= c.period_end,
+                )
+            )).scalar_one()
+            breakage.append(Breakage(c.period_start, c.period_end, int(lost), c.rolled_over_units, c.issued_units))
+        return Schedule(ws, plan, boundary, buckets, breakage)
+
+    return await db.read(work)
