@@ -106,7 +106,7 @@ TEST_MODELS = {
 }
 
 
-def test_models(overrides: dict | None = None, retired: frozenset[str] = frozenset()) -> list:
+def catalog_models(overrides: dict | None = None, retired: frozenset[str] = frozenset()) -> list:
     models = {**TEST_MODELS, **(overrides or {})}
     return [pricing.build_model(key, key, "test", modality, spec, active=key not in retired)
             for key, (modality, spec) in models.items()]
@@ -117,7 +117,7 @@ async def publish_test_catalog(db: Database, overrides: dict | None = None, *, r
     the effective time goes to the higher version, so it supersedes anything published before).
     Every version keeps every test model, so tests that run later still find their prices."""
     return await db.transaction(lambda s: pricing.insert_price_list(
-        s, models=test_models(overrides, frozenset(retired)), windows=windows, plan_multipliers={},
+        s, models=catalog_models(overrides, frozenset(retired)), windows=windows, plan_multipliers={},
         note="test catalog", published_by=None, effective_at=datetime.now(UTC),
     ))
 
@@ -129,7 +129,7 @@ async def database_url(pg_server: PgServer) -> str:
     db = Database(url, pool_size=1)
     try:
         await db.transaction(lambda s: pricing.insert_price_list(
-            s, models=test_models(), windows=(), plan_multipliers={}, note="test catalog", published_by=None,
+            s, models=catalog_models(), windows=(), plan_multipliers={}, note="test catalog", published_by=None,
             effective_at=datetime.now(UTC) - timedelta(days=1),
         ))
     finally:

@@ -53,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise SystemExit("creditpool bench drives the API with aiohttp: pip install -e '.[test]'") from None
     from api.bench.run import run
 
     raise SystemExit(run(args))

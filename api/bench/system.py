@@ -128,9 +128,11 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
 
 
 def machine_busy() -> float:
-    """CPU seconds the whole machine spent not idle, summed over cores."""
+    """CPU seconds the whole machine spent running something, summed over cores (guest time is
+    already inside user time; steal is the hypervisor's, not ours)."""
     t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+    skip = ("idle", "iowait", "steal", "guest", "guest_nice")
+    return sum(getattr(t, f) for f in t._fields if f not in skip)
 
 
 @dataclass

@@ -1,0 +1,345 @@
+"""Time-based rules on their own database and server: periods, allowances, rollover, expiry,
+daily credits, hold timeouts, catch-up and concurrent schedulers. Time moves only through the
+server's clock; nothing sleeps for a period."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+
+import migrations
+from domain import pricing as _pricing  # noqa: F401 - models registered
+from domain.db import Database
+from domain.ledger.invariants import check_ledger
+from domain.periods.rules import add_months
+from domain.periods.service import tick
+from domain.pricing import service as prices
+from tests.conftest import LiveServer, http_client, new_user, catalog_models
+from tests.test_api_ledger import ADD, BALANCE, COMPLETE, PURCHASE, START, _a_pack, key
+
+TTL = timedelta(hours=1)
+CREATE_PLAN = """
+mutation($input: PlanInput!) { createPlan(input: $input) { __typename ... on Plan { key rolloverPolicy }
+                                                         ... on ValidationError { field message } } }"""
+SCHEDULE = """
+query($ws: ID!) { creditSchedule(workspaceId: $ws) {
+  nextRenewalAt periodStart
+  atNextRenewal { rollsOver expires stays grant { source remaining expiresAt } }
+  breakage { periodStart periodEnd expired rolledOver issued } } }"""
+
+
+@dataclass
+class World:
+    db: Database
+    server: LiveServer
+    operator: str
+
+    def client(self, token):
+        return http_client(self.server, token)
+
+    @property
+    def clock(self):
+        return self.server.clock
+
+    async def tick(self, at: timedelta):
+        self.clock.offset = at
+        return await tick(self.db, self.clock, hold_ttl=TTL)
+
+
+@pytest.fixture(scope="module")
+async def world(pg_server):
+    url = await pg_server.create_database("creditpool_periods")
+    await asyncio.to_thread(migrations.upgrade, url)
+    db = Database(url, pool_size=10)
+    from datetime import UTC, datetime
+    await db.transaction(lambda s: prices.insert_price_list(
+        s, models=catalog_models(), windows=(), plan_multipliers={}, note="test", published_by=None,
+        effective_at=datetime.now(UTC) - timedelta(days=1)))
+    server = LiveServer(url)
+    server.start()
+    _, operator = await new_user(db, operator=True)
+    yield World(db, server, operator)
+    server.stop()
+    await db.dispose()
+
+
+@pytest.fixture(autouse=True)
+def real_time(world):
+    world.clock.offset = timedelta(0)
+    yield
+    world.clock.offset = timedelta(0)
+
+
+async def plan(world: World, **fields) -> str:
+    key_ = f"p-{uuid.uuid4().hex[:10]}"
+    async with world.client(world.operator) as api:
+        out = (await api(CREATE_PLAN, input={"key": key_, "name": "Test plan", "seatCap": 10,
+                                             "freeCreatorSeats": 5, **fields}))["createPlan"]
+    assert out["__typename"] == "Plan", out
+    return key_
+
+
+async def workspace(world: World, plan_key: str, mode: str = "POOLED") -> tuple[str, str]:
+    """(owner token, workspace id); the owner holds a creator seat."""
+    _, owner = await new_user(world.db)
+    async with world.client(owner) as api:
+        ws = (await api('mutation($p: String!, $m: AllocationMode!) { createWorkspace(input: {name: "W", '
+                        'planKey: $p, allocationMode: $m}) { ... on Workspace { id } } }', p=plan_key, m=mode))
+    return owner, ws["createWorkspace"]["id"]
+
+
+async def balance(world: World, token: str, ws: str) -> dict:
+    async with world.client(token) as api:
+        return (await api(BALANCE, ws=ws))["balance"]
+
+
+async def schedule(world: World, token: str, ws: str) -> dict:
+    async with world.client(token) as api:
+        return (await api(SCHEDULE, ws=ws))["creditSchedule"]
+
+
+async def spend(world: World, token: str, ws: str, cost: str) -> None:
+    _, worker = await new_user(world.db, operator=True)
+    async with world.client(token) as api:
+        gen = (await api(START, ws=ws, model="video-standard", key=key()))["startGeneration"]
+    assert gen["__typename"] == "Generation", gen
+    async with world.client(worker) as api:
+        done = (await api(COMPLETE, g=gen["id"], key=key(), cost=cost))["completeGeneration"]
+    assert done["captured"] == f"{float(cost):.3f}"
+
+
+def month(n: int, extra: timedelta = timedelta(minutes=1)):
+    """An offset that lands just after the n-th monthly boundary from now (31-day months cover any)."""
+    return timedelta(days=31 * n) + extra
+
+
+async def clean(world: World, ws: str) -> None:
+    assert await check_ledger(world.db, uuid.UUID(ws)) == []
+
+
+def closes_of(report, ws: str) -> list:
+    return [c for c in report.closes if str(c.workspace_id) == ws]
+
+
+# --- the scenarios the issue names -------------------------------------------------------------
+
+async def test_three_months_of_a_rollover_plan_with_a_cap(world):
+    key_ = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverCapCredits="30",
+                      rolloverPeriods=2)
+    owner, ws = await workspace(world, key_)
+    assert (await balance(world, owner, ws))["available"] == "100.000"
+    await spend(world, owner, ws, "40")
+    outlook = {b["grant"]["source"]: b for b in (await schedule(world, owner, ws))["atNextRenewal"]}
+    assert (outlook["PLAN_ALLOWANCE"]["rollsOver"], outlook["PLAN_ALLOWANCE"]["expires"]) == ("30.000", "30.000")
+
+    r1 = await world.tick(month(1))
+    assert [(c.rolled_over_units, c.expired_units, c.issued_units) for c in closes_of(r1, ws)] == [(30000, 30000, 100000)]
+    assert (await balance(world, owner, ws))["available"] == "130.000"
+    await clean(world, ws)
+
+    r2 = await world.tick(month(2))
+    assert [(c.rolled_over_units, c.expired_units) for c in closes_of(r2, ws)] == [(30000, 70000)]
+    assert (await balance(world, owner, ws))["available"] == "160.000"  # two rollovers + the allowance
+
+    r3 = await world.tick(month(3))
+    assert [(c.rolled_over_units, c.expired_units) for c in closes_of(r3, ws)] == [(30000, 70000)]
+    b = await balance(world, owner, ws)
+    assert b["available"] == "160.000"  # the first rollover expired after its two periods
+    assert sorted(g["source"] for g in b["grants"]) == ["PLAN_ALLOWANCE", "ROLLOVER", "ROLLOVER"]
+    breakage = (await schedule(world, owner, ws))["breakage"]
+    # Newest first: period 3 lost 70 of its allowance and the first rollover's 30.
+    assert [p["expired"] for p in breakage] == ["100.000", "70.000", "30.000"]
+    assert [p["rolledOver"] for p in breakage] == ["30.000", "30.000", "30.000"]
+    await clean(world, ws)
+
+
+async def test_a_reset_plan_expires_the_unused_allowance(world):
+    key_ = await plan(world, includedCredits="50")
+    owner, ws = await workspace(world, key_)
+    await spend(world, owner, ws, "10")
+    report = await world.tick(month(1))
+    assert [(c.rolled_over_units, c.expired_units, c.issued_units) for c in closes_of(report, ws)] == [(0, 40000, 50000)]
+    b = await balance(world, owner, ws)
+    assert (b["available"], [g["source"] for g in b["grants"]]) == ("50.000", ["PLAN_ALLOWANCE"])
+    assert (await schedule(world, owner, ws))["breakage"][0]["expired"] == "40.000"
+    await clean(world, ws)
+
+
+async def test_a_daily_free_allowance_resets_each_day(world):
+    key_ = await plan(world, dailyFreeCredits="5")
+    owner, ws = await workspace(world, key_)
+    assert (await balance(world, owner, ws))["available"] == "5.000"
+    await world.tick(timedelta(days=1, hours=1))
+    b = await balance(world, owner, ws)
+    assert (b["available"], len(b["grants"])) == ("5.000", 1)  # yesterday's expired, today's issued
+    report = await world.tick(timedelta(days=4, hours=1))  # three days of downtime: one grant, not three
+    assert (await balance(world, owner, ws))["available"] == "5.000"
+    assert report.daily_issued >= 1
+    await clean(world, ws)
+
+
+async def test_a_promotion_that_expires_mid_hold_stays_capturable(world):
+    key_ = await plan(world)
+    owner, ws = await workspace(world, key_)
+    from datetime import UTC, datetime
+    expires = (datetime.now(UTC) + timedelta(minutes=30)).isoformat()
+    async with world.client(world.operator) as api:
+        g = (await api('mutation($ws: ID!, $k: String!, $e: DateTime) { grantCredits(input: {workspaceId: $ws, '
+                       'amount: "60", source: PROMOTION, reason: "launch", idempotencyKey: $k, expiresAt: $e}) '
+                       '{ ... on Grant { id } } }', ws=ws, k=key(), e=expires))["grantCredits"]
+    async with world.client(owner) as api:
+        gen = (await api(START, ws=ws, model="video-standard", key=key()))["startGeneration"]
+    await world.tick(timedelta(minutes=45))  # the promotion expired while 50 were held: 10 expire now
+    b = await balance(world, owner, ws)
+    assert (b["available"], b["held"]) == ("0.000", "50.000")
+    async with world.client(world.operator) as api:
+        done = (await api(COMPLETE, g=gen["id"], key=key(), cost="20"))["completeGeneration"]
+    assert (done["captured"], done["released"]) == ("20.000", "30.000")
+    promo = [x for x in (await balance(world, owner, ws))["grants"] if x["id"] == g["id"]]
+    assert promo == []  # the released 30 expired at once: nothing left, nothing lost unrecorded
+    await clean(world, ws)
+
+
+async def test_three_missed_months_are_caught_up_once_each_in_order(world):
+    key_ = await plan(world, includedCredits="20")
+    owner, ws = await workspace(world, key_)
+    report = await world.tick(month(3, timedelta(days=1)))
+    closes = closes_of(report, ws)
+    assert len(closes) == 3
+    assert [c.period_end for c in closes] == sorted(c.period_end for c in closes)
+    assert all(a.period_end == b.period_start for a, b in zip(closes, closes[1:]))
+    assert [c.expired_units for c in closes] == [20000, 20000, 20000]
+    again = await world.tick(month(3, timedelta(days=1)))
+    assert closes_of(again, ws) == []
+    assert (await balance(world, owner, ws))["available"] == "20.000"
+    await clean(world, ws)
+
+
+async def test_two_schedulers_at_once_process_each_boundary_exactly_once(world, pg_server):
+    key_ = await plan(world, includedCredits="10", rolloverPolicy="ROLLOVER", rolloverCapPercent=50)
+    spaces = [await workspace(world, key_) for _ in range(6)]
+    other = Database(world.db.url.replace("postgresql+asyncpg://", "postgresql://"), pool_size=5)
+    try:
+        world.clock.offset = month(2)
+        reports = await asyncio.gather(tick(world.db, world.clock, hold_ttl=TTL),
+                                       tick(other, world.clock, hold_ttl=TTL))
+    finally:
+        await other.dispose()
+    for _, ws in spaces:
+        closed = closes_of(reports[0], ws) + closes_of(reports[1], ws)
+        assert len(closed) == 2 and len({c.period_start for c in closed}) == 2
+        await clean(world, ws)
+    owner, ws = spaces[0]
+    # The new allowance (10) plus the latest rollover (5); the first rollover lived one period.
+    assert (await balance(world, owner, ws))["available"] == "15.000"
+
+
+async def test_a_top_up_bought_just_before_a_boundary_survives_it(world):
+    key_ = await plan(world, includedCredits="30")
+    owner, ws = await workspace(world, key_)
+    renewal = (await schedule(world, owner, ws))["nextRenewalAt"]
+    pack = await _a_pack(http_client_factory(world), world.operator)
+    from datetime import datetime
+    world.clock.offset = datetime.fromisoformat(renewal) - world.clock.now() + world.clock.offset - timedelta(minutes=1)
+    async with world.client(owner) as api:
+        bought = (await api(PURCHASE, ws=ws, pack=pack, ref=f"pay-{uuid.uuid4()}", key=key()))["purchaseCredits"]
+    assert bought["__typename"] == "Purchase"
+    await world.tick(month(1, timedelta(hours=1)))
+    b = await balance(world, owner, ws)
+    grants = {g["source"]: g for g in b["grants"]}
+    assert grants["PURCHASE"]["remaining"] == "500.000" and grants["PURCHASE"]["expired"] == "0.000"
+    assert b["available"] == "530.000"
+    await clean(world, ws)
+
+
+def http_client_factory(world: World):
+    return lambda token: world.client(token)
+
+
+# --- hold timeouts, plan changes, seats ---------------------------------------------------------
+
+async def test_a_hold_past_its_time_to_live_is_released_and_timed_out(world):
+    key_ = await plan(world, includedCredits="100")
+    owner, ws = await workspace(world, key_)
+    async with world.client(owner) as api:
+        gen = (await api(START, ws=ws, model="video-standard", key=key()))["startGeneration"]
+    early = await world.tick(timedelta(minutes=30))
+    assert (await balance(world, owner, ws))["held"] == "50.000" and early.holds_timed_out == 0
+    await world.tick(timedelta(minutes=61))
+    b = await balance(world, owner, ws)
+    assert (b["available"], b["held"]) == ("100.000", "0.000")
+    async with world.client(owner) as api:
+        g = (await api("query($id: ID!) { generation(id: $id) { status released } }", id=gen["id"]))["generation"]
+    assert g == {"status": "TIMED_OUT", "released": "50.000"}
+    await clean(world, ws)
+
+
+async def test_a_downgrade_keeps_banked_rollover_until_its_own_expiry(world):
+    rich = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverCapCredits="40",
+                      rolloverPeriods=3)
+    poor = await plan(world, includedCredits="10")
+    owner, ws = await workspace(world, rich)
+    await world.tick(month(1))  # 40 banked (expires three periods after the first boundary)
+    async with world.client(owner) as api:
+        out = await api('mutation($ws: ID!, $p: String!) { updateWorkspace(input: {workspaceId: $ws, planKey: $p}) '
+                        '{ __typename } }', ws=ws, p=poor)
+    assert out["updateWorkspace"]["__typename"] == "Workspace"
+    await world.tick(month(2))
+    b = await balance(world, owner, ws)
+    assert sorted((g["source"], g["remaining"]) for g in b["grants"]) == [
+        ("PLAN_ALLOWANCE", "10.000"), ("ROLLOVER", "40.000")]
+    await world.tick(month(4, timedelta(days=3)))
+    assert [g["source"] for g in (await balance(world, owner, ws))["grants"]] == ["PLAN_ALLOWANCE"]
+    await clean(world, ws)
+
+
+async def test_cancelling_stops_allowances_and_keeps_every_purchased_credit(world):
+    key_ = await plan(world, includedCredits="25")
+    owner, ws = await workspace(world, key_)
+    pack = await _a_pack(http_client_factory(world), world.operator)
+    async with world.client(owner) as api:
+        await api(PURCHASE, ws=ws, pack=pack, ref=f"pay-{uuid.uuid4()}", key=key())
+        out = await api('mutation($ws: ID!) { cancelSubscription(input: {workspaceId: $ws}) '
+                        '{ ... on Workspace { cancelledAt } } }', ws=ws)
+    assert out["cancelSubscription"]["cancelledAt"] is not None
+    await world.tick(month(2))
+    b = await balance(world, owner, ws)
+    assert (b["available"], [g["source"] for g in b["grants"]]) == ("500.000", ["PURCHASE"])
+    await clean(world, ws)
+
+
+async def test_per_seat_allowances_go_to_every_creator_seat(world):
+    key_ = await plan(world, includedCredits="15")
+    owner, ws = await workspace(world, key_, mode="PER_SEAT")
+    async with world.client(owner) as api:
+        added = (await api(ADD, ws=ws, email=f"c-{key()}@example.test", role="MEMBER", seat="CREATOR"))["addMember"]
+    await world.tick(month(1))
+    b = await balance(world, owner, ws)
+    seats = {s["memberId"]: s["available"] for s in b["scopes"] if s["scope"] == "SEAT"}
+    assert seats[added["id"]] == "15.000" and len(seats) == 2
+    await clean(world, ws)
+
+
+async def test_operators_only_define_plans_and_bad_plans_are_refused(world):
+    owner, _ = await workspace(world, "starter")
+    async with world.client(owner) as api:
+        with pytest.raises(Exception) as err:
+            await api(CREATE_PLAN, input={"key": "mine", "name": "x", "seatCap": 3})
+    assert "FORBIDDEN" in str(err.value)
+    async with world.client(world.operator) as api:
+        for bad in ({"rolloverCapPercent": 150}, {"includedCredits": "-1"}, {"trialCredits": "5"},
+                    {"freeCreatorSeats": 11}):
+            out = (await api(CREATE_PLAN, input={"key": f"b-{uuid.uuid4().hex[:6]}", "name": "x", "seatCap": 10, **bad}))
+            assert out["createPlan"]["__typename"] == "ValidationError", bad
+
+
+def test_monthly_boundaries_keep_the_billing_day():
+    from datetime import UTC, datetime
+
+    anchor = datetime(2026, 1, 31, 9, 30, tzinfo=UTC)
+    assert [add_months(anchor, k).date().isoformat() for k in range(1, 5)] == [
+        "2026-02-28", "2026-03-31", "2026-04-30", "2026-05-31"]
