@@ -419,3 +419,39 @@ async def test_check_ledger_reports_a_grant_its_entries_do_not_explain(pg_server
     bad = await cli("check-ledger", "--database-url", url)
     assert bad.returncode != 0
     assert "1 ledger violation" in bad.stderr and "granted=None" in bad.stdout
+
+
+async def test_tick_runs_what_is_due_once_and_exits(pg_server):
+    from datetime import timedelta
+
+    from domain.access import Caller
+    from domain.clock import OffsetClock
+    from domain.identity import authenticate_secret
+    from domain.plans import Plan
+    from domain.workspaces.models import AllocationMode
+    from domain.workspaces.service import create_workspace
+    from policies import Authorizer
+
+    url = await pg_server.create_database("creditpool_tick")
+    await asyncio.to_thread(migrations.upgrade, url)
+    db = Database(url, pool_size=2)
+    try:
+        async def monthly_plan(session):
+            session.add(Plan(key="monthly", name="Monthly", seat_cap=5, free_creator_seats=1, included_units=7000))
+
+        await db.transaction(monthly_plan)
+        token = one_token(await cli("create-user", "--email", "ticker@example.test", "--database-url", url))
+        actor = await authenticate_secret(db, token)
+        past = OffsetClock()
+        past.offset = -timedelta(days=40)  # the workspace was opened 40 days ago: one renewal is due
+        await create_workspace(db, Caller(actor, Authorizer(), past), name="Old", plan_key="monthly",
+                               allocation_mode=AllocationMode.POOLED)
+    finally:
+        await db.dispose()
+    first = await cli("tick", "--database-url", url)
+    assert first.returncode == 0, first.stderr
+    assert "periods closed: 1," in first.stdout
+    second = await cli("tick", "--database-url", url)
+    assert "periods closed: 0," in second.stdout
+    check = await cli("check-ledger", "--database-url", url)
+    assert check.returncode == 0, check.stdout
