@@ -194,12 +194,18 @@ def cmd_tick(args: argparse.Namespace) -> None:
     from datetime import timedelta
 
     from domain.clock import SYSTEM_CLOCK
+    from domain.events import NotifyOutlet
     from domain.periods.service import tick
 
     settings = _settings(args)
     url = _database(settings)
-    report = asyncio.run(_with_db(url, lambda db: tick(db, SYSTEM_CLOCK,
-                                                       hold_ttl=timedelta(seconds=settings.hold_ttl_seconds))))
+    async def run(db: Database):
+        # Servers listening through PostgreSQL (CREDITPOOL_BROADCAST_URL=postgres, or several
+        # workers) pass the tick's events on to their subscribers.
+        db.events = NotifyOutlet()
+        return await tick(db, SYSTEM_CLOCK, hold_ttl=timedelta(seconds=settings.hold_ttl_seconds))
+
+    report = asyncio.run(_with_db(url, run))
     print(f"periods closed: {report.periods_closed}, daily grants: {report.daily_issued}, "
           f"grants expired: {report.grants_expired}, holds timed out: {report.holds_timed_out}")
 

@@ -256,7 +256,8 @@ class BalanceUpdate:
 @strawberry.type
 class WorkspaceEvent:
     workspace_id: strawberry.ID
-    kind: str = strawberry.field(description="GENERATION_STARTED, GENERATION_SETTLED, CREDITS_ADDED, MEMBER_CHANGED, ...")
+    kind: str = strawberry.field(description="GENERATION_STARTED, GENERATION_SETTLED, CREDITS_ADDED, CREDITS_EXPIRED, "
+                                             "PERIOD_CLOSED, MEMBER_CHANGED")
     at: datetime
     payload: JSON
 

@@ -14,6 +14,7 @@ import pytest
 import migrations
 from domain import pricing as _pricing  # noqa: F401 - models registered
 from domain.db import Database
+from domain.events import NotifyOutlet
 from domain.ledger.invariants import check_ledger
 from domain.periods.rules import add_months
 from domain.periods.service import tick
@@ -59,7 +60,10 @@ async def world(pg_server):
     await db.transaction(lambda s: prices.insert_price_list(
         s, models=catalog_models(), windows=(), plan_multipliers={}, note="test", published_by=None,
         effective_at=datetime.now(UTC) - timedelta(days=1)))
-    server = LiveServer(url)
+    # The scheduler runs in this test process, like `creditpool tick` beside a server: its events
+    # reach the server's subscribers through PostgreSQL NOTIFY.
+    db.events = NotifyOutlet()
+    server = LiveServer(url, broadcast_url="postgres")
     server.start()
     _, operator = await new_user(db, operator=True)
     yield World(db, server, operator)
@@ -343,3 +347,20 @@ def test_monthly_boundaries_keep_the_billing_day():
     anchor = datetime(2026, 1, 31, 9, 30, tzinfo=UTC)
     assert [add_months(anchor, k).date().isoformat() for k in range(1, 5)] == [
         "2026-02-28", "2026-03-31", "2026-04-30", "2026-05-31"]
+
+
+async def test_expiries_and_period_closes_reach_workspace_event_subscribers(world):
+    from tests.conftest import ws_client
+
+    key_ = await plan(world, includedCredits="10", dailyFreeCredits="1")
+    owner, ws = await workspace(world, key_)
+    async with ws_client(world.server, owner) as live:
+        stream = live.subscribe("subscription($ws: ID!) { workspaceEvents(workspaceId: $ws) { kind payload } }", ws=ws)
+        first = asyncio.ensure_future(asyncio.wait_for(stream.__anext__(), 10))
+        await asyncio.sleep(0.3)
+        await world.tick(month(1))
+        kinds = [(await first)["workspaceEvents"]["kind"]]
+        while len(set(kinds)) < 2:
+            kinds.append((await asyncio.wait_for(stream.__anext__(), 5))["workspaceEvents"]["kind"])
+        await stream.aclose()
+    assert {"PERIOD_CLOSED", "CREDITS_EXPIRED"} <= set(kinds)

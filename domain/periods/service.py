@@ -34,6 +34,7 @@ from domain.ledger.models import (
     PeriodClose,
 )
 from domain.ledger.service import Posting, post_movements, time_out
+from domain.money import format_credits
 from domain.periods.rules import add_months, boundary_index, day_start, next_day, rollover_units
 from domain.plans import Plan, RolloverPolicy
 from domain.workspaces.models import AllocationMode, Member, Seat, Workspace
@@ -235,6 +236,8 @@ async def _expire_due_grants(session: AsyncSession, now: datetime, batch: int) -
         posting = Posting(r.workspace_id, Cause.EXPIRY, None, None, occurred_at=r.expires_at)
         posting.add(r.id, EntryKind.EXPIRE, r.remaining)
         await post_movements(session, posting)
+        events.emit(session, r.workspace_id, events.CREDITS_EXPIRED, grantId=str(r.id),
+                    credits=format_credits(r.remaining), expiredAt=r.expires_at.isoformat())
     return len(rows)
 
 
