@@ -124,11 +124,11 @@ class LiveHub:
         return await self._member(caller, ws_id)  # NotFound once the membership is gone
 
     @staticmethod
-    def _spender(caller: Caller, ws_id: uuid.UUID, member: Member | None) -> uuid.UUID | None:
+    def _spender(caller: Caller, ws_id: uuid.UUID, member: Member | None) -> Member | None:
         if member is None:
             return None
         roles = {f"role:{member.role.value}", f"seat:{member.seat.value}"}
-        return member.id if caller.authorizer.allows(str(caller.actor.user_id), roles, str(ws_id), Action.GENERATE) \
+        return member if caller.authorizer.allows(str(caller.actor.user_id), roles, str(ws_id), Action.GENERATE) \
             else None
 
     # --- balances -------------------------------------------------------------------------

@@ -115,3 +115,26 @@ class GenerationAlreadySettled(DomainError):
     def __init__(self, status: str) -> None:
         super().__init__(f"the generation is already {status.lower()}")
         self.status = status
+
+
+class SpendLimitExceeded(DomainError):
+    code = "SPEND_LIMIT_EXCEEDED"
+
+    def __init__(self, *, limit_id, scope: str, period: str, limit: int, used: int, requested: int,
+                 can_request: bool) -> None:
+        super().__init__(f"this would pass the {period.lower()} spend limit on the {scope.lower()}")
+        self.limit_id = limit_id
+        self.scope = scope
+        self.period = period
+        self.limit = limit  # units, including approved overages in force
+        self.used = used
+        self.requested = requested
+        self.can_request = can_request
+
+
+class OverageNotPending(DomainError):
+    code = "OVERAGE_NOT_PENDING"
+
+    def __init__(self, status: str) -> None:
+        super().__init__(f"the request is {status.lower()}, no longer pending")
+        self.status = status

@@ -104,10 +104,16 @@ def plan_draws(buckets: Iterable[Bucket], units: int, now: datetime) -> list[Dra
     return draws
 
 
-def may_draw(mode: str, pool_fallback: bool, spender: uuid.UUID, scope: Scope, grant_member: uuid.UUID | None) -> bool:
+def may_draw(
+    mode: str, pool_fallback: bool, spender: uuid.UUID, spender_group: uuid.UUID | None, scope: Scope,
+    grant_member: uuid.UUID | None, grant_group: uuid.UUID | None,
+) -> bool:
     """Which grants a member's spend may draw from, by allocation mode: POOLED draws from the
-    workspace pool; PER_SEAT from the spender's own seat, and from the pool only with fallback.
+    workspace pool; PER_SEAT from the spender's own seat, and from the pool only with fallback;
+    in both, a member of a billing group also draws that group's grants (before the pool).
     (`domain.ledger.service.spend_scopes` is the same rule as SQL, for the spend itself.)"""
+    if scope is Scope.GROUP:
+        return spender_group is not None and grant_group == spender_group
     if mode == "POOLED":
         return scope is Scope.WORKSPACE
     if scope is Scope.SEAT:

@@ -96,6 +96,7 @@ class Grant(Base):
         ),
         CheckConstraint("amount = remaining + held + captured + expired + transferred_out", name="conserved"),
         CheckConstraint("(scope = 'SEAT') = (member_id IS NOT NULL)", name="seat_has_member"),
+        CheckConstraint("(scope = 'GROUP') = (billing_group_id IS NOT NULL)", name="group_has_group"),
         CheckConstraint("expires_at IS NULL OR expires_at > effective_at", name="expires_after_effective"),
         # The spend path reads a workspace's live grants; spent-out grants drop out of the index.
         Index("ix_grants_live", "workspace_id", "scope", "member_id", postgresql_where=text("remaining > 0 OR held > 0")),
@@ -106,6 +107,7 @@ class Grant(Base):
     workspace_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workspaces.id"), index=True)
     scope: Mapped[Scope] = mapped_column(str_enum(Scope, "grant_scope"))
     member_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("members.id"))
+    billing_group_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("billing_groups.id"))
     source: Mapped[GrantSource] = mapped_column(str_enum(GrantSource, "grant_source"))
     priority: Mapped[int] = mapped_column(default=100, server_default="100")
     effective_at: Mapped[datetime]
@@ -171,6 +173,8 @@ class Generation(Base):
     price_list_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("price_lists.id"))
     quote: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     started_at: Mapped[datetime]  # service clock: hold timeouts count from it
+    # The spend-limit periods this generation's hold counted in: [{"limit": id, "period": iso}].
+    limit_charges: Mapped[list[dict[str, str]]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     created_at: Mapped[datetime] = created_at()
     settled_at: Mapped[datetime | None]
     settled_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))

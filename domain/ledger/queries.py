@@ -3,11 +3,9 @@ with cursor pagination, generations with their holds, captures and releases, cre
 
 from __future__ import annotations
 
-import base64
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -16,12 +14,19 @@ from domain.access import Caller, authorize, parse_id
 from domain.db import Database
 from domain.errors import NotFound, ValidationFailed
 from domain.ledger.consumption import Scope, may_draw
-from domain.ledger.models import CreditPack, EntryKind, Generation, GenerationStatus, Grant, LedgerEntry
+from domain.ledger.models import (
+    CreditPack,
+    EntryKind,
+    Generation,
+    GenerationStatus,
+    Grant,
+    LedgerEntry,
+)
 from domain.ledger.service import GenerationResult, generation_result, spend_scopes
+from domain.pages import Page, decode_cursor, encode_cursor, page_size
 from domain.workspaces.models import AllocationMode, Member, Workspace
 from policies import Action
 
-MAX_PAGE = 200
 MAX_EXPIRY_WINDOW_DAYS = 3660
 
 
@@ -109,6 +114,7 @@ async def spendable_units(session: AsyncSession, caller: Caller, ws: Workspace, 
 class LiveGrant:
     scope: Scope
     member_id: uuid.UUID | None
+    billing_group_id: uuid.UUID | None
     remaining: int
     held: int
     effective_at: datetime
@@ -133,11 +139,12 @@ async def balance_snapshot(db: Database, workspace_id: uuid.UUID, now: datetime)
         ws = await session.get_one(Workspace, workspace_id)
         g = Grant.__table__
         rows = await session.execute(
-            select(g.c.scope, g.c.member_id, g.c.remaining, g.c.held, g.c.effective_at, g.c.expires_at)
+            select(g.c.scope, g.c.member_id, g.c.billing_group_id, g.c.remaining, g.c.held, g.c.effective_at,
+                   g.c.expires_at)
             .where(g.c.workspace_id == workspace_id, or_(g.c.remaining > 0, g.c.held > 0))
         )
-        grants = tuple(LiveGrant(Scope(r.scope), r.member_id, r.remaining, r.held, r.effective_at, r.expires_at)
-                       for r in rows)
+        grants = tuple(LiveGrant(Scope(r.scope), r.member_id, r.billing_group_id, r.remaining, r.held, r.effective_at,
+                                 r.expires_at) for r in rows)
         return Snapshot(workspace_id, ws.allocation_mode, ws.pool_fallback, grants, now)
 
     return await db.read(work)
@@ -153,8 +160,8 @@ class BalanceView:
     as_of: datetime
 
 
-def view_of(snapshot: Snapshot, spender: uuid.UUID | None) -> BalanceView:
-    """The balance as one subscriber sees it. `spender` is their member id when they may
+def view_of(snapshot: Snapshot, spender: Member | None) -> BalanceView:
+    """The balance as one subscriber sees it. `spender` is their membership when they may
     generate (their spendable amount follows the allocation mode), else None."""
     now = snapshot.as_of
     per_scope: dict[tuple[Scope, uuid.UUID | None], list[int]] = {}
@@ -164,45 +171,15 @@ def view_of(snapshot: Snapshot, spender: uuid.UUID | None) -> BalanceView:
         figures = per_scope.setdefault((g.scope, g.member_id), [0, 0])
         figures[0] += g.remaining if live else 0
         figures[1] += g.held
-        if live and spender is not None and may_draw(snapshot.allocation_mode, snapshot.pool_fallback, spender,
-                                                     g.scope, g.member_id):
+        if live and spender is not None and may_draw(snapshot.allocation_mode, snapshot.pool_fallback, spender.id,
+                                                     spender.billing_group_id, g.scope, g.member_id,
+                                                     g.billing_group_id):
             spendable += g.remaining
     return BalanceView(
         workspace_id=snapshot.workspace_id, available=sum(f[0] for f in per_scope.values()),
         held=sum(f[1] for f in per_scope.values()), viewer_spendable=spendable,
         scopes=[ScopeBalance(s, m, f[0], f[1]) for (s, m), f in per_scope.items()], as_of=now,
     )
-
-
-# --- cursor pagination ------------------------------------------------------------------------
-
-def encode_cursor(kind: str, value: str) -> str:
-    return base64.urlsafe_b64encode(f"{kind}:{value}".encode()).decode()
-
-
-def decode_cursor(cursor: str | None, kind: str) -> str | None:
-    if cursor is None:
-        return None
-    try:
-        prefix, _, value = base64.urlsafe_b64decode(cursor.encode()).decode().partition(":")
-    except (ValueError, UnicodeDecodeError):
-        raise ValidationFailed("after", "not a cursor from this list") from None
-    if prefix != kind or not value:
-        raise ValidationFailed("after", "not a cursor from this list")
-    return value
-
-
-def _page_size(first: int) -> int:
-    if not 1 <= first <= MAX_PAGE:
-        raise ValidationFailed("first", f"must be between 1 and {MAX_PAGE}")
-    return first
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    items: list[Any]
-    cursors: list[str]
-    has_next_page: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +197,7 @@ async def ledger_page(
 ) -> Page:
     """Newest first. The cursor is the entry id, so pages stay stable while entries are added."""
     ws_id = parse_id(workspace_id, "workspace")
-    size = _page_size(first)
+    size = page_size(first)
     after_id = decode_cursor(after, "entry")
     f = filter or LedgerFilter()
 
@@ -258,7 +235,7 @@ async def generations_page(
     """Newest first. Holders of `ledger.view` see every generation; anyone else who can see the
     workspace sees their own."""
     ws_id = parse_id(workspace_id, "workspace")
-    size = _page_size(first)
+    size = page_size(first)
     after_value = decode_cursor(after, "generation")
 
     async def work(session: AsyncSession) -> Page:

@@ -34,6 +34,7 @@ from domain.errors import (
 )
 from domain.identity import clean_name
 from domain import events
+from domain.governance import audit, limits
 from domain.ledger import idempotency
 from domain.ledger.consumption import Bucket, Draw, NotEnough, Scope, consumption_key, plan_draws
 from domain.ledger.models import (
@@ -51,7 +52,7 @@ from domain.ledger.models import (
 from domain.ledger.payments import PaymentProvider, PaymentRequest
 from domain.money import format_credits, parse_credits
 from domain.pricing.service import price_request, reprice_usage
-from domain.workspaces.models import AllocationMode, Member, Seat, Workspace
+from domain.workspaces.models import AllocationMode, BillingGroup, Member, Seat, Workspace
 from policies import Action
 
 GRANTS = Grant.__table__
@@ -173,12 +174,15 @@ def _bucket(row: Any) -> Bucket:
 
 
 def spend_scopes(ws: Workspace, member: Member) -> Any:
-    """Which grants a member's spend may draw from: the allocation mode, enforced here."""
+    """Which grants a member's spend may draw from: the allocation mode (and the member's billing
+    group), enforced here. `domain.ledger.consumption.may_draw` is the same rule in Python."""
     seat = and_(GRANTS.c.scope == Scope.SEAT.value, GRANTS.c.member_id == member.id)
+    group = and_(GRANTS.c.scope == Scope.GROUP.value, GRANTS.c.billing_group_id == member.billing_group_id)
     pool = GRANTS.c.scope == Scope.WORKSPACE.value
-    if ws.allocation_mode is AllocationMode.POOLED:
-        return pool
-    return or_(seat, pool) if ws.pool_fallback else seat
+    scopes = [pool] if ws.allocation_mode is AllocationMode.POOLED else [seat] + ([pool] if ws.pool_fallback else [])
+    if member.billing_group_id is not None:
+        scopes.append(group)
+    return or_(*scopes)
 
 
 async def _lock_spendable(
@@ -348,6 +352,9 @@ async def grant_credits(
         await post_movements(session, posting)
         events.emit(session, ws_id, events.CREDITS_ADDED, source=source.value, credits=format_credits(units),
                     grantId=str(grant.id), memberId=str(member.id) if member else None)
+        audit.record(session, ws_id, caller.actor.user_id, "credits.granted", "grant", grant.id,
+                     after={"amount": units, "source": source, "member": member.id if member else None,
+                            "expiresAt": expires_at, "reason": reason}, at=now)
         await session.refresh(grant)
         return grant
 
@@ -374,28 +381,41 @@ class TransferResult:
     from_member_id: uuid.UUID | None
     to_member_id: uuid.UUID | None
     new_grants: list[Grant]
+    from_group_id: uuid.UUID | None = None
+    to_group_id: uuid.UUID | None = None
 
 
 async def transfer_credits(
-    db: Database, caller: Caller, *, workspace_id: str, amount: str, idempotency_key: str,
+    db: Database, caller: Caller, *, workspace_id: str, amount: str | None, idempotency_key: str,
     from_member_id: str | None = None, to_member_id: str | None = None,
+    from_group_id: str | None = None, to_group_id: str | None = None,
 ) -> TransferResult:
-    """Move credits between a seat and the pool (or seat to seat). Each source grant gets a
+    """Move credits between the pool, seats and billing groups (reserving credits for a group is
+    a transfer from the pool to it; releasing one moves them back). Each source grant gets a
     TRANSFER_OUT entry and its credits a new grant on the receiving side that keeps the source
-    grant's kind, priority, effective time and expiry: nothing is re-dated."""
+    grant's kind, priority, effective time and expiry: nothing is re-dated. With no amount (only
+    when the source is a group) everything spendable there moves."""
     ws_id = parse_id(workspace_id, "workspace")
     key = idempotency.check_key(idempotency_key)
-    units = parse_credits(amount, "amount")
-    source_id = str(parse_id(from_member_id, "member")) if from_member_id else None
-    target_id = str(parse_id(to_member_id, "member")) if to_member_id else None
-    if source_id == target_id:
+    if from_member_id and from_group_id or to_member_id and to_group_id:
+        raise ValidationFailed("toMemberId", "a side is a seat, a group or the pool, not two of them")
+    if amount is None and not from_group_id:
+        raise ValidationFailed("amount", "required unless releasing a group's reservation")
+    units = parse_credits(amount, "amount") if amount is not None else None
+    source_side = ("member", str(parse_id(from_member_id, "member"))) if from_member_id else \
+        ("group", str(parse_id(from_group_id, "billing group"))) if from_group_id else ("pool", None)
+    target_side = ("member", str(parse_id(to_member_id, "member"))) if to_member_id else \
+        ("group", str(parse_id(to_group_id, "billing group"))) if to_group_id else ("pool", None)
+    if source_side == target_side:
         raise ValidationFailed("toMemberId", "source and destination are the same")
-    request = {"workspace": str(ws_id), "amount": units, "from": source_id, "to": target_id}
+    request = {"workspace": str(ws_id), "amount": units, "from": list(source_side), "to": list(target_side)}
 
     async def work(session: AsyncSession) -> TransferResult:
         await authorize(session, caller, ws_id, Action.TRANSFER_CREDITS, what="workspace")
         source = await _any_member(session, ws_id, from_member_id) if from_member_id else None
         target = await _seat_member(session, ws_id, to_member_id, "toMemberId") if to_member_id else None
+        source_group = await _group(session, ws_id, from_group_id) if from_group_id else None
+        target_group = await _group(session, ws_id, to_group_id, live=True) if to_group_id else None
         transfer_id = uuid.uuid4()
         first = await idempotency.claim(
             session, workspace_id=ws_id, actor_id=caller.actor.user_id, key=key, operation="transferCredits",
@@ -403,22 +423,29 @@ async def transfer_credits(
         )
         if first is not None:
             return await _transfer_result(session, ws_id, first)
-        scope = (
-            and_(GRANTS.c.scope == Scope.SEAT.value, GRANTS.c.member_id == source.id)
-            if source else GRANTS.c.scope == Scope.WORKSPACE.value
-        )
+        if source:
+            scope = and_(GRANTS.c.scope == Scope.SEAT.value, GRANTS.c.member_id == source.id)
+        elif source_group:
+            scope = and_(GRANTS.c.scope == Scope.GROUP.value, GRANTS.c.billing_group_id == source_group)
+        else:
+            scope = GRANTS.c.scope == Scope.WORKSPACE.value
         now = caller.clock.now()
         rows = await _lock_spendable(session, ws_id, scope, now)
+        buckets = _spendable_buckets(rows)
+        wanted = units if units is not None else sum(b.available for b in buckets)
+        if wanted == 0:
+            raise InsufficientCredits(0, 0) if units is None else ValidationFailed("amount", "nothing to move")
         try:
-            draws = plan_draws(_spendable_buckets(rows), units, now)
+            draws = plan_draws(buckets, wanted, now)
         except NotEnough as short:
             raise InsufficientCredits(short.needed, short.available) from None
         posting = Posting(ws_id, Cause.TRANSFER, caller.actor.user_id, key, transfer_id=transfer_id, occurred_at=now)
+        new_scope = Scope.SEAT if target else Scope.GROUP if target_group else Scope.WORKSPACE
         for draw in draws:
             src = rows[draw.grant_id]
             new = Grant(
-                id=uuid.uuid4(), workspace_id=ws_id, scope=Scope.SEAT if target else Scope.WORKSPACE,
-                member_id=target.id if target else None, source=GrantSource(src.source), priority=src.priority,
+                id=uuid.uuid4(), workspace_id=ws_id, scope=new_scope, member_id=target.id if target else None,
+                billing_group_id=target_group, source=GrantSource(src.source), priority=src.priority,
                 effective_at=src.effective_at, expires_at=src.expires_at, amount=draw.units, remaining=draw.units,
                 external_ref=src.external_ref, reason="transfer", created_by=caller.actor.user_id,
                 parent_grant_id=src.id,
@@ -431,6 +458,15 @@ async def transfer_credits(
         return await _transfer_result(session, ws_id, transfer_id)
 
     return await db.transaction(work)
+
+
+async def _group(session: AsyncSession, ws_id: uuid.UUID, group_id: str, *, live: bool = False) -> uuid.UUID:
+    group = await session.get(BillingGroup, parse_id(group_id, "billing group"))
+    if group is None or group.workspace_id != ws_id:
+        raise NotFound("billing group")
+    if live and group.archived_at is not None:
+        raise ValidationFailed("toBillingGroupId", "the group is archived")
+    return group.id
 
 
 async def _any_member(session: AsyncSession, ws_id: uuid.UUID, member_id: str) -> Member:
@@ -453,6 +489,7 @@ async def _transfer_result(session: AsyncSession, ws_id: uuid.UUID, transfer_id:
     return TransferResult(
         transfer_id=transfer_id, workspace_id=ws_id, units=sum(e.amount for e in outs),
         from_member_id=from_grant.member_id, to_member_id=new_grants[0].member_id, new_grants=new_grants,
+        from_group_id=from_grant.billing_group_id, to_group_id=new_grants[0].billing_group_id,
     )
 
 
@@ -494,6 +531,8 @@ async def start_generation(
         # the request allows, and completion captures what was actually used.
         priced = await price_request(session, ws, model_key, parameters, now, open_ended_max=True)
         price = priced.quote.units
+        # Spend limits first (their usage rows, then the grants: one lock order everywhere).
+        charges = await limits.charge(session, ws, member, price, now)
         rows = await _lock_spendable(session, ws_id, spend_scopes(ws, member), now)
         draws: list[Draw] = []
         if price > 0:
@@ -504,7 +543,7 @@ async def start_generation(
         session.add(Generation(
             id=generation_id, workspace_id=ws_id, member_id=member.id, requested_by=caller.actor.user_id,
             model_key=model_key, parameters=parameters, status=GenerationStatus.STARTED, quoted_units=price,
-            price_list_id=priced.catalog.price_list.id, quote=priced.as_json(), started_at=now,
+            price_list_id=priced.catalog.price_list.id, quote=priced.as_json(), started_at=now, limit_charges=charges,
         ))
         await session.flush()
         posting = Posting(ws_id, Cause.GENERATION, caller.actor.user_id, key, generation_id=generation_id,
@@ -577,6 +616,7 @@ async def complete_generation(
         total_held = sum(held.values())
         now = caller.clock.now()
         extra = max(0, cost - total_held)
+        await limits.adjust(session, gen.limit_charges, -(total_held - min(cost, total_held)))
         also = list(held)
         if extra:
             ws = await session.get_one(Workspace, gen.workspace_id)
@@ -597,6 +637,7 @@ async def complete_generation(
                 for draw in plan_draws(spendable, take, now):
                     posting.add(draw.grant_id, EntryKind.HOLD, draw.units)
                     posting.add(draw.grant_id, EntryKind.CAPTURE, draw.units)
+                await limits.adjust(session, gen.limit_charges, take)  # spent is spent: it counts
             captured += take
             shortfall = extra - take
         await post_movements(session, posting)
@@ -622,12 +663,13 @@ async def fail_generation(
         if not claimed:
             return await generation_result(session, gen.id)
         held = await _held_by_grant(session, gen.id)
-        rows = await _lock_grants(session, list(held))
         now = caller.clock.now()
         total = sum(held.values())
         fee = 0
         if kind is FailureKind.POLICY_VIOLATION:
             fee = int((Decimal(total) * rules.policy_violation_fee).to_integral_value(rounding=ROUND_CEILING))
+        await limits.adjust(session, gen.limit_charges, -(total - fee))
+        rows = await _lock_grants(session, list(held))
         posting = _settle_posting(gen, caller, key)
         captured = _capture_in_order(posting, rows, held, fee)
         _release_rest(posting, rows, held, now)
@@ -671,8 +713,9 @@ async def time_out(session: AsyncSession, gen: Generation, now: datetime) -> int
     """Release every hold of a generation that ran past its time-to-live and mark it TIMED_OUT
     (the caller locked the generation row). Returns the units released."""
     held = await _held_by_grant(session, gen.id)
-    rows = await _lock_grants(session, list(held))
     total = sum(held.values())
+    await limits.adjust(session, gen.limit_charges, -total)
+    rows = await _lock_grants(session, list(held))
     posting = Posting(gen.workspace_id, Cause.GENERATION, None, None, generation_id=gen.id, member_id=gen.member_id,
                       occurred_at=now)
     _release_rest(posting, rows, held, now)

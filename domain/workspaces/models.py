@@ -53,11 +53,24 @@ class Workspace(Base):
     next_renewal_at: Mapped[datetime] = mapped_column(index=True)
     next_daily_at: Mapped[datetime | None]  # set while the plan has a daily free allowance
     cancelled_at: Mapped[datetime | None]  # no allowance is issued after this
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC", server_default="UTC")  # spend-limit periods
 
     plan: Mapped[Plan] = relationship(lazy="raise")
 
     def creator_seat_limit(self, plan: Plan) -> int:
         return min(plan.seat_cap, plan.free_creator_seats + self.paid_creator_seats)
+
+
+class BillingGroup(Base):
+    """A named part of a workspace (a campaign, a client) with its own reserved credits and cap."""
+
+    __tablename__ = "billing_groups"
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    workspace_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workspaces.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = created_at()
+    archived_at: Mapped[datetime | None]
 
 
 class Member(Base):
@@ -83,5 +96,8 @@ class Member(Base):
     seat: Mapped[Seat] = mapped_column(str_enum(Seat, "member_seat"))
     created_at: Mapped[datetime] = created_at()
     removed_at: Mapped[datetime | None]
+
+    # A member belongs to at most one billing group; its spend draws that group's grants first.
+    billing_group_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("billing_groups.id"))
 
     user: Mapped[User] = relationship(lazy="raise")

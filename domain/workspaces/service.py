@@ -16,6 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from domain import events
+from domain.governance import audit
+from domain.governance.rules import check_timezone
 from domain.access import Caller, authorize, parse_id
 from domain.db import Database
 from domain.errors import AlreadyMember, Forbidden, NotFound, ValidationFailed
@@ -131,6 +133,7 @@ async def update_workspace(
     allocation_mode: AllocationMode | None = None,
     paid_creator_seats: int | None = None,
     pool_fallback: bool | None = None,
+    timezone: str | None = None,
 ) -> Workspace:
     """Switching the allocation mode moves no credit: every grant keeps its scope, amounts and
     dates; the mode only decides which grants a spend may draw from (domain.ledger.service)."""
@@ -152,6 +155,10 @@ async def update_workspace(
                 ws.next_daily_at = next_day(caller.clock.now())
         if paid_creator_seats is not None:
             ws.paid_creator_seats = paid_creator_seats
+        before = {"name": ws.name, "plan": ws.plan_id, "allocationMode": ws.allocation_mode,
+                  "poolFallback": ws.pool_fallback, "paidCreatorSeats": ws.paid_creator_seats, "timezone": ws.timezone}
+        if timezone is not None:
+            ws.timezone = check_timezone(timezone)
         if name is not None:
             ws.name = name
         if allocation_mode is not None or pool_fallback is not None:
@@ -167,6 +174,10 @@ async def update_workspace(
             seat_cap=plan.seat_cap,
             creator_limit=ws.creator_seat_limit(plan),
         )
+        after = {"name": ws.name, "plan": ws.plan_id, "allocationMode": ws.allocation_mode,
+                 "poolFallback": ws.pool_fallback, "paidCreatorSeats": ws.paid_creator_seats, "timezone": ws.timezone}
+        audit.record(session, ws_id, caller.actor.user_id, "workspace.updated", "workspace", ws_id,
+                     before=before, after=after, at=caller.clock.now())
         await session.flush()
         return ws
 
@@ -183,6 +194,8 @@ async def cancel_subscription(db: Database, caller: Caller, *, workspace_id: str
         await authorize(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
         if ws.cancelled_at is None:
             ws.cancelled_at = caller.clock.now()
+            audit.record(session, ws_id, caller.actor.user_id, "workspace.cancelled", "workspace", ws_id,
+                         at=ws.cancelled_at)
         await session.flush()
         return ws
 
@@ -212,7 +225,7 @@ async def add_member(
         member = Member(workspace_id=ws_id, user_id=user.id, role=role, seat=seat)
         session.add(member)
         await session.flush()
-        _member_event(session, member, "ADDED")
+        _member_event(session, member, "ADDED", caller)
         await session.refresh(member)
         member.user = user
         return member
@@ -220,8 +233,14 @@ async def add_member(
     return await db.transaction(work)
 
 
-def _member_event(session: AsyncSession, member: Member, change: str) -> None:
+def _member_event(session: AsyncSession, member: Member, change: str, caller: Caller | None = None,
+                  before: dict | None = None) -> None:
     # A seat change alters who may spend: balance subscribers re-read too.
+    if caller is not None:
+        audit.record(session, member.workspace_id, caller.actor.user_id, f"member.{change.lower()}", "member",
+                     member.id, before=before, after={"role": member.role, "seat": member.seat,
+                                                      "removed": change == "REMOVED"},
+                     at=caller.clock.now())
     events.emit(session, member.workspace_id, events.MEMBER_CHANGED, memberId=str(member.id), change=change,
                 role=member.role.value, seat=member.seat.value)
     events.emit(session, member.workspace_id, events.BALANCE_CHANGED)
@@ -254,9 +273,10 @@ async def change_member_role(db: Database, caller: Caller, *, member_id: str, ro
             _require_owner_powers(caller, ws.id, me)
         usage = await _usage(session, ws.id)
         check_owner_kept(_apply(usage, remove=target, add=(role, target.seat)))
+        before = {"role": target.role}
         target.role = role
         await session.flush()
-        _member_event(session, target, "ROLE_CHANGED")
+        _member_event(session, target, "ROLE_CHANGED", caller, before)
         return await _with_user(session, target)
 
     return await db.transaction(work)
@@ -267,9 +287,10 @@ async def change_member_seat(db: Database, caller: Caller, *, member_id: str, se
         ws, plan, target, _ = await _locked_target(session, caller, member_id)
         after = _apply(await _usage(session, ws.id), remove=target, add=(target.role, seat))
         check_seats(after, seat_cap=plan.seat_cap, creator_limit=ws.creator_seat_limit(plan))
+        before = {"seat": target.seat}
         target.seat = seat
         await session.flush()
-        _member_event(session, target, "SEAT_CHANGED")
+        _member_event(session, target, "SEAT_CHANGED", caller, before)
         return await _with_user(session, target)
 
     return await db.transaction(work)
@@ -283,7 +304,7 @@ async def remove_member(db: Database, caller: Caller, *, member_id: str) -> Memb
         check_owner_kept(_apply(await _usage(session, ws.id), remove=target))
         target.removed_at = func.now()
         await session.flush()
-        _member_event(session, target, "REMOVED")
+        _member_event(session, target, "REMOVED", caller, {"role": target.role, "seat": target.seat})
         await session.refresh(target)
         return await _with_user(session, target)
 

@@ -1,0 +1,1 @@
+"""Team governance: spend limits and overage requests, notifications, the audit log."""

@@ -1,0 +1,110 @@
+"""Billing groups: named parts of a workspace (a campaign, a client). Reserving credits for a
+group and releasing them is `domain.ledger.service.transfer_credits` (pool <-> group)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.access import Caller, authorize, parse_id
+from domain.db import Database
+from domain.errors import NotFound, ValidationFailed
+from domain.governance import audit
+from domain.identity import clean_name
+from domain.workspaces.models import BillingGroup, Member
+from policies import Action
+
+
+async def create_group(db: Database, caller: Caller, *, workspace_id: str, name: str) -> BillingGroup:
+    ws_id = parse_id(workspace_id, "workspace")
+    name = clean_name(name)
+
+    async def work(session: AsyncSession) -> BillingGroup:
+        await authorize(session, caller, ws_id, Action.MANAGE_BILLING_GROUPS, what="workspace")
+        group = BillingGroup(workspace_id=ws_id, name=name)
+        session.add(group)
+        await session.flush()
+        await session.refresh(group)
+        audit.record(session, ws_id, caller.actor.user_id, "group.created", "billing_group", group.id,
+                     after={"name": name}, at=caller.clock.now())
+        return group
+
+    return await db.transaction(work)
+
+
+async def _locked(session: AsyncSession, caller: Caller, group_id: str) -> BillingGroup:
+    group = await session.get(BillingGroup, parse_id(group_id, "billing group"), with_for_update=True)
+    if group is None:
+        raise NotFound("billing group")
+    await authorize(session, caller, group.workspace_id, Action.MANAGE_BILLING_GROUPS, what="billing group")
+    return group
+
+
+async def rename_group(db: Database, caller: Caller, *, group_id: str, name: str) -> BillingGroup:
+    name = clean_name(name)
+
+    async def work(session: AsyncSession) -> BillingGroup:
+        group = await _locked(session, caller, group_id)
+        before = {"name": group.name}
+        group.name = name
+        audit.record(session, group.workspace_id, caller.actor.user_id, "group.renamed", "billing_group", group.id,
+                     before=before, after={"name": name}, at=caller.clock.now())
+        await session.flush()
+        return group
+
+    return await db.transaction(work)
+
+
+async def archive_group(db: Database, caller: Caller, *, group_id: str) -> BillingGroup:
+    """Archived groups take no new reservations or members; what is reserved stays spendable by
+    its members until an admin releases it back to the pool."""
+
+    async def work(session: AsyncSession) -> BillingGroup:
+        group = await _locked(session, caller, group_id)
+        if group.archived_at is None:
+            group.archived_at = caller.clock.now()
+            audit.record(session, group.workspace_id, caller.actor.user_id, "group.archived", "billing_group",
+                         group.id, at=group.archived_at)
+        await session.flush()
+        return group
+
+    return await db.transaction(work)
+
+
+async def assign_member(db: Database, caller: Caller, *, member_id: str, group_id: str | None) -> Member:
+    """Put a member in a group (or none): their spend then draws that group's grants first."""
+
+    async def work(session: AsyncSession) -> Member:
+        member = await session.get(Member, parse_id(member_id, "member"), with_for_update=True)
+        if member is None or member.removed_at is not None:
+            raise NotFound("member")
+        await authorize(session, caller, member.workspace_id, Action.MANAGE_BILLING_GROUPS, what="member")
+        group = None
+        if group_id is not None:
+            group = await session.get(BillingGroup, parse_id(group_id, "billing group"))
+            if group is None or group.workspace_id != member.workspace_id:
+                raise NotFound("billing group")
+            if group.archived_at is not None:
+                raise ValidationFailed("groupId", "the group is archived")
+        before = {"group": member.billing_group_id}
+        member.billing_group_id = group.id if group else None
+        audit.record(session, member.workspace_id, caller.actor.user_id, "member.group_changed", "member", member.id,
+                     before=before, after={"group": member.billing_group_id}, at=caller.clock.now())
+        await session.flush()
+        from domain.workspaces.service import _with_user
+
+        return await _with_user(session, member)
+
+    return await db.transaction(work)
+
+
+async def list_groups(db: Database, caller: Caller, *, workspace_id: str) -> list[BillingGroup]:
+    ws_id = parse_id(workspace_id, "workspace")
+
+    async def work(session: AsyncSession) -> list[BillingGroup]:
+        await authorize(session, caller, ws_id, Action.VIEW_WORKSPACE, what="workspace")
+        return list((await session.execute(
+            select(BillingGroup).where(BillingGroup.workspace_id == ws_id).order_by(BillingGroup.created_at)
+        )).scalars())
+
+    return await db.read(work)

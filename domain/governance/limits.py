@@ -1,0 +1,211 @@
+"""Spend limits: a cap per day, week or month (in the workspace's timezone) on a member, a
+billing group or the whole workspace. Held and captured credits count; released ones do not.
+
+The check is one conditional UPDATE on the (limit, period) usage row inside the transaction
+that places the hold, so two concurrent starts can never both pass a limit only one fits: the
+second waits on the row lock and then sees the first one's usage.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.access import Caller, authorize, parse_id
+from domain.db import Database
+from domain.errors import NotFound, SpendLimitExceeded, ValidationFailed
+from domain.governance import audit
+from domain.governance.models import (
+    LimitAction,
+    LimitPeriod,
+    LimitScope,
+    LimitUsage,
+    OverageRequest,
+    OverageStatus,
+    SpendLimit,
+)
+from domain.governance.rules import period_end, period_start
+from domain.money import parse_credits
+from domain.workspaces.models import BillingGroup, Member, Workspace
+from policies import Action
+
+# Usage may grow up to the limit plus the approved overages of that period still in force.
+_CHARGE = text("""
+UPDATE limit_usage SET used_units = used_units + :units
+WHERE limit_id = :limit AND period_start = :period
+  AND used_units + :units <= :amount + (
+      SELECT coalesce(sum(approved_units), 0) FROM overage_requests
+      WHERE limit_id = :limit AND period_start = :period AND status = 'APPROVED'
+        AND (approval_expires_at IS NULL OR approval_expires_at > :now))
+RETURNING used_units
+""")
+
+
+def applicable(ws_id: uuid.UUID, member: Member):
+    """The live limits a member's spend counts against: theirs, their group's, the workspace's."""
+    group = member.billing_group_id
+    return and_(
+        SpendLimit.workspace_id == ws_id, SpendLimit.removed_at.is_(None),
+        or_(SpendLimit.scope == LimitScope.WORKSPACE,
+            and_(SpendLimit.scope == LimitScope.MEMBER, SpendLimit.member_id == member.id),
+            and_(SpendLimit.scope == LimitScope.GROUP, SpendLimit.billing_group_id == group) if group else False),
+    )
+
+
+async def approved_extra(session: AsyncSession, limit_id: uuid.UUID, period: datetime, now: datetime) -> int:
+    return int((await session.execute(
+        select(func.coalesce(func.sum(OverageRequest.approved_units), 0)).where(
+            OverageRequest.limit_id == limit_id, OverageRequest.period_start == period,
+            OverageRequest.status == OverageStatus.APPROVED,
+            or_(OverageRequest.approval_expires_at.is_(None), OverageRequest.approval_expires_at > now))
+    )).scalar_one())
+
+
+async def charge(session: AsyncSession, ws: Workspace, member: Member, units: int, now: datetime) -> list[dict]:
+    """Count `units` against every applicable limit, or raise SpendLimitExceeded (the whole
+    transaction then rolls back, so nothing was counted). Returns what was charged, to be
+    uncharged by what the generation later releases."""
+    if units <= 0:
+        return []
+    limits = list((await session.execute(
+        select(SpendLimit).where(applicable(ws.id, member)).order_by(SpendLimit.id)
+    )).scalars())
+    charges = []
+    for limit in limits:  # id order: a fixed lock order across concurrent starts
+        start = period_start(limit.period, now, ws.timezone)
+        await session.execute(insert(LimitUsage).values(limit_id=limit.id, period_start=start, used_units=0)
+                              .on_conflict_do_nothing())
+        done = await session.execute(_CHARGE, {"units": units, "limit": limit.id, "period": start,
+                                               "amount": limit.amount_units, "now": now})
+        if done.first() is None:
+            used = (await session.execute(select(LimitUsage.used_units).where(
+                LimitUsage.limit_id == limit.id, LimitUsage.period_start == start))).scalar_one()
+            allowance = limit.amount_units + await approved_extra(session, limit.id, start, now)
+            raise SpendLimitExceeded(limit_id=limit.id, scope=limit.scope.value, period=limit.period.value,
+                                     limit=allowance, used=used, requested=units,
+                                     can_request=limit.action is LimitAction.REQUIRE_APPROVAL)
+        charges.append({"limit": str(limit.id), "period": start.isoformat()})
+    return charges
+
+
+async def adjust(session: AsyncSession, charges: list[dict], delta: int) -> None:
+    """Move what a generation counts against its limits: negative for released credits,
+    positive for extra credits captured above the hold (those are never refused: the work ran)."""
+    if not charges or delta == 0:
+        return
+    for c in sorted(charges, key=lambda c: c["limit"]):
+        await session.execute(
+            LimitUsage.__table__.update()
+            .where(LimitUsage.limit_id == uuid.UUID(c["limit"]),
+                   LimitUsage.period_start == datetime.fromisoformat(c["period"]))
+            .values(used_units=func.greatest(LimitUsage.used_units + delta, 0))
+        )
+
+
+# --- managing limits ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class LimitView:
+    limit: SpendLimit
+    period_start: datetime
+    period_end: datetime
+    used: int
+    allowance: int  # the limit plus approved overages in force
+
+
+async def set_spend_limit(
+    db: Database, caller: Caller, *, workspace_id: str, scope: LimitScope, period: LimitPeriod, amount: str,
+    action: LimitAction, member_id: str | None = None, billing_group_id: str | None = None,
+) -> SpendLimit:
+    """Set (or replace) the limit on a target for a period; the old one is kept, removed."""
+    ws_id = parse_id(workspace_id, "workspace")
+    units = parse_credits(amount, "amount", allow_zero=True)
+    if (scope is LimitScope.MEMBER) != (member_id is not None):
+        raise ValidationFailed("memberId", "a member limit names the member, and only it")
+    if (scope is LimitScope.GROUP) != (billing_group_id is not None):
+        raise ValidationFailed("billingGroupId", "a group limit names the group, and only it")
+
+    async def work(session: AsyncSession) -> SpendLimit:
+        await authorize(session, caller, ws_id, Action.SET_SPEND_LIMITS, what="workspace")
+        member = group = None
+        if member_id is not None:
+            member = await session.get(Member, parse_id(member_id, "member"))
+            if member is None or member.workspace_id != ws_id or member.removed_at is not None:
+                raise NotFound("member")
+        if billing_group_id is not None:
+            group = await _group(session, ws_id, billing_group_id)
+        old = (await session.execute(select(SpendLimit).where(
+            SpendLimit.workspace_id == ws_id, SpendLimit.scope == scope, SpendLimit.period == period,
+            SpendLimit.removed_at.is_(None),
+            SpendLimit.member_id == (member.id if member else None) if member else SpendLimit.member_id.is_(None),
+            SpendLimit.billing_group_id == group if group else SpendLimit.billing_group_id.is_(None),
+        ).with_for_update())).scalar_one_or_none()
+        now = caller.clock.now()
+        if old is not None:
+            old.removed_at = now
+            await session.flush()
+        limit = SpendLimit(workspace_id=ws_id, scope=scope, member_id=member.id if member else None,
+                           billing_group_id=group, period=period, amount_units=units, action=action,
+                           created_by=caller.actor.user_id)
+        session.add(limit)
+        await session.flush()
+        audit.record(session, ws_id, caller.actor.user_id, "limit.set", "spend_limit", limit.id,
+                     before=_limit_json(old) if old else None, after=_limit_json(limit), at=now)
+        return limit
+
+    return await db.transaction(work)
+
+
+async def _group(session: AsyncSession, ws_id: uuid.UUID, group_id: str) -> uuid.UUID:
+    group = await session.get(BillingGroup, parse_id(group_id, "billing group"))
+    if group is None or group.workspace_id != ws_id:
+        raise NotFound("billing group")
+    return group.id
+
+
+def _limit_json(limit: SpendLimit) -> dict:
+    return {"scope": limit.scope, "memberId": limit.member_id, "billingGroupId": limit.billing_group_id,
+            "period": limit.period, "amount": limit.amount_units, "action": limit.action}
+
+
+async def remove_spend_limit(db: Database, caller: Caller, *, limit_id: str) -> SpendLimit:
+    lid = parse_id(limit_id, "spend limit")
+
+    async def work(session: AsyncSession) -> SpendLimit:
+        limit = await session.get(SpendLimit, lid, with_for_update=True)
+        if limit is None or limit.removed_at is not None:
+            raise NotFound("spend limit")
+        await authorize(session, caller, limit.workspace_id, Action.SET_SPEND_LIMITS, what="spend limit")
+        limit.removed_at = caller.clock.now()
+        audit.record(session, limit.workspace_id, caller.actor.user_id, "limit.removed", "spend_limit", limit.id,
+                     before=_limit_json(limit), at=limit.removed_at)
+        await session.flush()
+        return limit
+
+    return await db.transaction(work)
+
+
+async def list_limits(db: Database, caller: Caller, *, workspace_id: str) -> list[LimitView]:
+    ws_id = parse_id(workspace_id, "workspace")
+
+    async def work(session: AsyncSession) -> list[LimitView]:
+        await authorize(session, caller, ws_id, Action.VIEW_BALANCE, what="workspace")
+        ws = await session.get_one(Workspace, ws_id)
+        now = caller.clock.now()
+        limits = (await session.execute(select(SpendLimit).where(
+            SpendLimit.workspace_id == ws_id, SpendLimit.removed_at.is_(None)).order_by(SpendLimit.created_at))).scalars()
+        out = []
+        for limit in limits:
+            start = period_start(limit.period, now, ws.timezone)
+            used = (await session.execute(select(LimitUsage.used_units).where(
+                LimitUsage.limit_id == limit.id, LimitUsage.period_start == start))).scalar_one_or_none() or 0
+            out.append(LimitView(limit, start, period_end(limit.period, start, ws.timezone), used,
+                                 limit.amount_units + await approved_extra(session, limit.id, start, now)))
+        return out
+
+    return await db.read(work)

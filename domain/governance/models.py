@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Identity,
+    Index,
+    String,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from domain.base import Base, created_at, str_enum, uuid_pk
+
+
+class LimitScope(enum.StrEnum):
+    MEMBER = "MEMBER"
+    GROUP = "GROUP"
+    WORKSPACE = "WORKSPACE"
+
+
+class LimitPeriod(enum.StrEnum):
+    DAY = "DAY"
+    WEEK = "WEEK"
+    MONTH = "MONTH"
+
+
+class LimitAction(enum.StrEnum):
+    BLOCK = "BLOCK"
+    REQUIRE_APPROVAL = "REQUIRE_APPROVAL"  # refused, but the member may ask for an overage
+
+
+class OverageStatus(enum.StrEnum):
+    PENDING = "PENDING"
+    APPROVED = "APPROVED"
+    DENIED = "DENIED"
+    LAPSED = "LAPSED"
+
+
+class SpendLimit(Base):
+    __tablename__ = "spend_limits"
+    __table_args__ = (
+        CheckConstraint("amount_units >= 0", name="amount_not_negative"),
+        CheckConstraint(
+            "(scope = 'MEMBER') = (member_id IS NOT NULL) AND (scope = 'GROUP') = (billing_group_id IS NOT NULL)",
+            name="scope_target",
+        ),
+        # One live limit per target and period; a new one replaces it (the old row stays, removed).
+        Index("uq_spend_limits_active_target", "workspace_id", "scope", "member_id", "billing_group_id", "period",
+              unique=True, postgresql_where=text("removed_at IS NULL"), postgresql_nulls_not_distinct=True),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    workspace_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workspaces.id"))
+    scope: Mapped[LimitScope] = mapped_column(str_enum(LimitScope, "limit_scope"))
+    member_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("members.id"))
+    billing_group_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("billing_groups.id"))
+    period: Mapped[LimitPeriod] = mapped_column(str_enum(LimitPeriod, "limit_period"))
+    amount_units: Mapped[int] = mapped_column(BigInteger)
+    action: Mapped[LimitAction] = mapped_column(str_enum(LimitAction, "limit_action"))
+    created_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = created_at()
+    removed_at: Mapped[datetime | None]
+
+
+class LimitUsage(Base):
+    """Held plus captured credits counted against a limit in one period. Updated with a
+    conditional UPDATE in the transaction that places the hold: the row lock makes the check
+    and the count one atomic step."""
+
+    __tablename__ = "limit_usage"
+    __table_args__ = (CheckConstraint("used_units >= 0", name="used_not_negative"),)
+
+    limit_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("spend_limits.id"), primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(primary_key=True)
+    used_units: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class OverageRequest(Base):
+    __tablename__ = "overage_requests"
+    __table_args__ = (
+        CheckConstraint("amount_units > 0 AND (approved_units IS NULL OR approved_units > 0)", name="amounts_positive"),
+        Index("ix_overage_requests_workspace_id", "workspace_id", "requested_at"),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    workspace_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workspaces.id"))
+    member_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("members.id"))
+    limit_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("spend_limits.id"))
+    period_start: Mapped[datetime]
+    amount_units: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(String(500))
+    model_key: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[OverageStatus] = mapped_column(str_enum(OverageStatus, "overage_status"))
+    lapses_at: Mapped[datetime]
+    # An approval raises the limit for the request's period by approved_units, until it expires.
+    approved_units: Mapped[int | None] = mapped_column(BigInteger)
+    approval_expires_at: Mapped[datetime | None]
+    decided_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
+    decided_at: Mapped[datetime | None]
+    decision_reason: Mapped[str | None] = mapped_column(String(500))
+    requested_at: Mapped[datetime]
+
+
+class Notification(Base):
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_user_id", "user_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    workspace_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workspaces.id"))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    kind: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = created_at()
+    read_at: Mapped[datetime | None]
+
+
+class AuditEntry(Base):
+    """Who changed what, before and after. Append-only: a trigger refuses UPDATE and DELETE."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_workspace_id_id", "workspace_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    workspace_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workspaces.id"))
+    actor_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
+    action: Mapped[str] = mapped_column(String(64))
+    target_type: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[str | None] = mapped_column(String(64))
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    occurred_at: Mapped[datetime]
+    created_at: Mapped[datetime] = created_at()

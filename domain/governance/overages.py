@@ -1,0 +1,161 @@
+"""Overage requests: a member past a REQUIRE_APPROVAL limit asks for more; an approver (never
+the requester) approves an amount with an expiry, or denies with a reason. An approval raises
+that limit for the request's period by the approved amount. Pending requests lapse."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain import events
+from domain.access import Caller, authorize, parse_id
+from domain.db import Database
+from domain.errors import Forbidden, NotFound, OverageNotPending, ValidationFailed
+from domain.governance import audit
+from domain.governance.limits import applicable
+from domain.governance.models import (
+    LimitAction,
+    OverageRequest,
+    OverageStatus,
+    SpendLimit,
+)
+from domain.governance.notifications import approvers, notify
+from domain.governance.rules import period_end, period_start
+from domain.identity import clean_name
+from domain.money import format_credits, parse_credits
+from domain.workspaces.models import Member, Workspace
+from policies import Action
+
+DEFAULT_TTL = timedelta(hours=24)
+
+
+async def request_overage(
+    db: Database, caller: Caller, *, workspace_id: str, amount: str, reason: str, limit_id: str | None = None,
+    model_key: str | None = None, ttl: timedelta = DEFAULT_TTL,
+) -> OverageRequest:
+    ws_id = parse_id(workspace_id, "workspace")
+    units = parse_credits(amount, "amount")
+    reason = clean_name(reason, "reason", max_len=500)
+
+    async def work(session: AsyncSession) -> OverageRequest:
+        me = await authorize(session, caller, ws_id, Action.REQUEST_OVERAGE, what="workspace")
+        if me is None:
+            raise Forbidden(Action.REQUEST_OVERAGE.value)
+        ws = await session.get_one(Workspace, ws_id)
+        # The limit that applies to the requester and may be raised; by default the tightest one.
+        q = select(SpendLimit).where(applicable(ws_id, me), SpendLimit.action == LimitAction.REQUIRE_APPROVAL)
+        if limit_id is not None:
+            q = q.where(SpendLimit.id == parse_id(limit_id, "spend limit"))
+        limit = (await session.execute(q.order_by(SpendLimit.amount_units, SpendLimit.id).limit(1))).scalar_one_or_none()
+        if limit is None:
+            raise NotFound("spend limit")
+        now = caller.clock.now()
+        request = OverageRequest(
+            workspace_id=ws_id, member_id=me.id, limit_id=limit.id,
+            period_start=period_start(limit.period, now, ws.timezone), amount_units=units, reason=reason,
+            model_key=model_key, status=OverageStatus.PENDING, lapses_at=now + ttl, requested_at=now,
+        )
+        session.add(request)
+        await session.flush()
+        notify(session, ws_id, await approvers(session, ws_id) - {caller.actor.user_id}, "OVERAGE_REQUESTED",
+               requestId=str(request.id), memberId=str(me.id), amount=format_credits(units), reason=reason)
+        events.emit(session, ws_id, events.OVERAGE_REQUESTED, requestId=str(request.id), memberId=str(me.id),
+                    amount=format_credits(units))
+        audit.record(session, ws_id, caller.actor.user_id, "overage.requested", "overage_request", request.id,
+                     after={"limit": limit.id, "amount": units, "reason": reason}, at=now)
+        return request
+
+    return await db.transaction(work)
+
+
+async def decide_overage(
+    db: Database, caller: Caller, *, request_id: str, approve: bool, amount: str | None = None,
+    expires_at: datetime | None = None, reason: str | None = None,
+) -> OverageRequest:
+    rid = parse_id(request_id, "overage request")
+    approved = parse_credits(amount, "amount") if amount is not None else None
+    if reason is not None:
+        reason = clean_name(reason, "reason", max_len=500)
+    if not approve and not reason:
+        raise ValidationFailed("reason", "a denial says why")
+
+    async def work(session: AsyncSession) -> OverageRequest:
+        request = await session.get(OverageRequest, rid, with_for_update=True)
+        if request is None:
+            raise NotFound("overage request")
+        await authorize(session, caller, request.workspace_id, Action.APPROVE_OVERAGES, what="overage request")
+        requester = await session.get_one(Member, request.member_id)
+        if requester.user_id == caller.actor.user_id:
+            raise Forbidden("nobody approves their own overage request")
+        now = caller.clock.now()
+        if request.status is OverageStatus.PENDING and request.lapses_at <= now:
+            request.status = OverageStatus.LAPSED
+        if request.status is not OverageStatus.PENDING:
+            await session.flush()
+            raise OverageNotPending(request.status.value)
+        before = {"status": request.status}
+        ws = await session.get_one(Workspace, request.workspace_id)
+        limit = await session.get_one(SpendLimit, request.limit_id)
+        if approve:
+            ends = period_end(limit.period, request.period_start, ws.timezone)
+            if expires_at is not None and (expires_at.tzinfo is None or expires_at <= now):
+                raise ValidationFailed("expiresAt", "must be a future time with a zone")
+            request.status = OverageStatus.APPROVED
+            request.approved_units = approved or request.amount_units
+            request.approval_expires_at = min(expires_at, ends) if expires_at else ends
+        else:
+            request.status = OverageStatus.DENIED
+        request.decided_by, request.decided_at, request.decision_reason = caller.actor.user_id, now, reason
+        await session.flush()
+        notify(session, request.workspace_id, {requester.user_id}, "OVERAGE_DECIDED", requestId=str(request.id),
+               status=request.status.value, approved=format_credits(request.approved_units or 0), reason=reason)
+        events.emit(session, request.workspace_id, events.OVERAGE_DECIDED, requestId=str(request.id),
+                    status=request.status.value)
+        audit.record(session, request.workspace_id, caller.actor.user_id, f"overage.{request.status.value.lower()}",
+                     "overage_request", request.id, before=before,
+                     after={"status": request.status, "approved": request.approved_units,
+                            "expiresAt": request.approval_expires_at, "reason": reason}, at=now)
+        return request
+
+    return await db.transaction(work)
+
+
+async def list_overages(
+    db: Database, caller: Caller, *, workspace_id: str, status: OverageStatus | None = None
+) -> list[OverageRequest]:
+    """Approvers see every request of the workspace; anyone else sees their own."""
+    ws_id = parse_id(workspace_id, "workspace")
+
+    async def work(session: AsyncSession) -> list[OverageRequest]:
+        me = await authorize(session, caller, ws_id, Action.VIEW_WORKSPACE, what="workspace")
+        roles = ({f"role:{me.role.value}", f"seat:{me.seat.value}"} if me else set()) | caller.platform_roles()
+        q = select(OverageRequest).where(OverageRequest.workspace_id == ws_id)
+        if not caller.authorizer.allows(str(caller.actor.user_id), roles, str(ws_id), Action.APPROVE_OVERAGES):
+            q = q.where(OverageRequest.member_id == (me.id if me else None))
+        now = caller.clock.now()
+        if status is OverageStatus.PENDING:
+            q = q.where(OverageRequest.status == status, OverageRequest.lapses_at > now)
+        elif status is OverageStatus.LAPSED:
+            q = q.where(or_(OverageRequest.status == status,
+                            (OverageRequest.status == OverageStatus.PENDING) & (OverageRequest.lapses_at <= now)))
+        elif status is not None:
+            q = q.where(OverageRequest.status == status)
+        rows = list((await session.execute(q.order_by(OverageRequest.requested_at.desc()))).scalars())
+        for r in rows:  # shown as it is now, even before the scheduler marks it
+            if r.status is OverageStatus.PENDING and r.lapses_at <= now:
+                r.status = OverageStatus.LAPSED
+        return rows
+
+    return await db.read(work)
+
+
+async def lapse_pending(session: AsyncSession, now: datetime) -> int:
+    """Scheduler step: pending requests past their time are marked LAPSED."""
+    done = await session.execute(
+        update(OverageRequest).where(OverageRequest.status == OverageStatus.PENDING, OverageRequest.lapses_at <= now)
+        .values(status=OverageStatus.LAPSED)
+    )
+    return done.rowcount
+
