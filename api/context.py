@@ -5,6 +5,7 @@ and injected), and the caller, authenticated lazily from the request or the webs
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ class Context:
     payments: PaymentProvider = field(default_factory=TrustedReferenceProvider)
     ledger_rules: LedgerRules = field(default_factory=LedgerRules)
     live: Any = None  # the process's api.live.LiveHub
+    overage_ttl: timedelta = timedelta(hours=24)  # pending overage requests lapse after this
     response: Any = None
     connection_params: dict[str, Any] | None = None
     loaders: dict[str, Any] = field(default_factory=dict)

@@ -74,6 +74,22 @@ class GenerationAlreadySettled(Error):
     status: str
 
 
+@strawberry.type(description="The generation would pass a spend limit; nothing was held.")
+class SpendLimitExceeded(Error):
+    limit_id: strawberry.ID
+    scope: str
+    period: str
+    limit: str = strawberry.field(description="Credits allowed this period, approved overages included.")
+    used: str
+    requested: str
+    can_request_overage: bool
+
+
+@strawberry.type(description="The overage request was already decided or has lapsed.")
+class OverageNotPending(Error):
+    status: str
+
+
 def to_graphql_error(exc: de.DomainError) -> Error:
     match exc:
         case de.NotFound():
@@ -99,6 +115,14 @@ def to_graphql_error(exc: de.DomainError) -> Error:
             return PaymentReferenceUsed(message=exc.message, code=exc.code)
         case de.PaymentFailed():
             return PaymentFailed(message=exc.message, code=exc.code, reason=exc.reason)
+        case de.SpendLimitExceeded():
+            return SpendLimitExceeded(
+                message=exc.message, code=exc.code, limit_id=strawberry.ID(str(exc.limit_id)), scope=exc.scope,
+                period=exc.period, limit=format_credits(exc.limit), used=format_credits(exc.used),
+                requested=format_credits(exc.requested), can_request_overage=exc.can_request,
+            )
+        case de.OverageNotPending():
+            return OverageNotPending(message=exc.message, code=exc.code, status=exc.status)
         case de.GenerationAlreadySettled():
             return GenerationAlreadySettled(message=exc.message, code=exc.code, status=exc.status)
     raise TypeError(f"no GraphQL type for {type(exc).__name__}")  # a bug: masked as unexpected

@@ -21,6 +21,7 @@ from api.errors import (
     NotFoundError,
     PaymentFailed,
     PaymentReferenceUsed,
+    SpendLimitExceeded,
     ValidationError,
     result,
 )
@@ -73,6 +74,7 @@ class Grant:
     id: strawberry.ID
     scope: Scope
     member_id: strawberry.ID | None
+    billing_group_id: strawberry.ID | None
     source: GrantSource
     priority: int
     effective_at: datetime
@@ -91,7 +93,8 @@ class Grant:
     @classmethod
     def from_model(cls, g: lm.Grant) -> Grant:
         return cls(
-            id=strawberry.ID(str(g.id)), scope=g.scope, member_id=_id(g.member_id), source=g.source,
+            id=strawberry.ID(str(g.id)), scope=g.scope, member_id=_id(g.member_id),
+            billing_group_id=_id(g.billing_group_id), source=g.source,
             priority=g.priority, effective_at=g.effective_at, expires_at=g.expires_at,
             amount=format_credits(g.amount), remaining=format_credits(g.remaining), held=format_credits(g.held),
             captured=format_credits(g.captured), expired=format_credits(g.expired),
@@ -215,8 +218,10 @@ class Transfer:
     id: strawberry.ID
     workspace_id: strawberry.ID
     credits: str
-    from_member_id: strawberry.ID | None = strawberry.field(description="Null: the workspace pool.")
-    to_member_id: strawberry.ID | None = strawberry.field(description="Null: the workspace pool.")
+    from_member_id: strawberry.ID | None
+    to_member_id: strawberry.ID | None
+    from_billing_group_id: strawberry.ID | None
+    to_billing_group_id: strawberry.ID | None
     grants: list[Grant] = strawberry.field(description="The grants created on the receiving side.")
 
     @classmethod
@@ -224,6 +229,7 @@ class Transfer:
         return cls(
             id=strawberry.ID(str(r.transfer_id)), workspace_id=strawberry.ID(str(r.workspace_id)),
             credits=format_credits(r.units), from_member_id=_id(r.from_member_id), to_member_id=_id(r.to_member_id),
+            from_billing_group_id=_id(r.from_group_id), to_billing_group_id=_id(r.to_group_id),
             grants=[Grant.from_model(g) for g in r.new_grants],
         )
 
@@ -315,13 +321,16 @@ class GrantCreditsInput:
     external_reference: str | None = None
 
 
-@strawberry.input
+@strawberry.input(description="Move credits between the pool, seats and billing groups. A side with no member "
+                              "and no group is the pool.")
 class TransferCreditsInput:
     workspace_id: strawberry.ID
-    amount: str
     idempotency_key: str
-    from_member_id: strawberry.ID | None = strawberry.field(default=None, description="Null: the pool.")
-    to_member_id: strawberry.ID | None = strawberry.field(default=None, description="Null: the pool.")
+    amount: str | None = strawberry.field(default=None, description="Null only when releasing a group: all of it.")
+    from_member_id: strawberry.ID | None = None
+    to_member_id: strawberry.ID | None = None
+    from_billing_group_id: strawberry.ID | None = None
+    to_billing_group_id: strawberry.ID | None = None
 
 
 @strawberry.input
@@ -389,7 +398,7 @@ TransferCreditsResult = Annotated[
     strawberry.union("TransferCreditsResult"),
 ]
 StartGenerationResult = Annotated[
-    Generation | NotFoundError | ValidationError | InsufficientCredits | IdempotencyKeyReused,
+    Generation | NotFoundError | ValidationError | InsufficientCredits | SpendLimitExceeded | IdempotencyKeyReused,
     strawberry.union("StartGenerationResult"),
 ]
 SettleGenerationResult = Annotated[
@@ -517,6 +526,8 @@ class LedgerMutation:
             idempotency_key=input.idempotency_key,
             from_member_id=str(input.from_member_id) if input.from_member_id else None,
             to_member_id=str(input.to_member_id) if input.to_member_id else None,
+            from_group_id=str(input.from_billing_group_id) if input.from_billing_group_id else None,
+            to_group_id=str(input.to_billing_group_id) if input.to_billing_group_id else None,
         )
         return await result(call, Transfer.from_result)
 

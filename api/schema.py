@@ -21,6 +21,7 @@ from strawberry.tools import merge_types
 from api.catalog import CatalogMutation, CatalogQuery
 from api.identity import IdentityMutation, IdentityQuery
 from api.ledger import LedgerMutation, LedgerQuery
+from api.governance import GovernanceMutation, GovernanceQuery
 from api.live import Subscription
 from api.periods import PeriodsMutation, PeriodsQuery
 from api.workspaces import WorkspaceMutation, WorkspaceQuery
@@ -29,9 +30,12 @@ from domain.errors import AuthError, DomainError
 SDL_PATH = Path(__file__).resolve().parent / "schema.graphql"
 log = logging.getLogger("creditpool.graphql")
 
-Query = merge_types("Query", (IdentityQuery, WorkspaceQuery, CatalogQuery, LedgerQuery, PeriodsQuery))
+Query = merge_types(
+    "Query", (IdentityQuery, WorkspaceQuery, CatalogQuery, LedgerQuery, PeriodsQuery, GovernanceQuery)
+)
 Mutation = merge_types(
-    "Mutation", (IdentityMutation, WorkspaceMutation, LedgerMutation, CatalogMutation, PeriodsMutation)
+    "Mutation",
+    (IdentityMutation, WorkspaceMutation, LedgerMutation, CatalogMutation, PeriodsMutation, GovernanceMutation),
 )
 
 

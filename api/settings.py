@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     # How often each server process runs the scheduler (period closes, expiry, hold timeouts);
     # 0 turns it off (then run `creditpool tick` from cron).
     scheduler_interval_seconds: int = Field(default=30, ge=0, le=86400)
+    # A pending overage request lapses after this many hours.
+    overage_request_ttl_hours: int = Field(default=24, ge=1, le=24 * 90)
     # How live events cross processes: auto (in-process for one worker, PostgreSQL LISTEN/NOTIFY
     # for several), memory://, postgres (the service's own database), or redis://host:port.
     broadcast_url: str = "auto"

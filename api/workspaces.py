@@ -69,6 +69,7 @@ class Member:
     user: UserRef
     role: Role
     seat: Seat
+    billing_group_id: strawberry.ID | None
     joined_at: datetime
     removed_at: datetime | None
 
@@ -78,6 +79,7 @@ class Member:
             id=strawberry.ID(str(x.id)), workspace_id=strawberry.ID(str(x.workspace_id)),
             user=UserRef(id=strawberry.ID(str(x.user.id)), email=x.user.email, name=x.user.name),
             role=x.role, seat=x.seat, joined_at=x.created_at, removed_at=x.removed_at,
+            billing_group_id=strawberry.ID(str(x.billing_group_id)) if x.billing_group_id else None,
         )
 
 
@@ -102,6 +104,7 @@ class Workspace:
     period_start: datetime
     next_renewal_at: datetime
     cancelled_at: datetime | None
+    timezone: str
 
     async def _detail(self, info: Info[Context, None]) -> workspaces.WorkspaceDetail:
         # Cached per request: members, seat usage and viewer fields share one load.
@@ -147,6 +150,7 @@ class Workspace:
             id=strawberry.ID(str(w.id)), name=w.name, allocation_mode=w.allocation_mode,
             pool_fallback=w.pool_fallback, paid_creator_seats=w.paid_creator_seats, created_at=w.created_at,
             period_start=w.period_start, next_renewal_at=w.next_renewal_at, cancelled_at=w.cancelled_at,
+            timezone=w.timezone,
         )
 
 
@@ -182,6 +186,7 @@ class UpdateWorkspaceInput:
     pool_fallback: bool | None = strawberry.field(
         default=None, description="PER_SEAT only: may a member spend from the pool when their seat is empty?"
     )
+    timezone: str | None = strawberry.field(default=None, description="IANA name: spend-limit days and months.")
 
 
 @strawberry.input
@@ -256,7 +261,7 @@ class WorkspaceMutation:
         call = workspaces.update_workspace(
             info.context.db, caller, workspace_id=str(input.workspace_id), name=input.name,
             plan_key=input.plan_key, allocation_mode=input.allocation_mode,
-            paid_creator_seats=input.paid_creator_seats, pool_fallback=input.pool_fallback,
+            paid_creator_seats=input.paid_creator_seats, pool_fallback=input.pool_fallback, timezone=input.timezone,
         )
         return await result(call, Workspace.from_model)
 
