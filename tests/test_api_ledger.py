@@ -23,6 +23,7 @@ mutation($ws: ID!, $model: String!, $key: String!, $params: JSON, $for: ID) {
     __typename
     ... on Generation { id status cost memberId holds { held grant { id source expiresAt } } }
     ... on InsufficientCredits { needed available code }
+    ... on SpendLimitExceeded { used limit canRequestOverage }
     ... on Error { message code }
   }
 }"""

@@ -1,0 +1,229 @@
+"""Governance through gql: spend limits (atomic with the hold), overage requests and approvals,
+billing groups, notifications and the audit log."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from gql.transport.exceptions import TransportQueryError
+
+from tests.test_api_ledger import ADD, COMPLETE, START, TRANSFER, assert_ledger_clean, balance, grant, key, make_team
+
+SET_LIMIT = """
+mutation($ws: ID!, $scope: LimitScope!, $period: LimitPeriod!, $amount: String!, $action: LimitAction!,
+         $member: ID, $group: ID) {
+  setSpendLimit(input: {workspaceId: $ws, scope: $scope, period: $period, amount: $amount, action: $action,
+                        memberId: $member, billingGroupId: $group}) {
+    __typename ... on SpendLimit { id scope amount action } ... on Error { code message }
+  }
+}"""
+LIMITS = "query($ws: ID!) { spendLimits(workspaceId: $ws) { id scope period amount used allowance } }"
+REQUEST = """
+mutation($ws: ID!, $amount: String!, $reason: String!) {
+  requestOverage(input: {workspaceId: $ws, amount: $amount, reason: $reason, modelKey: "video-standard"}) {
+    __typename ... on OverageRequest { id status amount limitId } ... on Error { code message }
+  }
+}"""
+DECIDE = """
+mutation($id: ID!, $approve: Boolean!, $amount: String, $reason: String) {
+  decideOverage(input: {requestId: $id, approve: $approve, amount: $amount, reason: $reason}) {
+    __typename ... on OverageRequest { status approved approvalExpiresAt } ... on Error { code message }
+  }
+}"""
+AUDIT = """
+query($ws: ID!, $action: String) {
+  auditLog(workspaceId: $ws, action: $action) { edges { node { action actorId targetType before after } } }
+}"""
+
+
+async def start(client, token, ws, model="dalle-3"):
+    async with client(token) as api:
+        return (await api(START, ws=ws, model=model, key=key()))["startGeneration"]
+
+
+async def test_many_starts_racing_one_member_limit_never_pass_it(db, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        out = (await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="DAY", amount="45", action="BLOCK",
+                         member=member))["setSpendLimit"]
+    assert out["__typename"] == "SpendLimit"
+    results = await asyncio.gather(*(start(client, token, team.ws) for _ in range(20)))  # 10 credits each
+    started = [r for r in results if r["__typename"] == "Generation"]
+    refused = [r for r in results if r["__typename"] == "SpendLimitExceeded"]
+    assert (len(started), len(refused)) == (4, 16)
+    assert {(r["code"], r["__typename"]) for r in refused} == {("SPEND_LIMIT_EXCEEDED", "SpendLimitExceeded")}
+    b = await balance(client, team.owner, team.ws)
+    assert b["held"] == "40.000"  # the sum of holds never passes the limit
+    async with client(team.owner) as api:
+        [limit] = (await api(LIMITS, ws=team.ws))["spendLimits"]
+    assert (limit["used"], limit["allowance"]) == ("40.000", "45.000")
+    # Released credits stop counting: a completion below the hold frees limit room.
+    async with client(team.worker) as api:
+        await api(COMPLETE, g=started[0]["id"], key=key(), cost="1")
+    async with client(team.owner) as api:
+        assert (await api(LIMITS, ws=team.ws))["spendLimits"][0]["used"] == "31.000"
+    assert (await start(client, token, team.ws))["__typename"] == "Generation"
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_an_overage_approval_lets_exactly_the_approved_amount_through(db, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="20", action="REQUIRE_APPROVAL",
+                  member=member)
+    assert (await start(client, token, team.ws))["__typename"] == "Generation"
+    assert (await start(client, token, team.ws))["__typename"] == "Generation"
+    blocked = await start(client, token, team.ws)
+    assert blocked["__typename"] == "SpendLimitExceeded"
+    assert (blocked["used"], blocked["limit"], blocked["canRequestOverage"]) == ("20.000", "20.000", True)
+    async with client(token) as api:
+        req = (await api(REQUEST, ws=team.ws, amount="30", reason="client deadline"))["requestOverage"]
+    assert req["__typename"] == "OverageRequest" and req["status"] == "PENDING"
+    async with client(token) as api:  # nobody approves their own request (members cannot approve at all)
+        with pytest.raises(TransportQueryError):
+            await api(DECIDE, id=req["id"], approve=True)
+    async with client(team.owner) as api:
+        ok = (await api(DECIDE, id=req["id"], approve=True, amount="25"))["decideOverage"]
+        assert (ok["status"], ok["approved"]) == ("APPROVED", "25.000")
+        again = (await api(DECIDE, id=req["id"], approve=False, reason="changed my mind"))["decideOverage"]
+        assert again["__typename"] == "OverageNotPending"
+    # 20 + 25 = 45 allowed this month: 20 used, so exactly two more 10-credit generations fit.
+    kinds = [(await start(client, token, team.ws))["__typename"] for _ in range(3)]
+    assert kinds == ["Generation", "Generation", "SpendLimitExceeded"]
+    async with client(token) as api:
+        mine = (await api("{ notifications { kind payload } }"))["notifications"]
+    assert mine[0]["kind"] == "OVERAGE_DECIDED" and mine[0]["payload"]["status"] == "APPROVED"
+    async with client(team.owner) as api:
+        theirs = (await api("{ notifications(unreadOnly: true) { kind } }"))["notifications"]
+        assert "OVERAGE_REQUESTED" in {n["kind"] for n in theirs}
+        assert await api("mutation { markNotificationsRead }") == {"markNotificationsRead": len(theirs)}
+        steps = [e["node"]["action"] for e in (await api(AUDIT, ws=team.ws))["auditLog"]["edges"]]
+    # Newest first: the whole story is there.
+    assert steps[:3] == ["overage.approved", "overage.requested", "limit.set"]
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_an_owner_who_requests_an_overage_cannot_approve_it(db, client):
+    team = await make_team(db, client, creators=0)
+    await grant(client, team, "100")
+    async with client(team.owner) as api:
+        await api(SET_LIMIT, ws=team.ws, scope="WORKSPACE", period="DAY", amount="5", action="REQUIRE_APPROVAL")
+        req = (await api(REQUEST, ws=team.ws, amount="10", reason="launch day"))["requestOverage"]
+        with pytest.raises(TransportQueryError) as err:
+            await api(DECIDE, id=req["id"], approve=True)
+    assert err.value.errors[0]["extensions"]["code"] == "FORBIDDEN"
+    async with client(team.owner) as api:
+        pending = (await api('query($ws: ID!) { overageRequests(workspaceId: $ws, status: PENDING) { id } }',
+                             ws=team.ws))["overageRequests"]
+    assert [p["id"] for p in pending] == [req["id"]]
+
+
+async def test_a_blocking_limit_cannot_be_overridden_by_a_request(db, client):
+    team = await make_team(db, client, creators=1)
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="DAY", amount="5", action="BLOCK", member=member)
+    async with client(token) as api:
+        out = (await api(REQUEST, ws=team.ws, amount="10", reason="please"))["requestOverage"]
+    assert out["__typename"] == "NotFoundError"  # no limit that may be raised applies
+
+
+async def test_a_group_members_spend_draws_the_groups_grants_first(db, client):
+    team = await make_team(db, client, creators=2)
+    await grant(client, team, "100")
+    (in_group, member), (outside, _) = team.creators
+    async with client(team.owner) as api:
+        group = (await api('mutation($ws: ID!) { createBillingGroup(input: {workspaceId: $ws, name: "Client A"}) '
+                           '{ ... on BillingGroup { id } } }', ws=team.ws))["createBillingGroup"]
+        assigned = (await api('mutation($m: ID!, $g: ID) { assignBillingGroup(input: {memberId: $m, groupId: $g}) '
+                              '{ ... on Member { billingGroupId } } }', m=member, g=group["id"]))
+        assert assigned["assignBillingGroup"]["billingGroupId"] == group["id"]
+        reserved = (await api(
+            'mutation($ws: ID!, $g: ID!, $k: String!) { transferCredits(input: {workspaceId: $ws, amount: "30", '
+            'idempotencyKey: $k, toBillingGroupId: $g}) { __typename ... on Transfer { toBillingGroupId '
+            'grants { scope billingGroupId expiresAt } } } }', ws=team.ws, g=group["id"], k=key()))["transferCredits"]
+    assert reserved["toBillingGroupId"] == group["id"] and reserved["grants"][0]["scope"] == "GROUP"
+    gen = await start(client, in_group, team.ws)
+    assert [h["grant"]["source"] for h in gen["holds"]] == ["PROMOTION"]
+    async with client(team.owner) as api:
+        b = (await api("query($ws: ID!) { balance(workspaceId: $ws) { scopes { scope available held } } }",
+                       ws=team.ws))["balance"]
+    by_scope = {s["scope"]: s for s in b["scopes"]}
+    assert (by_scope["GROUP"]["held"], by_scope["WORKSPACE"]["held"]) == ("10.000", "0.000")
+    other = await start(client, outside, team.ws)  # not in the group: the pool pays
+    assert other["__typename"] == "Generation"
+    async with client(team.owner) as api:
+        released = (await api(
+            'mutation($ws: ID!, $g: ID!, $k: String!) { transferCredits(input: {workspaceId: $ws, idempotencyKey: $k, '
+            'fromBillingGroupId: $g}) { __typename ... on Transfer { credits } } }', ws=team.ws, g=group["id"],
+            k=key()))["transferCredits"]
+        assert released == {"__typename": "Transfer", "credits": "20.000"}  # the rest moves back to the pool
+        steps = {e["node"]["action"] for e in (await api(AUDIT, ws=team.ws, action="group."))["auditLog"]["edges"]}
+    assert steps == {"group.created"}
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_group_limit_caps_its_members_together(db, client):
+    team = await make_team(db, client, creators=2)
+    await grant(client, team, "100")
+    async with client(team.owner) as api:
+        group = (await api('mutation($ws: ID!) { createBillingGroup(input: {workspaceId: $ws, name: "Campaign"}) '
+                           '{ ... on BillingGroup { id } } }', ws=team.ws))["createBillingGroup"]
+        for _, m in team.creators:
+            await api('mutation($m: ID!, $g: ID) { assignBillingGroup(input: {memberId: $m, groupId: $g}) '
+                      '{ __typename } }', m=m, g=group["id"])
+        out = (await api(SET_LIMIT, ws=team.ws, scope="GROUP", period="WEEK", amount="25", action="BLOCK",
+                         group=group["id"]))["setSpendLimit"]
+        assert out["__typename"] == "SpendLimit"
+    (a, _), (b, _) = team.creators
+    kinds = [(await start(client, t, team.ws))["__typename"] for t in (a, b, a)]
+    assert kinds == ["Generation", "Generation", "SpendLimitExceeded"]
+
+
+async def test_members_cannot_set_limits_and_outsiders_learn_nothing(db, client):
+    team = await make_team(db, client, creators=1)
+    other = await make_team(db, client, creators=0)
+    token, member = team.creators[0]
+    async with client(token) as api:
+        with pytest.raises(TransportQueryError) as err:
+            await api(SET_LIMIT, ws=team.ws, scope="WORKSPACE", period="DAY", amount="1", action="BLOCK")
+        assert err.value.errors[0]["extensions"]["code"] == "FORBIDDEN"
+        with pytest.raises(TransportQueryError):
+            await api(AUDIT, ws=team.ws)  # members do not read the audit log
+    async with client(other.owner) as api:
+        out = (await api(SET_LIMIT, ws=team.ws, scope="WORKSPACE", period="DAY", amount="1", action="BLOCK"))
+        assert out["setSpendLimit"]["__typename"] == "NotFoundError"
+        assert (await api(AUDIT, ws=team.ws))["auditLog"] is None
+        assert (await api(LIMITS, ws=team.ws))["spendLimits"] is None
+
+
+async def test_the_audit_log_records_member_changes_with_before_and_after(db, client):
+    team = await make_team(db, client, creators=0)
+    async with client(team.owner) as api:
+        added = (await api(ADD, ws=team.ws, email=f"a-{key()}@example.test", role="MEMBER", seat="STANDARD"))
+        member = added["addMember"]["id"]
+        await api('mutation($m: ID!) { changeMemberRole(input: {memberId: $m, role: ADMIN}) { __typename } }', m=member)
+        entries = [e["node"] for e in (await api(AUDIT, ws=team.ws, action="member."))["auditLog"]["edges"]]
+    role_change = entries[0]
+    assert role_change["action"] == "member.role_changed"
+    assert (role_change["before"], role_change["after"]["role"]) == ({"role": "member"}, "admin")
+    with pytest.raises(Exception, match="append-only"):
+        from sqlalchemy import text
+
+        async def rewrite(session):
+            await session.execute(text("UPDATE audit_log SET action = 'x'"))
+
+        await db.transaction(rewrite)
+
+
+async def test_transfer_between_a_seat_and_a_group_is_refused_when_ambiguous(db, client):
+    team = await make_team(db, client, mode="PER_SEAT", creators=1)
+    _, seat = team.creators[0]
+    async with client(team.owner) as api:
+        out = (await api(TRANSFER, ws=team.ws, amount="1", key=key(), **{"from": seat, "to": seat}))
+    assert out["transferCredits"]["__typename"] == "ValidationError"
