@@ -12,9 +12,10 @@ from strawberry.types import Info
 from api.context import Context
 from api.errors import NotFoundError, OverageNotPending, ValidationError, result
 from api.ledger import PageInfo
-from api.workspaces import Member
+from api.workspaces import Member, Workspace
 from domain.errors import NotFound
-from domain.governance import audit, groups, limits, notifications, overages
+from domain.governance import alerts as alerts_domain
+from domain.governance import audit, automation, groups, limits, notifications, overages
 from domain.governance import models as gm
 from domain.money import format_credits
 from domain.workspaces import models as wm
@@ -133,6 +134,48 @@ class AuditEntry:
 
 
 @strawberry.type
+class AutoTopUp:
+    enabled: bool
+    threshold: str
+    pack_id: strawberry.ID
+    monthly_max_purchases: int
+    monthly_max_credits: str
+    failure_limit: int
+    consecutive_failures: int
+    purchases_this_month: int
+    credits_this_month: str
+
+    @classmethod
+    def of(cls, t: gm.AutoTopUp) -> AutoTopUp:
+        return cls(enabled=t.enabled, threshold=format_credits(t.threshold_units), pack_id=strawberry.ID(str(t.pack_id)),
+                   monthly_max_purchases=t.monthly_max_purchases, monthly_max_credits=format_credits(t.monthly_max_units),
+                   failure_limit=t.failure_limit, consecutive_failures=t.consecutive_failures,
+                   purchases_this_month=t.purchases_this_month, credits_this_month=format_credits(t.units_this_month))
+
+
+AlertStatus = strawberry.enum(gm.AlertStatus, name="AlertStatus")
+
+
+@strawberry.type
+class Alert:
+    id: strawberry.ID
+    kind: str = strawberry.field(description="LOW_BALANCE, LIMIT_80, LIMIT_100, GRANT_EXPIRING, TOPUP_DONE, "
+                                             "TOPUP_FAILED, TOPUP_DISABLED, TOPUP_CAP_REACHED, OVERAGE_REQUESTED, "
+                                             "OVERAGE_DECIDED")
+    subject: str
+    status: AlertStatus
+    payload: JSON
+    opened_at: datetime
+    resolved_at: datetime | None
+    acknowledged_at: datetime | None
+
+    @classmethod
+    def of(cls, a: gm.Alert) -> Alert:
+        return cls(id=strawberry.ID(str(a.id)), kind=a.kind, subject=a.subject, status=a.status, payload=a.payload,
+                   opened_at=a.opened_at, resolved_at=a.resolved_at, acknowledged_at=a.acknowledged_at)
+
+
+@strawberry.type
 class AuditEntryEdge:
     cursor: str
     node: AuditEntry
@@ -204,6 +247,33 @@ class DecideOverageInput:
     reason: str | None = strawberry.field(default=None, description="Required to deny.")
 
 
+@strawberry.input
+class SetAutoTopUpInput:
+    workspace_id: strawberry.ID
+    enabled: bool
+    threshold: str
+    pack_id: strawberry.ID
+    monthly_max_purchases: int
+    monthly_max_credits: str
+    failure_limit: int = 3
+
+
+@strawberry.input
+class SetAlertSettingsInput:
+    workspace_id: strawberry.ID
+    low_balance_threshold: str | None = strawberry.field(default=None, description="Null: no low-balance alert.")
+    expiry_alert_days: int = 7
+
+
+@strawberry.input
+class AcknowledgeAlertInput:
+    alert_id: strawberry.ID
+
+
+SetAutoTopUpResult = Annotated[AutoTopUp | NotFoundError | ValidationError, strawberry.union("SetAutoTopUpResult")]
+SetAlertSettingsResult = Annotated[Workspace | NotFoundError | ValidationError,
+                                   strawberry.union("SetAlertSettingsResult")]
+AcknowledgeAlertResult = Annotated[Alert | NotFoundError, strawberry.union("AcknowledgeAlertResult")]
 CreateBillingGroupResult = Annotated[BillingGroup | NotFoundError | ValidationError,
                                      strawberry.union("CreateBillingGroupResult")]
 BillingGroupResult = Annotated[BillingGroup | NotFoundError | ValidationError, strawberry.union("BillingGroupResult")]
@@ -253,6 +323,27 @@ class GovernanceQuery:
         caller = await info.context.caller()
         return [Notification.of(n) for n in await notifications.my_notifications(info.context.db, caller,
                                                                                  unread_only=unread_only)]
+
+    @strawberry.field(description="The workspace's auto top-up, if configured.")
+    async def auto_top_up(self, info: Info[Context, None], workspace_id: strawberry.ID) -> AutoTopUp | None:
+        caller = await info.context.caller()
+        try:
+            t = await automation.get_auto_top_up(info.context.db, caller, workspace_id=str(workspace_id))
+        except NotFound:
+            return None
+        return AutoTopUp.of(t) if t else None
+
+    @strawberry.field(description="Alerts, newest first (owners, admins, billing managers).")
+    async def alerts(
+        self, info: Info[Context, None], workspace_id: strawberry.ID, status: AlertStatus | None = None
+    ) -> list[Alert] | None:
+        caller = await info.context.caller()
+        try:
+            rows = await alerts_domain.list_alerts(info.context.db, caller, workspace_id=str(workspace_id),
+                                                   status=status)
+        except NotFound:
+            return None
+        return [Alert.of(a) for a in rows]
 
     @strawberry.field(description="Governance changes, newest first (owners, admins, operators).")
     async def audit_log(
@@ -334,6 +425,29 @@ class GovernanceMutation:
                                        approve=input.approve, amount=input.amount, expires_at=input.expires_at,
                                        reason=input.reason)
         return await result(call, OverageRequest.of)
+
+    @strawberry.mutation(description="Owners and billing managers: configure auto top-up.")
+    async def set_auto_top_up(self, info: Info[Context, None], input: SetAutoTopUpInput) -> SetAutoTopUpResult:
+        caller = await info.context.caller()
+        call = automation.set_auto_top_up(
+            info.context.db, caller, workspace_id=str(input.workspace_id), enabled=input.enabled,
+            threshold=input.threshold, pack_id=str(input.pack_id), monthly_max_purchases=input.monthly_max_purchases,
+            monthly_max_credits=input.monthly_max_credits, failure_limit=input.failure_limit,
+        )
+        return await result(call, AutoTopUp.of)
+
+    @strawberry.mutation(description="Low-balance threshold and how early to warn about expiring credits.")
+    async def set_alert_settings(self, info: Info[Context, None], input: SetAlertSettingsInput) -> SetAlertSettingsResult:
+        caller = await info.context.caller()
+        call = automation.set_alert_settings(info.context.db, caller, workspace_id=str(input.workspace_id),
+                                             low_balance_threshold=input.low_balance_threshold,
+                                             expiry_alert_days=input.expiry_alert_days)
+        return await result(call, Workspace.from_model)
+
+    @strawberry.mutation
+    async def acknowledge_alert(self, info: Info[Context, None], input: AcknowledgeAlertInput) -> AcknowledgeAlertResult:
+        caller = await info.context.caller()
+        return await result(alerts_domain.acknowledge(info.context.db, caller, alert_id=str(input.alert_id)), Alert.of)
 
     @strawberry.mutation(description="Mark all your notifications read; returns how many were unread.")
     async def mark_notifications_read(self, info: Info[Context, None]) -> int:

@@ -539,6 +539,7 @@ class LedgerMutation:
             ctx.db, caller, workspace_id=str(input.workspace_id), model_key=input.model_key,
             idempotency_key=input.idempotency_key, parameters=input.parameters,
             on_behalf_of_member_id=str(input.on_behalf_of_member_id) if input.on_behalf_of_member_id else None,
+            payments=ctx.payments,
         )
         return await result(call, Generation.from_result)
 

@@ -1,7 +1,15 @@
 """Every model, imported in one place so `Base.metadata` is complete (Alembic, tests)."""
 
 from domain.base import Base
-from domain.governance.models import AuditEntry, LimitUsage, Notification, OverageRequest, SpendLimit
+from domain.governance.models import (
+    Alert,
+    AuditEntry,
+    AutoTopUp,
+    LimitUsage,
+    Notification,
+    OverageRequest,
+    SpendLimit,
+)
 from domain.identity import ApiToken, User
 from domain.ledger.models import CreditPack, Generation, Grant, IdempotencyKey, LedgerEntry, PeriodClose, Purchase
 from domain.plans import Plan
@@ -9,7 +17,7 @@ from domain.pricing import ModelPrice, PriceList
 from domain.workspaces.models import BillingGroup, Member, Workspace
 
 __all__ = [
-    "AuditEntry", "BillingGroup", "LimitUsage", "Notification", "OverageRequest", "SpendLimit",
+    "Alert", "AuditEntry", "AutoTopUp", "BillingGroup", "LimitUsage", "Notification", "OverageRequest", "SpendLimit",
     "ApiToken", "Base", "CreditPack", "Generation", "Grant", "IdempotencyKey", "LedgerEntry", "Member", "ModelPrice", "PeriodClose",
     "Plan", "PriceList", "Purchase", "User", "Workspace",
 ]

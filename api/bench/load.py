@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections import Counter
@@ -48,7 +49,7 @@ def percentile(sorted_values: list[float], p: float) -> float | None:
     """Nearest-rank percentile of an already sorted list."""
     if not sorted_values:
         return None
-    k = max(0, min(len(sorted_values) - 1, int(round(p / 100 * len(sorted_values) + 0.5)) - 1))
+    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100 * len(sorted_values)) - 1))
     return sorted_values[k]
 
 
@@ -72,7 +73,7 @@ class OpStats:
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
-        ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+        ms = lambda v: None if v is None else round(v * 1000, 2)
         return {
             "count": len(lat), "ok": self.ok, "p50_ms": ms(percentile(lat, 50)), "p95_ms": ms(percentile(lat, 95)),
             "p99_ms": ms(percentile(lat, 99)), "max_ms": ms(lat[-1] if lat else None),
@@ -99,7 +100,7 @@ class PhaseResult:
 
 
 class Outcome:
-    __slots__ = ("kind", "detail", "data")
+    __slots__ = ("data", "detail", "kind")
 
     def __init__(self, kind: str, detail: str = "", data: Any = None) -> None:
         self.kind = kind  # ok, typed, graphql, transport
@@ -114,7 +115,7 @@ async def post(session: aiohttp.ClientSession, url: str, headers: dict[str, str]
                                 headers=headers) as resp:
             body = await resp.read()
             status = resp.status
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         return Outcome("transport", type(exc).__name__)
     if status != 200:
         return Outcome("transport", f"HTTP {status}")

@@ -18,8 +18,7 @@ from typing import Any
 import asyncpg
 
 import migrations
-from api.bench import SCENARIOS
-from api.bench import system
+from api.bench import SCENARIOS, system
 from api.bench.checks import money_checks
 from api.bench.load import OpStats, PhaseResult, balance_latencies, drive
 from api.bench.seed import Seeder, Team
@@ -308,20 +307,61 @@ def _plan(name: str, teams: list[Team], clients: int):
     return rotate
 
 
-async def _phase(args, name: str, plan, worker_token: str, server, postmaster, *, rate: float | None = None,
-                 profile_to: Path | None = None) -> tuple[PhaseResult, dict]:
+# What the app's database connections are doing, sampled during a measurement.
+_ACTIVITY = """
+SELECT CASE
+    WHEN state = 'active' AND wait_event_type = 'Lock' THEN 'waiting for a row lock'
+    WHEN state = 'active' AND wait_event IN ('WALSync', 'WALWrite', 'WalSync', 'WalWrite') THEN 'flushing WAL (commit)'
+    WHEN state = 'active' THEN 'running a statement'
+    WHEN state LIKE 'idle in transaction%' THEN 'in a transaction, waiting for the app'
+    ELSE 'idle' END AS what, count(*)
+FROM pg_stat_activity
+WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid()
+GROUP BY 1
+"""
+
+
+async def _sample_activity(url: str, stop: asyncio.Event, every: float = 0.1) -> dict[str, float]:
+    """Average number of connections in each state over the window (idle ones are left out:
+    the benchmark's own pool sits there too)."""
+    conn = await asyncpg.connect(system.libpq_url(url))
+    totals: dict[str, int] = {}
+    samples = 0
+    try:
+        while not stop.is_set():
+            for what, n in await conn.fetch(_ACTIVITY):
+                totals[what] = totals.get(what, 0) + n
+            samples += 1
+            try:
+                await asyncio.wait_for(stop.wait(), every)
+            except TimeoutError:
+                pass
+    finally:
+        await conn.close()
+    return {k: round(v / samples, 2) for k, v in sorted(totals.items()) if k != "idle"} if samples else {}
+
+
+async def _phase(args, name: str, plan, worker_token: str, server, postmaster, url: str, *,
+                 rate: float | None = None, profile_to: Path | None = None) -> tuple[PhaseResult, dict]:
     snaps: dict[str, system.CpuSnapshot] = {}
     profiler = {}
     py_spy = system.find_py_spy() if profile_to else None
+    stop = asyncio.Event()
+    sampler: dict[str, asyncio.Task] = {}
 
     def edge(which: str) -> None:
         if which == "start" and py_spy:
             profiler["proc"] = system.start_profiler(py_spy, server.proc.pid, args.seconds, profile_to)
+        if which == "start":
+            sampler["task"] = asyncio.get_running_loop().create_task(_sample_activity(url, stop))
+        else:
+            stop.set()
         snaps[which] = system.snapshot(server.proc.pid, postmaster)
 
     result = await drive(server.graphql_url, plan, worker_token, clients=args.clients, warmup=args.warmup,
                          seconds=args.seconds, rate=rate, on_window=edge)
     cpu = system.cpu_report(snaps["start"], snaps["end"], result.cycle.ok)
+    activity = await sampler["task"] if "task" in sampler else {}
     profile = None
     if profile_to and not py_spy:
         say("  profiler: py-spy not found (pip install py-spy into this environment); not profiled")
@@ -336,7 +376,7 @@ async def _phase(args, name: str, plan, worker_token: str, server, postmaster, *
             profile = system.summarize_profile(profile_to)
         else:
             say(f"  profiler failed ({proc.returncode}): {output.decode(errors='replace')[-400:]}")
-    return result, {"cpu": cpu, "profile": profile}
+    return result, {"cpu": cpu, "profile": profile, "activity": activity}
 
 
 def _fmt_ms(v: float | None) -> str:
@@ -358,7 +398,7 @@ def _phase_report(result: PhaseResult, extra: dict) -> dict:
         "cycles_per_s": round(result.cycles_per_s, 1), "reservations_per_s": round(result.reservations_per_s, 1),
         "transactions_per_s": round((result.start.ok + result.complete.ok) / result.seconds, 1),
         "startGeneration": result.start.summary(), "completeGeneration": result.complete.summary(),
-        "cycle": result.cycle.summary(), "cpu": extra["cpu"],
+        "cycle": result.cycle.summary(), "cpu": extra["cpu"], "db_connections": extra["activity"],
     }
 
 
@@ -373,6 +413,9 @@ def _print_phase(title: str, result: PhaseResult, extra: dict) -> None:
         f"this client {c['client_cores']}, other processes {c['other_cores']}; per cycle: server "
         f"{c['server_ms_per_cycle']} ms, PostgreSQL {c['postgres_ms_per_cycle']} ms, client "
         f"{c['client_ms_per_cycle']} ms")
+    if extra["activity"]:
+        say("  app's database connections, average over the window: "
+            + ", ".join(f"{v} {k}" for k, v in extra["activity"].items()))
     if c["other_cores"] > 0.2:
         say(f"  WARNING: other processes kept {c['other_cores']} cores busy in this window: these figures are skewed")
 
@@ -384,7 +427,7 @@ async def _scenario(args, name: str, teams: list[Team], worker_token: str, serve
     say(f"== {name}: {desc}; {args.clients} clients, {args.seconds:g} s measured after {args.warmup:g} s warm-up")
     plan = _plan(name, teams, args.clients)
     profile_to = args.profile if (args.profile and name == "hot") else None
-    result, extra = await _phase(args, name, plan, worker_token, server, postmaster, profile_to=profile_to)
+    result, extra = await _phase(args, name, plan, worker_token, server, postmaster, url, profile_to=profile_to)
     _print_phase("closed loop, as fast as the clients go" + (" (PROFILED: py-spy running)" if profile_to else ""),
                  result, extra)
     rep = _phase_report(result, extra)
@@ -398,7 +441,7 @@ async def _scenario(args, name: str, teams: list[Team], worker_token: str, serve
 
     if name == "spread" and not args.no_half_rate and result.cycles_per_s > 0:
         rate = result.cycles_per_s / 2
-        half, half_extra = await _phase(args, name, plan, worker_token, server, postmaster, rate=rate)
+        half, half_extra = await _phase(args, name, plan, worker_token, server, postmaster, url, rate=rate)
         _print_phase(f"paced at half that ({rate:,.1f} cycles/s offered)", half, half_extra)
         rep["half_rate"] = {"offered_cycles_per_s": round(rate, 1), **_phase_report(half, half_extra)}
         starts += half.start.total_ok
@@ -411,9 +454,9 @@ async def _scenario(args, name: str, teams: list[Team], worker_token: str, serve
         rep["ceiling"] = {}
         for form in forms:
             await _admin(url, "TRUNCATE bench_ceiling_hold", "VACUUM ANALYZE bench_ceiling_balance")
-            rep["ceiling"][form] = system.run_pgbench(
-                pgbench, url, script=system.CEILING_SCRIPTS[form], row_expr=row, clients=args.clients,
-                seconds=args.pgbench_seconds, workdir=workdir)
+            rep["ceiling"][form] = await asyncio.to_thread(
+                system.run_pgbench, pgbench, url, script=system.CEILING_SCRIPTS[form], row_expr=row,
+                clients=args.clients, seconds=args.pgbench_seconds, workdir=workdir, postmaster=postmaster)
         ceiling = rep["ceiling"]["statement"]["tps"]
         rep["ratio_reservations_to_ceiling"] = round(result.reservations_per_s / ceiling, 3) if ceiling else None
         rep["ratio_transactions_to_ceiling"] = round(rep["transactions_per_s"] / ceiling, 3) if ceiling else None
@@ -422,7 +465,9 @@ async def _scenario(args, name: str, teams: list[Team], worker_token: str, serve
         for form, figures in rep["ceiling"].items():
             text = {"statement": "UPDATE ... WHERE remaining >= 1 + INSERT hold, one statement",
                     "transaction": "BEGIN; UPDATE; INSERT; COMMIT (4 round trips)"}[form]
-            say(f"    {text}: {figures['tps']:,.1f} tx/s, latency {figures['latency_ms']} ms")
+            cpu = (f", PostgreSQL {figures['postgres_cores']} cores, {figures['postgres_ms_per_tx']} ms CPU per tx"
+                   if "postgres_cores" in figures else "")
+            say(f"    {text}: {figures['tps']:,.1f} tx/s, latency {figures['latency_ms']} ms{cpu}")
         say(f"  our reservations/s / ceiling = {rep['ratio_reservations_to_ceiling']}   "
             f"(credit-moving transactions/s / ceiling = {rep['ratio_transactions_to_ceiling']})")
     clean = errors == 0
@@ -435,8 +480,12 @@ async def _scenario(args, name: str, teams: list[Team], worker_token: str, serve
 def _print_profile(p: dict, path: Path) -> None:
     say(f"  profile: {p['samples']} samples of the server's non-idle threads; collapsed stacks in {path}")
     say("    self time by library: " + ", ".join(f"{a} {v}%" for a, v in p["self_by_area"][:10]))
-    say("    most inclusive time:")
-    for k, v in p["inclusive"][:20]:
+    say("    named stages (inclusive):")
+    for k, v in p["stages"]:
+        say(f"      {v:5.1f}%  {k}")
+    say("    creditpool functions (inclusive; SQLAlchemy runs the ORM in greenlets, whose stacks do not reach")
+    say("    back to the caller, so ORM time mostly shows as library self time, not under these):")
+    for k, v in p["inclusive_creditpool"][:15]:
         say(f"      {v:5.1f}%  {k}")
     say("    most self time:")
     for k, v in p["self"][:12]:
@@ -465,7 +514,7 @@ async def _balance(args, seeder: Seeder, teams: list[tuple[Team, str]], server, 
         out[label] = s.summary()
         say(f"  {n_small if label == 'small' else n_large:>9,} entries:" + _op_line("", s)[2:])
     a, b = out["small"], out["large"]
-    ratio = lambda key: round(b[key] / a[key], 3) if a[key] and b[key] else None  # noqa: E731
+    ratio = lambda key: round(b[key] / a[key], 3) if a[key] and b[key] else None
     out["ratio_p50"], out["ratio_p95"], out["ratio_mean"] = ratio("p50_ms"), ratio("p95_ms"), ratio("mean_ms")
     say(f"  ratio large/small: p50 {out['ratio_p50']}, p95 {out['ratio_p95']}, mean {out['ratio_mean']} "
         f"(target: at most 1.2)")

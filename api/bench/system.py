@@ -190,7 +190,7 @@ def postmaster_pid(data_directory: str | None) -> int | None:
 def find_pgbench(prefer_embedded: bool) -> str | None:
     embedded = None
     try:
-        import pgserver  # noqa: F401  (its wheel ships the server and the client tools)
+        import pgserver
 
         candidate = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pgbench"
         embedded = str(candidate) if candidate.exists() else None
@@ -234,22 +234,37 @@ CEILING_ROW = {"hot": "1", "spread": "random(1, {rows})", "per-seat": ":client_i
 
 
 def run_pgbench(pgbench: str, url: str, *, script: str, row_expr: str, clients: int, seconds: float,
-                workdir: Path) -> dict[str, float]:
+                workdir: Path, postmaster: int | None = None) -> dict[str, float]:
+    """One pgbench run; with `postmaster`, PostgreSQL's CPU is also measured over the middle of
+    the run (pgbench's backends exit with it, so they are sampled while it runs)."""
     path = workdir / f"ceiling-{abs(hash((script, row_expr)))}.sql"
     path.write_text(f"\\set id {row_expr}\n{script}")
     threads = max(1, min(clients, os.cpu_count() or 1))
-    cmd = [pgbench, "-n", "-M", "prepared", "-c", str(clients), "-j", str(threads), "-T", str(max(1, round(seconds))),
+    duration = max(1, round(seconds))
+    cmd = [pgbench, "-n", "-M", "prepared", "-c", str(clients), "-j", str(threads), "-T", str(duration),
            "-f", str(path), libpq_url(url)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pg_cores = None
+    if postmaster and duration >= 3:
+        time.sleep(1.0)
+        a = snapshot(None, postmaster)
+        time.sleep(duration - 2.0)
+        b = snapshot(None, postmaster)
+        pg_cores = cpu_delta(a.postgres, b.postgres) / (b.at - a.at)
+    stdout, stderr = proc.communicate(timeout=seconds + 120)
     if proc.returncode != 0:
-        raise RuntimeError(f"pgbench failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
-    tps = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", proc.stdout)
-    lat = re.search(r"latency average = ([0-9.]+) ms", proc.stdout)
-    failed = re.search(r"number of failed transactions: (\d+)", proc.stdout)
+        raise RuntimeError(f"pgbench failed ({proc.returncode}): {stderr.strip()[-500:]}")
+    tps = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", stdout)
+    lat = re.search(r"latency average = ([0-9.]+) ms", stdout)
+    failed = re.search(r"number of failed transactions: (\d+)", stdout)
     if not tps:
-        raise RuntimeError(f"could not read pgbench's output:\n{proc.stdout[-800:]}")
-    return {"tps": round(float(tps.group(1)), 1), "latency_ms": float(lat.group(1)) if lat else None,
-            "failed": int(failed.group(1)) if failed else 0}
+        raise RuntimeError(f"could not read pgbench's output:\n{stdout[-800:]}")
+    out = {"tps": round(float(tps.group(1)), 1), "latency_ms": float(lat.group(1)) if lat else None,
+           "failed": int(failed.group(1)) if failed else 0}
+    if pg_cores is not None and out["tps"]:
+        out["postgres_cores"] = round(pg_cores, 3)
+        out["postgres_ms_per_tx"] = round(1000 * pg_cores / out["tps"], 3)
+    return out
 
 
 # --- py-spy --------------------------------------------------------------------------------------
@@ -278,6 +293,24 @@ AREAS = [
     ("/pydantic", "pydantic"), ("/httptools/", "httptools"), ("/uvloop/", "uvloop"),
     ("/domain/", "creditpool domain/"), ("/api/", "creditpool api/"), ("/policies/", "creditpool policies/"),
     ("/greenlet/", "greenlet"), ("/asyncio/", "asyncio"), ("/json/", "json"), ("/uuid.py", "uuid"), ("/decimal.py", "decimal"),
+]
+
+
+# The request's outer frames, common to every stack: not informative as "inclusive time".
+_OUTER = ("api/cli.py:", "api/app.py:CreditpoolGraphQL.execute_single", "api/errors.py:result")
+# Library entry points worth naming (inclusive time, as far as stacks reach them).
+STAGES = [
+    ("GraphQL validation (graphql-core validate)", "graphql/validation/validate.py:validate"),
+    ("GraphQL parsing", "graphql/language/parser.py:parse"),
+    ("authentication (domain/identity.py:authenticate_secret)", "domain/identity.py:authenticate_secret"),
+    ("SQLAlchemy pool pre-ping (asyncpg _async_ping)",
+     "sqlalchemy/dialects/postgresql/asyncpg.py:AsyncAdapt_asyncpg_connection._async_ping"),
+    ("tenacity retry wrapper (Database.transaction)", "tenacity/asyncio/__init__.py:AsyncRetrying.__anext__"),
+    ("re-reading the result (domain/ledger/service.py:generation_result)",
+     "domain/ledger/service.py:generation_result"),
+    ("pricing (domain/pricing/service.py:price_request)", "domain/pricing/service.py:price_request"),
+    ("Casbin (policies/__init__.py:Authorizer.allows)", "policies/__init__.py:Authorizer.allows"),
+    ("events after commit (domain/db.py:Database._after_commit)", "domain/db.py:Database._after_commit"),
 ]
 
 
@@ -331,9 +364,15 @@ def summarize_profile(raw: Path, top: int = 25) -> dict:
         fn, path = frames[-1]
         own[f"{_short(path)}:{fn}"] += n
         areas[_area(path)] += n
-    pct = lambda v: round(100 * v / total, 1) if total else 0.0  # noqa: E731
+    pct = lambda v: round(100 * v / total, 1) if total else 0.0
+    ours = [(k, pct(v)) for k, v in inclusive.most_common()
+            if k.startswith(("domain/", "api/", "policies/")) and not k.startswith(_OUTER)][:top]
+    stages = [(label, pct(max((v for k, v in inclusive.items() if k.endswith(fn)), default=0)))
+              for label, fn in STAGES]
     return {
         "samples": total,
+        "inclusive_creditpool": ours,
+        "stages": sorted(stages, key=lambda x: -x[1]),
         "self_by_area": [(a, pct(v)) for a, v in areas.most_common()],
         "inclusive_by_area": [(a, pct(v)) for a, v in area_inclusive.most_common()],
         "inclusive": [(k, pct(v)) for k, v in inclusive.most_common(top)],

@@ -6,6 +6,7 @@ included). Only on the embedded PostgreSQL, whose log file the benchmark can rea
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import uuid
 from collections import Counter
@@ -42,7 +43,7 @@ async def count_statements(url: str, log_file: Path, graphql_url: str, ws_id: st
         await conn.execute("ALTER SYSTEM SET log_statement = 'all'")
         await conn.execute("SELECT pg_reload_conf()")
         await asyncio.sleep(0.5)
-        h = lambda t: {"Authorization": f"Bearer {t}", "Content-Type": "application/json"}  # noqa: E731
+        h = lambda t: {"Authorization": f"Bearer {t}", "Content-Type": "application/json"}
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
             async def start():
                 out = await post(session, graphql_url, h(creator_token), START,
@@ -60,6 +61,7 @@ async def count_statements(url: str, log_file: Path, graphql_url: str, ws_id: st
                 out = await start()
                 if out.kind == "ok":
                     await complete(out.data["id"])
+                await post(session, graphql_url, h(owner_token), BALANCE, {"ws": ws_id}, "balance")
             for name in ("startGeneration", "completeGeneration", "balance"):
                 mark = f"bench-mark-{uuid.uuid4().hex}"
                 marks.append(mark)
@@ -92,7 +94,7 @@ async def count_statements(url: str, log_file: Path, graphql_url: str, ws_id: st
         kinds = Counter(_kind(q) for q in sql)
         # SQLAlchemy's pool_pre_ping on asyncpg: BEGIN; ';'; ROLLBACK, where the empty ';' is not
         # logged. Every BEGIN directly followed by a ROLLBACK is one such ping.
-        pings = sum(1 for x, y in zip(sql, sql[1:]) if _kind(x) == "BEGIN" and _kind(y) == "ROLLBACK")
+        pings = sum(1 for x, y in itertools.pairwise(sql) if _kind(x) == "BEGIN" and _kind(y) == "ROLLBACK")
         res["statements"] = len(sql)
         res["pre_pings"] = pings
         res["round_trips"] = len(sql) + pings

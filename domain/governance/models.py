@@ -138,3 +138,55 @@ class AuditEntry(Base):
     after: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     occurred_at: Mapped[datetime]
     created_at: Mapped[datetime] = created_at()
+
+
+class AutoTopUp(Base):
+    """Per workspace: buy `pack_id` when available credits fall below the threshold. `armed` is
+    the crossing latch: a spend that sees the balance under the threshold claims the purchase by
+    flipping it off (only one concurrent spend can); the balance climbing back re-arms it."""
+
+    __tablename__ = "auto_topups"
+    __table_args__ = (
+        CheckConstraint("threshold_units >= 0 AND monthly_max_purchases >= 0 AND monthly_max_units >= 0 "
+                        "AND failure_limit >= 1", name="figures_not_negative"),
+    )
+
+    workspace_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workspaces.id"), primary_key=True)
+    enabled: Mapped[bool]
+    threshold_units: Mapped[int] = mapped_column(BigInteger)
+    pack_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("credit_packs.id"))
+    monthly_max_purchases: Mapped[int]
+    monthly_max_units: Mapped[int] = mapped_column(BigInteger)
+    failure_limit: Mapped[int] = mapped_column(default=3, server_default="3")
+    consecutive_failures: Mapped[int] = mapped_column(default=0, server_default="0")
+    armed: Mapped[bool] = mapped_column(default=True, server_default="true")
+    sequence: Mapped[int] = mapped_column(default=0, server_default="0")  # makes payment references unique
+    month_start: Mapped[datetime | None]
+    purchases_this_month: Mapped[int] = mapped_column(default=0, server_default="0")
+    units_this_month: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    enabled_by: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+
+
+class AlertStatus(enum.StrEnum):
+    OPEN = "OPEN"
+    RESOLVED = "RESOLVED"
+
+
+class Alert(Base):
+    __tablename__ = "alerts"
+    __table_args__ = (
+        Index("ix_alerts_workspace_id", "workspace_id", "opened_at"),
+        Index("uq_alerts_open_condition", "workspace_id", "kind", "subject", unique=True,
+              postgresql_where=text("status = 'OPEN'")),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    workspace_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workspaces.id"))
+    kind: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(String(200))  # what the condition is about (a limit and period, a grant)
+    status: Mapped[AlertStatus] = mapped_column(str_enum(AlertStatus, "alert_status"))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    opened_at: Mapped[datetime]
+    resolved_at: Mapped[datetime | None]
+    acknowledged_at: Mapped[datetime | None]
+    acknowledged_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))

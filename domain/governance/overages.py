@@ -13,7 +13,7 @@ from domain import events
 from domain.access import Caller, authorize, parse_id
 from domain.db import Database
 from domain.errors import Forbidden, NotFound, OverageNotPending, ValidationFailed
-from domain.governance import audit
+from domain.governance import alerts, audit
 from domain.governance.limits import applicable
 from domain.governance.models import (
     LimitAction,
@@ -63,6 +63,8 @@ async def request_overage(
                requestId=str(request.id), memberId=str(me.id), amount=format_credits(units), reason=reason)
         events.emit(session, ws_id, events.OVERAGE_REQUESTED, requestId=str(request.id), memberId=str(me.id),
                     amount=format_credits(units))
+        await alerts.fire(session, ws_id, alerts.OVERAGE_REQUESTED, str(request.id), now, memberId=str(me.id),
+                          amount=format_credits(units))
         audit.record(session, ws_id, caller.actor.user_id, "overage.requested", "overage_request", request.id,
                      after={"limit": limit.id, "amount": units, "reason": reason}, at=now)
         return request
@@ -112,6 +114,9 @@ async def decide_overage(
         notify(session, request.workspace_id, {requester.user_id}, "OVERAGE_DECIDED", requestId=str(request.id),
                status=request.status.value, approved=format_credits(request.approved_units or 0), reason=reason)
         events.emit(session, request.workspace_id, events.OVERAGE_DECIDED, requestId=str(request.id),
+                    status=request.status.value)
+        await alerts.resolve(session, request.workspace_id, alerts.OVERAGE_REQUESTED, now, str(request.id))
+        alerts.note(session, request.workspace_id, alerts.OVERAGE_DECIDED, str(request.id), now,
                     status=request.status.value)
         audit.record(session, request.workspace_id, caller.actor.user_id, f"overage.{request.status.value.lower()}",
                      "overage_request", request.id, before=before,

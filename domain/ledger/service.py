@@ -34,7 +34,7 @@ from domain.errors import (
 )
 from domain.identity import clean_name
 from domain import events
-from domain.governance import audit, limits
+from domain.governance import audit, automation, limits
 from domain.ledger import idempotency
 from domain.ledger.consumption import Bucket, Draw, NotEnough, Scope, consumption_key, plan_draws
 from domain.ledger.models import (
@@ -253,42 +253,51 @@ async def purchase_credits(
 
     async def work(session: AsyncSession) -> PurchaseResult:
         await authorize(session, caller, ws_id, Action.PURCHASE_CREDITS, what="workspace")
-        purchase_id = uuid.uuid4()
-        first = await idempotency.claim(
-            session, workspace_id=ws_id, actor_id=caller.actor.user_id, key=key, operation="purchaseCredits",
-            request=request, result_id=purchase_id,
-        )
-        if first is not None:
-            return await _purchase_result(session, first)
-        now = caller.clock.now()
-        grant = Grant(
-            id=uuid.uuid4(), workspace_id=ws_id, scope=Scope.WORKSPACE, source=GrantSource.PURCHASE,
-            effective_at=now,
-            expires_at=now + timedelta(days=pack.expires_after_days) if pack.expires_after_days else None,
-            amount=pack.units, remaining=pack.units, external_ref=reference, reason=f"purchase of {pack.name}",
-            created_by=caller.actor.user_id,
-        )
-        session.add(grant)
-        await session.flush()
-        # ON CONFLICT waits for a concurrent purchase with the same reference, then refuses.
-        inserted = await session.execute(
-            insert(Purchase)
-            .values(id=purchase_id, workspace_id=ws_id, pack_id=pack.id, payment_reference=reference,
-                    provider=provider.name, units=pack.units, price_minor=pack.price_minor, currency=pack.currency,
-                    grant_id=grant.id, purchased_by=caller.actor.user_id)
-            .on_conflict_do_nothing(index_elements=[Purchase.payment_reference])
-            .returning(Purchase.id)
-        )
-        if inserted.first() is None:
-            raise PaymentReferenceUsed()
-        posting = Posting(ws_id, Cause.PURCHASE, caller.actor.user_id, key, purchase_id=purchase_id, occurred_at=now)
-        posting.add(grant.id, EntryKind.GRANT, pack.units)
-        await post_movements(session, posting)
-        events.emit(session, ws_id, events.CREDITS_ADDED, source=GrantSource.PURCHASE.value,
-                    credits=format_credits(pack.units), grantId=str(grant.id))
-        return await _purchase_result(session, purchase_id)
+        return await record_purchase(session, ws_id=ws_id, pack=pack, reference=reference, provider=provider.name,
+                                     actor_id=caller.actor.user_id, key=key, request=request, now=caller.clock.now())
 
     return await db.transaction(work)
+
+
+async def record_purchase(
+    session: AsyncSession, *, ws_id: uuid.UUID, pack: CreditPack, reference: str, provider: str,
+    actor_id: uuid.UUID, key: str, request: dict[str, Any], now: datetime,
+) -> PurchaseResult:
+    """A confirmed payment becomes a purchase and its grant, exactly once (the idempotency key,
+    and the payment reference unique across all workspaces). Shared by purchases and auto top-up."""
+    purchase_id = uuid.uuid4()
+    first = await idempotency.claim(
+        session, workspace_id=ws_id, actor_id=actor_id, key=key, operation="purchaseCredits",
+        request=request, result_id=purchase_id,
+    )
+    if first is not None:
+        return await _purchase_result(session, first)
+    grant = Grant(
+        id=uuid.uuid4(), workspace_id=ws_id, scope=Scope.WORKSPACE, source=GrantSource.PURCHASE,
+        effective_at=now,
+        expires_at=now + timedelta(days=pack.expires_after_days) if pack.expires_after_days else None,
+        amount=pack.units, remaining=pack.units, external_ref=reference, reason=f"purchase of {pack.name}",
+        created_by=actor_id,
+    )
+    session.add(grant)
+    await session.flush()
+    # ON CONFLICT waits for a concurrent purchase with the same reference, then refuses.
+    inserted = await session.execute(
+        insert(Purchase)
+        .values(id=purchase_id, workspace_id=ws_id, pack_id=pack.id, payment_reference=reference,
+                provider=provider, units=pack.units, price_minor=pack.price_minor, currency=pack.currency,
+                grant_id=grant.id, purchased_by=actor_id)
+        .on_conflict_do_nothing(index_elements=[Purchase.payment_reference])
+        .returning(Purchase.id)
+    )
+    if inserted.first() is None:
+        raise PaymentReferenceUsed()
+    posting = Posting(ws_id, Cause.PURCHASE, actor_id, key, purchase_id=purchase_id, occurred_at=now)
+    posting.add(grant.id, EntryKind.GRANT, pack.units)
+    await post_movements(session, posting)
+    events.emit(session, ws_id, events.CREDITS_ADDED, source=GrantSource.PURCHASE.value,
+                credits=format_credits(pack.units), grantId=str(grant.id))
+    return await _purchase_result(session, purchase_id)
 
 
 async def _active_pack(session: AsyncSession, pack_id: str) -> CreditPack:
@@ -505,6 +514,7 @@ class GenerationResult:
 async def start_generation(
     db: Database, caller: Caller, *, workspace_id: str, model_key: str, idempotency_key: str,
     parameters: dict[str, Any] | None = None, on_behalf_of_member_id: str | None = None,
+    payments: PaymentProvider | None = None,
 ) -> GenerationResult:
     """Authorize (creator seat), price, and hold the cost across grants in consumption order, in
     one transaction. The hot path: a handful of statements, locks held only inside it."""
@@ -553,9 +563,16 @@ async def start_generation(
         await post_movements(session, posting)
         events.emit(session, ws_id, events.GENERATION_STARTED, generationId=str(generation_id),
                     memberId=str(member.id), modelKey=model_key, cost=format_credits(price))
-        return await generation_result(session, generation_id)
+        result = await generation_result(session, generation_id)
+        follow_up[:] = [automation.needs_after_spend(ws, charges), charges]
+        return result
 
-    return await db.transaction(work)
+    follow_up: list = [False, []]
+    result = await db.transaction(work)
+    if follow_up[0]:
+        # Alerts and auto top-up, after the commit: never holding the spend's locks.
+        await automation.after_spend(db, caller.clock, payments, ws_id, follow_up[1])
+    return result
 
 
 def _check_parameters(parameters: dict[str, Any], field: str = "parameters") -> None:

@@ -22,6 +22,7 @@ from domain import events
 from domain.access import Caller, authorize, parse_id
 from domain.clock import Clock
 from domain.db import Database
+from domain.governance.automation import refresh_alerts
 from domain.governance.overages import lapse_pending
 from domain.ledger.consumption import Scope
 from domain.ledger.models import (
@@ -162,6 +163,7 @@ class TickReport:
     grants_expired: int = 0
     holds_timed_out: int = 0
     overages_lapsed: int = 0
+    alerts_changed: int = 0
     closes: list[PeriodClose] = field(default_factory=list)
 
 
@@ -181,6 +183,7 @@ async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 
     while timed_out := await db.transaction(lambda s: _time_out_holds(s, now, hold_ttl, batch)):
         report.holds_timed_out += timed_out
     report.overages_lapsed = await db.transaction(lambda s: lapse_pending(s, now))
+    report.alerts_changed = await db.transaction(lambda s: refresh_alerts(s, now))
     return report
 
 

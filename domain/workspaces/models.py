@@ -4,7 +4,7 @@ import enum
 import uuid
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, String, text
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, String, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from domain.base import Base, created_at, str_enum, uuid_pk
@@ -54,6 +54,11 @@ class Workspace(Base):
     next_daily_at: Mapped[datetime | None]  # set while the plan has a daily free allowance
     cancelled_at: Mapped[datetime | None]  # no allowance is issued after this
     timezone: Mapped[str] = mapped_column(String(64), default="UTC", server_default="UTC")  # spend-limit periods
+    low_balance_alert_units: Mapped[int | None] = mapped_column(BigInteger)  # alert under this; None: off
+    expiry_alert_days: Mapped[int] = mapped_column(default=7, server_default="7")  # alert on grants expiring within
+    # Mirrors auto_topups.enabled so the spend path knows, from the row it already read, whether
+    # anything must run after a spend.
+    auto_topup_enabled: Mapped[bool] = mapped_column(default=False, server_default="false")
 
     plan: Mapped[Plan] = relationship(lazy="raise")
 

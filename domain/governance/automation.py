@@ -1,0 +1,298 @@
+"""What runs after a spend: balance and limit alerts, and auto top-up.
+
+Auto top-up buys exactly one pack per crossing of the threshold. The crossing latch is the
+`armed` flag: the spend that sees the balance under the threshold claims the purchase with
+`UPDATE ... SET armed = false WHERE armed`; a concurrent spend waits on that row, then finds it
+disarmed and does nothing. The balance climbing back over the threshold re-arms it. The payment
+provider is asked outside any transaction, with a payment reference unique to that claim, and
+the credits go through the same purchase path as a manual purchase.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.access import Caller, authorize, parse_id
+from domain.clock import Clock
+from domain.db import Database
+from domain.errors import NotFound, ValidationFailed
+from domain.governance import alerts, audit
+from domain.governance.limits import approved_extra
+from domain.governance.models import Alert, AlertStatus, AutoTopUp, LimitUsage
+from domain.governance.rules import period_start
+from domain.ledger.models import CreditPack, Grant
+from domain.ledger.payments import PaymentProvider, PaymentRequest
+from domain.money import format_credits, parse_credits
+from domain.workspaces.models import Workspace
+from policies import Action
+
+GRANTS = Grant.__table__
+
+
+async def available_units(session: AsyncSession, ws_id: uuid.UUID, now: datetime) -> int:
+    """Credits spendable now in the whole workspace (every scope), held ones excluded."""
+    return int((await session.execute(
+        select(func.coalesce(func.sum(GRANTS.c.remaining), 0)).where(
+            GRANTS.c.workspace_id == ws_id, GRANTS.c.remaining > 0, GRANTS.c.effective_at <= now,
+            or_(GRANTS.c.expires_at.is_(None), GRANTS.c.expires_at > now))
+    )).scalar_one())
+
+
+@dataclass(frozen=True, slots=True)
+class TopUpClaim:
+    workspace_id: uuid.UUID
+    sequence: int
+    pack_id: uuid.UUID
+    actor_id: uuid.UUID
+
+
+def needs_after_spend(ws: Workspace, charges: list[dict]) -> bool:
+    """Read from the row the spend already loaded: nothing runs for a workspace with no low
+    balance alert, no auto top-up and no limit charged."""
+    return ws.auto_topup_enabled or ws.low_balance_alert_units is not None or bool(charges)
+
+
+async def after_spend(db: Database, clock: Clock, provider: PaymentProvider | None, ws_id: uuid.UUID,
+                      charges: list[dict]) -> None:
+    now = clock.now()
+    claim = await db.transaction(lambda s: _evaluate(s, ws_id, charges, now))
+    if claim is not None and provider is not None:
+        await run_top_up(db, provider, claim, now)
+
+
+async def _evaluate(session: AsyncSession, ws_id: uuid.UUID, charges: list[dict], now: datetime) -> TopUpClaim | None:
+    ws = await session.get_one(Workspace, ws_id)
+    available = await available_units(session, ws_id, now)
+    await _low_balance(session, ws, available, now)
+    for c in charges:
+        await _limit_alerts(session, ws_id, uuid.UUID(c["limit"]), datetime.fromisoformat(c["period"]), now)
+    if not ws.auto_topup_enabled:
+        return None
+    topup = await session.get(AutoTopUp, ws_id)
+    if topup is None or not topup.enabled:
+        return None
+    if available >= topup.threshold_units:
+        if not topup.armed:
+            topup.armed = True
+        return None
+    if not topup.armed:
+        return None
+    pack = await session.get_one(CreditPack, topup.pack_id)
+    month = period_start_month(now, ws.timezone)
+    purchases, units = (topup.purchases_this_month, topup.units_this_month) if topup.month_start == month else (0, 0)
+    if purchases + 1 > topup.monthly_max_purchases or units + pack.units > topup.monthly_max_units:
+        await alerts.fire(session, ws_id, alerts.TOPUP_CAP_REACHED, month.isoformat(), now,
+                          purchases=purchases, credits=format_credits(units))
+        return None
+    claimed = (await session.execute(
+        update(AutoTopUp).where(AutoTopUp.workspace_id == ws_id, AutoTopUp.armed, AutoTopUp.enabled)
+        .values(armed=False, sequence=AutoTopUp.sequence + 1).returning(AutoTopUp.sequence)
+    )).first()
+    if claimed is None:
+        return None  # a concurrent spend claimed this crossing
+    return TopUpClaim(ws_id, claimed.sequence, topup.pack_id, topup.enabled_by)
+
+
+def period_start_month(now: datetime, timezone: str) -> datetime:
+    from domain.governance.models import LimitPeriod
+
+    return period_start(LimitPeriod.MONTH, now, timezone)
+
+
+async def _low_balance(session: AsyncSession, ws: Workspace, available: int, now: datetime) -> None:
+    if ws.low_balance_alert_units is None:
+        return
+    if available < ws.low_balance_alert_units:
+        await alerts.fire(session, ws.id, alerts.LOW_BALANCE, "workspace", now, available=format_credits(available),
+                          threshold=format_credits(ws.low_balance_alert_units))
+    else:
+        await alerts.resolve(session, ws.id, alerts.LOW_BALANCE, now, "workspace")
+
+
+async def _limit_alerts(session: AsyncSession, ws_id: uuid.UUID, limit_id: uuid.UUID, period: datetime,
+                        now: datetime) -> None:
+    from domain.governance.models import SpendLimit
+
+    limit = await session.get(SpendLimit, limit_id)
+    used = (await session.execute(select(LimitUsage.used_units).where(
+        LimitUsage.limit_id == limit_id, LimitUsage.period_start == period))).scalar_one_or_none() or 0
+    allowance = limit.amount_units + await approved_extra(session, limit_id, period, now)
+    subject = f"{limit_id}:{period.isoformat()}"
+    for kind, share in ((alerts.LIMIT_100, 100), (alerts.LIMIT_80, 80)):
+        if allowance and used * 100 >= allowance * share:
+            await alerts.fire(session, ws_id, kind, subject, now, limitId=str(limit_id),
+                              used=format_credits(used), limit=format_credits(allowance))
+        else:
+            await alerts.resolve(session, ws_id, kind, now, subject)
+
+
+async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim, now: datetime) -> bool:
+    from domain.ledger.service import record_purchase  # the ledger calls this module after a spend
+
+    pack = await db.read(lambda s: s.get_one(CreditPack, claim.pack_id))
+    reference = f"auto-topup:{claim.workspace_id}:{claim.sequence}"
+    outcome = await provider.confirm(PaymentRequest(reference=reference, amount_minor=pack.price_minor,
+                                                    currency=pack.currency, description=f"auto top-up: {pack.name}"))
+
+    async def succeeded(session: AsyncSession) -> bool:
+        ws = await session.get_one(Workspace, claim.workspace_id)
+        await record_purchase(session, ws_id=claim.workspace_id, pack=pack, reference=reference,
+                              provider=provider.name, actor_id=claim.actor_id, key=reference,
+                              request={"autoTopUp": claim.sequence}, now=now)
+        topup = await session.get_one(AutoTopUp, claim.workspace_id, with_for_update=True)
+        month = period_start_month(now, ws.timezone)
+        if topup.month_start != month:
+            topup.month_start, topup.purchases_this_month, topup.units_this_month = month, 0, 0
+        topup.purchases_this_month += 1
+        topup.units_this_month += pack.units
+        topup.consecutive_failures = 0
+        await alerts.resolve(session, claim.workspace_id, alerts.TOPUP_FAILED, now)
+        alerts.note(session, claim.workspace_id, alerts.TOPUP_DONE, reference, now, credits=format_credits(pack.units))
+        return True
+
+    async def failed(session: AsyncSession) -> bool:
+        topup = await session.get_one(AutoTopUp, claim.workspace_id, with_for_update=True)
+        topup.consecutive_failures += 1
+        topup.armed = True  # the next spend under the threshold tries again
+        await alerts.fire(session, claim.workspace_id, alerts.TOPUP_FAILED, "auto-topup", now,
+                          reason=outcome.reason, failures=topup.consecutive_failures)
+        if topup.consecutive_failures >= topup.failure_limit:
+            topup.enabled = False
+            ws = await session.get_one(Workspace, claim.workspace_id)
+            ws.auto_topup_enabled = False
+            await alerts.fire(session, claim.workspace_id, alerts.TOPUP_DISABLED, "auto-topup", now,
+                              failures=topup.consecutive_failures)
+        return False
+
+    return await db.transaction(succeeded if outcome.ok else failed)
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+async def set_auto_top_up(
+    db: Database, caller: Caller, *, workspace_id: str, enabled: bool, threshold: str, pack_id: str,
+    monthly_max_purchases: int, monthly_max_credits: str, failure_limit: int = 3,
+) -> AutoTopUp:
+    """Owners and billing managers. Turning it on re-arms it and clears the failure count."""
+    ws_id = parse_id(workspace_id, "workspace")
+    threshold_units = parse_credits(threshold, "threshold", allow_zero=True)
+    max_units = parse_credits(monthly_max_credits, "monthlyMaxCredits", allow_zero=True)
+    if not 0 <= monthly_max_purchases <= 1000:
+        raise ValidationFailed("monthlyMaxPurchases", "must be between 0 and 1000")
+    if not 1 <= failure_limit <= 100:
+        raise ValidationFailed("failureLimit", "must be between 1 and 100")
+
+    async def work(session: AsyncSession) -> AutoTopUp:
+        await authorize(session, caller, ws_id, Action.MANAGE_AUTO_TOPUP, what="workspace")
+        pack = await session.get(CreditPack, parse_id(pack_id, "credit pack"))
+        if pack is None or not pack.is_active:
+            raise NotFound("credit pack")
+        ws = await session.get_one(Workspace, ws_id, with_for_update=True)
+        topup = await session.get(AutoTopUp, ws_id, with_for_update=True)
+        before = _json(topup) if topup else None
+        if topup is None:
+            topup = AutoTopUp(workspace_id=ws_id, enabled=enabled, threshold_units=threshold_units, pack_id=pack.id,
+                              monthly_max_purchases=monthly_max_purchases, monthly_max_units=max_units,
+                              failure_limit=failure_limit, enabled_by=caller.actor.user_id)
+            session.add(topup)
+        else:
+            topup.threshold_units, topup.pack_id = threshold_units, pack.id
+            topup.monthly_max_purchases, topup.monthly_max_units = monthly_max_purchases, max_units
+            topup.failure_limit = failure_limit
+            if enabled and not topup.enabled:
+                topup.consecutive_failures, topup.armed, topup.enabled_by = 0, True, caller.actor.user_id
+            topup.enabled = enabled
+        ws.auto_topup_enabled = enabled
+        await session.flush()
+        audit.record(session, ws_id, caller.actor.user_id, "autotopup.updated", "auto_topup", ws_id,
+                     before=before, after=_json(topup), at=caller.clock.now())
+        return topup
+
+    return await db.transaction(work)
+
+
+def _json(t: AutoTopUp) -> dict:
+    return {"enabled": t.enabled, "threshold": t.threshold_units, "pack": t.pack_id,
+            "monthlyMaxPurchases": t.monthly_max_purchases, "monthlyMaxUnits": t.monthly_max_units,
+            "failureLimit": t.failure_limit}
+
+
+async def get_auto_top_up(db: Database, caller: Caller, *, workspace_id: str) -> AutoTopUp | None:
+    ws_id = parse_id(workspace_id, "workspace")
+
+    async def work(session: AsyncSession) -> AutoTopUp | None:
+        await authorize(session, caller, ws_id, Action.VIEW_LEDGER, what="workspace")
+        return await session.get(AutoTopUp, ws_id)
+
+    return await db.read(work)
+
+
+async def set_alert_settings(db: Database, caller: Caller, *, workspace_id: str, low_balance_threshold: str | None,
+                             expiry_alert_days: int) -> Workspace:
+    ws_id = parse_id(workspace_id, "workspace")
+    units = parse_credits(low_balance_threshold, "lowBalanceThreshold", allow_zero=True) \
+        if low_balance_threshold is not None else None
+    if not 0 <= expiry_alert_days <= 365:
+        raise ValidationFailed("expiryAlertDays", "must be between 0 and 365")
+
+    async def work(session: AsyncSession) -> Workspace:
+        await authorize(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
+        ws = await session.get_one(Workspace, ws_id, with_for_update=True)
+        before = {"lowBalance": ws.low_balance_alert_units, "expiryDays": ws.expiry_alert_days}
+        ws.low_balance_alert_units, ws.expiry_alert_days = units, expiry_alert_days
+        audit.record(session, ws_id, caller.actor.user_id, "alerts.updated", "workspace", ws_id, before=before,
+                     after={"lowBalance": units, "expiryDays": expiry_alert_days}, at=caller.clock.now())
+        await session.flush()
+        return ws
+
+    return await db.transaction(work)
+
+
+# --- the scheduler's part -------------------------------------------------------------------------
+
+async def refresh_alerts(session: AsyncSession, now: datetime) -> int:
+    """Time-driven alert conditions: grants expiring soon fire; alerts whose condition has
+    cleared with time (an expired or spent grant, a limit period that ended, a balance back above
+    its threshold) resolve."""
+    changed = 0
+    ws_t = Workspace.__table__
+    due = (await session.execute(
+        select(GRANTS.c.id, GRANTS.c.workspace_id, GRANTS.c.remaining, GRANTS.c.expires_at)
+        .join(ws_t, ws_t.c.id == GRANTS.c.workspace_id)
+        .where(GRANTS.c.remaining > 0, GRANTS.c.expires_at > now,
+               GRANTS.c.expires_at <= now + func.make_interval(0, 0, 0, ws_t.c.expiry_alert_days))
+    )).all()
+    for g in due:
+        changed += await alerts.fire(session, g.workspace_id, alerts.GRANT_EXPIRING, str(g.id), now,
+                                     grantId=str(g.id), credits=format_credits(g.remaining),
+                                     expiresAt=g.expires_at.isoformat())
+    open_alerts = (await session.execute(select(Alert).where(
+        Alert.status == AlertStatus.OPEN,
+        Alert.kind.in_([alerts.GRANT_EXPIRING, alerts.LIMIT_80, alerts.LIMIT_100, alerts.LOW_BALANCE])))).scalars().all()
+    for a in open_alerts:
+        clear = False
+        if a.kind == alerts.GRANT_EXPIRING:
+            g = await session.get(Grant, uuid.UUID(a.subject))
+            clear = g is None or g.remaining == 0 or (g.expires_at is not None and g.expires_at <= now)
+        elif a.kind in (alerts.LIMIT_80, alerts.LIMIT_100):
+            from domain.governance.models import SpendLimit
+            from domain.governance.rules import period_end
+
+            limit_id, _, started = a.subject.partition(":")
+            limit = await session.get(SpendLimit, uuid.UUID(limit_id))
+            ws = await session.get_one(Workspace, a.workspace_id)
+            clear = limit is None or limit.removed_at is not None or \
+                period_end(limit.period, datetime.fromisoformat(started), ws.timezone) <= now
+        elif a.kind == alerts.LOW_BALANCE:
+            ws = await session.get_one(Workspace, a.workspace_id)
+            clear = ws.low_balance_alert_units is None or \
+                await available_units(session, a.workspace_id, now) >= ws.low_balance_alert_units
+        if clear:
+            changed += await alerts.resolve(session, a.workspace_id, a.kind, now, a.subject)
+    return changed
+
