@@ -227,3 +227,149 @@ async def test_transfer_between_a_seat_and_a_group_is_refused_when_ambiguous(db,
     async with client(team.owner) as api:
         out = (await api(TRANSFER, ws=team.ws, amount="1", key=key(), **{"from": seat, "to": seat}))
     assert out["transferCredits"]["__typename"] == "ValidationError"
+
+
+# --- auto top-up and alerts --------------------------------------------------------------------
+
+AUTO = """
+mutation($ws: ID!, $pack: ID!, $threshold: String!, $limit: Int!) {
+  setAutoTopUp(input: {workspaceId: $ws, enabled: true, threshold: $threshold, packId: $pack,
+                       monthlyMaxPurchases: 5, monthlyMaxCredits: "5000", failureLimit: $limit}) {
+    __typename ... on AutoTopUp { enabled threshold } ... on Error { code message }
+  }
+}"""
+ALERTS = "query($ws: ID!) { alerts(workspaceId: $ws) { kind subject status } }"
+
+
+async def purchases_of(db, ws: str) -> int:
+    from sqlalchemy import text
+
+    async def work(session):
+        return (await session.execute(text("SELECT count(*) FROM purchases WHERE workspace_id = CAST(:ws AS uuid)"),
+                                      {"ws": ws})).scalar_one()
+
+    return await db.read(work)
+
+
+async def test_one_auto_top_up_per_crossing_under_20_concurrent_spends(db, live_server, client):
+    from tests.test_api_ledger import _a_pack
+
+    team = await make_team(db, client, creators=4)
+    await grant(client, team, "100")
+    pack = await _a_pack(client, team.operator)  # 500 credits
+    async with client(team.owner) as api:
+        out = (await api(AUTO, ws=team.ws, pack=pack, threshold="50", limit=3))["setAutoTopUp"]
+    assert out == {"__typename": "AutoTopUp", "enabled": True, "threshold": "50.000"}
+    seen_before = len(live_server.payments.seen)
+    results = await asyncio.gather(*(start(client, team.creators[i % 4][0], team.ws) for i in range(20)))
+    assert {r["__typename"] for r in results} <= {"Generation", "InsufficientCredits"}
+    assert await purchases_of(db, team.ws) == 1
+    assert len(live_server.payments.seen) - seen_before == 1
+    assert live_server.payments.seen[-1].reference.startswith("auto-topup:")
+    async with client(team.owner) as api:
+        kinds = [a["kind"] for a in (await api(ALERTS, ws=team.ws))["alerts"]]
+        state = (await api("query($ws: ID!) { autoTopUp(workspaceId: $ws) { purchasesThisMonth creditsThisMonth } }",
+                           ws=team.ws))["autoTopUp"]
+    assert kinds.count("TOPUP_DONE") == 1
+    assert state == {"purchasesThisMonth": 1, "creditsThisMonth": "500.000"}
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_repeated_payment_failures_turn_auto_top_up_off(db, live_server, client):
+    from tests.test_api_ledger import _a_pack
+
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    pack = await _a_pack(client, team.operator)
+    async with client(team.owner) as api:
+        await api(AUTO, ws=team.ws, pack=pack, threshold="95", limit=3)
+    token, _ = team.creators[0]
+    live_server.payments.failures = 10
+    try:
+        seen = len(live_server.payments.seen)
+        for _ in range(4):  # every spend stays under the threshold: three tries, then it is off
+            assert (await start(client, token, team.ws))["__typename"] == "Generation"
+        attempts = len(live_server.payments.seen) - seen
+    finally:
+        live_server.payments.failures = 0
+    assert attempts == 3
+    assert await purchases_of(db, team.ws) == 0
+    async with client(team.owner) as api:
+        state = (await api("query($ws: ID!) { autoTopUp(workspaceId: $ws) { enabled consecutiveFailures } }",
+                           ws=team.ws))["autoTopUp"]
+        open_kinds = sorted(a["kind"] for a in (await api(ALERTS, ws=team.ws))["alerts"] if a["status"] == "OPEN")
+    assert state == {"enabled": False, "consecutiveFailures": 3}
+    assert open_kinds == ["TOPUP_DISABLED", "TOPUP_FAILED"]  # each fired once, however many failures
+
+
+async def test_only_owners_and_billing_managers_set_auto_top_up(db, client):
+    from tests.test_api_ledger import _a_pack
+
+    team = await make_team(db, client, creators=1)
+    pack = await _a_pack(client, team.operator)
+    token, _ = team.creators[0]
+    async with client(token) as api:
+        with pytest.raises(TransportQueryError) as err:
+            await api(AUTO, ws=team.ws, pack=pack, threshold="1", limit=3)
+    assert err.value.errors[0]["extensions"]["code"] == "FORBIDDEN"
+
+
+async def test_alerts_fire_once_per_crossing_and_resolve_when_the_condition_clears(db, live_server, client):
+    from datetime import timedelta
+
+    from domain.periods.service import tick
+
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        await api('mutation($ws: ID!) { setAlertSettings(input: {workspaceId: $ws, lowBalanceThreshold: "75"}) '
+                  '{ __typename } }', ws=team.ws)
+        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="DAY", amount="50", action="BLOCK", member=member)
+    for _ in range(4):  # 100 -> 60 available: under 75 after the third; 80% of the limit at 40
+        await start(client, token, team.ws)
+    async with client(team.owner) as api:
+        opened = [(a["kind"], a["status"]) for a in (await api(ALERTS, ws=team.ws))["alerts"]]
+    assert sorted(opened) == [("LIMIT_80", "OPEN"), ("LOW_BALANCE", "OPEN")]
+    await grant(client, team, "100")  # back above the threshold
+    await tick(db, live_server.clock, hold_ttl=timedelta(hours=1))
+    async with client(team.owner) as api:
+        alerts = (await api(ALERTS, ws=team.ws))["alerts"]
+    low = [a["status"] for a in alerts if a["kind"] == "LOW_BALANCE"]
+    assert low == ["RESOLVED"]
+    async with client(team.owner) as api:
+        await api('mutation($ws: ID!) { setAlertSettings(input: {workspaceId: $ws, lowBalanceThreshold: "500"}) '
+                  '{ __typename } }', ws=team.ws)
+    await start(client, token, team.ws)  # a second crossing opens a second alert
+    async with client(team.owner) as api:
+        alerts = (await api("query($ws: ID!) { alerts(workspaceId: $ws) { id kind status acknowledgedAt } }",
+                            ws=team.ws))["alerts"]
+        low = sorted(a["status"] for a in alerts if a["kind"] == "LOW_BALANCE")
+        assert low == ["OPEN", "RESOLVED"]
+        newest = [a for a in alerts if a["kind"] == "LOW_BALANCE" and a["status"] == "OPEN"][0]
+        acked = (await api("mutation($id: ID!) { acknowledgeAlert(input: {alertId: $id}) "
+                           "{ ... on Alert { status acknowledgedAt } } }", id=newest["id"]))["acknowledgeAlert"]
+    assert acked["status"] == "OPEN" and acked["acknowledgedAt"] is not None  # seen, not cleared
+
+
+async def test_credits_expiring_soon_raise_an_alert_until_they_expire(db, live_server, client):
+    from datetime import UTC, datetime, timedelta
+
+    from domain.periods.service import tick
+
+    team = await make_team(db, client, creators=0)
+    soon = datetime.now(UTC) + timedelta(days=3)
+    promo = await grant(client, team, "40", expires=soon)
+    await tick(db, live_server.clock, hold_ttl=timedelta(hours=1))
+    async with client(team.owner) as api:
+        alerts = [a for a in (await api(ALERTS, ws=team.ws))["alerts"] if a["kind"] == "GRANT_EXPIRING"]
+    assert [(a["subject"], a["status"]) for a in alerts] == [(promo["id"], "OPEN")]
+    await tick(db, live_server.clock, hold_ttl=timedelta(hours=1))  # still once
+    try:
+        live_server.clock.offset = timedelta(days=4)
+        await tick(db, live_server.clock, hold_ttl=timedelta(hours=1))
+    finally:
+        live_server.clock.offset = timedelta(0)
+    async with client(team.owner) as api:
+        alerts = [a for a in (await api(ALERTS, ws=team.ws))["alerts"] if a["kind"] == "GRANT_EXPIRING"]
+    assert [a["status"] for a in alerts] == ["RESOLVED"]
