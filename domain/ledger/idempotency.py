@@ -82,15 +82,6 @@ async def claim(
     )
     if inserted.first() is not None:
         return None
-    first = (
-        await session.execute(
-            select(IdempotencyKey.operation, IdempotencyKey.request_hash, IdempotencyKey.result_id).where(
-                IdempotencyKey.workspace_id == workspace_id,
-                IdempotencyKey.actor_id == actor_id,
-                IdempotencyKey.key == key,
-            )
-        )
-    ).one()
-    if first.operation != operation or first.request_hash != digest:
-        raise IdempotencyKeyReused()
-    return first.result_id
+    # The key exists: it committed before us, or we waited on its transaction until it did.
+    return await first_result(session, workspace_id=workspace_id, actor_id=actor_id, key=key, operation=operation,
+                              request=request)
