@@ -54,7 +54,9 @@ class Database:
     def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 20, attempts: int = 5) -> None:
         self.url = async_url(url)
         self.engine: AsyncEngine = create_async_engine(
-            self.url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
+            # No pre-ping: it costs a round trip per checkout on the hot path. A dead connection
+            # fails its statement, is discarded by the pool, and the request reports an error.
+            self.url, pool_size=pool_size, max_overflow=max_overflow, pool_recycle=1800
         )
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=True)
         self._attempts = attempts

@@ -106,15 +106,28 @@ class Catalog:
     models: list[PricedModel]
 
 
+# Published price lists never change, so a process keeps each version it has parsed (a few KB
+# each; bounded). Only the "which version is in force" look-up remains per request.
+_CATALOGS: dict[tuple[uuid.UUID, bool], Catalog] = {}
+_CATALOG_CACHE_SIZE = 64
+
+
 async def load_catalog(session: AsyncSession, price_list: PriceList, *, active_only: bool = True) -> Catalog:
+    cached = _CATALOGS.get((price_list.id, active_only))
+    if cached is not None:
+        return cached
     q = select(ModelPrice).where(ModelPrice.price_list_id == price_list.id)
     if active_only:
         q = q.where(ModelPrice.is_active)
     rows = (await session.execute(q.order_by(ModelPrice.modality, ModelPrice.model_key))).scalars()
-    return Catalog(
+    catalog = Catalog(
         price_list, tuple(window_from_json(w) for w in price_list.time_windows),
         [PricedModel(r, spec_from_json(r.model_key, r.spec)) for r in rows],
     )
+    if len(_CATALOGS) >= _CATALOG_CACHE_SIZE:
+        _CATALOGS.pop(next(iter(_CATALOGS)))
+    _CATALOGS[(price_list.id, active_only)] = catalog
+    return catalog
 
 
 async def catalog_at(session: AsyncSession, at: datetime) -> Catalog:
