@@ -9,6 +9,7 @@ from pathlib import Path
 import strawberry
 from graphql import GraphQLError
 from strawberry.extensions import (
+    AddValidationRules,
     MaxAliasesLimiter,
     MaxTokensLimiter,
     ParserCache,
@@ -82,6 +83,12 @@ class CreditpoolSchema(strawberry.Schema):
 
 
 def build_schema(*, max_depth: int = 12, max_aliases: int = 15, max_tokens: int = 2000) -> strawberry.Schema:
+    # The limiters' rule classes are built once: the validation cache is keyed by the rule
+    # classes too, so fresh ones per request (the limiters' own factories) would never hit it.
+    limit_rules = [
+        *QueryDepthLimiter(max_depth=max_depth).validation_rules,
+        *MaxAliasesLimiter(max_alias_count=max_aliases).validation_rules,
+    ]
     return CreditpoolSchema(
         query=Query,
         mutation=Mutation,
@@ -92,8 +99,7 @@ def build_schema(*, max_depth: int = 12, max_aliases: int = 15, max_tokens: int 
             lambda: ParserCache(maxsize=256),
             lambda: ValidationCache(maxsize=256),
             lambda: MaxTokensLimiter(max_token_count=max_tokens),
-            lambda: QueryDepthLimiter(max_depth=max_depth),
-            lambda: MaxAliasesLimiter(max_alias_count=max_aliases),
+            lambda: AddValidationRules(limit_rules),
             PublicErrors,
         ],
     )

@@ -150,3 +150,21 @@ def test_unexpected_errors_are_masked_and_auth_errors_keep_their_code():
     assert result.errors[0].extensions == {"code": "FORBIDDEN"}
     result = schema.execute_sync("{ nope }")
     assert "Cannot query field" in result.errors[0].message  # request errors pass through
+
+
+async def test_repeated_queries_hit_the_parser_and_validation_caches(db, live_server):
+    # Parsing and validation are most of a small request's cost; the caches must actually hit
+    # (a limiter that builds new rule classes per request silently defeats the validation cache).
+    from strawberry.extensions.parser_cache import _get_parse_cache
+    from strawberry.extensions.validation_cache import _get_validate_cache
+
+    _, token = await new_user(db)
+    query = {"query": "{ viewer { id kind } }"}
+    await post(live_server, query, token=token)
+    parse_hits = _get_parse_cache(256).cache_info().hits
+    validate_hits = _get_validate_cache(256).cache_info().hits
+    for _ in range(3):
+        status, _ = await post(live_server, query, token=token)
+        assert status == 200
+    assert _get_parse_cache(256).cache_info().hits >= parse_hits + 3
+    assert _get_validate_cache(256).cache_info().hits >= validate_hits + 3
