@@ -222,3 +222,20 @@ async def test_operators_publish_versions_and_old_versions_stay_readable(db, cli
         q = (await api(QUOTE, ws=team.ws, model="pub-image", params={"resolution": "2048"}))["quote"]
     assert mine["version"] == published["version"] and mine["models"][0]["defaultCost"] == "3.500"
     assert items(q) == {"BASE": "7", "RESOLUTION": "7", "PLAN": "-7"} and q["total"] == "7.000"
+
+
+async def test_a_cached_price_list_survives_the_rollback_of_the_request_that_loaded_it(db, client):
+    # The first request to load a price list caches it; if that request then fails (its
+    # transaction rolls back), later requests must still price with it.
+    from domain.pricing import service as prices
+
+    team = await make_team(db, client, creators=1)
+    token, _ = team.creators[0]
+    prices._CATALOGS.clear()
+    async with client(token) as api:
+        broke = (await api(START, ws=team.ws, model="test-video", key=key()))["startGeneration"]
+        assert broke["__typename"] == "InsufficientCredits"  # priced, cached, rolled back
+    await grant(client, team, "200")
+    async with client(token) as api:
+        ok = (await api(START, ws=team.ws, model="test-video", key=key()))["startGeneration"]
+    assert ok["__typename"] == "Generation" and ok["cost"] == "100.000"  # open-ended: the 10 s limit

@@ -83,6 +83,9 @@ async def _evaluate(session: AsyncSession, ws_id: uuid.UUID, charges: list[dict]
     if not topup.armed:
         return None
     pack = await session.get_one(CreditPack, topup.pack_id)
+    if not pack.is_active:  # never buy what is no longer on sale
+        await alerts.fire(session, ws_id, alerts.TOPUP_FAILED, "auto-topup", now, reason="the pack is off sale")
+        return None
     month = period_start_month(now, ws.timezone)
     purchases, units = (topup.purchases_this_month, topup.units_this_month) if topup.month_start == month else (0, 0)
     if purchases + 1 > topup.monthly_max_purchases or units + pack.units > topup.monthly_max_units:
@@ -286,8 +289,14 @@ async def refresh_alerts(session: AsyncSession, now: datetime) -> int:
             limit_id, _, started = a.subject.partition(":")
             limit = await session.get(SpendLimit, uuid.UUID(limit_id))
             ws = await session.get_one(Workspace, a.workspace_id)
-            clear = limit is None or limit.removed_at is not None or \
-                period_end(limit.period, datetime.fromisoformat(started), ws.timezone) <= now
+            period = datetime.fromisoformat(started)
+            clear = limit is None or limit.removed_at is not None or period_end(limit.period, period, ws.timezone) <= now
+            if not clear:  # released credits or an approved overage may have brought usage back down
+                used = (await session.execute(select(LimitUsage.used_units).where(
+                    LimitUsage.limit_id == limit.id, LimitUsage.period_start == period))).scalar_one_or_none() or 0
+                allowance = limit.amount_units + await approved_extra(session, limit.id, period, now)
+                share = 100 if a.kind == alerts.LIMIT_100 else 80
+                clear = not allowance or used * 100 < allowance * share
         elif a.kind == alerts.LOW_BALANCE:
             ws = await session.get_one(Workspace, a.workspace_id)
             clear = ws.low_balance_alert_units is None or \

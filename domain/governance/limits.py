@@ -122,7 +122,7 @@ async def set_spend_limit(
     db: Database, caller: Caller, *, workspace_id: str, scope: LimitScope, period: LimitPeriod, amount: str,
     action: LimitAction, member_id: str | None = None, billing_group_id: str | None = None,
 ) -> SpendLimit:
-    """Set (or replace) the limit on a target for a period; the old one is kept, removed."""
+    """Set the limit on a target for a period, or change the one there (same limit, same usage)."""
     ws_id = parse_id(workspace_id, "workspace")
     units = parse_credits(amount, "amount", allow_zero=True)
     if (scope is LimitScope.MEMBER) != (member_id is not None):
@@ -147,15 +147,21 @@ async def set_spend_limit(
         ).with_for_update())).scalar_one_or_none()
         now = caller.clock.now()
         if old is not None:
-            old.removed_at = now
+            # Changed in place: the same limit keeps counting this period's usage and approved
+            # overages (a new row would start the period again from zero).
+            before = _limit_json(old)
+            old.amount_units, old.action = units, action
             await session.flush()
+            audit.record(session, ws_id, caller.actor.user_id, "limit.set", "spend_limit", old.id,
+                         before=before, after=_limit_json(old), at=now)
+            return old
         limit = SpendLimit(workspace_id=ws_id, scope=scope, member_id=member.id if member else None,
                            billing_group_id=group, period=period, amount_units=units, action=action,
                            created_by=caller.actor.user_id)
         session.add(limit)
         await session.flush()
         audit.record(session, ws_id, caller.actor.user_id, "limit.set", "spend_limit", limit.id,
-                     before=_limit_json(old) if old else None, after=_limit_json(limit), at=now)
+                     after=_limit_json(limit), at=now)
         return limit
 
     return await db.transaction(work)

@@ -92,16 +92,18 @@ async def decide_overage(
         if requester.user_id == caller.actor.user_id:
             raise Forbidden("nobody approves their own overage request")
         now = caller.clock.now()
-        if request.status is OverageStatus.PENDING and request.lapses_at <= now:
+        ws = await session.get_one(Workspace, request.workspace_id)
+        limit = await session.get_one(SpendLimit, request.limit_id)
+        ends = period_end(limit.period, request.period_start, ws.timezone)
+        # A request lapses at its own deadline, and with its period: an approval could raise
+        # nothing once the period is over.
+        if request.status is OverageStatus.PENDING and (request.lapses_at <= now or ends <= now):
             request.status = OverageStatus.LAPSED
         if request.status is not OverageStatus.PENDING:
             await session.flush()
             raise OverageNotPending(request.status.value)
         before = {"status": request.status}
-        ws = await session.get_one(Workspace, request.workspace_id)
-        limit = await session.get_one(SpendLimit, request.limit_id)
         if approve:
-            ends = period_end(limit.period, request.period_start, ws.timezone)
             if expires_at is not None and (expires_at.tzinfo is None or expires_at <= now):
                 raise ValidationFailed("expiresAt", "must be a future time with a zone")
             request.status = OverageStatus.APPROVED

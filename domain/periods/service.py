@@ -50,11 +50,12 @@ GRANTS = Grant.__table__
 async def _issue(
     session: AsyncSession, ws: Workspace, posting: Posting, *, source: GrantSource, units: int,
     effective_at: datetime, expires_at: datetime | None, reason: str, member: Member | None = None,
-    parent: uuid.UUID | None = None, priority: int = 100,
+    group: uuid.UUID | None = None, parent: uuid.UUID | None = None, priority: int = 100,
 ) -> Grant:
+    scope = Scope.SEAT if member else Scope.GROUP if group else Scope.WORKSPACE
     grant = Grant(
-        id=uuid.uuid4(), workspace_id=ws.id, scope=Scope.SEAT if member else Scope.WORKSPACE,
-        member_id=member.id if member else None, source=source, priority=priority, effective_at=effective_at,
+        id=uuid.uuid4(), workspace_id=ws.id, scope=scope, member_id=member.id if member else None,
+        billing_group_id=group, source=source, priority=priority, effective_at=effective_at,
         expires_at=expires_at, amount=units, remaining=units, reason=reason, parent_grant_id=parent,
     )
     session.add(grant)
@@ -118,25 +119,40 @@ async def close_period(session: AsyncSession, ws: Workspace, plan: Plan) -> Peri
     start, boundary = ws.period_start, ws.next_renewal_at
     k = boundary_index(ws.billing_anchor, boundary)
     following = add_months(ws.billing_anchor, k + 1)
-    allowances = list((await session.execute(
+    pieces = list((await session.execute(
         select(Grant).where(Grant.workspace_id == ws.id, Grant.source == GrantSource.PLAN_ALLOWANCE,
-                            Grant.effective_at == start, Grant.remaining > 0)
+                            Grant.effective_at == start)
         .order_by(Grant.id).with_for_update()
     )).scalars())
+    # An allowance may have been split by transfers (to a seat, a billing group): the pieces keep
+    # the source and start time and point at their parent. The cap applies once per original
+    # allowance, shared by its pieces in id order, and each piece rolls over where it now is.
+    by_id = {g.id: g for g in pieces}
+
+    def root(g: Grant) -> Grant:
+        while g.parent_grant_id in by_id:
+            g = by_id[g.parent_grant_id]
+        return g
+
     rolls = Posting(ws.id, Cause.TRANSFER, None, None, occurred_at=boundary)
     expiry = Posting(ws.id, Cause.EXPIRY, None, None, occurred_at=boundary)
     rolled = expired = 0
-    for g in allowances:
-        if g.expires_at is None:  # NEVER_EXPIRE: it simply stays
+    keep_left: dict[uuid.UUID, int] = {}
+    if plan.rollover_policy is RolloverPolicy.ROLLOVER:
+        for r in {root(g).id: root(g) for g in pieces}.values():
+            family = sum(g.remaining for g in pieces if root(g).id == r.id and g.expires_at is not None)
+            keep_left[r.id] = rollover_units(family, r.amount, plan.rollover_cap_units, plan.rollover_cap_percent)
+    for g in pieces:
+        if g.expires_at is None or g.remaining == 0:  # NEVER_EXPIRE stays; spent pieces have nothing
             continue
-        keep = 0
-        if plan.rollover_policy is RolloverPolicy.ROLLOVER:
-            keep = rollover_units(g.remaining, g.amount, plan.rollover_cap_units, plan.rollover_cap_percent)
+        keep = min(g.remaining, keep_left.get(root(g).id, 0))
         if keep:
+            keep_left[root(g).id] -= keep
             member = await session.get(Member, g.member_id) if g.member_id else None
             await _issue(session, ws, rolls, source=GrantSource.ROLLOVER, units=keep, effective_at=boundary,
                          expires_at=add_months(ws.billing_anchor, k + plan.rollover_periods), member=member,
-                         parent=g.id, reason=f"rollover from the period from {start.date()}")
+                         group=g.billing_group_id, parent=g.id,
+                         reason=f"rollover from the period from {start.date()}")
             rolls.add(g.id, EntryKind.TRANSFER_OUT, keep)
             rolled += keep
         expiry.add(g.id, EntryKind.EXPIRE, g.remaining - keep)

@@ -85,7 +85,7 @@ def _clock_time(value: str, field: str) -> time:
         raise ValidationFailed(field, "must be a time of day like \"18:00\"") from None
 
 
-def plan_multiplier(price_list: PriceList, plan_key: str, model_key: str) -> Decimal:
+def plan_multiplier(price_list: PriceListRow, plan_key: str, model_key: str) -> Decimal:
     by_plan = (price_list.plan_multipliers or {}).get(plan_key, {})
     value = by_plan.get(model_key, by_plan.get("*"))
     return Decimal(value) if value is not None else Decimal(1)
@@ -94,14 +94,45 @@ def plan_multiplier(price_list: PriceList, plan_key: str, model_key: str) -> Dec
 # --- reading ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
+class PriceListRow:
+    """A price list as plain data: catalogs are cached across sessions, and ORM instances would
+    be expired (and then unusable) by the rollback of whichever session loaded them."""
+
+    id: uuid.UUID
+    version: int
+    effective_at: datetime
+    note: str | None
+    time_windows: list[dict[str, Any]]
+    plan_multipliers: dict[str, dict[str, str]]
+
+    @classmethod
+    def of(cls, p: PriceList) -> PriceListRow:
+        return cls(p.id, p.version, p.effective_at, p.note, p.time_windows, p.plan_multipliers)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRow:
+    model_key: str
+    display_name: str
+    vendor: str
+    modality: Modality
+    spec: dict[str, Any]
+    is_active: bool
+
+    @classmethod
+    def of(cls, m: ModelPrice) -> ModelRow:
+        return cls(m.model_key, m.display_name, m.vendor, m.modality, m.spec, m.is_active)
+
+
+@dataclass(frozen=True, slots=True)
 class PricedModel:
-    row: ModelPrice
+    row: ModelRow
     spec: rules.PriceSpec
 
 
 @dataclass(frozen=True, slots=True)
 class Catalog:
-    price_list: PriceList
+    price_list: PriceListRow
     windows: tuple[rules.TimeWindow, ...]
     models: list[PricedModel]
 
@@ -121,8 +152,8 @@ async def load_catalog(session: AsyncSession, price_list: PriceList, *, active_o
         q = q.where(ModelPrice.is_active)
     rows = (await session.execute(q.order_by(ModelPrice.modality, ModelPrice.model_key))).scalars()
     catalog = Catalog(
-        price_list, tuple(window_from_json(w) for w in price_list.time_windows),
-        [PricedModel(r, spec_from_json(r.model_key, r.spec)) for r in rows],
+        PriceListRow.of(price_list), tuple(window_from_json(w) for w in price_list.time_windows),
+        [PricedModel(ModelRow.of(r), spec_from_json(r.model_key, r.spec)) for r in rows],
     )
     if len(_CATALOGS) >= _CATALOG_CACHE_SIZE:
         _CATALOGS.pop(next(iter(_CATALOGS)))

@@ -1,0 +1,205 @@
+"""Review probes for governance (limits, overages, auto top-up, alerts, groups) and the period
+close. Six of these first proved real bugs (since fixed) and stay as regression tests; the rest
+pin behaviour the review checked and found right."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+
+from domain.periods.service import tick
+from tests.test_api_governance import ALERTS, AUTO, DECIDE, LIMITS, REQUEST, SET_LIMIT, purchases_of, start
+from tests.test_api_ledger import FAIL, _a_pack, grant, key, make_team
+from tests.test_periods import (  # noqa: F401 - the periods database and its clock reset
+    plan,
+    real_time,
+    workspace,
+    world,
+    month,
+    closes_of,
+    clean,
+)
+from tests.test_periods import balance as p_balance
+
+GROUP = 'mutation($ws: ID!) { createBillingGroup(input: {workspaceId: $ws, name: "G"}) { ... on BillingGroup { id } } }'
+ASSIGN = ('mutation($m: ID!, $g: ID) { assignBillingGroup(input: {memberId: $m, groupId: $g}) '
+          '{ __typename ... on Error { code } } }')
+TO_GROUP = ('mutation($ws: ID!, $g: ID!, $a: String!, $k: String!) { transferCredits(input: {workspaceId: $ws, '
+            'amount: $a, idempotencyKey: $k, toBillingGroupId: $g}) { __typename ... on Error { code message } } }')
+LIMITS_FULL = "query($ws: ID!) { spendLimits(workspaceId: $ws) { id used allowance periodEnd } }"
+
+
+# --- spend limits ----------------------------------------------------------------------------------
+
+async def test_replacing_a_limit_mid_period_keeps_what_the_period_already_used(db, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="20", action="BLOCK", member=member)
+    assert [(await start(client, token, team.ws))["__typename"] for _ in range(3)] == [
+        "Generation", "Generation", "SpendLimitExceeded"]
+    async with client(team.owner) as api:  # an admin raises the cap a little: 25 this month
+        out = (await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="25", action="BLOCK",
+                         member=member))["setSpendLimit"]
+        assert out["__typename"] == "SpendLimit"
+        [limit] = (await api(LIMITS, ws=team.ws))["spendLimits"]
+    # 20 already held this month: another 10 would make 30 > 25.
+    assert limit["used"] == "20.000"
+    assert (await start(client, token, team.ws))["__typename"] == "SpendLimitExceeded"
+
+
+# --- alerts ----------------------------------------------------------------------------------------
+
+async def test_a_limit_alert_resolves_when_released_credits_bring_usage_back_down(db, live_server, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="20", action="BLOCK", member=member)
+    gens = [await start(client, token, team.ws) for _ in range(2)]
+    async with client(team.owner) as api:
+        opened = sorted(a["kind"] for a in (await api(ALERTS, ws=team.ws))["alerts"] if a["status"] == "OPEN")
+    assert opened == ["LIMIT_100", "LIMIT_80"]
+    async with client(team.worker) as api:
+        for g in gens:
+            out = (await api(FAIL, g=g["id"], key=key(), kind="TECHNICAL"))["failGeneration"]
+            assert out["status"] == "FAILED"
+    async with client(team.owner) as api:
+        assert (await api(LIMITS, ws=team.ws))["spendLimits"][0]["used"] == "0.000"
+    await tick(db, live_server.clock, hold_ttl=timedelta(hours=1))
+    async with client(team.owner) as api:
+        still = sorted(a["kind"] for a in (await api(ALERTS, ws=team.ws))["alerts"] if a["status"] == "OPEN")
+    assert still == []  # nothing is used any more: the condition cleared
+
+
+# --- auto top-up -----------------------------------------------------------------------------------
+
+async def test_auto_top_up_never_buys_a_pack_taken_off_sale(db, live_server, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    pack = await _a_pack(client, team.operator)
+    async with client(team.owner) as api:
+        assert (await api(AUTO, ws=team.ws, pack=pack, threshold="95", limit=3))["setAutoTopUp"]["enabled"]
+    async with client(team.operator) as api:
+        off = (await api('mutation($p: ID!) { setCreditPackActive(input: {packId: $p, active: false}) '
+                         '{ __typename ... on CreditPack { isActive } } }', p=pack))["setCreditPackActive"]
+    assert off == {"__typename": "CreditPack", "isActive": False}
+    token, _ = team.creators[0]
+    assert (await start(client, token, team.ws))["__typename"] == "Generation"  # 90 < 95: a crossing
+    # A manual purchase of that pack is refused (NOT_FOUND); auto top-up must not charge for it either.
+    assert await purchases_of(db, team.ws) == 0
+
+
+# --- overages --------------------------------------------------------------------------------------
+
+async def test_approving_a_request_after_its_period_ended_is_not_a_silent_no_op(db, live_server, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="DAY", amount="10", action="REQUIRE_APPROVAL",
+                  member=member)
+        period_end = datetime.fromisoformat((await api(LIMITS_FULL, ws=team.ws))["spendLimits"][0]["periodEnd"])
+    assert (await start(client, token, team.ws))["__typename"] == "Generation"
+    async with client(token) as api:
+        req = (await api(REQUEST, ws=team.ws, amount="20", reason="tonight"))["requestOverage"]
+    assert req["status"] == "PENDING"
+    try:  # the next day starts before the request lapses (24 h)
+        live_server.clock.offset = period_end - live_server.clock.now() + timedelta(minutes=5)
+        async with client(team.owner) as api:
+            out = (await api(DECIDE, id=req["id"], approve=True))["decideOverage"]
+        if out["__typename"] == "OverageRequest" and out["status"] == "APPROVED":
+            # If it is approved, the approval must be usable: an expiry in the future ...
+            assert datetime.fromisoformat(out["approvalExpiresAt"]) > live_server.clock.now()
+    finally:
+        live_server.clock.offset = timedelta(0)
+
+
+# --- authorization (passes: outsiders get NOT_FOUND like unknown ids) ------------------------------
+
+async def test_outsiders_acting_on_another_workspaces_governance_rows_get_not_found(db, client):
+    import uuid
+
+    a = await make_team(db, client, creators=1)
+    b = await make_team(db, client, creators=1)
+    _, b_member = b.creators[0]
+    b_token, _ = b.creators[0]
+    await grant(client, b, "100")
+    async with client(b.owner) as api:
+        b_group = (await api(GROUP, ws=b.ws))["createBillingGroup"]["id"]
+        b_limit = (await api(SET_LIMIT, ws=b.ws, scope="MEMBER", period="MONTH", amount="5",
+                             action="REQUIRE_APPROVAL", member=b_member))["setSpendLimit"]["id"]
+    async with client(b_token) as api:
+        b_req = (await api(REQUEST, ws=b.ws, amount="5", reason="x"))["requestOverage"]["id"]
+    _, a_member = a.creators[0]
+    async with client(a.owner) as api:
+        for gid in (b_group, str(uuid.uuid4())):
+            out = (await api('mutation($g: ID!) { renameBillingGroup(input: {groupId: $g, name: "x"}) '
+                             '{ __typename } }', g=gid))["renameBillingGroup"]
+            assert out["__typename"] == "NotFoundError"
+            out = (await api(ASSIGN, m=a_member, g=gid))["assignBillingGroup"]
+            assert out == {"__typename": "NotFoundError", "code": "NOT_FOUND"}
+            out = (await api(SET_LIMIT, ws=a.ws, scope="GROUP", period="DAY", amount="1", action="BLOCK",
+                             group=gid))["setSpendLimit"]
+            assert out["__typename"] == "NotFoundError"
+        out = (await api(ASSIGN, m=b_member, g=None))["assignBillingGroup"]
+        assert out["__typename"] == "NotFoundError"
+        for lid in (b_limit, str(uuid.uuid4())):
+            out = (await api('mutation($l: ID!) { removeSpendLimit(input: {limitId: $l}) { __typename } }',
+                             l=lid))["removeSpendLimit"]
+            assert out["__typename"] == "NotFoundError"
+        for rid in (b_req, str(uuid.uuid4())):
+            out = (await api(DECIDE, id=rid, approve=False, reason="no"))["decideOverage"]
+            assert out["__typename"] == "NotFoundError"
+
+
+# --- period close ----------------------------------------------------------------------------------
+
+async def test_reserving_part_of_an_allowance_for_a_group_does_not_multiply_the_rollover_cap(world):
+    key_ = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverCapCredits="30",
+                      rolloverPeriods=2)
+    owner, ws = await workspace(world, key_)
+    async with world.client(owner) as api:
+        group = (await api(GROUP, ws=ws))["createBillingGroup"]["id"]
+        out = (await api(TO_GROUP, ws=ws, g=group, a="50", k=key()))["transferCredits"]
+    assert out["__typename"] == "Transfer", out
+    report = await world.tick(month(1))
+    [closed] = closes_of(report, ws)
+    await clean(world, ws)
+    assert closed.rolled_over_units == 30_000  # the plan's cap: at most 30 credits roll over
+
+
+async def test_a_group_reserved_allowance_rolls_over_inside_the_group(world):
+    key_ = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverCapPercent=100,
+                      rolloverPeriods=2)
+    owner, ws = await workspace(world, key_)
+    async with world.client(owner) as api:
+        group = (await api(GROUP, ws=ws))["createBillingGroup"]["id"]
+        out = (await api(TO_GROUP, ws=ws, g=group, a="100", k=key()))["transferCredits"]
+    assert out["__typename"] == "Transfer", out
+    await world.tick(month(1))
+    await clean(world, ws)
+    b = await p_balance(world, owner, ws)
+    rolled = [g for g in b["grants"] if g["source"] == "ROLLOVER"]
+    assert [g["scope"] for g in rolled] == ["GROUP"]  # the reservation is not silently undone
+
+
+# --- limit usage follows settlement (passes) --------------------------------------------------------
+
+async def test_limit_usage_equals_what_settled_generations_kept(db, client):
+    from tests.test_api_ledger import COMPLETE
+
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="100", action="BLOCK", member=member)
+    above, fee = await start(client, token, team.ws), await start(client, token, team.ws)  # 10 held each
+    async with client(team.worker) as api:
+        done = (await api(COMPLETE, g=above["id"], key=key(), cost="15"))["completeGeneration"]
+        assert (done["captured"], done["shortfall"]) == ("15.000", "0.000")
+        failed = (await api(FAIL, g=fee["id"], key=key(), kind="POLICY_VIOLATION"))["failGeneration"]
+        assert failed["captured"] == "1.000"
+    async with client(team.owner) as api:
+        assert (await api(LIMITS, ws=team.ws))["spendLimits"][0]["used"] == "16.000"
