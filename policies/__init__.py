@@ -9,6 +9,7 @@ membership change visible to the very next request in every process.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Iterable
 from contextvars import ContextVar
 from pathlib import Path
@@ -98,11 +99,19 @@ class Authorizer:
         self._enforcer.set_role_manager(_RequestRoleManager())
         self._enforcer.build_role_links()
         _check_policy(self._enforcer.get_policy())
+        self._decide = functools.lru_cache(maxsize=65_536)(self._evaluate)
 
     def allows(self, subject: str, roles: Iterable[str], workspace: str, action: Action) -> bool:
-        """May `subject`, holding `roles` in `workspace`, do `action` there?"""
-        token = _subject_roles.set((subject, workspace, frozenset(roles)))
+        """May `subject`, holding `roles` in `workspace`, do `action` there?
+
+        The answer depends only on the roles, the workspace and the action (the policy is fixed
+        for the life of the process, and the subject matters only through its roles), so it is
+        memoized: the hot path asks the same few questions on every request."""
+        return self._decide(frozenset(roles), workspace, action)
+
+    def _evaluate(self, roles: frozenset[str], workspace: str, action: Action) -> bool:
+        token = _subject_roles.set(("subject", workspace, roles))
         try:
-            return bool(self._enforcer.enforce(subject, workspace, action.value))
+            return bool(self._enforcer.enforce("subject", workspace, action.value))
         finally:
             _subject_roles.reset(token)
