@@ -10,7 +10,6 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -104,9 +103,7 @@ def create_app(
 
     async def readyz(_: Request) -> JSONResponse:
         try:
-            async with db.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-                current = await migrations.current_revision(conn)
+            current = await migrations.database_revision(db.engine)
         except Exception:  # noqa: BLE001 - readiness reports, it does not raise
             log.warning("readiness check: database unreachable", exc_info=True)
             return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)

@@ -34,7 +34,7 @@ from strawberry.types import Info
 from api.context import Context
 from api.ledger import Scope
 from domain import events, identity
-from domain.access import Caller, authorize, parse_id
+from domain.access import Caller, authorize, member_roles, parse_id
 from domain.clock import Clock
 from domain.db import Database
 from domain.errors import Unauthenticated
@@ -127,9 +127,8 @@ class LiveHub:
     def _spender(caller: Caller, ws_id: uuid.UUID, member: Member | None) -> Member | None:
         if member is None:
             return None
-        roles = {f"role:{member.role.value}", f"seat:{member.seat.value}"}
-        return member if caller.authorizer.allows(str(caller.actor.user_id), roles, str(ws_id), Action.GENERATE) \
-            else None
+        allowed = caller.authorizer.allows(str(caller.actor.user_id), member_roles(member), str(ws_id), Action.GENERATE)
+        return member if allowed else None
 
     # --- balances -------------------------------------------------------------------------
 

@@ -29,6 +29,11 @@ class Caller:
     authorizer: Authorizer
     clock: Clock = SYSTEM_CLOCK
 
+    def roles(self, member: Member | None) -> set[str]:
+        """Everything the caller holds in a workspace: their membership's role and seat, and
+        their platform roles."""
+        return member_roles(member) | self.platform_roles()
+
     def platform_roles(self) -> set[str]:
         roles = set()
         if self.actor.is_operator:
@@ -73,7 +78,7 @@ async def authorize(
     the one for an id that does not exist.
     """
     member = await active_membership(session, caller.actor.user_id, workspace_id)
-    roles = member_roles(member) | caller.platform_roles()
+    roles = caller.roles(member)
     if not roles:
         raise NotFound(what)
     if member is None and await session.get(Workspace, workspace_id) is None:

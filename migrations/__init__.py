@@ -9,6 +9,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 HERE = Path(__file__).resolve().parent
@@ -34,6 +35,13 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 
 def downgrade(database_url: str, revision: str) -> None:
     command.downgrade(alembic_config(database_url), revision)
+
+
+async def database_revision(engine) -> str | None:
+    """Readiness: the database answers, and at which migration its schema is."""
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+        return await current_revision(conn)
 
 
 async def current_revision(conn: AsyncConnection) -> str | None:

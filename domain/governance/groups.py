@@ -15,6 +15,18 @@ from domain.workspaces.models import BillingGroup, Member
 from policies import Action
 
 
+async def group_in(session: AsyncSession, ws_id, group_id: str, *, field: str = "billingGroupId",
+                   live: bool = False):
+    """The id of a billing group of this workspace (NotFound otherwise, like any unknown id);
+    with `live`, an archived group is refused."""
+    group = await session.get(BillingGroup, parse_id(group_id, "billing group"))
+    if group is None or group.workspace_id != ws_id:
+        raise NotFound("billing group")
+    if live and group.archived_at is not None:
+        raise ValidationFailed(field, "the group is archived")
+    return group.id
+
+
 async def create_group(db: Database, caller: Caller, *, workspace_id: str, name: str) -> BillingGroup:
     ws_id = parse_id(workspace_id, "workspace")
     name = clean_name(name)
@@ -79,15 +91,10 @@ async def assign_member(db: Database, caller: Caller, *, member_id: str, group_i
         if member is None or member.removed_at is not None:
             raise NotFound("member")
         await authorize(session, caller, member.workspace_id, Action.MANAGE_BILLING_GROUPS, what="member")
-        group = None
-        if group_id is not None:
-            group = await session.get(BillingGroup, parse_id(group_id, "billing group"))
-            if group is None or group.workspace_id != member.workspace_id:
-                raise NotFound("billing group")
-            if group.archived_at is not None:
-                raise ValidationFailed("groupId", "the group is archived")
+        group = await group_in(session, member.workspace_id, group_id, field="groupId", live=True) \
+            if group_id is not None else None
         before = {"group": member.billing_group_id}
-        member.billing_group_id = group.id if group else None
+        member.billing_group_id = group
         audit.record(session, member.workspace_id, caller.actor.user_id, "member.group_changed", "member", member.id,
                      before=before, after={"group": member.billing_group_id}, at=caller.clock.now())
         await session.flush()

@@ -20,6 +20,7 @@ from domain.access import Caller, authorize, parse_id
 from domain.db import Database
 from domain.errors import NotFound, SpendLimitExceeded, ValidationFailed
 from domain.governance import audit
+from domain.governance.groups import group_in
 from domain.governance.models import (
     LimitAction,
     LimitPeriod,
@@ -31,7 +32,7 @@ from domain.governance.models import (
 )
 from domain.governance.rules import period_end, period_start
 from domain.money import parse_credits
-from domain.workspaces.models import BillingGroup, Member, Workspace
+from domain.workspaces.models import Member, Workspace
 from policies import Action
 
 # Usage may grow up to the limit plus the approved overages of that period still in force.
@@ -138,7 +139,7 @@ async def set_spend_limit(
             if member is None or member.workspace_id != ws_id or member.removed_at is not None:
                 raise NotFound("member")
         if billing_group_id is not None:
-            group = await _group(session, ws_id, billing_group_id)
+            group = await group_in(session, ws_id, billing_group_id)
         old = (await session.execute(select(SpendLimit).where(
             SpendLimit.workspace_id == ws_id, SpendLimit.scope == scope, SpendLimit.period == period,
             SpendLimit.removed_at.is_(None),
@@ -165,13 +166,6 @@ async def set_spend_limit(
         return limit
 
     return await db.transaction(work)
-
-
-async def _group(session: AsyncSession, ws_id: uuid.UUID, group_id: str) -> uuid.UUID:
-    group = await session.get(BillingGroup, parse_id(group_id, "billing group"))
-    if group is None or group.workspace_id != ws_id:
-        raise NotFound("billing group")
-    return group.id
 
 
 def _limit_json(limit: SpendLimit) -> dict:

@@ -137,9 +137,9 @@ async def list_overages(
 
     async def work(session: AsyncSession) -> list[OverageRequest]:
         me = await authorize(session, caller, ws_id, Action.VIEW_WORKSPACE, what="workspace")
-        roles = ({f"role:{me.role.value}", f"seat:{me.seat.value}"} if me else set()) | caller.platform_roles()
         q = select(OverageRequest).where(OverageRequest.workspace_id == ws_id)
-        if not caller.authorizer.allows(str(caller.actor.user_id), roles, str(ws_id), Action.APPROVE_OVERAGES):
+        if not caller.authorizer.allows(str(caller.actor.user_id), caller.roles(me), str(ws_id),
+                                        Action.APPROVE_OVERAGES):
             q = q.where(OverageRequest.member_id == (me.id if me else None))
         now = caller.clock.now()
         if status is OverageStatus.PENDING:

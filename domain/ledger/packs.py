@@ -17,15 +17,11 @@ from domain.pricing.service import require_catalog_manager
 CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
 
 
-def _require_operator(caller: Caller) -> None:
-    require_catalog_manager(caller)
-
-
 async def create_pack(
     db: Database, caller: Caller, *, name: str, credits: str, price_minor: int, currency: str,
     expires_after_days: int | None = None,
 ) -> CreditPack:
-    _require_operator(caller)
+    require_catalog_manager(caller)
     name = clean_name(name)
     units = parse_credits(credits, "credits")
     if not 0 <= price_minor <= 10**12:
@@ -48,7 +44,7 @@ async def create_pack(
 
 
 async def set_pack_active(db: Database, caller: Caller, *, pack_id: str, active: bool) -> CreditPack:
-    _require_operator(caller)
+    require_catalog_manager(caller)
     pid = parse_id(pack_id, "credit pack")
 
     async def work(session: AsyncSession) -> CreditPack:

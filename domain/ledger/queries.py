@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from domain.access import Caller, authorize, parse_id
+from domain.access import Caller, authorize, member_roles, parse_id
 from domain.db import Database
 from domain.errors import NotFound, ValidationFailed
 from domain.ledger.consumption import Scope, may_draw
@@ -53,8 +53,18 @@ class Balance:
     as_of: datetime
 
 
-def _spendable_now(g: Grant, now: datetime) -> bool:
+def _spendable_now(g, now: datetime) -> bool:
     return g.effective_at <= now and (g.expires_at is None or g.expires_at > now)
+
+
+def scope_totals(grants, now: datetime) -> list[ScopeBalance]:
+    """Available (spendable now) and held credits per scope, from grant rows or snapshots."""
+    per_scope: dict[tuple[Scope, uuid.UUID | None], list[int]] = {}
+    for g in grants:
+        figures = per_scope.setdefault((g.scope, g.member_id), [0, 0])
+        figures[0] += g.remaining if _spendable_now(g, now) else 0
+        figures[1] += g.held
+    return [ScopeBalance(s, m, f[0], f[1]) for (s, m), f in per_scope.items()]
 
 
 async def workspace_balance(db: Database, caller: Caller, *, workspace_id: str, expiring_within_days: int = 7) -> Balance:
@@ -71,18 +81,13 @@ async def workspace_balance(db: Database, caller: Caller, *, workspace_id: str, 
             select(Grant).where(Grant.workspace_id == ws_id, or_(Grant.remaining > 0, Grant.held > 0))
             .order_by(Grant.scope, Grant.member_id, Grant.priority, Grant.expires_at.nulls_last(), Grant.created_at)
         )).scalars())
-        per_scope: dict[tuple[Scope, uuid.UUID | None], list[int]] = {}
-        for g in grants:
-            figures = per_scope.setdefault((g.scope, g.member_id), [0, 0])
-            figures[0] += g.remaining if _spendable_now(g, now) else 0
-            figures[1] += g.held
+        scopes = scope_totals(grants, now)
         horizon = now + timedelta(days=expiring_within_days)
         expiring = [g for g in grants if g.remaining > 0 and g.expires_at is not None and now < g.expires_at <= horizon]
         viewer = await spendable_units(session, caller, ws, me)
         return Balance(
             workspace_id=ws_id, allocation_mode=ws.allocation_mode, pool_fallback=ws.pool_fallback,
-            available=sum(f[0] for f in per_scope.values()), held=sum(f[1] for f in per_scope.values()),
-            scopes=[ScopeBalance(s, m, f[0], f[1]) for (s, m), f in per_scope.items()],
+            available=sum(s.available for s in scopes), held=sum(s.held for s in scopes), scopes=scopes,
             viewer_spendable=viewer, grants=grants, expiring=expiring,
             expiring_units=sum(g.remaining for g in expiring), as_of=now,
         )
@@ -93,9 +98,8 @@ async def workspace_balance(db: Database, caller: Caller, *, workspace_id: str, 
 async def spendable_units(session: AsyncSession, caller: Caller, ws: Workspace, me: Member | None) -> int:
     """What the viewer could spend right now: 0 without a generate permission, else the sum of
     the grants the allocation mode lets their spend draw from."""
-    if me is None or not caller.authorizer.allows(
-        str(caller.actor.user_id), {f"role:{me.role.value}", f"seat:{me.seat.value}"}, str(ws.id), Action.GENERATE
-    ):
+    if me is None or not caller.authorizer.allows(str(caller.actor.user_id), member_roles(me), str(ws.id),
+                                                  Action.GENERATE):
         return 0
     now = caller.clock.now()
     g = Grant.__table__
@@ -164,21 +168,15 @@ def view_of(snapshot: Snapshot, spender: Member | None) -> BalanceView:
     """The balance as one subscriber sees it. `spender` is their membership when they may
     generate (their spendable amount follows the allocation mode), else None."""
     now = snapshot.as_of
-    per_scope: dict[tuple[Scope, uuid.UUID | None], list[int]] = {}
-    spendable = 0
-    for g in snapshot.grants:
-        live = g.effective_at <= now and (g.expires_at is None or g.expires_at > now)
-        figures = per_scope.setdefault((g.scope, g.member_id), [0, 0])
-        figures[0] += g.remaining if live else 0
-        figures[1] += g.held
-        if live and spender is not None and may_draw(snapshot.allocation_mode, snapshot.pool_fallback, spender.id,
-                                                     spender.billing_group_id, g.scope, g.member_id,
-                                                     g.billing_group_id):
-            spendable += g.remaining
+    scopes = scope_totals(snapshot.grants, now)
+    spendable = 0 if spender is None else sum(
+        g.remaining for g in snapshot.grants
+        if _spendable_now(g, now) and may_draw(snapshot.allocation_mode, snapshot.pool_fallback, spender.id,
+                                               spender.billing_group_id, g.scope, g.member_id, g.billing_group_id)
+    )
     return BalanceView(
-        workspace_id=snapshot.workspace_id, available=sum(f[0] for f in per_scope.values()),
-        held=sum(f[1] for f in per_scope.values()), viewer_spendable=spendable,
-        scopes=[ScopeBalance(s, m, f[0], f[1]) for (s, m), f in per_scope.items()], as_of=now,
+        workspace_id=snapshot.workspace_id, available=sum(s.available for s in scopes),
+        held=sum(s.held for s in scopes), viewer_spendable=spendable, scopes=scopes, as_of=now,
     )
 
 
@@ -266,8 +264,7 @@ async def generations_page(
 
 
 def _sees_all(caller: Caller, me: Member | None, ws_id: uuid.UUID) -> bool:
-    roles = ({f"role:{me.role.value}", f"seat:{me.seat.value}"} if me else set()) | caller.platform_roles()
-    return caller.authorizer.allows(str(caller.actor.user_id), roles, str(ws_id), Action.VIEW_LEDGER)
+    return caller.authorizer.allows(str(caller.actor.user_id), caller.roles(me), str(ws_id), Action.VIEW_LEDGER)
 
 
 async def get_generation(db: Database, caller: Caller, *, generation_id: str) -> GenerationResult:

@@ -35,6 +35,7 @@ from domain.errors import (
 from domain.identity import clean_name
 from domain import events
 from domain.governance import audit, automation, limits
+from domain.governance.groups import group_in
 from domain.ledger import idempotency
 from domain.ledger.consumption import Bucket, Draw, NotEnough, Scope, consumption_key, plan_draws
 from domain.ledger.models import (
@@ -52,7 +53,7 @@ from domain.ledger.models import (
 from domain.ledger.payments import PaymentProvider, PaymentRequest
 from domain.money import format_credits, parse_credits
 from domain.pricing.service import price_request, reprice_usage
-from domain.workspaces.models import AllocationMode, BillingGroup, Member, Seat, Workspace
+from domain.workspaces.models import AllocationMode, Member, Seat, Workspace
 from policies import Action
 
 GRANTS = Grant.__table__
@@ -423,8 +424,9 @@ async def transfer_credits(
         await authorize(session, caller, ws_id, Action.TRANSFER_CREDITS, what="workspace")
         source = await _any_member(session, ws_id, from_member_id) if from_member_id else None
         target = await _seat_member(session, ws_id, to_member_id, "toMemberId") if to_member_id else None
-        source_group = await _group(session, ws_id, from_group_id) if from_group_id else None
-        target_group = await _group(session, ws_id, to_group_id, live=True) if to_group_id else None
+        source_group = await group_in(session, ws_id, from_group_id) if from_group_id else None
+        target_group = await group_in(session, ws_id, to_group_id, field="toBillingGroupId", live=True) \
+            if to_group_id else None
         transfer_id = uuid.uuid4()
         first = await idempotency.claim(
             session, workspace_id=ws_id, actor_id=caller.actor.user_id, key=key, operation="transferCredits",
@@ -467,15 +469,6 @@ async def transfer_credits(
         return await _transfer_result(session, ws_id, transfer_id)
 
     return await db.transaction(work)
-
-
-async def _group(session: AsyncSession, ws_id: uuid.UUID, group_id: str, *, live: bool = False) -> uuid.UUID:
-    group = await session.get(BillingGroup, parse_id(group_id, "billing group"))
-    if group is None or group.workspace_id != ws_id:
-        raise NotFound("billing group")
-    if live and group.archived_at is not None:
-        raise ValidationFailed("toBillingGroupId", "the group is archived")
-    return group.id
 
 
 async def _any_member(session: AsyncSession, ws_id: uuid.UUID, member_id: str) -> Member:

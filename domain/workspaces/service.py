@@ -18,7 +18,7 @@ from sqlalchemy.orm import selectinload
 from domain import events
 from domain.governance import audit
 from domain.governance.rules import check_timezone
-from domain.access import Caller, authorize, parse_id
+from domain.access import Caller, authorize, member_roles, parse_id
 from domain.db import Database
 from domain.errors import AlreadyMember, Forbidden, NotFound, ValidationFailed
 from domain.identity import clean_name, get_or_create_user
@@ -92,7 +92,7 @@ def _apply(usage: SeatUsage, *, remove: Member | None = None, add: tuple[Role, S
 
 def _require_owner_powers(caller: Caller, workspace_id: uuid.UUID, member: Member | None) -> None:
     """Only an owner can make or unmake an owner (no privilege escalation by admins)."""
-    roles = {f"role:{member.role.value}"} if member else set()
+    roles = member_roles(member)
     if not caller.authorizer.allows(str(caller.actor.user_id), roles, str(workspace_id), Action.MANAGE_OWNERS):
         raise Forbidden(Action.MANAGE_OWNERS.value)
 
