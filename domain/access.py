@@ -56,7 +56,12 @@ def parse_id(value: str | uuid.UUID, what: str) -> uuid.UUID:
 def member_roles(member: Member | None) -> set[str]:
     if member is None:
         return set()
-    return {f"role:{member.role.value}", f"seat:{member.seat.value}"}
+    return role_set(member.role, member.seat)
+
+
+def role_set(role: str, seat: str) -> set[str]:
+    """A membership's Casbin subjects, from its role and seat (enum members or their values)."""
+    return {f"role:{role}", f"seat:{seat}"}
 
 
 async def active_membership(session: AsyncSession, user_id: uuid.UUID, workspace_id: uuid.UUID) -> Member | None:
@@ -78,15 +83,25 @@ async def authorize(
     the one for an id that does not exist.
     """
     member = await active_membership(session, caller.actor.user_id, workspace_id)
-    roles = caller.roles(member)
-    if not roles:
-        raise NotFound(what)
-    if member is None and await session.get(Workspace, workspace_id) is None:
-        raise NotFound(what)  # a platform identity asking about a workspace that does not exist
+    # Only a platform identity (no membership) needs the workspace looked up.
+    exists = member is not None or not caller.platform_roles() or await session.get(Workspace, workspace_id) is not None
+    decide(caller, workspace_id, action, what, member_roles(member), is_member=member is not None,
+           workspace_exists=exists)
+    return member
+
+
+def decide(
+    caller: Caller, workspace_id: uuid.UUID, action: Action, what: str, roles: set[str], *, is_member: bool,
+    workspace_exists: bool,
+) -> None:
+    """The decision of `authorize`, from what was read: the caller's membership roles in the
+    workspace (empty for none) and whether the workspace exists. Raises NotFound or Forbidden."""
+    roles = roles | caller.platform_roles()
+    if not roles or not workspace_exists:
+        raise NotFound(what)  # an outsider, or a platform identity asking about no workspace
     if not caller.authorizer.allows(str(caller.actor.user_id), roles, str(workspace_id), action):
-        if member is None and not caller.authorizer.allows(
+        if not is_member and not caller.authorizer.allows(
             str(caller.actor.user_id), roles, str(workspace_id), Action.VIEW_WORKSPACE
         ):
             raise NotFound(what)  # a platform identity that cannot even see the workspace
         raise Forbidden(action.value)
-    return member

@@ -1,16 +1,27 @@
 """Database access: the engine, and the one place that commits.
 
-Every service that writes calls `Database.transaction(work)`. It opens a session, runs `work`
-inside one transaction, commits, and retries the whole unit on a serialization failure or a
+Every service that writes calls `Database.transaction(work)` (an ORM session) or, on the hot
+path, `Database.sql_transaction(work)` (plain SQL on an asyncpg connection). Both run `work`
+inside one transaction, commit, and retry the whole unit on a serialization failure or a
 deadlock (bounded, with jitter). Nothing else in the code base commits.
+
+Why two: a generation's start and settlement are most of the traffic, and through the ORM they
+cost ~7 ms of CPU each (issue 8's profile: SQLAlchemy was half the server's time). The money
+statements they share with the rest of the ledger (postings, idempotency claims, spend limits,
+locks) are written once, as SQL against the `Sql` interface below, which both a plain asyncpg
+transaction (`RawSql`) and an ORM session (`SessionSql`) provide.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import asyncpg
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -34,12 +45,102 @@ log = logging.getLogger("creditpool.db")
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
 
+class Contended(Exception):
+    """Run the unit again: an optimistic read it relied on went stale under concurrency."""
+
+
 def is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, Contended):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return exc.sqlstate in RETRYABLE_SQLSTATES
     if not isinstance(exc, DBAPIError):
         return False
     orig = getattr(exc, "orig", None)
     sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
     return sqlstate in RETRYABLE_SQLSTATES
+
+
+class Sql:
+    """Plain SQL (`$1` placeholders) inside an open transaction; rows read by column name.
+    `info` carries the transaction's events (`domain.events.emit`)."""
+
+    info: dict[str, Any]
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        raise NotImplementedError
+
+    async def fetchrow(self, query: str, *args: Any) -> Any | None:
+        rows = await self.fetch(query, *args)
+        return rows[0] if rows else None
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        row = await self.fetchrow(query, *args)
+        return None if row is None else next(iter(row.values()))
+
+    async def execute(self, query: str, *args: Any) -> None:
+        await self.fetch(query, *args)
+
+
+class RawSql(Sql):
+    """A transaction on a plain asyncpg connection (the hot path)."""
+
+    __slots__ = ("conn", "info")
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.info = {}
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        return await self.conn.fetch(query, *args)
+
+    async def fetchrow(self, query: str, *args: Any) -> Any | None:
+        return await self.conn.fetchrow(query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await self.conn.fetchval(query, *args)
+
+    async def execute(self, query: str, *args: Any) -> None:
+        await self.conn.execute(query, *args)
+
+
+class SessionSql(Sql):
+    """The same statements inside an ORM session's transaction. Pending ORM changes are flushed
+    first, as the session's autoflush would (a posting may refer to a grant just added)."""
+
+    __slots__ = ("session", "info")
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        self.info = session.info
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        await self.session.flush()
+        conn = await self.session.connection()
+        result = await conn.exec_driver_sql(query, args)
+        return [row._mapping for row in result] if result.returns_rows else []
+
+
+def as_sql(session_or_sql: AsyncSession | Sql) -> Sql:
+    return session_or_sql if isinstance(session_or_sql, Sql) else SessionSql(session_or_sql)
+
+
+async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
+    # asyncpg rolls back a transaction left open either way; its default reset would also send
+    # `RESET ALL; UNLISTEN *; ...` on every release, a round trip per request for session state
+    # these connections never change (no SET, LISTEN or session-level advisory locks).
+    return None
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # JSON in and out exactly as SQLAlchemy's asyncpg dialect sets it up, so one statement reads
+    # and writes the same values through `RawSql` and `SessionSql`: text in, Python values out.
+    for name, prefix in (("json", b""), ("jsonb", b"\x01")):
+        await conn.set_type_codec(
+            name, schema="pg_catalog", format="binary",
+            encoder=lambda value, prefix=prefix: prefix + value.encode(),
+            decoder=lambda data, skip=len(prefix): json.loads(data[skip:].decode()),
+        )
 
 
 def async_url(url: str) -> str:
@@ -60,27 +161,65 @@ class Database:
         )
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=True)
         self._attempts = attempts
+        self._pool_size = pool_size
+        self._raw_pool: asyncio.Future[asyncpg.Pool] | None = None
         self.events: EventOutlet = NoOutlet()  # the app plugs its broadcaster in
 
-    async def transaction(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        """Run `work` in one transaction and commit it: the one place that commits."""
-        async for attempt in AsyncRetrying(
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
             retry=retry_if_exception(is_retryable),
             stop=stop_after_attempt(self._attempts),
             wait=wait_random_exponential(multiplier=0.005, max=0.2),
             reraise=True,
-        ):
+        )
+
+    async def transaction(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Run `work` in one ORM transaction and commit it."""
+        async for attempt in self._retrying():
             with attempt:
                 async with self._sessions() as session:
                     async with session.begin():
                         value = await work(session)
                         events = session.info.pop("events", [])
                         if events:
-                            await self.events.before_commit(session, events)
+                            await self.events.before_commit(SessionSql(session), events)
                     if events:
                         await self._after_commit(events)
                     return value
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def sql_transaction(self, work: Callable[[RawSql], Awaitable[T]]) -> T:
+        """Run `work` in one plain-SQL transaction and commit it (the hot path: no ORM)."""
+        pool = await self._pool()
+        async for attempt in self._retrying():
+            with attempt:
+                async with pool.acquire() as conn:
+                    sql = RawSql(conn)
+                    async with conn.transaction():
+                        value = await work(sql)
+                        events = sql.info.pop("events", [])
+                        if events:
+                            await self.events.before_commit(sql, events)
+                    if events:
+                        await self._after_commit(events)
+                    return value
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def fetchrow(self, query: str, *args: Any) -> Any | None:
+        """One statement on its own (autocommit: one round trip, atomic by itself)."""
+        pool = await self._pool()
+        async with pool.acquire() as conn:
+            return await conn.fetchrow(query, *args)
+
+    async def _pool(self) -> asyncpg.Pool:
+        # Created on first use, in the event loop that uses it (asyncpg connections belong to one).
+        if self._raw_pool is None:
+            url = make_url(self.url).set(drivername="postgresql")
+            self._raw_pool = asyncio.ensure_future(asyncpg.create_pool(
+                url.render_as_string(hide_password=False), min_size=1, max_size=self._pool_size,
+                init=_init_connection, reset=_nothing_to_reset, max_inactive_connection_lifetime=1800,
+            ))
+        return await self._raw_pool
 
     async def _after_commit(self, events) -> None:
         # The transaction is committed whatever happens here: a failed publish must not turn a
@@ -97,4 +236,8 @@ class Database:
             return await work(session)
 
     async def dispose(self) -> None:
+        if self._raw_pool is not None:
+            pool, self._raw_pool = self._raw_pool, None
+            if pool.done() and pool.exception() is None:
+                await pool.result().close()
         await self.engine.dispose()

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 # Kinds. BALANCE_CHANGED is a signal for balance subscribers (they re-read the committed balance);
 # the others are the workspace events dashboards show.
@@ -48,8 +46,9 @@ def channel(workspace_id: uuid.UUID) -> str:
     return f"cpws_{workspace_id.hex}"
 
 
-def emit(session: AsyncSession, workspace_id: uuid.UUID, kind: str, **payload: Any) -> None:
-    session.info.setdefault("events", []).append(Event(workspace_id, kind, payload))
+def emit(tx: Any, workspace_id: uuid.UUID, kind: str, **payload: Any) -> None:
+    """Raise an event in `tx` (an ORM session or a `domain.db.Sql`: anything with `info`)."""
+    tx.info.setdefault("events", []).append(Event(workspace_id, kind, payload))
 
 
 def encode(events: list[Event]) -> str:
@@ -68,16 +67,16 @@ def by_workspace(events: list[Event]) -> dict[uuid.UUID, list[Event]]:
 
 
 class EventOutlet(Protocol):
-    async def before_commit(self, session: AsyncSession, events: list[Event]) -> None: ...
+    async def before_commit(self, sql: Any, events: list[Event]) -> None: ...
     async def after_commit(self, events: list[Event]) -> None: ...
 
 
 class NotifyOutlet:
     """PostgreSQL NOTIFY inside the transaction: delivered on commit, never for a rollback."""
 
-    async def before_commit(self, session: AsyncSession, events: list[Event]) -> None:
+    async def before_commit(self, sql: Any, events: list[Event]) -> None:
         for ws, batch in by_workspace(events).items():
-            await session.execute(select(func.pg_notify(channel(ws), encode(batch))))
+            await sql.execute("SELECT pg_notify($1, $2)", channel(ws), encode(batch))
 
     async def after_commit(self, events: list[Event]) -> None:
         return None
@@ -89,7 +88,7 @@ class PublishOutlet:
     def __init__(self, publish) -> None:
         self._publish = publish
 
-    async def before_commit(self, session: AsyncSession, events: list[Event]) -> None:
+    async def before_commit(self, sql: Any, events: list[Event]) -> None:
         return None
 
     async def after_commit(self, events: list[Event]) -> None:
@@ -100,7 +99,7 @@ class PublishOutlet:
 class NoOutlet:
     """For processes without subscribers (the CLI): events are dropped."""
 
-    async def before_commit(self, session: AsyncSession, events: list[Event]) -> None:
+    async def before_commit(self, sql: Any, events: list[Event]) -> None:
         return None
 
     async def after_commit(self, events: list[Event]) -> None:

@@ -22,11 +22,34 @@ from api.bench.system import libpq_url
 _LINE = re.compile(r"^\S+ \S+ \S+ \[(?P<pid>\d+)\] (?:\S+ )?LOG:\s+(?:statement|execute [^:]*):\s?(?P<sql>.*)$")
 
 
+_PREFIX = re.compile(r"^\S+ \S+ \S+ \[\d+\] ")
+
+
 def _kind(sql: str) -> str:
     word = sql.strip().split(None, 1)[0].upper() if sql.strip() else ";"
     if word == "SELECT" and "pg_notify" in sql:
         return "SELECT pg_notify"
     return word.rstrip(";") or ";"
+
+
+def _statements(lines: list[str], skip_pid: int) -> list[str]:
+    """The logged statements, each with its continuation lines joined (a statement written over
+    several lines logs its first line, often empty, then the rest as plain lines)."""
+    out: list[str] = []
+    current: list[str] | None = None
+    for line in lines:
+        m = _LINE.match(line)
+        if m or _PREFIX.match(line):  # a new log line (another statement, a DETAIL, ...)
+            current = None
+        if m:
+            if int(m.group("pid")) != skip_pid:
+                current = [m.group("sql")]
+                out.append("")
+        elif current is not None:
+            current.append(line.strip())
+        if current is not None:
+            out[-1] = " ".join(x for x in current if x)
+    return out
 
 
 async def count_statements(url: str, log_file: Path, graphql_url: str, ws_id: str, creator_token: str,
@@ -90,7 +113,7 @@ async def count_statements(url: str, log_file: Path, graphql_url: str, ws_id: st
             return {}, made
         positions.append(idx)
     for (name, res), a, b in zip(results.items(), positions, positions[1:]):
-        sql = [m.group("sql") for line in lines[a + 1:b] if (m := _LINE.match(line)) and int(m.group("pid")) != me]
+        sql = _statements(lines[a + 1:b], me)
         kinds = Counter(_kind(q) for q in sql)
         # SQLAlchemy's pool_pre_ping on asyncpg: BEGIN; ';'; ROLLBACK, where the empty ';' is not
         # logged. Every BEGIN directly followed by a ROLLBACK is one such ping.

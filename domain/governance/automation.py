@@ -51,10 +51,10 @@ class TopUpClaim:
     actor_id: uuid.UUID
 
 
-def needs_after_spend(ws: Workspace, charges: list[dict]) -> bool:
-    """Read from the row the spend already loaded: nothing runs for a workspace with no low
+def needs_after_spend(auto_topup_enabled: bool, low_balance_alert_units: int | None, charges: list[dict]) -> bool:
+    """From the workspace row the spend already read: nothing runs for a workspace with no low
     balance alert, no auto top-up and no limit charged."""
-    return ws.auto_topup_enabled or ws.low_balance_alert_units is not None or bool(charges)
+    return auto_topup_enabled or low_balance_alert_units is not None or bool(charges)
 
 
 async def after_spend(db: Database, clock: Clock, provider: PaymentProvider | None, ws_id: uuid.UUID,

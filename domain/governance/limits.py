@@ -12,12 +12,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, or_, select, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.access import Caller, authorize, parse_id
-from domain.db import Database
+from domain.db import Database, Sql, as_sql
 from domain.errors import NotFound, SpendLimitExceeded, ValidationFailed
 from domain.governance import audit
 from domain.governance.groups import group_in
@@ -26,8 +25,6 @@ from domain.governance.models import (
     LimitPeriod,
     LimitScope,
     LimitUsage,
-    OverageRequest,
-    OverageStatus,
     SpendLimit,
 )
 from domain.governance.rules import period_end, period_start
@@ -36,15 +33,32 @@ from domain.workspaces.models import Member, Workspace
 from policies import Action
 
 # Usage may grow up to the limit plus the approved overages of that period still in force.
-_CHARGE = text("""
-UPDATE limit_usage SET used_units = used_units + :units
-WHERE limit_id = :limit AND period_start = :period
-  AND used_units + :units <= :amount + (
+_CHARGE = """
+UPDATE limit_usage SET used_units = used_units + $1
+WHERE limit_id = $2 AND period_start = $3
+  AND used_units + $1 <= $4 + (
       SELECT coalesce(sum(approved_units), 0) FROM overage_requests
-      WHERE limit_id = :limit AND period_start = :period AND status = 'APPROVED'
-        AND (approval_expires_at IS NULL OR approval_expires_at > :now))
+      WHERE limit_id = $2 AND period_start = $3 AND status = 'APPROVED'
+        AND (approval_expires_at IS NULL OR approval_expires_at > $5))
 RETURNING used_units
-""")
+"""
+# The live limits a member's spend counts against: theirs, their group's, the workspace's
+# (`applicable` below is the same rule for the ORM queries of the limits views).
+_APPLICABLE = """
+SELECT id, scope, period, amount_units, action FROM spend_limits
+WHERE workspace_id = $1 AND removed_at IS NULL
+  AND (scope = 'WORKSPACE' OR (scope = 'MEMBER' AND member_id = $2) OR (scope = 'GROUP' AND billing_group_id = $3))
+ORDER BY id
+"""
+_APPROVED = """
+SELECT coalesce(sum(approved_units), 0) FROM overage_requests
+WHERE limit_id = $1 AND period_start = $2 AND status = 'APPROVED' AND (approval_expires_at IS NULL OR approval_expires_at > $3)
+"""
+_USAGE_ROW = "INSERT INTO limit_usage (limit_id, period_start, used_units) VALUES ($1, $2, 0) ON CONFLICT DO NOTHING"
+_USED = "SELECT used_units FROM limit_usage WHERE limit_id = $1 AND period_start = $2"
+_ADJUST = """
+UPDATE limit_usage SET used_units = greatest(used_units + $3, 0) WHERE limit_id = $1 AND period_start = $2
+"""
 
 
 def applicable(ws_id: uuid.UUID, member: Member):
@@ -58,54 +72,43 @@ def applicable(ws_id: uuid.UUID, member: Member):
     )
 
 
-async def approved_extra(session: AsyncSession, limit_id: uuid.UUID, period: datetime, now: datetime) -> int:
-    return int((await session.execute(
-        select(func.coalesce(func.sum(OverageRequest.approved_units), 0)).where(
-            OverageRequest.limit_id == limit_id, OverageRequest.period_start == period,
-            OverageRequest.status == OverageStatus.APPROVED,
-            or_(OverageRequest.approval_expires_at.is_(None), OverageRequest.approval_expires_at > now))
-    )).scalar_one())
+async def approved_extra(tx: AsyncSession | Sql, limit_id: uuid.UUID, period: datetime, now: datetime) -> int:
+    return int(await as_sql(tx).fetchval(_APPROVED, limit_id, period, now))
 
 
-async def charge(session: AsyncSession, ws: Workspace, member: Member, units: int, now: datetime) -> list[dict]:
+async def charge(
+    tx: AsyncSession | Sql, *, workspace_id: uuid.UUID, timezone: str, member_id: uuid.UUID,
+    billing_group_id: uuid.UUID | None, units: int, now: datetime,
+) -> list[dict]:
     """Count `units` against every applicable limit, or raise SpendLimitExceeded (the whole
     transaction then rolls back, so nothing was counted). Returns what was charged, to be
     uncharged by what the generation later releases."""
     if units <= 0:
         return []
-    limits = list((await session.execute(
-        select(SpendLimit).where(applicable(ws.id, member)).order_by(SpendLimit.id)
-    )).scalars())
+    sql = as_sql(tx)
     charges = []
-    for limit in limits:  # id order: a fixed lock order across concurrent starts
-        start = period_start(limit.period, now, ws.timezone)
-        await session.execute(insert(LimitUsage).values(limit_id=limit.id, period_start=start, used_units=0)
-                              .on_conflict_do_nothing())
-        done = await session.execute(_CHARGE, {"units": units, "limit": limit.id, "period": start,
-                                               "amount": limit.amount_units, "now": now})
-        if done.first() is None:
-            used = (await session.execute(select(LimitUsage.used_units).where(
-                LimitUsage.limit_id == limit.id, LimitUsage.period_start == start))).scalar_one()
-            allowance = limit.amount_units + await approved_extra(session, limit.id, start, now)
-            raise SpendLimitExceeded(limit_id=limit.id, scope=limit.scope.value, period=limit.period.value,
+    for limit in await sql.fetch(_APPLICABLE, workspace_id, member_id, billing_group_id):
+        # id order: a fixed lock order across concurrent starts
+        start = period_start(LimitPeriod(limit["period"]), now, timezone)
+        await sql.execute(_USAGE_ROW, limit["id"], start)
+        if await sql.fetchrow(_CHARGE, units, limit["id"], start, limit["amount_units"], now) is None:
+            used = await sql.fetchval(_USED, limit["id"], start)
+            allowance = limit["amount_units"] + await approved_extra(sql, limit["id"], start, now)
+            raise SpendLimitExceeded(limit_id=limit["id"], scope=limit["scope"], period=limit["period"],
                                      limit=allowance, used=used, requested=units,
-                                     can_request=limit.action is LimitAction.REQUIRE_APPROVAL)
-        charges.append({"limit": str(limit.id), "period": start.isoformat()})
+                                     can_request=limit["action"] == LimitAction.REQUIRE_APPROVAL.value)
+        charges.append({"limit": str(limit["id"]), "period": start.isoformat()})
     return charges
 
 
-async def adjust(session: AsyncSession, charges: list[dict], delta: int) -> None:
+async def adjust(tx: AsyncSession | Sql, charges: list[dict], delta: int) -> None:
     """Move what a generation counts against its limits: negative for released credits,
     positive for extra credits captured above the hold (those are never refused: the work ran)."""
     if not charges or delta == 0:
         return
+    sql = as_sql(tx)
     for c in sorted(charges, key=lambda c: c["limit"]):
-        await session.execute(
-            LimitUsage.__table__.update()
-            .where(LimitUsage.limit_id == uuid.UUID(c["limit"]),
-                   LimitUsage.period_start == datetime.fromisoformat(c["period"]))
-            .values(used_units=func.greatest(LimitUsage.used_units + delta, 0))
-        )
+        await sql.execute(_ADJUST, uuid.UUID(c["limit"]), datetime.fromisoformat(c["period"]), delta)
 
 
 # --- managing limits ----------------------------------------------------------------------------

@@ -14,12 +14,10 @@ import json
 import uuid
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from domain.db import Sql, as_sql
 from domain.errors import IdempotencyKeyReused, ValidationFailed
-from domain.ledger.models import IdempotencyKey
 
 MAX_KEY = 200
 
@@ -36,31 +34,33 @@ def check_key(key: str) -> str:
     return key
 
 
+_FIRST = """
+SELECT operation, request_hash, result_id FROM idempotency_keys
+WHERE workspace_id = $1 AND actor_id = $2 AND key = $3
+"""
+_CLAIM = """
+INSERT INTO idempotency_keys (workspace_id, actor_id, key, operation, request_hash, result_id)
+VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING key
+"""
+
+
 async def first_result(
-    session: AsyncSession, *, workspace_id: uuid.UUID, actor_id: uuid.UUID, key: str, operation: str,
+    tx: AsyncSession | Sql, *, workspace_id: uuid.UUID, actor_id: uuid.UUID, key: str, operation: str,
     request: dict[str, Any],
 ) -> uuid.UUID | None:
     """Read-only look-up before any side effect (a payment provider call, a catalog check): the
     first result's id when this exact request already ran, None when the key is unused.
     Raises IdempotencyKeyReused when the key ran with a different request."""
-    first = (
-        await session.execute(
-            select(IdempotencyKey.operation, IdempotencyKey.request_hash, IdempotencyKey.result_id).where(
-                IdempotencyKey.workspace_id == workspace_id,
-                IdempotencyKey.actor_id == actor_id,
-                IdempotencyKey.key == key,
-            )
-        )
-    ).one_or_none()
+    first = await as_sql(tx).fetchrow(_FIRST, workspace_id, actor_id, key)
     if first is None:
         return None
-    if first.operation != operation or first.request_hash != request_hash(operation, request):
+    if first["operation"] != operation or bytes(first["request_hash"]) != request_hash(operation, request):
         raise IdempotencyKeyReused()
-    return first.result_id
+    return first["result_id"]
 
 
 async def claim(
-    session: AsyncSession,
+    tx: AsyncSession | Sql,
     *,
     workspace_id: uuid.UUID,
     actor_id: uuid.UUID,
@@ -72,16 +72,10 @@ async def claim(
     """Claim `key` for a new result `result_id`. Returns None when claimed (go ahead and do the
     work), or the first result's id when this exact request already ran. Raises
     IdempotencyKeyReused when the key ran with a different request."""
+    sql = as_sql(tx)
     digest = request_hash(operation, request)
-    inserted = await session.execute(
-        insert(IdempotencyKey)
-        .values(workspace_id=workspace_id, actor_id=actor_id, key=key, operation=operation,
-                request_hash=digest, result_id=result_id)
-        .on_conflict_do_nothing()
-        .returning(IdempotencyKey.key)
-    )
-    if inserted.first() is not None:
+    if await sql.fetchrow(_CLAIM, workspace_id, actor_id, key, operation, digest, result_id) is not None:
         return None
     # The key exists: it committed before us, or we waited on its transaction until it did.
-    return await first_result(session, workspace_id=workspace_id, actor_id=actor_id, key=key, operation=operation,
+    return await first_result(sql, workspace_id=workspace_id, actor_id=actor_id, key=key, operation=operation,
                               request=request)

@@ -7,11 +7,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.access import Caller, authorize, member_roles, parse_id
-from domain.db import Database
+from domain.db import Database, as_sql
 from domain.errors import NotFound, ValidationFailed
 from domain.ledger.consumption import Scope, may_draw
 from domain.ledger.models import (
@@ -22,7 +22,7 @@ from domain.ledger.models import (
     Grant,
     LedgerEntry,
 )
-from domain.ledger.service import GenerationResult, generation_result, spend_scopes
+from domain.ledger.service import SPENDABLE, GenerationResult, generation_result, spend_scope
 from domain.pages import Page, decode_cursor, encode_cursor, page_size
 from domain.workspaces.models import AllocationMode, Member, Workspace
 from policies import Action
@@ -101,15 +101,12 @@ async def spendable_units(session: AsyncSession, caller: Caller, ws: Workspace, 
     if me is None or not caller.authorizer.allows(str(caller.actor.user_id), member_roles(me), str(ws.id),
                                                   Action.GENERATE):
         return 0
-    now = caller.clock.now()
-    g = Grant.__table__
-    total = (await session.execute(
-        select(func.coalesce(func.sum(g.c.remaining), 0)).where(
-            g.c.workspace_id == ws.id, spend_scopes(ws, me), g.c.remaining > 0, g.c.effective_at <= now,
-            or_(g.c.expires_at.is_(None), g.c.expires_at > now),
-        )
-    )).scalar_one()
+    scope = spend_scope(ws.allocation_mode, ws.pool_fallback, me.id, me.billing_group_id)
+    total = await as_sql(session).fetchval(_SPENDABLE_TOTAL, ws.id, *scope.args(), caller.clock.now())
     return int(total)
+
+
+_SPENDABLE_TOTAL = f"SELECT coalesce(sum(g.remaining), 0) FROM grants g WHERE g.workspace_id = $1 AND {SPENDABLE}"
 
 
 # --- live balance snapshots (read once per workspace, viewed per subscriber) ----------------------

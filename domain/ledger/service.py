@@ -3,26 +3,30 @@ authorizes against the workspace read from the row it touches, takes an idempote
 writes one ledger entry per movement.
 
 Locking: a transaction that moves credits locks the generation row first (if any), then the
-grant rows it may touch, always `ORDER BY id`. One fixed order means two spenders can never
-deadlock each other; the rare deadlock with another order is retried by `Database.transaction`.
-The CHECK constraints on `grants` are the last line: a bug here fails a transaction, it never
-overdraws a grant (money rule 2).
+grant rows it may touch in id order. Admin paths lock the grants with `SELECT ... ORDER BY id FOR
+UPDATE` before planning; the generation hot path reads them unlocked and lets its one posting
+statement take the locks (see `Optimistic`), so a busy pool's grant is locked for one statement
+and the commit. Postings update grants in id order; a rare deadlock is retried by `Database`.
+The CHECK constraints on `grants` are the last line: a stale plan or a bug fails a transaction,
+it never overdraws a grant (money rule 2).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
-from sqlalchemy import and_, bindparam, false, or_, select, update
+import asyncpg
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from domain.access import Caller, authorize, member_roles, parse_id
-from domain.db import Database
+from domain.access import Caller, authorize, decide, parse_id, role_set
+from domain.db import Contended, Database, RawSql, Sql, as_sql
 from domain.errors import (
     Forbidden,
     GenerationAlreadySettled,
@@ -37,7 +41,7 @@ from domain import events
 from domain.governance import audit, automation, limits
 from domain.governance.groups import group_in
 from domain.ledger import idempotency
-from domain.ledger.consumption import Bucket, Draw, NotEnough, Scope, consumption_key, plan_draws
+from domain.ledger.consumption import Bucket, NotEnough, Scope, consumption_key, plan_draws
 from domain.ledger.models import (
     Cause,
     CreditPack,
@@ -52,12 +56,9 @@ from domain.ledger.models import (
 )
 from domain.ledger.payments import PaymentProvider, PaymentRequest
 from domain.money import format_credits, parse_credits
-from domain.pricing.service import price_request, reprice_usage
-from domain.workspaces.models import AllocationMode, Member, Seat, Workspace
+from domain.pricing.service import catalog_by_id, quote_with, reprice_usage
+from domain.workspaces.models import AllocationMode, Member, Seat
 from policies import Action
-
-GRANTS = Grant.__table__
-ENTRIES = LedgerEntry.__table__
 
 # Sources an operator may grant by hand. Purchases only come from `purchase_credits`; rollovers
 # and plan allowances from the period close (time-based rules).
@@ -121,93 +122,154 @@ EFFECT = {
 }
 
 
-async def post_movements(session: AsyncSession, posting: Posting) -> None:
-    """Apply the movements to the (already locked) grants and append their entries: one
-    executemany UPDATE and one executemany INSERT, whatever the number of grants. Balance
-    subscribers are signalled when the transaction commits."""
-    if posting.movements:
-        events.emit(session, posting.workspace_id, events.BALANCE_CHANGED)
-    moves = [m for m in posting.movements if m.kind is not EntryKind.GRANT]
-    if moves:
-        deltas: dict[uuid.UUID, list[int]] = {}
-        for m in moves:
+# One statement, one round trip, whatever the number of grants: the grants are locked in id order,
+# their figures move by the summed deltas, and the entries are appended in the posting's order. The moved grants and the new
+# entries come back as rows of their own tables' types (asyncpg decodes them by column name).
+_POST = """
+WITH moved AS (
+    UPDATE grants AS g SET remaining = g.remaining + d.remaining, held = g.held + d.held,
+        captured = g.captured + d.captured, expired = g.expired + d.expired,
+        transferred_out = g.transferred_out + d.transferred_out
+    FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+        AS d(id, remaining, held, captured, expired, transferred_out),
+        -- the row locks in id order (a locking subquery is never flattened: sort, then lock)
+        (SELECT id FROM grants WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE) AS locked
+    WHERE g.id = d.id AND locked.id = d.id
+    RETURNING g AS row
+), appended AS (
+    INSERT INTO ledger_entries AS le (workspace_id, grant_id, kind, amount, cause, generation_id, purchase_id,
+        transfer_id, member_id, actor_id, idempotency_key, occurred_at)
+    SELECT $7::uuid, e.grant_id, e.kind, e.amount, $8::text, $9::uuid, $10::uuid, $11::uuid, $12::uuid,
+        $13::uuid, $14::text, coalesce($15::timestamptz, now())
+    FROM unnest($16::uuid[], $17::text[], $18::bigint[]) WITH ORDINALITY AS e(grant_id, kind, amount, n)
+    ORDER BY e.n
+    RETURNING le AS row
+)
+SELECT (SELECT array_agg(row) FROM moved) AS grants,
+       (SELECT array_agg(row ORDER BY (row).id) FROM appended) AS entries
+"""
+
+
+async def post_movements(tx: AsyncSession | Sql, posting: Posting) -> Posted:
+    """Apply the movements to the (already locked) grants and append their entries, in one
+    statement. Balance subscribers are signalled when the transaction commits."""
+    if not posting.movements:
+        return Posted({}, [])
+    sql = as_sql(tx)
+    events.emit(sql, posting.workspace_id, events.BALANCE_CHANGED)
+    deltas: dict[uuid.UUID, list[int]] = {}
+    for m in posting.movements:
+        if m.kind is not EntryKind.GRANT:
             d = deltas.setdefault(m.grant_id, [0, 0, 0, 0, 0])
             for i, sign in enumerate(EFFECT[m.kind]):
                 d[i] += sign * m.amount
-        await session.execute(
-            update(GRANTS)
-            .where(GRANTS.c.id == bindparam("gid"))
-            .values(
-                remaining=GRANTS.c.remaining + bindparam("d_remaining"),
-                held=GRANTS.c.held + bindparam("d_held"),
-                captured=GRANTS.c.captured + bindparam("d_captured"),
-                expired=GRANTS.c.expired + bindparam("d_expired"),
-                transferred_out=GRANTS.c.transferred_out + bindparam("d_transferred"),
-            ),
-            [
-                {"gid": gid, "d_remaining": d[0], "d_held": d[1], "d_captured": d[2], "d_expired": d[3],
-                 "d_transferred": d[4]}
-                for gid, d in deltas.items()
-            ],
-        )
-    if posting.movements:
-        await session.execute(
-            ENTRIES.insert(),
-            [
-                {
-                    "workspace_id": posting.workspace_id, "grant_id": m.grant_id, "kind": m.kind.value,
-                    "amount": m.amount, "cause": posting.cause.value, "generation_id": posting.generation_id,
-                    "purchase_id": posting.purchase_id, "transfer_id": posting.transfer_id,
-                    "member_id": posting.member_id, "actor_id": posting.actor_id,
-                    "idempotency_key": posting.idempotency_key,
-                    **({"occurred_at": posting.occurred_at} if posting.occurred_at else {}),
-                }
-                for m in posting.movements
-            ],
-        )
+    # Grants in id order, the lock order of every other path.
+    columns = list(zip(*[(gid, *d) for gid, d in sorted(deltas.items())])) or [[]] * 6
+    row = await sql.fetchrow(
+        _POST, *columns,
+        posting.workspace_id, posting.cause.value, posting.generation_id, posting.purchase_id, posting.transfer_id,
+        posting.member_id, posting.actor_id, posting.idempotency_key, posting.occurred_at,
+        [m.grant_id for m in posting.movements], [m.kind.value for m in posting.movements],
+        [m.amount for m in posting.movements],
+    )
+    grants = {g["id"]: GrantRecord.of(g) for g in row["grants"] or ()}
+    return Posted(grants, [EntryRecord.of(e) for e in row["entries"]])
+
+
+@dataclass(frozen=True, slots=True)
+class SpendScope:
+    """Which grants a spend (or a transfer's source) may draw from: the pool, one seat, one
+    billing group. `spend_scope` derives it from the allocation mode: the domain's enforcement
+    of POOLED vs PER_SEAT. `domain.ledger.consumption.may_draw` is the same rule in Python."""
+
+    pool: bool = False
+    seat_member_id: uuid.UUID | None = None
+    billing_group_id: uuid.UUID | None = None
+
+    def args(self) -> tuple:
+        return self.pool, self.seat_member_id, self.billing_group_id
+
+
+def spend_scope(mode: AllocationMode | str, pool_fallback: bool, member_id: uuid.UUID,
+                billing_group_id: uuid.UUID | None) -> SpendScope:
+    pooled = AllocationMode(mode) is AllocationMode.POOLED
+    return SpendScope(pool=pooled or pool_fallback, seat_member_id=None if pooled else member_id,
+                      billing_group_id=billing_group_id)
+
+
+# `$2..$4` are a SpendScope's args, `$5` the spend's time; expired and not-yet-effective grants
+# are never candidates (money rule 6, enforced at spend time).
+SPENDABLE = """(
+    ((g.scope = 'WORKSPACE' AND $2::bool) OR (g.scope = 'SEAT' AND g.member_id = $3::uuid)
+     OR (g.scope = 'GROUP' AND g.billing_group_id = $4::uuid))
+    AND g.remaining > 0 AND g.effective_at <= $5::timestamptz
+    AND (g.expires_at IS NULL OR g.expires_at > $5::timestamptz))"""
+_LOCK_SPENDABLE = f"""
+SELECT g.*, {SPENDABLE} AS spendable FROM grants g
+WHERE g.workspace_id = $1 AND ({SPENDABLE} OR g.id = ANY($6::uuid[]))
+ORDER BY g.id FOR UPDATE
+"""
+_LOCK_GRANTS = "SELECT g.*, false AS spendable FROM grants g WHERE g.id = ANY($1::uuid[]) ORDER BY g.id FOR UPDATE"
 
 
 def _bucket(row: Any) -> Bucket:
     return Bucket(
-        grant_id=row.id, scope=Scope(row.scope), priority=row.priority, effective_at=row.effective_at,
-        expires_at=row.expires_at, created_at=row.created_at, available=row.remaining,
+        grant_id=row["id"], scope=Scope(row["scope"]), priority=row["priority"], effective_at=row["effective_at"],
+        expires_at=row["expires_at"], created_at=row["created_at"], available=row["remaining"],
     )
-
-
-def spend_scopes(ws: Workspace, member: Member) -> Any:
-    """Which grants a member's spend may draw from: the allocation mode (and the member's billing
-    group), enforced here. `domain.ledger.consumption.may_draw` is the same rule in Python."""
-    seat = and_(GRANTS.c.scope == Scope.SEAT.value, GRANTS.c.member_id == member.id)
-    group = and_(GRANTS.c.scope == Scope.GROUP.value, GRANTS.c.billing_group_id == member.billing_group_id)
-    pool = GRANTS.c.scope == Scope.WORKSPACE.value
-    scopes = [pool] if ws.allocation_mode is AllocationMode.POOLED else [seat] + ([pool] if ws.pool_fallback else [])
-    if member.billing_group_id is not None:
-        scopes.append(group)
-    return or_(*scopes)
 
 
 async def _lock_spendable(
-    session: AsyncSession, ws_id: uuid.UUID, scopes: Any, now: datetime, *, also: list[uuid.UUID] = ()
+    tx: AsyncSession | Sql, ws_id: uuid.UUID, scope: SpendScope, now: datetime, *, also: list[uuid.UUID] = ()
 ) -> dict[uuid.UUID, Any]:
-    """Lock (by id) the grants a spend may use at `now`, plus any `also` grants; expired and
-    not-yet-effective grants are not candidates (money rule 6, enforced at spend time)."""
-    spendable = and_(
-        scopes,
-        GRANTS.c.remaining > 0,
-        GRANTS.c.effective_at <= now,
-        or_(GRANTS.c.expires_at.is_(None), GRANTS.c.expires_at > now),
-    )
-    rows = await session.execute(
-        select(GRANTS, spendable.label("spendable"))
-        .where(GRANTS.c.workspace_id == ws_id, or_(spendable, GRANTS.c.id.in_(list(also)) if also else false()))
-        .order_by(GRANTS.c.id)
-        .with_for_update(of=GRANTS)
-    )
-    return {r.id: r for r in rows}
+    """Lock (by id) the grants a spend may use at `now`, plus any `also` grants."""
+    rows = await as_sql(tx).fetch(_LOCK_SPENDABLE, ws_id, *scope.args(), now, list(also))
+    return {r["id"]: r for r in rows}
 
 
 def _spendable_buckets(rows: dict[uuid.UUID, Any]) -> list[Bucket]:
-    return [_bucket(r) for r in rows.values() if r.spendable]
+    return [_bucket(r) for r in rows.values() if r["spendable"]]
+
+
+_READ_SPENDABLE = _LOCK_SPENDABLE.replace("FOR UPDATE", "")
+_READ_GRANTS = _LOCK_GRANTS.replace("FOR UPDATE", "")
+
+
+class Optimistic:
+    """How the hot path keeps a busy pool's grant locked for one statement, not a transaction.
+
+    The first attempt reads the grants without locking them and plans the draws from that read;
+    the posting's UPDATE then takes the row locks, applying the deltas to the newest row versions.
+    If a concurrent spend has meanwhile left a grant short, the CHECK constraints (no figure below
+    zero) refuse the UPDATE, the transaction rolls back, and the retry locks the grants first
+    (`SELECT ... ORDER BY id FOR UPDATE`) and plans from exact figures. Captures and releases
+    only move what the generation itself holds, so they never fail that way."""
+
+    __slots__ = ("lock_first",)
+
+    def __init__(self) -> None:
+        self.lock_first = False
+
+    async def spendable(self, sql: Sql, ws_id: uuid.UUID, scope: SpendScope, now: datetime,
+                        also: list[uuid.UUID] = ()) -> dict[uuid.UUID, Any]:
+        if self.lock_first:
+            return await _lock_spendable(sql, ws_id, scope, now, also=also)
+        rows = await sql.fetch(_READ_SPENDABLE, ws_id, *scope.args(), now, list(also))
+        return {r["id"]: r for r in rows}
+
+    async def grants(self, sql: Sql, ids: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
+        if not ids:
+            return {}
+        return {r["id"]: r for r in await sql.fetch(_LOCK_GRANTS if self.lock_first else _READ_GRANTS, ids)}
+
+    async def post(self, sql: Sql, posting: Posting) -> Posted:
+        try:
+            return await post_movements(sql, posting)
+        except asyncpg.CheckViolationError:
+            if self.lock_first:
+                raise  # planned from locked rows: a refused posting is a bug, never hidden
+            self.lock_first = True
+            raise Contended() from None
 
 
 # --- getting credits in ------------------------------------------------------------------------
@@ -434,12 +496,8 @@ async def transfer_credits(
         )
         if first is not None:
             return await _transfer_result(session, ws_id, first)
-        if source:
-            scope = and_(GRANTS.c.scope == Scope.SEAT.value, GRANTS.c.member_id == source.id)
-        elif source_group:
-            scope = and_(GRANTS.c.scope == Scope.GROUP.value, GRANTS.c.billing_group_id == source_group)
-        else:
-            scope = GRANTS.c.scope == Scope.WORKSPACE.value
+        scope = SpendScope(seat_member_id=source.id) if source else \
+            SpendScope(billing_group_id=source_group) if source_group else SpendScope(pool=True)
         now = caller.clock.now()
         rows = await _lock_spendable(session, ws_id, scope, now)
         buckets = _spendable_buckets(rows)
@@ -456,13 +514,13 @@ async def transfer_credits(
             src = rows[draw.grant_id]
             new = Grant(
                 id=uuid.uuid4(), workspace_id=ws_id, scope=new_scope, member_id=target.id if target else None,
-                billing_group_id=target_group, source=GrantSource(src.source), priority=src.priority,
-                effective_at=src.effective_at, expires_at=src.expires_at, amount=draw.units, remaining=draw.units,
-                external_ref=src.external_ref, reason="transfer", created_by=caller.actor.user_id,
-                parent_grant_id=src.id,
+                billing_group_id=target_group, source=GrantSource(src["source"]), priority=src["priority"],
+                effective_at=src["effective_at"], expires_at=src["expires_at"], amount=draw.units,
+                remaining=draw.units, external_ref=src["external_ref"], reason="transfer",
+                created_by=caller.actor.user_id, parent_grant_id=src["id"],
             )
             session.add(new)
-            posting.add(src.id, EntryKind.TRANSFER_OUT, draw.units)
+            posting.add(src["id"], EntryKind.TRANSFER_OUT, draw.units)
             posting.add(new.id, EntryKind.GRANT, draw.units)
         await session.flush()
         await post_movements(session, posting)
@@ -496,12 +554,143 @@ async def _transfer_result(session: AsyncSession, ws_id: uuid.UUID, transfer_id:
 
 
 # --- generations: hold, capture, release ---------------------------------------------------------
+#
+# The hot path: plain SQL on `Database.sql_transaction`, no ORM. A start is BEGIN, one read (the
+# workspace, the caller's membership, the plan, the price list in force), the idempotency claim,
+# the generation row, the grants' row locks, one posting statement, COMMIT. The locks on the
+# pool's grants are taken last, so they are held for two statements, not the whole transaction.
+
+@dataclass(slots=True)
+class GenerationRecord:
+    """A `generations` row as plain data (the hot path builds no ORM objects)."""
+
+    id: uuid.UUID
+    workspace_id: uuid.UUID
+    member_id: uuid.UUID
+    requested_by: uuid.UUID
+    model_key: str
+    parameters: dict[str, Any]
+    status: GenerationStatus
+    quoted_units: int
+    captured_units: int
+    released_units: int
+    shortfall_units: int
+    failure_kind: FailureKind | None
+    price_list_id: uuid.UUID | None
+    quote: dict[str, Any] | None
+    started_at: datetime
+    limit_charges: list[dict[str, str]]
+    created_at: datetime
+    settled_at: datetime | None
+    settled_by: uuid.UUID | None
+
+    @classmethod
+    def of(cls, row: Any) -> GenerationRecord:
+        values = {name: row[name] for name in cls.__slots__}
+        values["status"] = GenerationStatus(values["status"])
+        values["failure_kind"] = FailureKind(values["failure_kind"]) if values["failure_kind"] else None
+        return cls(**values)
+
+
+@dataclass(slots=True)
+class EntryRecord:
+    """A `ledger_entries` row as plain data."""
+
+    id: int
+    workspace_id: uuid.UUID
+    grant_id: uuid.UUID
+    kind: EntryKind
+    amount: int
+    cause: Cause
+    generation_id: uuid.UUID | None
+    purchase_id: uuid.UUID | None
+    transfer_id: uuid.UUID | None
+    member_id: uuid.UUID | None
+    actor_id: uuid.UUID | None
+    idempotency_key: str | None
+    occurred_at: datetime
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: Any) -> EntryRecord:
+        values = {name: row[name] for name in cls.__slots__}
+        values["kind"] = EntryKind(values["kind"])
+        values["cause"] = Cause(values["cause"])
+        return cls(**values)
+
+
+@dataclass(slots=True)
+class GrantRecord:
+    """A `grants` row as plain data."""
+
+    id: uuid.UUID
+    workspace_id: uuid.UUID
+    scope: Scope
+    member_id: uuid.UUID | None
+    billing_group_id: uuid.UUID | None
+    source: GrantSource
+    priority: int
+    effective_at: datetime
+    expires_at: datetime | None
+    amount: int
+    remaining: int
+    held: int
+    captured: int
+    expired: int
+    transferred_out: int
+    external_ref: str | None
+    reason: str | None
+    created_by: uuid.UUID | None
+    parent_grant_id: uuid.UUID | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: Any) -> GrantRecord:
+        values = {name: row[name] for name in cls.__slots__}
+        values["scope"] = Scope(values["scope"])
+        values["source"] = GrantSource(values["source"])
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    """What `post_movements` wrote: the moved grants' new figures and the appended entries."""
+
+    grants: dict[uuid.UUID, GrantRecord]
+    entries: list[EntryRecord]
+
 
 @dataclass(frozen=True, slots=True)
 class GenerationResult:
-    generation: Generation
-    entries: list[LedgerEntry]
-    grants: dict[uuid.UUID, Grant]
+    generation: GenerationRecord
+    entries: list[EntryRecord]
+    grants: dict[uuid.UUID, GrantRecord]
+
+
+# The workspace, the caller's membership, the member paid for (when starting for someone), the
+# plan, and the price list in force at the start, in one read. No row is missing when the
+# workspace exists: the joins to members are LEFT.
+_SPENDER = """
+SELECT w.allocation_mode, w.pool_fallback, w.timezone, w.auto_topup_enabled, w.low_balance_alert_units,
+       p.key AS plan_key,
+       c.id AS caller_member_id, c.role AS caller_role, c.seat AS caller_seat,
+       c.billing_group_id AS caller_group_id,
+       t.id AS target_id, t.user_id AS target_user_id, t.role AS target_role, t.seat AS target_seat,
+       t.billing_group_id AS target_group_id,
+       (SELECT l.id FROM price_lists l WHERE l.effective_at <= $4
+        ORDER BY l.effective_at DESC, l.version DESC LIMIT 1) AS price_list_id,
+       EXISTS (SELECT 1 FROM spend_limits s WHERE s.workspace_id = w.id AND s.removed_at IS NULL) AS has_limits
+FROM workspaces w JOIN plans p ON p.id = w.plan_id
+LEFT JOIN members c ON c.workspace_id = w.id AND c.user_id = $2 AND c.removed_at IS NULL
+LEFT JOIN members t ON t.id = $3 AND t.workspace_id = w.id AND t.removed_at IS NULL
+WHERE w.id = $1
+"""
+_INSERT_GENERATION = """
+INSERT INTO generations (id, workspace_id, member_id, requested_by, model_key, parameters, status, quoted_units,
+    price_list_id, quote, started_at, limit_charges)
+VALUES ($1, $2, $3, $4, $5, $6, 'STARTED', $7, $8, $9, $10, $11)
+RETURNING *
+"""
 
 
 async def start_generation(
@@ -510,90 +699,134 @@ async def start_generation(
     payments: PaymentProvider | None = None,
 ) -> GenerationResult:
     """Authorize (creator seat), price, and hold the cost across grants in consumption order, in
-    one transaction. The hot path: a handful of statements, locks held only inside it."""
+    one transaction."""
     ws_id = parse_id(workspace_id, "workspace")
     key = idempotency.check_key(idempotency_key)
     parameters = parameters or {}
-    _check_parameters(parameters)
+    parameters_json = _check_parameters(parameters)
+    target_id = parse_id(on_behalf_of_member_id, "member") if on_behalf_of_member_id else None
     request = {"workspace": str(ws_id), "model": model_key, "parameters": parameters,
-               "for": str(parse_id(on_behalf_of_member_id, "member")) if on_behalf_of_member_id else None}
+               "for": str(target_id) if target_id else None}
+    follow_up: list = [False, []]
+    optimistic = Optimistic()
 
-    async def work(session: AsyncSession) -> GenerationResult:
-        ws, member = await _spender(session, caller, ws_id, on_behalf_of_member_id)
+    async def work(sql: RawSql) -> GenerationResult:
+        now = caller.clock.now()
+        ws = await sql.fetchrow(_SPENDER, ws_id, caller.actor.user_id, target_id, now)
+        member_id, group_id = _spender(caller, ws_id, ws, target_id)
         generation_id = uuid.uuid4()
         # Claimed before pricing: a replay returns the first generation even if the model has
         # been retired since (its hold exists; saying "unknown model" would hide it).
         first = await idempotency.claim(
-            session, workspace_id=ws_id, actor_id=caller.actor.user_id, key=key, operation="startGeneration",
+            sql, workspace_id=ws_id, actor_id=caller.actor.user_id, key=key, operation="startGeneration",
             request=request, result_id=generation_id,
         )
         if first is not None:
-            return await generation_result(session, first)
-        now = caller.clock.now()
+            return await generation_result(sql, first)
+        if ws["price_list_id"] is None:
+            raise ValidationFailed("modelKey", "no price list is in force yet")
         # The same function as `quote`; open-ended usage (output tokens, duration) holds the most
         # the request allows, and completion captures what was actually used.
-        priced = await price_request(session, ws, model_key, parameters, now, open_ended_max=True)
+        catalog = await catalog_by_id(sql, ws["price_list_id"])
+        priced = quote_with(catalog, ws["plan_key"], model_key, parameters, now, open_ended_max=True)
         price = priced.quote.units
         # Spend limits first (their usage rows, then the grants: one lock order everywhere).
-        charges = await limits.charge(session, ws, member, price, now)
-        rows = await _lock_spendable(session, ws_id, spend_scopes(ws, member), now)
-        draws: list[Draw] = []
+        charges = await limits.charge(
+            sql, workspace_id=ws_id, timezone=ws["timezone"], member_id=member_id, billing_group_id=group_id,
+            units=price, now=now,
+        ) if ws["has_limits"] else []
+        gen = await sql.fetchrow(
+            _INSERT_GENERATION, generation_id, ws_id, member_id, caller.actor.user_id, model_key, parameters_json,
+            price, priced.catalog.price_list.id, json.dumps(priced.as_json()), now, json.dumps(charges),
+        )
+        posting = Posting(ws_id, Cause.GENERATION, caller.actor.user_id, key, generation_id=generation_id,
+                          member_id=member_id, occurred_at=now)
         if price > 0:
+            scope = spend_scope(ws["allocation_mode"], ws["pool_fallback"], member_id, group_id)
+            rows = await optimistic.spendable(sql, ws_id, scope, now)
             try:
                 draws = plan_draws(_spendable_buckets(rows), price, now)
             except NotEnough as short:
                 raise InsufficientCredits(short.needed, short.available) from None
-        session.add(Generation(
-            id=generation_id, workspace_id=ws_id, member_id=member.id, requested_by=caller.actor.user_id,
-            model_key=model_key, parameters=parameters, status=GenerationStatus.STARTED, quoted_units=price,
-            price_list_id=priced.catalog.price_list.id, quote=priced.as_json(), started_at=now, limit_charges=charges,
-        ))
-        await session.flush()
-        posting = Posting(ws_id, Cause.GENERATION, caller.actor.user_id, key, generation_id=generation_id,
-                          member_id=member.id, occurred_at=now)
-        for draw in draws:
-            posting.add(draw.grant_id, EntryKind.HOLD, draw.units)
-        await post_movements(session, posting)
-        events.emit(session, ws_id, events.GENERATION_STARTED, generationId=str(generation_id),
-                    memberId=str(member.id), modelKey=model_key, cost=format_credits(price))
-        result = await generation_result(session, generation_id)
-        follow_up[:] = [automation.needs_after_spend(ws, charges), charges]
-        return result
+            for draw in draws:
+                posting.add(draw.grant_id, EntryKind.HOLD, draw.units)
+        posted = await optimistic.post(sql, posting)
+        events.emit(sql, ws_id, events.GENERATION_STARTED, generationId=str(generation_id),
+                    memberId=str(member_id), modelKey=model_key, cost=format_credits(price))
+        follow_up[:] = [automation.needs_after_spend(ws["auto_topup_enabled"], ws["low_balance_alert_units"],
+                                                     charges), charges]
+        return GenerationResult(GenerationRecord.of(gen), posted.entries, posted.grants)
 
-    follow_up: list = [False, []]
-    result = await db.transaction(work)
+    result = await db.sql_transaction(work)
     if follow_up[0]:
         # Alerts and auto top-up, after the commit: never holding the spend's locks.
         await automation.after_spend(db, caller.clock, payments, ws_id, follow_up[1])
     return result
 
 
-def _check_parameters(parameters: dict[str, Any], field: str = "parameters") -> None:
-    import json
-
+def _check_parameters(parameters: dict[str, Any], field: str = "parameters") -> str:
+    """Validate a JSON object from the client; returns it as JSON text."""
     if not isinstance(parameters, dict):
         raise ValidationFailed(field, "must be a JSON object")
-    if len(json.dumps(parameters, default=str)) > MAX_PARAMETERS_BYTES:
+    try:
+        text = json.dumps(parameters, separators=(",", ":"))
+    except (TypeError, ValueError):
+        raise ValidationFailed(field, "must be a JSON object") from None
+    if len(text) > MAX_PARAMETERS_BYTES:
         raise ValidationFailed(field, f"must be at most {MAX_PARAMETERS_BYTES} bytes")
+    return text
 
 
-async def _spender(
-    session: AsyncSession, caller: Caller, ws_id: uuid.UUID, on_behalf_of: str | None
-) -> tuple[Workspace, Member]:
-    """The member whose credits pay, authorized to generate (creator seat) in this workspace."""
-    if on_behalf_of is None:
-        member = await authorize(session, caller, ws_id, Action.GENERATE, what="workspace")
-        if member is None:  # a platform identity allowed to generate would need a member to pay
+def _spender(caller: Caller, ws_id: uuid.UUID, ws: Any, target_id: uuid.UUID | None) -> tuple[uuid.UUID, Any]:
+    """The member whose credits pay (id, billing group), authorized to generate (creator seat)."""
+    caller_roles = role_set(ws["caller_role"], ws["caller_seat"]) if ws and ws["caller_member_id"] else set()
+    is_member = bool(caller_roles)
+    if target_id is None:
+        decide(caller, ws_id, Action.GENERATE, "workspace", caller_roles, is_member=is_member,
+               workspace_exists=ws is not None)
+        if not is_member:  # a platform identity allowed to generate would need a member to pay
             raise Forbidden(Action.GENERATE.value)
-    else:
-        await authorize(session, caller, ws_id, Action.START_FOR_MEMBER, what="workspace")
-        member = await session.get(Member, parse_id(on_behalf_of, "member"))
-        if member is None or member.workspace_id != ws_id or member.removed_at is not None:
-            raise NotFound("member")
-        if not caller.authorizer.allows(str(member.user_id), member_roles(member), str(ws_id), Action.GENERATE):
-            raise Forbidden(Action.GENERATE.value)
-    ws = await session.get_one(Workspace, ws_id)
-    return ws, member
+        return ws["caller_member_id"], ws["caller_group_id"]
+    decide(caller, ws_id, Action.START_FOR_MEMBER, "workspace", caller_roles, is_member=is_member,
+           workspace_exists=ws is not None)
+    if ws["target_id"] is None:
+        raise NotFound("member")
+    if not caller.authorizer.allows(str(ws["target_user_id"]), role_set(ws["target_role"], ws["target_seat"]),
+                                    str(ws_id), Action.GENERATE):
+        raise Forbidden(Action.GENERATE.value)
+    return ws["target_id"], ws["target_group_id"]
+
+
+# The generation (locked: it settles once), who paid, the caller's membership in its workspace,
+# and the workspace's allocation mode, in one read.
+_SETTLING = """
+SELECT g.*, p.user_id AS payer_user_id, p.billing_group_id AS payer_group_id,
+       c.id AS caller_member_id, c.role AS caller_role, c.seat AS caller_seat,
+       w.allocation_mode, w.pool_fallback
+FROM generations g JOIN members p ON p.id = g.member_id JOIN workspaces w ON w.id = g.workspace_id
+LEFT JOIN members c ON c.workspace_id = g.workspace_id AND c.user_id = $2 AND c.removed_at IS NULL
+WHERE g.id = $1
+FOR UPDATE OF g
+"""
+_ENTRIES_OF = "SELECT * FROM ledger_entries WHERE generation_id = $1 ORDER BY id"
+_SETTLE = """
+UPDATE generations SET status = $2, captured_units = $3, released_units = $4, shortfall_units = $5,
+    failure_kind = $6, settled_at = $7, settled_by = $8
+WHERE id = $1
+RETURNING *
+"""
+
+
+@dataclass(slots=True)
+class _Settling:
+    """A generation being settled: its row (locked), its entries so far, what each grant still
+    holds for it, and the posting that will settle it."""
+
+    row: Any
+    gen: GenerationRecord
+    entries: list[EntryRecord]
+    held: dict[uuid.UUID, int]
+    posting: Posting
 
 
 async def complete_generation(
@@ -611,32 +844,33 @@ async def complete_generation(
     if usage is not None:
         _check_parameters(usage, "usage")
     actual_units = parse_credits(actual_cost, "actualCost", allow_zero=True) if actual_cost is not None else None
-    request = {"generation": str(parse_id(generation_id, "generation")), "actual": actual_units, "usage": usage}
+    gid = parse_id(generation_id, "generation")
+    request = {"generation": str(gid), "actual": actual_units, "usage": usage}
+    optimistic = Optimistic()
 
-    async def work(session: AsyncSession) -> GenerationResult:
-        gen, claimed = await _settling(session, caller, generation_id, key, "completeGeneration", request)
-        if not claimed:
-            return await generation_result(session, gen.id)
+    async def work(sql: RawSql) -> GenerationResult:
+        s = await _settling(sql, caller, gid, key, "completeGeneration", request)
+        if isinstance(s, GenerationResult):
+            return s
+        gen = s.gen
         cost = gen.quoted_units if actual_units is None else actual_units
         if usage is not None:
             if gen.price_list_id is None or gen.quote is None:
                 raise ValidationFailed("usage", "this generation predates metered prices: give an actual cost")
-            cost = (await reprice_usage(session, gen.price_list_id, gen.model_key, gen.quote, usage)).units
-        held = await _held_by_grant(session, gen.id)
-        total_held = sum(held.values())
+            cost = (await reprice_usage(sql, gen.price_list_id, gen.model_key, gen.quote, usage)).units
+        total_held = sum(s.held.values())
         now = caller.clock.now()
         extra = max(0, cost - total_held)
-        await limits.adjust(session, gen.limit_charges, -(total_held - min(cost, total_held)))
-        also = list(held)
+        await limits.adjust(sql, gen.limit_charges, -(total_held - min(cost, total_held)))
+        also = list(s.held)
         if extra:
-            ws = await session.get_one(Workspace, gen.workspace_id)
-            member = await session.get_one(Member, gen.member_id)
-            rows = await _lock_spendable(session, gen.workspace_id, spend_scopes(ws, member), now, also=also)
+            scope = spend_scope(s.row["allocation_mode"], s.row["pool_fallback"], gen.member_id,
+                                s.row["payer_group_id"])
+            rows = await optimistic.spendable(sql, gen.workspace_id, scope, now, also=also)
         else:
-            rows = await _lock_grants(session, also)
-        posting = _settle_posting(gen, caller, key)
-        captured = _capture_in_order(posting, rows, held, min(cost, total_held))
-        _release_rest(posting, rows, held, now)
+            rows = await optimistic.grants(sql, also)
+        captured = _capture_in_order(s.posting, rows, s.held, min(cost, total_held))
+        _release_rest(s.posting, rows, s.held, now)
         shortfall = 0
         if extra:
             # Every hold was captured in full (nothing released), so the locked rows' remaining
@@ -645,17 +879,15 @@ async def complete_generation(
             take = min(extra, sum(b.available for b in spendable))
             if take:
                 for draw in plan_draws(spendable, take, now):
-                    posting.add(draw.grant_id, EntryKind.HOLD, draw.units)
-                    posting.add(draw.grant_id, EntryKind.CAPTURE, draw.units)
-                await limits.adjust(session, gen.limit_charges, take)  # spent is spent: it counts
+                    s.posting.add(draw.grant_id, EntryKind.HOLD, draw.units)
+                    s.posting.add(draw.grant_id, EntryKind.CAPTURE, draw.units)
+                await limits.adjust(sql, gen.limit_charges, take)  # spent is spent: it counts
             captured += take
             shortfall = extra - take
-        await post_movements(session, posting)
-        gen.shortfall_units = shortfall
-        return await _settled(session, gen, caller, GenerationStatus.COMPLETED, captured,
-                              total_held - min(cost, total_held), now)
+        return await _settled(sql, optimistic, s, caller, GenerationStatus.COMPLETED, captured,
+                              total_held - min(cost, total_held), shortfall, None, now)
 
-    return await db.transaction(work)
+    return await db.sql_transaction(work)
 
 
 async def fail_generation(
@@ -666,70 +898,88 @@ async def fail_generation(
     with their original expiry. A policy violation keeps `rules.policy_violation_fee` of the
     hold (rounded up to the unit) and releases the rest."""
     key = idempotency.check_key(idempotency_key)
-    request = {"generation": str(parse_id(generation_id, "generation")), "kind": kind.value}
+    gid = parse_id(generation_id, "generation")
+    request = {"generation": str(gid), "kind": kind.value}
+    optimistic = Optimistic()
 
-    async def work(session: AsyncSession) -> GenerationResult:
-        gen, claimed = await _settling(session, caller, generation_id, key, "failGeneration", request)
-        if not claimed:
-            return await generation_result(session, gen.id)
-        held = await _held_by_grant(session, gen.id)
+    async def work(sql: RawSql) -> GenerationResult:
+        s = await _settling(sql, caller, gid, key, "failGeneration", request)
+        if isinstance(s, GenerationResult):
+            return s
         now = caller.clock.now()
-        total = sum(held.values())
+        total = sum(s.held.values())
         fee = 0
         if kind is FailureKind.POLICY_VIOLATION:
             fee = int((Decimal(total) * rules.policy_violation_fee).to_integral_value(rounding=ROUND_CEILING))
-        await limits.adjust(session, gen.limit_charges, -(total - fee))
-        rows = await _lock_grants(session, list(held))
-        posting = _settle_posting(gen, caller, key)
-        captured = _capture_in_order(posting, rows, held, fee)
-        _release_rest(posting, rows, held, now)
-        await post_movements(session, posting)
-        gen.failure_kind = kind
-        return await _settled(session, gen, caller, GenerationStatus.FAILED, captured, total - captured, now)
+        await limits.adjust(sql, s.gen.limit_charges, -(total - fee))
+        rows = await optimistic.grants(sql, list(s.held))
+        captured = _capture_in_order(s.posting, rows, s.held, fee)
+        _release_rest(s.posting, rows, s.held, now)
+        return await _settled(sql, optimistic, s, caller, GenerationStatus.FAILED, captured, total - captured, 0, kind, now)
 
-    return await db.transaction(work)
+    return await db.sql_transaction(work)
 
 
 async def _settling(
-    session: AsyncSession, caller: Caller, generation_id: str, key: str, operation: str, request: dict[str, Any]
-) -> tuple[Generation, bool]:
+    sql: Sql, caller: Caller, gid: uuid.UUID, key: str, operation: str, request: dict[str, Any]
+) -> _Settling | GenerationResult:
     """Lock the generation, authorize settling it (from its own workspace), and claim the key.
-    Returns (generation, True) when this call must settle it, (generation, False) when the same
-    request already did. A second, different settlement is refused."""
-    gid = parse_id(generation_id, "generation")
-    gen = (
-        await session.execute(select(Generation).where(Generation.id == gid).with_for_update())
-    ).scalar_one_or_none()
-    if gen is None:
+    Returns what to settle, or the first result when the same request already settled it. A
+    second, different settlement is refused."""
+    row = await sql.fetchrow(_SETTLING, gid, caller.actor.user_id)
+    if row is None:
         raise NotFound("generation")
-    await authorize(session, caller, gen.workspace_id, Action.SETTLE_GENERATIONS, what="generation")
+    gen = GenerationRecord.of(row)
+    roles = role_set(row["caller_role"], row["caller_seat"]) if row["caller_member_id"] else set()
+    decide(caller, gen.workspace_id, Action.SETTLE_GENERATIONS, "generation", roles, is_member=bool(roles),
+           workspace_exists=True)
     # Money rule 8, beyond the policy: whoever's credits paid never settles it, not even an
     # operator who is also that member (settling decides the refund).
-    payer = await session.get_one(Member, gen.member_id)
-    if payer.user_id == caller.actor.user_id:
+    if row["payer_user_id"] == caller.actor.user_id:
         raise Forbidden("members cannot settle their own generations")
     first = await idempotency.claim(
-        session, workspace_id=gen.workspace_id, actor_id=caller.actor.user_id, key=key, operation=operation,
+        sql, workspace_id=gen.workspace_id, actor_id=caller.actor.user_id, key=key, operation=operation,
         request=request, result_id=gen.id,
     )
     if first is not None:
-        return gen, False
+        return await generation_result(sql, gen.id)
     if gen.status is not GenerationStatus.STARTED:
         raise GenerationAlreadySettled(gen.status.value)
-    return gen, True
+    entries = [EntryRecord.of(e) for e in await sql.fetch(_ENTRIES_OF, gen.id)]
+    posting = Posting(gen.workspace_id, Cause.GENERATION, caller.actor.user_id, key, generation_id=gen.id,
+                      member_id=gen.member_id, occurred_at=caller.clock.now())
+    return _Settling(row, gen, entries, held_by_grant(entries), posting)
+
+
+async def _settled(
+    sql: Sql, optimistic: Optimistic, s: _Settling, caller: Caller, status: GenerationStatus, captured: int,
+    released: int, shortfall: int, failure: FailureKind | None, now: datetime,
+) -> GenerationResult:
+    # The generation row first: the grants' row locks are taken by the posting, the last
+    # statement before COMMIT.
+    gen = GenerationRecord.of(await sql.fetchrow(
+        _SETTLE, s.gen.id, status.value, captured, released, shortfall, failure.value if failure else None, now,
+        caller.actor.user_id,
+    ))
+    posted = await optimistic.post(sql, s.posting)
+    events.emit(sql, gen.workspace_id, events.GENERATION_SETTLED, generationId=str(gen.id),
+                memberId=str(gen.member_id), status=status.value, captured=format_credits(captured),
+                released=format_credits(released), shortfall=format_credits(shortfall))
+    return GenerationResult(gen, s.entries + posted.entries, posted.grants)
 
 
 async def time_out(session: AsyncSession, gen: Generation, now: datetime) -> int:
     """Release every hold of a generation that ran past its time-to-live and mark it TIMED_OUT
     (the caller locked the generation row). Returns the units released."""
-    held = await _held_by_grant(session, gen.id)
+    sql = as_sql(session)
+    held = held_by_grant([EntryRecord.of(e) for e in await sql.fetch(_ENTRIES_OF, gen.id)])
     total = sum(held.values())
-    await limits.adjust(session, gen.limit_charges, -total)
-    rows = await _lock_grants(session, list(held))
+    await limits.adjust(sql, gen.limit_charges, -total)
+    rows = await _lock_grants(sql, list(held))
     posting = Posting(gen.workspace_id, Cause.GENERATION, None, None, generation_id=gen.id, member_id=gen.member_id,
                       occurred_at=now)
     _release_rest(posting, rows, held, now)
-    await post_movements(session, posting)
+    await post_movements(sql, posting)
     gen.status = GenerationStatus.TIMED_OUT
     gen.released_units = total
     gen.settled_at = now
@@ -740,46 +990,19 @@ async def time_out(session: AsyncSession, gen: Generation, now: datetime) -> int
     return total
 
 
-async def _settled(
-    session: AsyncSession, gen: Generation, caller: Caller, status: GenerationStatus, captured: int, released: int,
-    now: datetime,
-) -> GenerationResult:
-    gen.status = status
-    gen.captured_units = captured
-    gen.released_units = released
-    gen.settled_at = now
-    gen.settled_by = caller.actor.user_id
-    await session.flush()
-    events.emit(session, gen.workspace_id, events.GENERATION_SETTLED, generationId=str(gen.id),
-                memberId=str(gen.member_id), status=status.value, captured=format_credits(captured),
-                released=format_credits(released), shortfall=format_credits(gen.shortfall_units))
-    return await generation_result(session, gen.id)
-
-
-def _settle_posting(gen: Generation, caller: Caller, key: str) -> Posting:
-    return Posting(gen.workspace_id, Cause.GENERATION, caller.actor.user_id, key, generation_id=gen.id,
-                   member_id=gen.member_id, occurred_at=caller.clock.now())
-
-
-async def _held_by_grant(session: AsyncSession, generation_id: uuid.UUID) -> dict[uuid.UUID, int]:
-    """What this generation still holds on each grant, from its own ledger entries."""
-    rows = await session.execute(
-        select(LedgerEntry.grant_id, LedgerEntry.kind, LedgerEntry.amount).where(
-            LedgerEntry.generation_id == generation_id
-        )
-    )
+def held_by_grant(entries: list[EntryRecord]) -> dict[uuid.UUID, int]:
+    """What a generation still holds on each grant, from its own ledger entries."""
     held: dict[uuid.UUID, int] = {}
-    for grant_id, kind, amount in rows:
-        sign = {EntryKind.HOLD: 1, EntryKind.RELEASE: -1, EntryKind.CAPTURE: -1}.get(kind, 0)
-        held[grant_id] = held.get(grant_id, 0) + sign * amount
+    for e in entries:
+        sign = {EntryKind.HOLD: 1, EntryKind.RELEASE: -1, EntryKind.CAPTURE: -1}.get(e.kind, 0)
+        held[e.grant_id] = held.get(e.grant_id, 0) + sign * e.amount
     return {g: u for g, u in held.items() if u > 0}
 
 
-async def _lock_grants(session: AsyncSession, ids: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
+async def _lock_grants(sql: Sql, ids: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
     if not ids:
         return {}
-    rows = await session.execute(select(GRANTS).where(GRANTS.c.id.in_(ids)).order_by(GRANTS.c.id).with_for_update())
-    return {r.id: r for r in rows}
+    return {r["id"]: r for r in await sql.fetch(_LOCK_GRANTS, ids)}
 
 
 def _capture_in_order(posting: Posting, rows: dict[uuid.UUID, Any], held: dict[uuid.UUID, int], units: int) -> int:
@@ -800,28 +1023,19 @@ def _release_rest(posting: Posting, rows: dict[uuid.UUID, Any], held: dict[uuid.
     released onto a grant that has expired meanwhile expire at once."""
     for gid, units in held.items():
         posting.add(gid, EntryKind.RELEASE, units)
-        expires_at = rows[gid].expires_at
+        expires_at = rows[gid]["expires_at"]
         if units and expires_at is not None and expires_at <= now:
             posting.add(gid, EntryKind.EXPIRE, units)
     held.clear()
 
 
-async def generation_result(session: AsyncSession, generation_id: uuid.UUID) -> GenerationResult:
-    gen = (
-        await session.execute(
-            select(Generation).where(Generation.id == generation_id).execution_options(populate_existing=True)
-        )
-    ).scalar_one()
-    entries = list(
-        (
-            await session.execute(
-                select(LedgerEntry).where(LedgerEntry.generation_id == generation_id).order_by(LedgerEntry.id)
-            )
-        ).scalars()
-    )
-    grant_ids = {e.grant_id for e in entries}
+async def generation_result(tx: AsyncSession | Sql, generation_id: uuid.UUID) -> GenerationResult:
+    """A generation as it stands: its row, its entries, and the grants they touched."""
+    sql = as_sql(tx)
+    gen = GenerationRecord.of(await sql.fetchrow("SELECT * FROM generations WHERE id = $1", generation_id))
+    entries = [EntryRecord.of(e) for e in await sql.fetch(_ENTRIES_OF, generation_id)]
     grants = {}
-    if grant_ids:
-        grants = {g.id: g for g in (await session.execute(select(Grant).where(Grant.id.in_(grant_ids)))).scalars()}
+    if entries:
+        rows = await sql.fetch("SELECT * FROM grants WHERE id = ANY($1::uuid[])", list({e.grant_id for e in entries}))
+        grants = {r["id"]: GrantRecord.of(r) for r in rows}
     return GenerationResult(gen, entries, grants)
-

@@ -14,8 +14,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.access import Caller, authorize, parse_id
-from domain.db import Database
-from domain.errors import Forbidden, ValidationFailed
+from domain.db import Database, Sql, as_sql
+from domain.errors import Forbidden, NotFound, ValidationFailed
 from domain.identity import clean_name
 from domain.plans import Plan
 from domain.pricing import rules
@@ -143,22 +143,38 @@ _CATALOGS: dict[tuple[uuid.UUID, bool], Catalog] = {}
 _CATALOG_CACHE_SIZE = 64
 
 
-async def load_catalog(session: AsyncSession, price_list: PriceList, *, active_only: bool = True) -> Catalog:
-    cached = _CATALOGS.get((price_list.id, active_only))
+_PRICE_LIST = "SELECT id, version, effective_at, note, time_windows, plan_multipliers FROM price_lists WHERE id = $1"
+_MODELS = """
+SELECT model_key, display_name, vendor, modality, spec, is_active FROM model_prices
+WHERE price_list_id = $1 AND (is_active OR NOT $2) ORDER BY modality, model_key
+"""
+
+
+async def catalog_by_id(tx: AsyncSession | Sql, price_list_id: uuid.UUID, *, active_only: bool = True) -> Catalog:
+    """A published price list, parsed once per process (from a session or the hot path's SQL)."""
+    cached = _CATALOGS.get((price_list_id, active_only))
     if cached is not None:
         return cached
-    q = select(ModelPrice).where(ModelPrice.price_list_id == price_list.id)
-    if active_only:
-        q = q.where(ModelPrice.is_active)
-    rows = (await session.execute(q.order_by(ModelPrice.modality, ModelPrice.model_key))).scalars()
+    sql = as_sql(tx)
+    p = await sql.fetchrow(_PRICE_LIST, price_list_id)
+    if p is None:
+        raise NotFound("price list")
+    rows = await sql.fetch(_MODELS, price_list_id, active_only)
     catalog = Catalog(
-        PriceListRow.of(price_list), tuple(window_from_json(w) for w in price_list.time_windows),
-        [PricedModel(ModelRow.of(r), spec_from_json(r.model_key, r.spec)) for r in rows],
+        PriceListRow(p["id"], p["version"], p["effective_at"], p["note"], p["time_windows"], p["plan_multipliers"]),
+        tuple(window_from_json(w) for w in p["time_windows"]),
+        [PricedModel(ModelRow(r["model_key"], r["display_name"], r["vendor"], Modality(r["modality"]), r["spec"],
+                              r["is_active"]),
+                     spec_from_json(r["model_key"], r["spec"])) for r in rows],
     )
     if len(_CATALOGS) >= _CATALOG_CACHE_SIZE:
         _CATALOGS.pop(next(iter(_CATALOGS)))
-    _CATALOGS[(price_list.id, active_only)] = catalog
+    _CATALOGS[(price_list_id, active_only)] = catalog
     return catalog
+
+
+async def load_catalog(session: AsyncSession, price_list: PriceList, *, active_only: bool = True) -> Catalog:
+    return await catalog_by_id(session, price_list.id, active_only=active_only)
 
 
 async def catalog_at(session: AsyncSession, at: datetime) -> Catalog:
@@ -202,28 +218,35 @@ def _find(catalog: Catalog, model_key: str) -> PricedModel:
     raise ValidationFailed("modelKey", f"unknown or retired model {model_key!r}")
 
 
+def quote_with(
+    catalog: Catalog, plan_key: str, model_key: str, parameters: Mapping[str, Any], at: datetime,
+    *, open_ended_max: bool,
+) -> PricedRequest:
+    """Price a request under `catalog` for a workspace on `plan_key` (pure)."""
+    model = _find(catalog, model_key)
+    multiplier = plan_multiplier(catalog.price_list, plan_key, model_key)
+    q = rules.quote(model.spec, parameters, at=at, windows=catalog.windows, plan_multiplier=multiplier,
+                    open_ended_max=open_ended_max)
+    return PricedRequest(catalog, model, q, multiplier, at)
+
+
 async def price_request(
     session: AsyncSession, ws: Workspace, model_key: str, parameters: Mapping[str, Any], at: datetime,
     *, open_ended_max: bool,
 ) -> PricedRequest:
     """Price a request for a workspace at `at` under the price list in force then."""
     catalog = await catalog_at(session, at)
-    model = _find(catalog, model_key)
     plan = await session.get_one(Plan, ws.plan_id)
-    multiplier = plan_multiplier(catalog.price_list, plan.key, model_key)
-    q = rules.quote(model.spec, parameters, at=at, windows=catalog.windows, plan_multiplier=multiplier,
-                    open_ended_max=open_ended_max)
-    return PricedRequest(catalog, model, q, multiplier, at)
+    return quote_with(catalog, plan.key, model_key, parameters, at, open_ended_max=open_ended_max)
 
 
 async def reprice_usage(
-    session: AsyncSession, price_list_id: uuid.UUID, model_key: str, stored: Mapping[str, Any],
+    tx: AsyncSession | Sql, price_list_id: uuid.UUID, model_key: str, stored: Mapping[str, Any],
     usage: Mapping[str, Any],
 ) -> rules.Quote:
     """The actual cost of a finished generation: its start parameters overlaid with the reported
     usage, under its own price list version, time window and plan multiplier."""
-    price_list = await session.get_one(PriceList, price_list_id)
-    catalog = await load_catalog(session, price_list, active_only=False)
+    catalog = await catalog_by_id(tx, price_list_id, active_only=False)
     model = _find(catalog, model_key)
     parameters = {**stored.get("parameters", {}), **usage}
     return rules.quote(model.spec, parameters, at=datetime.fromisoformat(stored["at"]), windows=catalog.windows,
