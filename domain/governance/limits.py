@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.access import Caller, authorize, parse_id
@@ -42,8 +42,6 @@ WHERE limit_id = $2 AND period_start = $3
         AND (approval_expires_at IS NULL OR approval_expires_at > $5))
 RETURNING used_units
 """
-# The live limits a member's spend counts against: theirs, their group's, the workspace's
-# (`applicable` below is the same rule for the ORM queries of the limits views).
 _APPLICABLE = """
 SELECT id, scope, period, amount_units, action FROM spend_limits
 WHERE workspace_id = $1 AND removed_at IS NULL
@@ -61,15 +59,12 @@ UPDATE limit_usage SET used_units = greatest(used_units + $3, 0) WHERE limit_id 
 """
 
 
-def applicable(ws_id: uuid.UUID, member: Member):
-    """The live limits a member's spend counts against: theirs, their group's, the workspace's."""
-    group = member.billing_group_id
-    return and_(
-        SpendLimit.workspace_id == ws_id, SpendLimit.removed_at.is_(None),
-        or_(SpendLimit.scope == LimitScope.WORKSPACE,
-            and_(SpendLimit.scope == LimitScope.MEMBER, SpendLimit.member_id == member.id),
-            and_(SpendLimit.scope == LimitScope.GROUP, SpendLimit.billing_group_id == group) if group else False),
-    )
+async def applicable_limits(
+    tx: AsyncSession | Sql, workspace_id: uuid.UUID, member_id: uuid.UUID, billing_group_id: uuid.UUID | None,
+) -> list:
+    """The live limits a member's spend counts against (theirs, their group's, the workspace's),
+    in id order: rows of id, scope, period, amount_units, action."""
+    return await as_sql(tx).fetch(_APPLICABLE, workspace_id, member_id, billing_group_id)
 
 
 async def approved_extra(tx: AsyncSession | Sql, limit_id: uuid.UUID, period: datetime, now: datetime) -> int:
@@ -87,7 +82,7 @@ async def charge(
         return []
     sql = as_sql(tx)
     charges = []
-    for limit in await sql.fetch(_APPLICABLE, workspace_id, member_id, billing_group_id):
+    for limit in await applicable_limits(sql, workspace_id, member_id, billing_group_id):
         # id order: a fixed lock order across concurrent starts
         start = period_start(LimitPeriod(limit["period"]), now, timezone)
         await sql.execute(_USAGE_ROW, limit["id"], start)

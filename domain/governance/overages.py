@@ -14,9 +14,10 @@ from domain.access import Caller, authorize, parse_id
 from domain.db import Database
 from domain.errors import Forbidden, NotFound, OverageNotPending, ValidationFailed
 from domain.governance import alerts, audit
-from domain.governance.limits import applicable
+from domain.governance.limits import applicable_limits
 from domain.governance.models import (
     LimitAction,
+    LimitPeriod,
     OverageRequest,
     OverageStatus,
     SpendLimit,
@@ -45,16 +46,16 @@ async def request_overage(
             raise Forbidden(Action.REQUEST_OVERAGE.value)
         ws = await session.get_one(Workspace, ws_id)
         # The limit that applies to the requester and may be raised; by default the tightest one.
-        q = select(SpendLimit).where(applicable(ws_id, me), SpendLimit.action == LimitAction.REQUIRE_APPROVAL)
-        if limit_id is not None:
-            q = q.where(SpendLimit.id == parse_id(limit_id, "spend limit"))
-        limit = (await session.execute(q.order_by(SpendLimit.amount_units, SpendLimit.id).limit(1))).scalar_one_or_none()
-        if limit is None:
+        wanted = parse_id(limit_id, "spend limit") if limit_id is not None else None
+        raisable = [l for l in await applicable_limits(session, ws_id, me.id, me.billing_group_id)
+                    if l["action"] == LimitAction.REQUIRE_APPROVAL.value and wanted in (None, l["id"])]
+        if not raisable:
             raise NotFound("spend limit")
+        limit = min(raisable, key=lambda l: (l["amount_units"], l["id"]))
         now = caller.clock.now()
         request = OverageRequest(
-            workspace_id=ws_id, member_id=me.id, limit_id=limit.id,
-            period_start=period_start(limit.period, now, ws.timezone), amount_units=units, reason=reason,
+            workspace_id=ws_id, member_id=me.id, limit_id=limit["id"],
+            period_start=period_start(LimitPeriod(limit["period"]), now, ws.timezone), amount_units=units, reason=reason,
             model_key=model_key, status=OverageStatus.PENDING, lapses_at=now + ttl, requested_at=now,
         )
         session.add(request)
@@ -66,7 +67,7 @@ async def request_overage(
         await alerts.fire(session, ws_id, alerts.OVERAGE_REQUESTED, str(request.id), now, memberId=str(me.id),
                           amount=format_credits(units))
         audit.record(session, ws_id, caller.actor.user_id, "overage.requested", "overage_request", request.id,
-                     after={"limit": limit.id, "amount": units, "reason": reason}, at=now)
+                     after={"limit": limit["id"], "amount": units, "reason": reason}, at=now)
         return request
 
     return await db.transaction(work)
