@@ -162,7 +162,8 @@ class Database:
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=True)
         self._attempts = attempts
         self._pool_size = pool_size
-        self._raw_pool: asyncio.Future[asyncpg.Pool] | None = None
+        self._raw_pool: asyncpg.Pool | None = None
+        self._raw_pool_lock: asyncio.Lock | None = None
         self.events: EventOutlet = NoOutlet()  # the app plugs its broadcaster in
 
     def _retrying(self) -> AsyncRetrying:
@@ -212,14 +213,27 @@ class Database:
             return await conn.fetchrow(query, *args)
 
     async def _pool(self) -> asyncpg.Pool:
-        # Created on first use, in the event loop that uses it (asyncpg connections belong to one).
+        # Created on first use, in the event loop that uses it (asyncpg connections belong to
+        # one). Kept only once created: a failed or cancelled attempt leaves the next caller to
+        # try again, so a database that was briefly unreachable does not break the process.
         if self._raw_pool is None:
-            url = make_url(self.url).set(drivername="postgresql")
-            self._raw_pool = asyncio.ensure_future(asyncpg.create_pool(
-                url.render_as_string(hide_password=False), min_size=1, max_size=self._pool_size,
-                init=_init_connection, reset=_nothing_to_reset, max_inactive_connection_lifetime=1800,
-            ))
-        return await self._raw_pool
+            if self._raw_pool_lock is None:
+                self._raw_pool_lock = asyncio.Lock()
+            async with self._raw_pool_lock:
+                if self._raw_pool is None:
+                    self._raw_pool = await asyncpg.create_pool(
+                        min_size=1, max_size=self._pool_size, init=_init_connection, reset=_nothing_to_reset,
+                        max_inactive_connection_lifetime=1800, **self._connect_args(),
+                    )
+        return self._raw_pool
+
+    def _connect_args(self) -> dict[str, Any]:
+        """asyncpg's connect arguments read from the URL exactly as the engine reads them (so
+        `?ssl=require` and the like mean the same to both pools), minus the dialect's own."""
+        _, kwargs = self.engine.dialect.create_connect_args(make_url(self.url))
+        for dialect_only in ("prepared_statement_cache_size", "prepared_statement_name_func", "async_fallback"):
+            kwargs.pop(dialect_only, None)
+        return kwargs
 
     async def _after_commit(self, events) -> None:
         # The transaction is committed whatever happens here: a failed publish must not turn a
@@ -238,6 +252,5 @@ class Database:
     async def dispose(self) -> None:
         if self._raw_pool is not None:
             pool, self._raw_pool = self._raw_pool, None
-            if pool.done() and pool.exception() is None:
-                await pool.result().close()
+            await pool.close()
         await self.engine.dispose()

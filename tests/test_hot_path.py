@@ -4,10 +4,15 @@ statement returns exactly what it wrote; authentication is one statement."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import datetime, timedelta
 
+import pytest
+from sqlalchemy import text
+
 from domain import identity
+from domain.db import Database
 from domain.ledger.consumption import NotEnough, plan_draws
 from domain.ledger.models import Cause, EntryKind
 from domain.ledger.service import Optimistic, Posting, SpendScope, _spendable_buckets
@@ -88,3 +93,27 @@ async def test_authentication_refreshes_last_used_at_most_once_a_minute_in_one_s
     assert await identity.authenticate_secret(db, secret + "x") is None
     await db.fetchrow("UPDATE api_tokens SET revoked_at = now() WHERE id = $1", actor.token_id)
     assert await identity.authenticate_secret(db, secret) is None
+
+
+async def test_a_cancelled_first_use_of_the_hot_path_pool_does_not_break_later_requests(database_url):
+    fresh = Database(database_url, pool_size=2)
+    try:
+        first = asyncio.ensure_future(fresh.fetchrow("SELECT 1 AS one"))
+        await asyncio.sleep(0)  # the pool is being created
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert (await fresh.fetchrow("SELECT 1 AS one"))["one"] == 1
+    finally:
+        await fresh.dispose()
+
+
+async def test_the_hot_path_pool_reads_url_options_as_the_engine_does(database_url):
+    # `ssl` is SQLAlchemy's spelling for asyncpg; passed on raw it would be sent as a server setting.
+    url = database_url + ("&" if "?" in database_url else "?") + "ssl=disable"
+    both = Database(url, pool_size=1)
+    try:
+        assert await both.read(lambda s: s.scalar(text("SELECT 1"))) == 1
+        assert (await both.fetchrow("SELECT 2 AS two"))["two"] == 2
+    finally:
+        await both.dispose()
