@@ -65,6 +65,7 @@ class Sql:
     """Plain SQL (`$1` placeholders) inside an open transaction; rows read by column name.
     `info` carries the transaction's events (`domain.events.emit`)."""
 
+    __slots__ = ()
     info: dict[str, Any]
 
     async def fetch(self, query: str, *args: Any) -> list[Any]:

@@ -56,6 +56,7 @@ from domain.ledger.models import (
 )
 from domain.ledger.payments import PaymentProvider, PaymentRequest
 from domain.money import format_credits, parse_credits
+from domain.pricing.catalog import price_list_in_force
 from domain.pricing.service import catalog_by_id, quote_with, reprice_usage
 from domain.workspaces.models import AllocationMode, Member, Seat
 from policies import Action
@@ -670,15 +671,14 @@ class GenerationResult:
 # The workspace, the caller's membership, the member paid for (when starting for someone), the
 # plan, and the price list in force at the start, in one read. No row is missing when the
 # workspace exists: the joins to members are LEFT.
-_SPENDER = """
+_SPENDER = f"""
 SELECT w.allocation_mode, w.pool_fallback, w.timezone, w.auto_topup_enabled, w.low_balance_alert_units,
        p.key AS plan_key,
        c.id AS caller_member_id, c.role AS caller_role, c.seat AS caller_seat,
        c.billing_group_id AS caller_group_id,
        t.id AS target_id, t.user_id AS target_user_id, t.role AS target_role, t.seat AS target_seat,
        t.billing_group_id AS target_group_id,
-       (SELECT l.id FROM price_lists l WHERE l.effective_at <= $4
-        ORDER BY l.effective_at DESC, l.version DESC LIMIT 1) AS price_list_id,
+       {price_list_in_force("$4")} AS price_list_id,
        EXISTS (SELECT 1 FROM spend_limits s WHERE s.workspace_id = w.id AND s.removed_at IS NULL) AS has_limits
 FROM workspaces w JOIN plans p ON p.id = w.plan_id
 LEFT JOIN members c ON c.workspace_id = w.id AND c.user_id = $2 AND c.removed_at IS NULL

@@ -13,9 +13,8 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Integer, String, UniqueConstraint, select, text
+from sqlalchemy import ForeignKey, Integer, String, UniqueConstraint, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from domain.base import Base, created_at, str_enum, uuid_pk
@@ -62,11 +61,8 @@ class ModelPrice(Base):
     created_at: Mapped[datetime] = created_at()
 
 
-async def price_list_at(session: AsyncSession, at: datetime) -> PriceList | None:
-    """The version in force at `at`: the latest effective one, the highest version on a tie."""
-    return (
-        await session.execute(
-            select(PriceList).where(PriceList.effective_at <= at)
-            .order_by(PriceList.effective_at.desc(), PriceList.version.desc()).limit(1)
-        )
-    ).scalar_one_or_none()
+def price_list_in_force(at: str) -> str:
+    """SQL for the id of the version in force at the timestamp parameter `at` (e.g. "$1"): the
+    latest effective one, the highest version on a tie. One rule for every reader."""
+    return (f"(SELECT l.id FROM price_lists l WHERE l.effective_at <= {at}::timestamptz "
+            "ORDER BY l.effective_at DESC, l.version DESC LIMIT 1)")

@@ -19,7 +19,7 @@ from domain.errors import Forbidden, NotFound, ValidationFailed
 from domain.identity import clean_name
 from domain.plans import Plan
 from domain.pricing import rules
-from domain.pricing.catalog import Modality, ModelPrice, PriceList, price_list_at
+from domain.pricing.catalog import Modality, ModelPrice, PriceList, price_list_in_force
 from domain.workspaces.models import Workspace
 from policies import Action
 
@@ -178,10 +178,10 @@ async def load_catalog(session: AsyncSession, price_list: PriceList, *, active_o
 
 
 async def catalog_at(session: AsyncSession, at: datetime) -> Catalog:
-    price_list = await price_list_at(session, at)
-    if price_list is None:
+    price_list_id = await as_sql(session).fetchval(f"SELECT {price_list_in_force('$1')}", at)
+    if price_list_id is None:
         raise ValidationFailed("modelKey", "no price list is in force yet")
-    return await load_catalog(session, price_list)
+    return await catalog_by_id(session, price_list_id)
 
 
 @dataclass(frozen=True, slots=True)
