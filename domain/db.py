@@ -3,7 +3,9 @@
 Every service that writes calls `Database.transaction(work)` (an ORM session) or, on the hot
 path, `Database.sql_transaction(work)` (plain SQL on an asyncpg connection). Both run `work`
 inside one transaction, commit, and retry the whole unit on a serialization failure or a
-deadlock (bounded, with jitter). Nothing else in the code base commits.
+deadlock (bounded, with jitter). `Database.autocommit(work)` serves the hot path's one-statement
+units (a generation's start or settlement written by a single statement, which commits by
+itself). Nothing else in the code base commits.
 
 Why two: a generation's start and settlement are most of the traffic, and through the ORM they
 cost ~7 ms of CPU each (issue 8's profile: SQLAlchemy was half the server's time). The money
@@ -206,6 +208,27 @@ class Database:
                         await self._after_commit(events)
                     return value
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def autocommit(self, work: Callable[[RawSql], Awaitable[T]]) -> T:
+        """Run `work` on a hot-path connection outside any transaction: each statement commits
+        by itself. For units whose reads may see different snapshots and whose writes are ONE
+        statement (atomic on its own): no BEGIN/COMMIT round trips, and the row locks that
+        statement takes are released inside PostgreSQL, never across an event-loop turn. No
+        retry here: the caller decides what a failed statement means (the generation hot path
+        falls back to `sql_transaction`). Events go out after the statement, as after a commit
+        (with LISTEN/NOTIFY, a `pg_notify` of their own)."""
+        pool = await self._pool()
+        async with pool.acquire() as conn:
+            sql = RawSql(conn)
+            value = await work(sql)
+            events = sql.info.pop("events", [])
+            if events:
+                try:
+                    await self.events.before_commit(sql, events)
+                except Exception:  # noqa: BLE001 - the write has committed: report, don't fail it
+                    log.warning("notifying %d events after an autocommit write failed", len(events), exc_info=True)
+                await self._after_commit(events)
+            return value
 
     async def fetchrow(self, query: str, *args: Any) -> Any | None:
         """One statement on its own (autocommit: one round trip, atomic by itself)."""

@@ -1,6 +1,8 @@
-"""The generation hot path's plain-SQL transactions (issue 8): a hold planned from an unlocked,
-stale read of the grants is refused by the database and re-planned under lock; the posting
-statement returns exactly what it wrote; authentication is one statement."""
+"""The generation hot path's plain SQL (issue 8): a start and a settlement within the hold are one
+read and one writing statement outside a transaction; a write planned from a stale read aborts
+whole and the transaction path answers exactly; a hold planned from an unlocked, stale read of
+the grants is refused by the database and re-planned under lock; the posting statement returns
+exactly what it wrote; authentication is one statement."""
 
 from __future__ import annotations
 
@@ -12,12 +14,153 @@ import pytest
 from sqlalchemy import text
 
 from domain import identity
-from domain.db import Database
+from domain.access import Caller
+from domain.db import Database, RawSql
+from domain.ledger import service
 from domain.ledger.consumption import NotEnough, plan_draws
-from domain.ledger.models import Cause, EntryKind
+from domain.ledger.models import Cause, EntryKind, GenerationStatus
 from domain.ledger.service import Optimistic, Posting, SpendScope, _spendable_buckets
+from policies import Authorizer
 from tests.conftest import new_user
-from tests.test_api_ledger import START, assert_ledger_clean, balance, grant, key, make_team
+from tests.test_api_governance import SET_LIMIT
+from tests.test_api_ledger import COMPLETE, START, assert_ledger_clean, balance, grant, key, make_team
+
+
+class Counted(RawSql):
+    """A real connection that remembers the statements sent through it."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self, conn) -> None:
+        super().__init__(conn)
+        self.sent: list[str] = []
+
+    async def fetch(self, query, *args):
+        self.sent.append(query)
+        return await super().fetch(query, *args)
+
+    async def fetchrow(self, query, *args):
+        self.sent.append(query)
+        return await super().fetchrow(query, *args)
+
+
+async def caller_for(db, token: str) -> Caller:
+    return Caller(await identity.authenticate_secret(db, token), Authorizer())
+
+
+def start_request(team, model: str) -> service.StartRequest:
+    return service.StartRequest(ws_id=uuid.UUID(team.ws), key=key(), model_key=model, parameters={},
+                                parameters_json="{}", target_id=None)
+
+
+async def test_a_start_and_a_settlement_within_the_hold_are_one_read_and_one_write_each(db, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "20")
+    creator, _ = team.creators[0]
+    pool = await db._pool()
+    caller = await caller_for(db, creator)
+    async with pool.acquire() as conn:
+        # The first start also reads the price list (then parsed once per process): count the second.
+        await service.reserve_at_once(Counted(conn), caller, start_request(team, "test-six"))
+        sql = Counted(conn)
+        started = await service.reserve_at_once(sql, caller, start_request(team, "test-six"))
+        assert sql.sent == [service._SPENDER, service._RESERVE]
+        assert not conn.is_in_transaction()  # autocommit: the write committed by itself
+        gen = started.result.generation
+        assert (gen.status, gen.quoted_units) == (GenerationStatus.STARTED, 6_000)
+        assert [(e.kind, e.amount) for e in started.result.entries] == [(EntryKind.HOLD, 6_000)]
+        worker = await caller_for(db, team.worker)
+
+        async def capture_four(sql, g, held):
+            return GenerationStatus.COMPLETED, 4_000, None
+
+        sql = Counted(conn)
+        done = await service.settle_at_once(sql, worker, gen.id, key(), "completeGeneration", {"n": 1}, capture_four)
+        assert sql.sent == [service._SETTLING_READ, service._SETTLE_AT_ONCE]
+        assert not conn.is_in_transaction()
+        assert (done.generation.status, done.generation.captured_units, done.generation.released_units) == (
+            GenerationStatus.COMPLETED, 4_000, 2_000)
+        assert [(e.kind, e.amount) for e in done.entries] == [
+            (EntryKind.HOLD, 6_000), (EntryKind.CAPTURE, 4_000), (EntryKind.RELEASE, 2_000)]
+        # Settled: a second settlement in one statement writes nothing and leaves it to the
+        # transaction path (which refuses it as already settled).
+        assert await service.settle_at_once(sql, worker, gen.id, key(), "failGeneration", {"n": 2}, capture_four) is None
+    b = await balance(client, team.owner, team.ws)
+    assert (b["held"], b["available"]) == ("6.000", "10.000")  # the warm-up start still holds 6
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_one_statement_start_planned_from_a_stale_read_aborts_whole_and_is_answered_exactly(db, client):
+    team = await make_team(db, client, creators=1)
+    given = await grant(client, team, "10")
+    creator, _ = team.creators[0]
+    grant_id = uuid.UUID(given["id"])
+    locked = asyncio.Event()
+
+    async def drain_while_holding_the_lock(sql):
+        # Holds the grant's row lock while the start reads (unlocked: not blocked) and plans 6
+        # of 10 credits; its write then waits for this lock. Meanwhile 6 credits expire.
+        await sql.fetch("SELECT id FROM grants WHERE id = $1 FOR UPDATE", grant_id)
+        locked.set()
+        while not (await db.fetchrow(  # another connection: a transaction sees one stats snapshot
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%claim AS%'"
+        ))["n"]:
+            await asyncio.sleep(0.01)
+        posting = Posting(uuid.UUID(team.ws), Cause.EXPIRY, None, None)
+        posting.add(grant_id, EntryKind.EXPIRE, 6_000)
+        await service.post_movements(sql, posting)
+
+    async def start(k):
+        await locked.wait()
+        async with client(creator) as api:
+            return (await api(START, ws=team.ws, model="test-six", key=k))["startGeneration"]
+
+    k = key()
+    _, refused = await asyncio.gather(db.sql_transaction(drain_while_holding_the_lock), start(k))
+    # The write saw 4 credits left under the lock: the CHECK refused it, nothing of it stayed
+    # (no generation, no claimed key), and the transaction path answered with the exact figures.
+    assert (refused["__typename"], refused["needed"], refused["available"]) == ("InsufficientCredits", "6.000", "4.000")
+    assert await db.fetchrow("SELECT 1 FROM generations WHERE workspace_id = $1", uuid.UUID(team.ws)) is None
+    assert await db.fetchrow("SELECT 1 FROM idempotency_keys WHERE key = $1", k) is None
+    await grant(client, team, "10")
+    async with client(creator) as api:  # the same key runs afresh once funded
+        assert (await api(START, ws=team.ws, model="test-six", key=k))["startGeneration"]["__typename"] == "Generation"
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_workspace_with_spend_limits_and_a_capture_above_the_hold_take_the_transaction(db, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "20")
+    creator, _ = team.creators[0]
+    pool = await db._pool()
+    async with pool.acquire() as conn:
+        started = await service.reserve_at_once(Counted(conn), await caller_for(db, creator),
+                                                start_request(team, "test-six"))
+        gen = started.result.generation
+
+        async def capture_seven(sql, g, held):
+            return None if 7_000 > held else (GenerationStatus.COMPLETED, 7_000, None)
+
+        sql = Counted(conn)
+        worker = await caller_for(db, team.worker)
+        assert await service.settle_at_once(sql, worker, gen.id, key(), "completeGeneration", {}, capture_seven) is None
+        assert sql.sent == [service._SETTLING_READ]  # decided from the read; nothing written
+    async with client(team.worker) as api:  # the transaction path draws the extra
+        out = (await api(COMPLETE, g=str(gen.id), key=key(), cost="7"))["completeGeneration"]
+    assert (out["captured"], out["shortfall"]) == ("7.000", "0.000")
+    async with client(team.owner) as api:
+        out = (await api(SET_LIMIT, ws=team.ws, scope="WORKSPACE", period="MONTH", amount="100", action="BLOCK",
+                         member=None))["setSpendLimit"]
+    assert out["__typename"] == "SpendLimit", out
+    async with pool.acquire() as conn:
+        sql = Counted(conn)
+        assert await service.reserve_at_once(sql, await caller_for(db, creator), start_request(team, "test-six")) is None
+        assert sql.sent == [service._SPENDER]
+    async with client(creator) as api:
+        assert (await api(START, ws=team.ws, model="test-six", key=key()))["startGeneration"]["__typename"] == "Generation"
+    used = await db.fetchrow("SELECT used_units FROM limit_usage WHERE limit_id = $1", uuid.UUID(out["id"]))
+    assert used["used_units"] == 6_000  # charged by the transaction path
+    await assert_ledger_clean(db, team.ws)
 
 
 async def test_a_hold_planned_from_a_stale_read_is_refused_by_the_database_and_retried_under_lock(db, client):

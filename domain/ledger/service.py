@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -28,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from domain.access import Caller, authorize, decide, parse_id, role_set
 from domain.db import Contended, Database, RawSql, Sql, as_sql
 from domain.errors import (
+    DomainError,
     Forbidden,
     GenerationAlreadySettled,
     InsufficientCredits,
@@ -41,7 +43,7 @@ from domain import events
 from domain.governance import audit, automation, limits
 from domain.governance.groups import group_in
 from domain.ledger import idempotency
-from domain.ledger.consumption import Bucket, NotEnough, Scope, consumption_key, plan_draws
+from domain.ledger.consumption import Bucket, NotEnough, Scope, consumption_key, may_draw, plan_draws
 from domain.ledger.models import (
     Cause,
     CreditPack,
@@ -123,41 +125,41 @@ EFFECT = {
 }
 
 
-# One statement, one round trip, whatever the number of grants: the grants are locked in id order,
-# their figures move by the summed deltas, and the entries are appended in the posting's order. The moved grants and the new
-# entries come back as rows of their own tables' types (asyncpg decodes them by column name).
-_POST = """
-WITH moved AS (
+def _posting_ctes(first: int, guard: str = "true") -> str:
+    """A posting as two CTEs, `moved` and `appended`, with its 18 parameters numbered from
+    `$first` (`_posting_args`); they write nothing unless `guard` holds. One round trip, whatever
+    the number of grants: the grants are locked in id order, their figures move by the summed
+    deltas, and the entries are appended in the posting's order. The moved grants and the new
+    entries come back as rows of their own tables' types (asyncpg decodes them by column name)."""
+    n = [f"${first + i}" for i in range(18)]
+    return f"""moved AS (
     UPDATE grants AS g SET remaining = g.remaining + d.remaining, held = g.held + d.held,
         captured = g.captured + d.captured, expired = g.expired + d.expired,
         transferred_out = g.transferred_out + d.transferred_out
-    FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
-        AS d(id, remaining, held, captured, expired, transferred_out),
+    FROM unnest({n[0]}::uuid[], {n[1]}::bigint[], {n[2]}::bigint[], {n[3]}::bigint[], {n[4]}::bigint[],
+                {n[5]}::bigint[]) AS d(id, remaining, held, captured, expired, transferred_out),
         -- the row locks in id order (a locking subquery is never flattened: sort, then lock)
-        (SELECT id FROM grants WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE) AS locked
+        (SELECT id FROM grants WHERE id = ANY({n[0]}::uuid[]) AND {guard} ORDER BY id FOR UPDATE) AS locked
     WHERE g.id = d.id AND locked.id = d.id
     RETURNING g AS row
 ), appended AS (
     INSERT INTO ledger_entries AS le (workspace_id, grant_id, kind, amount, cause, generation_id, purchase_id,
         transfer_id, member_id, actor_id, idempotency_key, occurred_at)
-    SELECT $7::uuid, e.grant_id, e.kind, e.amount, $8::text, $9::uuid, $10::uuid, $11::uuid, $12::uuid,
-        $13::uuid, $14::text, coalesce($15::timestamptz, now())
-    FROM unnest($16::uuid[], $17::text[], $18::bigint[]) WITH ORDINALITY AS e(grant_id, kind, amount, n)
+    SELECT {n[6]}::uuid, e.grant_id, e.kind, e.amount, {n[7]}::text, {n[8]}::uuid, {n[9]}::uuid, {n[10]}::uuid,
+        {n[11]}::uuid, {n[12]}::uuid, {n[13]}::text, coalesce({n[14]}::timestamptz, now())
+    FROM unnest({n[15]}::uuid[], {n[16]}::text[], {n[17]}::bigint[]) WITH ORDINALITY AS e(grant_id, kind, amount, n)
+    WHERE {guard}
     ORDER BY e.n
     RETURNING le AS row
-)
-SELECT (SELECT array_agg(row) FROM moved) AS grants,
-       (SELECT array_agg(row ORDER BY (row).id) FROM appended) AS entries
-"""
+)"""
 
 
-async def post_movements(tx: AsyncSession | Sql, posting: Posting) -> Posted:
-    """Apply the movements to the (already locked) grants and append their entries, in one
-    statement. Balance subscribers are signalled when the transaction commits."""
-    if not posting.movements:
-        return Posted({}, [])
-    sql = as_sql(tx)
-    events.emit(sql, posting.workspace_id, events.BALANCE_CHANGED)
+_POSTED = """(SELECT array_agg(row) FROM moved) AS grants,
+       (SELECT array_agg(row ORDER BY (row).id) FROM appended) AS entries"""
+_POST = f"WITH {_posting_ctes(1)}\nSELECT {_POSTED}"
+
+
+def _posting_args(posting: Posting) -> tuple:
     deltas: dict[uuid.UUID, list[int]] = {}
     for m in posting.movements:
         if m.kind is not EntryKind.GRANT:
@@ -166,15 +168,28 @@ async def post_movements(tx: AsyncSession | Sql, posting: Posting) -> Posted:
                 d[i] += sign * m.amount
     # Grants in id order, the lock order of every other path.
     columns = list(zip(*[(gid, *d) for gid, d in sorted(deltas.items())])) or [[]] * 6
-    row = await sql.fetchrow(
-        _POST, *columns,
+    return (
+        *columns,
         posting.workspace_id, posting.cause.value, posting.generation_id, posting.purchase_id, posting.transfer_id,
         posting.member_id, posting.actor_id, posting.idempotency_key, posting.occurred_at,
         [m.grant_id for m in posting.movements], [m.kind.value for m in posting.movements],
         [m.amount for m in posting.movements],
     )
-    grants = {g["id"]: GrantRecord.of(g) for g in row["grants"] or ()}
-    return Posted(grants, [EntryRecord.of(e) for e in row["entries"]])
+
+
+def _posted(row: Any) -> Posted:
+    return Posted({g["id"]: GrantRecord.of(g) for g in row["grants"] or ()},
+                  [EntryRecord.of(e) for e in row["entries"] or ()])
+
+
+async def post_movements(tx: AsyncSession | Sql, posting: Posting) -> Posted:
+    """Apply the movements to the grants (locking them in id order) and append their entries, in
+    one statement. Balance subscribers are signalled when the transaction commits."""
+    if not posting.movements:
+        return Posted({}, [])
+    sql = as_sql(tx)
+    events.emit(sql, posting.workspace_id, events.BALANCE_CHANGED)
+    return _posted(await sql.fetchrow(_POST, *_posting_args(posting)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -669,7 +684,8 @@ class GenerationResult:
 
 
 # The workspace, the caller's membership, the member paid for (when starting for someone), the
-# plan, and the price list in force at the start, in one read. No row is missing when the
+# plan, the price list in force at the start, and the live grants the payer's spend may touch (a
+# superset: `may_draw` picks by allocation mode), in one read. No row is missing when the
 # workspace exists: the joins to members are LEFT.
 _SPENDER = f"""
 SELECT w.allocation_mode, w.pool_fallback, w.timezone, w.auto_topup_enabled, w.low_balance_alert_units,
@@ -679,18 +695,81 @@ SELECT w.allocation_mode, w.pool_fallback, w.timezone, w.auto_topup_enabled, w.l
        t.id AS target_id, t.user_id AS target_user_id, t.role AS target_role, t.seat AS target_seat,
        t.billing_group_id AS target_group_id,
        {price_list_in_force("$4")} AS price_list_id,
-       EXISTS (SELECT 1 FROM spend_limits s WHERE s.workspace_id = w.id AND s.removed_at IS NULL) AS has_limits
+       EXISTS (SELECT 1 FROM spend_limits s WHERE s.workspace_id = w.id AND s.removed_at IS NULL) AS has_limits,
+       (SELECT array_agg(g) FROM grants g
+        WHERE g.workspace_id = w.id AND g.remaining > 0 AND g.effective_at <= $4
+          AND (g.expires_at IS NULL OR g.expires_at > $4)
+          AND (g.scope = 'WORKSPACE' OR (g.scope = 'SEAT' AND g.member_id = coalesce(t.id, c.id))
+               OR (g.scope = 'GROUP' AND g.billing_group_id = CASE WHEN $3::uuid IS NULL
+                   THEN c.billing_group_id ELSE t.billing_group_id END))) AS grants
 FROM workspaces w JOIN plans p ON p.id = w.plan_id
 LEFT JOIN members c ON c.workspace_id = w.id AND c.user_id = $2 AND c.removed_at IS NULL
 LEFT JOIN members t ON t.id = $3 AND t.workspace_id = w.id AND t.removed_at IS NULL
 WHERE w.id = $1
 """
-_INSERT_GENERATION = """
-INSERT INTO generations (id, workspace_id, member_id, requested_by, model_key, parameters, status, quoted_units,
-    price_list_id, quote, started_at, limit_charges)
+_GENERATION_COLUMNS = """id, workspace_id, member_id, requested_by, model_key, parameters, status, quoted_units,
+    price_list_id, quote, started_at, limit_charges"""
+_INSERT_GENERATION = f"""
+INSERT INTO generations ({_GENERATION_COLUMNS})
 VALUES ($1, $2, $3, $4, $5, $6, 'STARTED', $7, $8, $9, $10, $11)
 RETURNING *
 """
+# A whole reservation as one statement (`Database.autocommit`): the idempotency claim, the
+# generation row and the hold posting commit together or not at all. A used key (unique
+# violation) or a hold planned from a stale read (a grant's CHECK) aborts all of it.
+_RESERVE = f"""
+WITH claim AS ({idempotency.claim_sql(1)}),
+started AS (
+    INSERT INTO generations AS ng ({_GENERATION_COLUMNS})
+    VALUES ($7, $8, $9, $10, $11, $12, 'STARTED', $13, $14, $15, $16, $17)
+    RETURNING ng AS row
+), {_posting_ctes(18)}
+SELECT (SELECT row FROM started) AS generation, {_POSTED}
+"""
+# What makes a one-statement write fall back to the transaction path (which reproduces the refusal
+# with its canonical answer, or succeeds under locks): a used idempotency key, a CHECK refusing a
+# stale plan, any other constraint, a deadlock.
+_REFUSED_AT_ONCE = (asyncpg.IntegrityConstraintViolationError, asyncpg.TransactionRollbackError)
+
+
+@dataclass(slots=True)
+class _Reservation:
+    """A start decided and priced from the spender read: who pays, what, and the generation row."""
+
+    generation_id: uuid.UUID
+    member_id: uuid.UUID
+    group_id: uuid.UUID | None
+    price: int
+    price_list_id: uuid.UUID
+    quote_json: str
+    now: datetime
+
+    def generation_args(self, req: StartRequest, caller: Caller, charges: list[dict]) -> tuple:
+        return (self.generation_id, req.ws_id, self.member_id, caller.actor.user_id, req.model_key,
+                req.parameters_json, self.price, self.price_list_id, self.quote_json, self.now, json.dumps(charges))
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest:
+    """A `startGeneration` request, validated."""
+
+    ws_id: uuid.UUID
+    key: str
+    model_key: str
+    parameters: dict[str, Any]
+    parameters_json: str
+    target_id: uuid.UUID | None
+
+    def idempotent_request(self) -> dict[str, Any]:
+        return {"workspace": str(self.ws_id), "model": self.model_key, "parameters": self.parameters,
+                "for": str(self.target_id) if self.target_id else None}
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    result: GenerationResult
+    follow_up: bool  # alerts or auto top-up to evaluate after the commit
+    charges: list[dict]
 
 
 async def start_generation(
@@ -698,70 +777,134 @@ async def start_generation(
     parameters: dict[str, Any] | None = None, on_behalf_of_member_id: str | None = None,
     payments: PaymentProvider | None = None,
 ) -> GenerationResult:
-    """Authorize (creator seat), price, and hold the cost across grants in consumption order, in
-    one transaction."""
-    ws_id = parse_id(workspace_id, "workspace")
-    key = idempotency.check_key(idempotency_key)
+    """Authorize (creator seat), price, and hold the cost across grants in consumption order.
+
+    Two ways, one outcome. Most starts are one read and one writing statement in autocommit
+    (`reserve_at_once`). A start that needs more (a workspace with spend limits, whose usage
+    rows are conditional updates of their own; a replayed key; a hold planned from a read that
+    went stale; any refusal, so that its answer is the canonical one) runs as one transaction."""
     parameters = parameters or {}
-    parameters_json = _check_parameters(parameters)
-    target_id = parse_id(on_behalf_of_member_id, "member") if on_behalf_of_member_id else None
-    request = {"workspace": str(ws_id), "model": model_key, "parameters": parameters,
-               "for": str(target_id) if target_id else None}
-    follow_up: list = [False, []]
+    req = StartRequest(
+        ws_id=parse_id(workspace_id, "workspace"), key=idempotency.check_key(idempotency_key), model_key=model_key,
+        parameters=parameters, parameters_json=_check_parameters(parameters),
+        target_id=parse_id(on_behalf_of_member_id, "member") if on_behalf_of_member_id else None,
+    )
     optimistic = Optimistic()
-
-    async def work(sql: RawSql) -> GenerationResult:
-        now = caller.clock.now()
-        ws = await sql.fetchrow(_SPENDER, ws_id, caller.actor.user_id, target_id, now)
-        member_id, group_id = _spender(caller, ws_id, ws, target_id)
-        generation_id = uuid.uuid4()
-        # Claimed before pricing: a replay returns the first generation even if the model has
-        # been retired since (its hold exists; saying "unknown model" would hide it).
-        first = await idempotency.claim(
-            sql, workspace_id=ws_id, actor_id=caller.actor.user_id, key=key, operation="startGeneration",
-            request=request, result_id=generation_id,
-        )
-        if first is not None:
-            return await generation_result(sql, first)
-        if ws["price_list_id"] is None:
-            raise ValidationFailed("modelKey", "no price list is in force yet")
-        # The same function as `quote`; open-ended usage (output tokens, duration) holds the most
-        # the request allows, and completion captures what was actually used.
-        catalog = await catalog_by_id(sql, ws["price_list_id"])
-        priced = quote_with(catalog, ws["plan_key"], model_key, parameters, now, open_ended_max=True)
-        price = priced.quote.units
-        # Spend limits first (their usage rows, then the grants: one lock order everywhere).
-        charges = await limits.charge(
-            sql, workspace_id=ws_id, timezone=ws["timezone"], member_id=member_id, billing_group_id=group_id,
-            units=price, now=now,
-        ) if ws["has_limits"] else []
-        gen = await sql.fetchrow(
-            _INSERT_GENERATION, generation_id, ws_id, member_id, caller.actor.user_id, model_key, parameters_json,
-            price, priced.catalog.price_list.id, json.dumps(priced.as_json()), now, json.dumps(charges),
-        )
-        posting = Posting(ws_id, Cause.GENERATION, caller.actor.user_id, key, generation_id=generation_id,
-                          member_id=member_id, occurred_at=now)
-        if price > 0:
-            scope = spend_scope(ws["allocation_mode"], ws["pool_fallback"], member_id, group_id)
-            rows = await optimistic.spendable(sql, ws_id, scope, now)
-            try:
-                draws = plan_draws(_spendable_buckets(rows), price, now)
-            except NotEnough as short:
-                raise InsufficientCredits(short.needed, short.available) from None
-            for draw in draws:
-                posting.add(draw.grant_id, EntryKind.HOLD, draw.units)
-        posted = await optimistic.post(sql, posting)
-        events.emit(sql, ws_id, events.GENERATION_STARTED, generationId=str(generation_id),
-                    memberId=str(member_id), modelKey=model_key, cost=format_credits(price))
-        follow_up[:] = [automation.needs_after_spend(ws["auto_topup_enabled"], ws["low_balance_alert_units"],
-                                                     charges), charges]
-        return GenerationResult(GenerationRecord.of(gen), posted.entries, posted.grants)
-
-    result = await db.sql_transaction(work)
-    if follow_up[0]:
+    started = await db.autocommit(lambda sql: reserve_at_once(sql, caller, req)) \
+        or await db.sql_transaction(lambda sql: _reserve_in_transaction(sql, caller, req, optimistic))
+    if started.follow_up:
         # Alerts and auto top-up, after the commit: never holding the spend's locks.
-        await automation.after_spend(db, caller.clock, payments, ws_id, follow_up[1])
-    return result
+        await automation.after_spend(db, caller.clock, payments, req.ws_id, started.charges)
+    return started.result
+
+
+async def reserve_at_once(sql: Sql, caller: Caller, req: StartRequest) -> Started | None:
+    """A start as two statements outside a transaction: the spender read, then `_RESERVE`. None
+    when the start needs the transaction path (nothing was written)."""
+    now = caller.clock.now()
+    ws = await sql.fetchrow(_SPENDER, req.ws_id, caller.actor.user_id, req.target_id, now)
+    member_id, group_id = _spender(caller, req.ws_id, ws, req.target_id)
+    if ws["has_limits"]:
+        return None
+    r = await _reservation(sql, ws, member_id, group_id, req.model_key, req.parameters, now, refuse=False)
+    if r is None:
+        return None
+    posting = _hold_posting(req, caller, r)
+    if r.price > 0:
+        grants = [g for g in ws["grants"] or () if may_draw(
+            ws["allocation_mode"], ws["pool_fallback"], member_id, group_id, Scope(g["scope"]), g["member_id"],
+            g["billing_group_id"])]
+        try:
+            draws = plan_draws([_bucket(g) for g in grants], r.price, now)
+        except NotEnough:
+            return None
+        for draw in draws:
+            posting.add(draw.grant_id, EntryKind.HOLD, draw.units)
+    claim = idempotency.claim_args(workspace_id=req.ws_id, actor_id=caller.actor.user_id, key=req.key,
+                                   operation="startGeneration", request=req.idempotent_request(),
+                                   result_id=r.generation_id)
+    try:
+        row = await sql.fetchrow(_RESERVE, *claim, *r.generation_args(req, caller, []), *_posting_args(posting))
+    except _REFUSED_AT_ONCE:
+        return None
+    posted = _posted(row)
+    if posting.movements:
+        events.emit(sql, req.ws_id, events.BALANCE_CHANGED)
+    _started(sql, req, r)
+    return Started(GenerationResult(GenerationRecord.of(row["generation"]), posted.entries, posted.grants),
+                   automation.needs_after_spend(ws["auto_topup_enabled"], ws["low_balance_alert_units"], []), [])
+
+
+async def _reserve_in_transaction(sql: Sql, caller: Caller, req: StartRequest, optimistic: Optimistic) -> Started:
+    now = caller.clock.now()
+    ws = await sql.fetchrow(_SPENDER, req.ws_id, caller.actor.user_id, req.target_id, now)
+    member_id, group_id = _spender(caller, req.ws_id, ws, req.target_id)
+    # Claimed before pricing: a replay returns the first generation even if the model has been
+    # retired since (its hold exists; saying "unknown model" would hide it).
+    generation_id = uuid.uuid4()
+    first = await idempotency.claim(
+        sql, workspace_id=req.ws_id, actor_id=caller.actor.user_id, key=req.key, operation="startGeneration",
+        request=req.idempotent_request(), result_id=generation_id,
+    )
+    if first is not None:
+        return Started(await generation_result(sql, first), False, [])
+    r = await _reservation(sql, ws, member_id, group_id, req.model_key, req.parameters, now, refuse=True,
+                           generation_id=generation_id)
+    # Spend limits first (their usage rows, then the grants: one lock order everywhere).
+    charges = await limits.charge(
+        sql, workspace_id=req.ws_id, timezone=ws["timezone"], member_id=member_id, billing_group_id=group_id,
+        units=r.price, now=now,
+    ) if ws["has_limits"] else []
+    gen = await sql.fetchrow(_INSERT_GENERATION, *r.generation_args(req, caller, charges))
+    posting = _hold_posting(req, caller, r)
+    if r.price > 0:
+        scope = spend_scope(ws["allocation_mode"], ws["pool_fallback"], member_id, group_id)
+        rows = await optimistic.spendable(sql, req.ws_id, scope, now)
+        try:
+            draws = plan_draws(_spendable_buckets(rows), r.price, now)
+        except NotEnough as short:
+            raise InsufficientCredits(short.needed, short.available) from None
+        for draw in draws:
+            posting.add(draw.grant_id, EntryKind.HOLD, draw.units)
+    posted = await optimistic.post(sql, posting)
+    _started(sql, req, r)
+    return Started(GenerationResult(GenerationRecord.of(gen), posted.entries, posted.grants),
+                   automation.needs_after_spend(ws["auto_topup_enabled"], ws["low_balance_alert_units"], charges),
+                   charges)
+
+
+async def _reservation(
+    sql: Sql, ws: Any, member_id: uuid.UUID, group_id: uuid.UUID | None, model_key: str,
+    parameters: dict[str, Any], now: datetime, *, refuse: bool, generation_id: uuid.UUID | None = None,
+) -> _Reservation | None:
+    """The priced hold for the spender read `ws`. A refusal to price is raised when `refuse`,
+    else None: the one-statement path leaves every refusal to the transaction path, which claims
+    the key first (a replay must not be answered with today's catalog)."""
+    if ws["price_list_id"] is None:
+        if not refuse:
+            return None
+        raise ValidationFailed("modelKey", "no price list is in force yet")
+    catalog = await catalog_by_id(sql, ws["price_list_id"])
+    # The same function as `quote`; open-ended usage (output tokens, duration) holds the most
+    # the request allows, and completion captures what was actually used.
+    try:
+        priced = quote_with(catalog, ws["plan_key"], model_key, parameters, now, open_ended_max=True)
+    except DomainError:
+        if refuse:
+            raise
+        return None
+    return _Reservation(generation_id or uuid.uuid4(), member_id, group_id, priced.quote.units,
+                        priced.catalog.price_list.id, json.dumps(priced.as_json()), now)
+
+
+def _hold_posting(req: StartRequest, caller: Caller, r: _Reservation) -> Posting:
+    return Posting(req.ws_id, Cause.GENERATION, caller.actor.user_id, req.key, generation_id=r.generation_id,
+                   member_id=r.member_id, occurred_at=r.now)
+
+
+def _started(sql: Sql, req: StartRequest, r: _Reservation) -> None:
+    events.emit(sql, req.ws_id, events.GENERATION_STARTED, generationId=str(r.generation_id),
+                memberId=str(r.member_id), modelKey=req.model_key, cost=format_credits(r.price))
 
 
 def _check_parameters(parameters: dict[str, Any], field: str = "parameters") -> str:
@@ -797,23 +940,39 @@ def _spender(caller: Caller, ws_id: uuid.UUID, ws: Any, target_id: uuid.UUID | N
     return ws["target_id"], ws["target_group_id"]
 
 
+_SETTLING_COLUMNS = """g.*, p.user_id AS payer_user_id, p.billing_group_id AS payer_group_id,
+       c.id AS caller_member_id, c.role AS caller_role, c.seat AS caller_seat,
+       w.allocation_mode, w.pool_fallback"""
+_SETTLING_FROM = """FROM generations g JOIN members p ON p.id = g.member_id JOIN workspaces w ON w.id = g.workspace_id
+LEFT JOIN members c ON c.workspace_id = g.workspace_id AND c.user_id = $2 AND c.removed_at IS NULL
+WHERE g.id = $1"""
 # The generation (locked: it settles once), who paid, the caller's membership in its workspace,
 # and the workspace's allocation mode, in one read.
-_SETTLING = """
-SELECT g.*, p.user_id AS payer_user_id, p.billing_group_id AS payer_group_id,
-       c.id AS caller_member_id, c.role AS caller_role, c.seat AS caller_seat,
-       w.allocation_mode, w.pool_fallback
-FROM generations g JOIN members p ON p.id = g.member_id JOIN workspaces w ON w.id = g.workspace_id
-LEFT JOIN members c ON c.workspace_id = g.workspace_id AND c.user_id = $2 AND c.removed_at IS NULL
-WHERE g.id = $1
-FOR UPDATE OF g
-"""
+_SETTLING = f"SELECT {_SETTLING_COLUMNS}\n{_SETTLING_FROM}\nFOR UPDATE OF g"
+# The same, unlocked, with the generation's entries and the grants they touched: everything a
+# one-statement settlement plans from. (A generation's holds are written once, by its start, and
+# a grant's kind and dates never change, so only the generation's status can go stale; the
+# writing statement checks it.)
+_SETTLING_READ = f"""SELECT {_SETTLING_COLUMNS},
+       (SELECT array_agg(e ORDER BY e.id) FROM ledger_entries e WHERE e.generation_id = g.id) AS entries,
+       (SELECT array_agg(h) FROM grants h
+        WHERE h.id IN (SELECT e.grant_id FROM ledger_entries e WHERE e.generation_id = g.id)) AS held_grants
+{_SETTLING_FROM}"""
 _ENTRIES_OF = "SELECT * FROM ledger_entries WHERE generation_id = $1 ORDER BY id"
-_SETTLE = """
-UPDATE generations SET status = $2, captured_units = $3, released_units = $4, shortfall_units = $5,
-    failure_kind = $6, settled_at = $7, settled_by = $8
-WHERE id = $1
-RETURNING *
+_SETTLE_COLUMNS = """status = $2, captured_units = $3, released_units = $4, shortfall_units = $5,
+    failure_kind = $6, settled_at = $7, settled_by = $8"""
+_SETTLE = f"UPDATE generations SET {_SETTLE_COLUMNS}\nWHERE id = $1\nRETURNING *"
+# A whole settlement as one statement (`Database.autocommit`): the generation moves out of
+# STARTED (its row lock first, as everywhere), then the key is claimed and the posting written
+# only if it did. Settled meanwhile: nothing is written and no row comes back.
+_SETTLE_AT_ONCE = f"""
+WITH settled AS (
+    UPDATE generations AS sg SET {_SETTLE_COLUMNS}
+    WHERE id = $1 AND status = 'STARTED'
+    RETURNING sg AS row
+), claim AS ({idempotency.claim_sql(9, "EXISTS (SELECT FROM settled)")}),
+{_posting_ctes(15, "EXISTS (SELECT FROM claim)")}
+SELECT (SELECT row FROM settled) AS generation, {_POSTED}
 """
 
 
@@ -827,6 +986,12 @@ class _Settling:
     entries: list[EntryRecord]
     held: dict[uuid.UUID, int]
     posting: Posting
+
+
+# How a settlement ends, decided from the generation and what it holds in all: its status, the
+# units captured from the holds (the rest is released) and a failure kind; or None when only the
+# transaction path can settle it.
+Outcome = Callable[[Sql, GenerationRecord, int], Awaitable["tuple[GenerationStatus, int, FailureKind | None] | None"]]
 
 
 async def complete_generation(
@@ -848,16 +1013,16 @@ async def complete_generation(
     request = {"generation": str(gid), "actual": actual_units, "usage": usage}
     optimistic = Optimistic()
 
+    async def within_the_hold(sql: Sql, gen: GenerationRecord, total_held: int):
+        cost = await _actual_cost(sql, gen, actual_units, usage)
+        return None if cost > total_held else (GenerationStatus.COMPLETED, cost, None)
+
     async def work(sql: RawSql) -> GenerationResult:
         s = await _settling(sql, caller, gid, key, "completeGeneration", request)
         if isinstance(s, GenerationResult):
             return s
         gen = s.gen
-        cost = gen.quoted_units if actual_units is None else actual_units
-        if usage is not None:
-            if gen.price_list_id is None or gen.quote is None:
-                raise ValidationFailed("usage", "this generation predates metered prices: give an actual cost")
-            cost = (await reprice_usage(sql, gen.price_list_id, gen.model_key, gen.quote, usage)).units
+        cost = await _actual_cost(sql, gen, actual_units, usage)
         total_held = sum(s.held.values())
         now = caller.clock.now()
         extra = max(0, cost - total_held)
@@ -887,7 +1052,17 @@ async def complete_generation(
         return await _settled(sql, optimistic, s, caller, GenerationStatus.COMPLETED, captured,
                               total_held - min(cost, total_held), shortfall, None, now)
 
-    return await db.sql_transaction(work)
+    return await db.autocommit(
+        lambda sql: settle_at_once(sql, caller, gid, key, "completeGeneration", request, within_the_hold)
+    ) or await db.sql_transaction(work)
+
+
+async def _actual_cost(sql: Sql, gen: GenerationRecord, actual_units: int | None, usage: dict[str, Any] | None) -> int:
+    if usage is None:
+        return gen.quoted_units if actual_units is None else actual_units
+    if gen.price_list_id is None or gen.quote is None:
+        raise ValidationFailed("usage", "this generation predates metered prices: give an actual cost")
+    return (await reprice_usage(sql, gen.price_list_id, gen.model_key, gen.quote, usage)).units
 
 
 async def fail_generation(
@@ -902,31 +1077,78 @@ async def fail_generation(
     request = {"generation": str(gid), "kind": kind.value}
     optimistic = Optimistic()
 
+    def fee(total: int) -> int:
+        if kind is not FailureKind.POLICY_VIOLATION:
+            return 0
+        return int((Decimal(total) * rules.policy_violation_fee).to_integral_value(rounding=ROUND_CEILING))
+
+    async def failed(sql: Sql, gen: GenerationRecord, total_held: int):
+        return GenerationStatus.FAILED, fee(total_held), kind
+
     async def work(sql: RawSql) -> GenerationResult:
         s = await _settling(sql, caller, gid, key, "failGeneration", request)
         if isinstance(s, GenerationResult):
             return s
         now = caller.clock.now()
         total = sum(s.held.values())
-        fee = 0
-        if kind is FailureKind.POLICY_VIOLATION:
-            fee = int((Decimal(total) * rules.policy_violation_fee).to_integral_value(rounding=ROUND_CEILING))
-        await limits.adjust(sql, s.gen.limit_charges, -(total - fee))
+        kept = fee(total)
+        await limits.adjust(sql, s.gen.limit_charges, -(total - kept))
         rows = await optimistic.grants(sql, list(s.held))
-        captured = _capture_in_order(s.posting, rows, s.held, fee)
+        captured = _capture_in_order(s.posting, rows, s.held, kept)
         _release_rest(s.posting, rows, s.held, now)
         return await _settled(sql, optimistic, s, caller, GenerationStatus.FAILED, captured, total - captured, 0, kind, now)
 
-    return await db.sql_transaction(work)
+    return await db.autocommit(
+        lambda sql: settle_at_once(sql, caller, gid, key, "failGeneration", request, failed)
+    ) or await db.sql_transaction(work)
 
 
-async def _settling(
-    sql: Sql, caller: Caller, gid: uuid.UUID, key: str, operation: str, request: dict[str, Any]
-) -> _Settling | GenerationResult:
-    """Lock the generation, authorize settling it (from its own workspace), and claim the key.
-    Returns what to settle, or the first result when the same request already settled it. A
-    second, different settlement is refused."""
-    row = await sql.fetchrow(_SETTLING, gid, caller.actor.user_id)
+async def settle_at_once(
+    sql: Sql, caller: Caller, gid: uuid.UUID, key: str, operation: str, request: dict[str, Any], outcome: Outcome,
+) -> GenerationResult | None:
+    """A settlement within the hold as two statements outside a transaction: `_SETTLING_READ`,
+    then `_SETTLE_AT_ONCE`. None when it needs the transaction path (nothing was written): a
+    replay or an already settled generation, spend-limit usage to adjust, a capture above the
+    hold, or any refusal (answered there, after the key is claimed)."""
+    row = await sql.fetchrow(_SETTLING_READ, gid, caller.actor.user_id)
+    gen = _may_settle(caller, row)
+    if gen.status is not GenerationStatus.STARTED or gen.limit_charges:
+        return None
+    entries = [EntryRecord.of(e) for e in row["entries"] or ()]
+    held = held_by_grant(entries)
+    total = sum(held.values())
+    try:
+        decided = await outcome(sql, gen, total)
+    except DomainError:
+        return None
+    if decided is None:
+        return None
+    status, capture, failure = decided
+    now = caller.clock.now()
+    grants = {g["id"]: g for g in row["held_grants"] or ()}
+    posting = _settle_posting(gen, caller, key, now)
+    captured = _capture_in_order(posting, grants, held, capture)
+    _release_rest(posting, grants, held, now)
+    claim = idempotency.claim_args(workspace_id=gen.workspace_id, actor_id=caller.actor.user_id, key=key,
+                                   operation=operation, request=request, result_id=gen.id)
+    try:
+        out = await sql.fetchrow(_SETTLE_AT_ONCE, gen.id, status.value, captured, total - captured, 0,
+                                 failure.value if failure else None, now, caller.actor.user_id, *claim,
+                                 *_posting_args(posting))
+    except _REFUSED_AT_ONCE:
+        return None
+    if out["generation"] is None:
+        return None  # settled by someone else since the read
+    posted = _posted(out)
+    settled = GenerationRecord.of(out["generation"])
+    if posting.movements:
+        events.emit(sql, gen.workspace_id, events.BALANCE_CHANGED)
+    _emit_settled(sql, settled)
+    return GenerationResult(settled, entries + posted.entries, posted.grants)
+
+
+def _may_settle(caller: Caller, row: Any) -> GenerationRecord:
+    """Authorize settling the generation in `row` (a `_SETTLING` read), from its own workspace."""
     if row is None:
         raise NotFound("generation")
     gen = GenerationRecord.of(row)
@@ -937,6 +1159,28 @@ async def _settling(
     # operator who is also that member (settling decides the refund).
     if row["payer_user_id"] == caller.actor.user_id:
         raise Forbidden("members cannot settle their own generations")
+    return gen
+
+
+def _settle_posting(gen: GenerationRecord, caller: Caller, key: str, now: datetime) -> Posting:
+    return Posting(gen.workspace_id, Cause.GENERATION, caller.actor.user_id, key, generation_id=gen.id,
+                   member_id=gen.member_id, occurred_at=now)
+
+
+def _emit_settled(sql: Sql, gen: GenerationRecord) -> None:
+    events.emit(sql, gen.workspace_id, events.GENERATION_SETTLED, generationId=str(gen.id),
+                memberId=str(gen.member_id), status=gen.status.value, captured=format_credits(gen.captured_units),
+                released=format_credits(gen.released_units), shortfall=format_credits(gen.shortfall_units))
+
+
+async def _settling(
+    sql: Sql, caller: Caller, gid: uuid.UUID, key: str, operation: str, request: dict[str, Any]
+) -> _Settling | GenerationResult:
+    """Lock the generation, authorize settling it (from its own workspace), and claim the key.
+    Returns what to settle, or the first result when the same request already settled it. A
+    second, different settlement is refused."""
+    row = await sql.fetchrow(_SETTLING, gid, caller.actor.user_id)
+    gen = _may_settle(caller, row)
     first = await idempotency.claim(
         sql, workspace_id=gen.workspace_id, actor_id=caller.actor.user_id, key=key, operation=operation,
         request=request, result_id=gen.id,
@@ -946,9 +1190,7 @@ async def _settling(
     if gen.status is not GenerationStatus.STARTED:
         raise GenerationAlreadySettled(gen.status.value)
     entries = [EntryRecord.of(e) for e in await sql.fetch(_ENTRIES_OF, gen.id)]
-    posting = Posting(gen.workspace_id, Cause.GENERATION, caller.actor.user_id, key, generation_id=gen.id,
-                      member_id=gen.member_id, occurred_at=caller.clock.now())
-    return _Settling(row, gen, entries, held_by_grant(entries), posting)
+    return _Settling(row, gen, entries, held_by_grant(entries), _settle_posting(gen, caller, key, caller.clock.now()))
 
 
 async def _settled(
@@ -962,9 +1204,7 @@ async def _settled(
         caller.actor.user_id,
     ))
     posted = await optimistic.post(sql, s.posting)
-    events.emit(sql, gen.workspace_id, events.GENERATION_SETTLED, generationId=str(gen.id),
-                memberId=str(gen.member_id), status=status.value, captured=format_credits(captured),
-                released=format_credits(released), shortfall=format_credits(shortfall))
+    _emit_settled(sql, gen)
     return GenerationResult(gen, s.entries + posted.entries, posted.grants)
 
 
