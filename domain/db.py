@@ -38,6 +38,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from domain.coalescing import Coalescer
 from domain.events import EventOutlet, NoOutlet
 
 T = TypeVar("T")
@@ -168,6 +169,7 @@ class Database:
         self._raw_pool: asyncpg.Pool | None = None
         self._raw_pool_lock: asyncio.Lock | None = None
         self.events: EventOutlet = NoOutlet()  # the app plugs its broadcaster in
+        self._coalescers: dict[str, Coalescer] = {}
 
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
@@ -229,6 +231,13 @@ class Database:
                     log.warning("notifying %d events after an autocommit write failed", len(events), exc_info=True)
                 await self._after_commit(events)
             return value
+
+    def coalescer(self, purpose: str, write: Callable[[Any, list], Awaitable[list]]) -> Coalescer:
+        """The process's batcher of one-statement writes for `purpose` (created on first use)."""
+        found = self._coalescers.get(purpose)
+        if found is None:
+            found = self._coalescers[purpose] = Coalescer(write)
+        return found
 
     async def fetchrow(self, query: str, *args: Any) -> Any | None:
         """One statement on its own (autocommit: one round trip, atomic by itself)."""

@@ -260,3 +260,35 @@ async def test_the_hot_path_pool_reads_url_options_as_the_engine_does(database_u
         assert (await both.fetchrow("SELECT 2 AS two"))["two"] == 2
     finally:
         await both.dispose()
+
+
+async def test_concurrent_starts_on_one_pool_share_statements_and_every_money_rule_holds(db, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "330")
+    creator, _ = team.creators[0]
+    caller = await caller_for(db, creator)
+    holds = db.coalescer("holds", service.write_holds)
+
+    async def start(k):
+        try:
+            return (await service.start_generation(db, caller, workspace_id=team.ws, model_key="test-six",
+                                                   idempotency_key=k)).generation.id
+        except Exception as exc:  # noqa: BLE001 - the refusals are the point
+            return type(exc).__name__
+
+    keys = [key() for _ in range(40)]
+    first = await asyncio.gather(*(start(k) for k in keys))
+    assert len(set(first)) == 40 and all(isinstance(g, uuid.UUID) for g in first)
+    assert holds.items >= 40 and holds.batches < holds.items  # some starts shared a statement
+    # Replays mixed with new starts: a batch holding a used key aborts whole, and each start is
+    # answered on its own (the replay with its first generation).
+    again = await asyncio.gather(*(start(k) for k in keys[:10] + [key() for _ in range(10)]))
+    assert again[:10] == first[:10] and len(set(again[10:]) - set(first)) == 10
+    # 30 credits left, ten concurrent starts of 6: exactly five are held.
+    last = await asyncio.gather(*(start(key()) for _ in range(10)))
+    assert sorted(map(str, last)).count("InsufficientCredits") == 5
+    b = await balance(client, team.owner, team.ws)
+    assert (b["held"], b["available"]) == ("330.000", "0.000")
+    assert (await db.fetchrow("SELECT count(*) AS n FROM generations WHERE workspace_id = $1",
+                              uuid.UUID(team.ws)))["n"] == 55
+    await assert_ledger_clean(db, team.ws)

@@ -45,18 +45,21 @@ VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING key
 
 
 def claim_sql(first: int, guard: str = "true") -> str:
-    """The claim as part of a one-statement unit (`Database.autocommit`), its six parameters
-    numbered from `$first` (`claim_args`), inserted only when `guard` holds. No ON CONFLICT: a used
-    key aborts the whole statement with a unique violation, and the caller falls back to `claim`
-    in a transaction, which answers the replay or refuses the reuse."""
+    """Claims as part of a one-statement unit (`Database.autocommit`): six array parameters
+    numbered from `$first` (the columns of `claim_args` rows), inserted only when `guard` holds.
+    No ON CONFLICT: a used key aborts the whole statement with a unique violation, and the caller
+    falls back to `claim` in a transaction, which answers the replay or refuses the reuse."""
     p = [f"${first + i}" for i in range(6)]
     return f"""INSERT INTO idempotency_keys (workspace_id, actor_id, key, operation, request_hash, result_id)
-    SELECT {p[0]}::uuid, {p[1]}::uuid, {p[2]}::text, {p[3]}::text, {p[4]}::bytea, {p[5]}::uuid WHERE {guard}
+    SELECT c.* FROM unnest({p[0]}::uuid[], {p[1]}::uuid[], {p[2]}::text[], {p[3]}::text[], {p[4]}::bytea[],
+                           {p[5]}::uuid[]) AS c
+    WHERE {guard}
     RETURNING key"""
 
 
 def claim_args(*, workspace_id: uuid.UUID, actor_id: uuid.UUID, key: str, operation: str, request: dict[str, Any],
                result_id: uuid.UUID) -> tuple:
+    """One claim as a row of `claim_sql`'s columns."""
     return workspace_id, actor_id, key, operation, request_hash(operation, request), result_id
 
 

@@ -27,6 +27,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.access import Caller, authorize, decide, parse_id, role_set
+from domain.coalescing import BatchFailed, Coalescer
 from domain.db import Contended, Database, RawSql, Sql, as_sql
 from domain.errors import (
     DomainError,
@@ -39,6 +40,7 @@ from domain.errors import (
     ValidationFailed,
 )
 from domain.identity import clean_name
+from domain.ids import time_ordered_id
 from domain import events
 from domain.governance import audit, automation, limits
 from domain.governance.groups import group_in
@@ -126,11 +128,12 @@ EFFECT = {
 
 
 def _posting_ctes(first: int, guard: str = "true") -> str:
-    """A posting as two CTEs, `moved` and `appended`, with its 18 parameters numbered from
+    """Postings as two CTEs, `moved` and `appended`, with their 18 parameters numbered from
     `$first` (`_posting_args`); they write nothing unless `guard` holds. One round trip, whatever
-    the number of grants: the grants are locked in id order, their figures move by the summed
-    deltas, and the entries are appended in the posting's order. The moved grants and the new
-    entries come back as rows of their own tables' types (asyncpg decodes them by column name)."""
+    the number of grants and postings: the grants are locked in id order, their figures move by
+    the summed deltas, and the entries are appended in the postings' order. The moved grants and
+    the new entries come back as rows of their own tables' types (asyncpg decodes them by column
+    name)."""
     n = [f"${first + i}" for i in range(18)]
     return f"""moved AS (
     UPDATE grants AS g SET remaining = g.remaining + d.remaining, held = g.held + d.held,
@@ -145,36 +148,44 @@ def _posting_ctes(first: int, guard: str = "true") -> str:
 ), appended AS (
     INSERT INTO ledger_entries AS le (workspace_id, grant_id, kind, amount, cause, generation_id, purchase_id,
         transfer_id, member_id, actor_id, idempotency_key, occurred_at)
-    SELECT {n[6]}::uuid, e.grant_id, e.kind, e.amount, {n[7]}::text, {n[8]}::uuid, {n[9]}::uuid, {n[10]}::uuid,
-        {n[11]}::uuid, {n[12]}::uuid, {n[13]}::text, coalesce({n[14]}::timestamptz, now())
-    FROM unnest({n[15]}::uuid[], {n[16]}::text[], {n[17]}::bigint[]) WITH ORDINALITY AS e(grant_id, kind, amount, n)
+    SELECT e.workspace_id, e.grant_id, e.kind, e.amount, e.cause, e.generation_id, e.purchase_id, e.transfer_id,
+        e.member_id, e.actor_id, e.idempotency_key, coalesce(e.occurred_at, now())
+    FROM unnest({n[6]}::uuid[], {n[7]}::uuid[], {n[8]}::text[], {n[9]}::bigint[], {n[10]}::text[], {n[11]}::uuid[],
+                {n[12]}::uuid[], {n[13]}::uuid[], {n[14]}::uuid[], {n[15]}::uuid[], {n[16]}::text[],
+                {n[17]}::timestamptz[]) WITH ORDINALITY
+        AS e(workspace_id, grant_id, kind, amount, cause, generation_id, purchase_id, transfer_id, member_id,
+             actor_id, idempotency_key, occurred_at, n)
     WHERE {guard}
     ORDER BY e.n
     RETURNING le AS row
 )"""
 
 
-_POSTED = """(SELECT array_agg(row) FROM moved) AS grants,
-       (SELECT array_agg(row ORDER BY (row).id) FROM appended) AS entries"""
+# Entries first, grants last: PostgreSQL evaluates these in order, so the grants' row locks are
+# taken after every other write of the statement and held only for their UPDATE and the commit.
+_POSTED = """(SELECT array_agg(row ORDER BY (row).id) FROM appended) AS entries,
+       (SELECT array_agg(row) FROM moved) AS grants"""
 _POST = f"WITH {_posting_ctes(1)}\nSELECT {_POSTED}"
 
 
-def _posting_args(posting: Posting) -> tuple:
+def columns(rows: list[tuple], width: int) -> list[list]:
+    """Rows of values as one list per column (the arrays an `unnest(...)` takes)."""
+    return [list(c) for c in zip(*rows)] if rows else [[] for _ in range(width)]
+
+
+def _posting_args(*postings: Posting) -> list:
     deltas: dict[uuid.UUID, list[int]] = {}
-    for m in posting.movements:
-        if m.kind is not EntryKind.GRANT:
-            d = deltas.setdefault(m.grant_id, [0, 0, 0, 0, 0])
-            for i, sign in enumerate(EFFECT[m.kind]):
-                d[i] += sign * m.amount
+    entries = []
+    for p in postings:
+        for m in p.movements:
+            if m.kind is not EntryKind.GRANT:
+                d = deltas.setdefault(m.grant_id, [0, 0, 0, 0, 0])
+                for i, sign in enumerate(EFFECT[m.kind]):
+                    d[i] += sign * m.amount
+            entries.append((p.workspace_id, m.grant_id, m.kind.value, m.amount, p.cause.value, p.generation_id,
+                            p.purchase_id, p.transfer_id, p.member_id, p.actor_id, p.idempotency_key, p.occurred_at))
     # Grants in id order, the lock order of every other path.
-    columns = list(zip(*[(gid, *d) for gid, d in sorted(deltas.items())])) or [[]] * 6
-    return (
-        *columns,
-        posting.workspace_id, posting.cause.value, posting.generation_id, posting.purchase_id, posting.transfer_id,
-        posting.member_id, posting.actor_id, posting.idempotency_key, posting.occurred_at,
-        [m.grant_id for m in posting.movements], [m.kind.value for m in posting.movements],
-        [m.amount for m in posting.movements],
-    )
+    return columns([(gid, *d) for gid, d in sorted(deltas.items())], 6) + columns(entries, 12)
 
 
 def _posted(row: Any) -> Posted:
@@ -714,22 +725,54 @@ INSERT INTO generations ({_GENERATION_COLUMNS})
 VALUES ($1, $2, $3, $4, $5, $6, 'STARTED', $7, $8, $9, $10, $11)
 RETURNING *
 """
-# A whole reservation as one statement (`Database.autocommit`): the idempotency claim, the
-# generation row and the hold posting commit together or not at all. A used key (unique
-# violation) or a hold planned from a stale read (a grant's CHECK) aborts all of it.
+# Reservations as one statement (`Database.autocommit`), one or a coalesced batch of them: the
+# idempotency claims, the generation rows and the hold postings commit together or not at all. A
+# used key (unique violation) or a hold planned from a stale read (a grant's CHECK) aborts all of it.
 _RESERVE = f"""
 WITH claim AS ({idempotency.claim_sql(1)}),
 started AS (
     INSERT INTO generations AS ng ({_GENERATION_COLUMNS})
-    VALUES ($7, $8, $9, $10, $11, $12, 'STARTED', $13, $14, $15, $16, $17)
+    SELECT n.id, n.workspace_id, n.member_id, n.requested_by, n.model_key, n.parameters::jsonb, 'STARTED',
+        n.quoted_units, n.price_list_id, n.quote::jsonb, n.started_at, n.limit_charges::jsonb
+    FROM unnest($7::uuid[], $8::uuid[], $9::uuid[], $10::uuid[], $11::text[], $12::text[], $13::bigint[],
+                $14::uuid[], $15::text[], $16::timestamptz[], $17::text[])
+        AS n(id, workspace_id, member_id, requested_by, model_key, parameters, quoted_units, price_list_id, quote,
+             started_at, limit_charges)
     RETURNING ng AS row
 ), {_posting_ctes(18)}
-SELECT (SELECT row FROM started) AS generation, {_POSTED}
+SELECT (SELECT count(*) FROM claim) AS claimed, (SELECT array_agg(row) FROM started) AS generations, {_POSTED}
 """
 # What makes a one-statement write fall back to the transaction path (which reproduces the refusal
 # with its canonical answer, or succeeds under locks): a used idempotency key, a CHECK refusing a
-# stale plan, any other constraint, a deadlock.
-_REFUSED_AT_ONCE = (asyncpg.IntegrityConstraintViolationError, asyncpg.TransactionRollbackError)
+# stale plan, any other constraint, a deadlock; and, for an item that did not lead its batch, any
+# failure of the batch.
+_REFUSED_AT_ONCE = (asyncpg.IntegrityConstraintViolationError, asyncpg.TransactionRollbackError, BatchFailed)
+
+
+@dataclass(frozen=True, slots=True)
+class _Hold:
+    """One reservation ready to write: its claim and generation rows, and its posting."""
+
+    claim: tuple
+    generation: tuple
+    posting: Posting
+
+
+async def write_holds(sql: Sql, holds: list[_Hold]) -> list[GenerationResult]:
+    """Write reservations as one statement; each one's result, in order."""
+    row = await sql.fetchrow(_RESERVE, *columns([h.claim for h in holds], 6),
+                             *columns([h.generation for h in holds], 11),
+                             *_posting_args(*(h.posting for h in holds)))
+    posted = _posted(row)
+    generations = {g["id"]: GenerationRecord.of(g) for g in row["generations"]}
+    entries: dict[uuid.UUID, list[EntryRecord]] = {}
+    for e in posted.entries:
+        entries.setdefault(e.generation_id, []).append(e)
+    return [
+        GenerationResult(generations[h.posting.generation_id], entries.get(h.posting.generation_id, []),
+                         {m.grant_id: posted.grants[m.grant_id] for m in h.posting.movements})
+        for h in holds
+    ]
 
 
 @dataclass(slots=True)
@@ -790,7 +833,8 @@ async def start_generation(
         target_id=parse_id(on_behalf_of_member_id, "member") if on_behalf_of_member_id else None,
     )
     optimistic = Optimistic()
-    started = await db.autocommit(lambda sql: reserve_at_once(sql, caller, req)) \
+    holds = db.coalescer("holds", write_holds)
+    started = await db.autocommit(lambda sql: reserve_at_once(sql, caller, req, holds)) \
         or await db.sql_transaction(lambda sql: _reserve_in_transaction(sql, caller, req, optimistic))
     if started.follow_up:
         # Alerts and auto top-up, after the commit: never holding the spend's locks.
@@ -798,8 +842,10 @@ async def start_generation(
     return started.result
 
 
-async def reserve_at_once(sql: Sql, caller: Caller, req: StartRequest) -> Started | None:
-    """A start as two statements outside a transaction: the spender read, then `_RESERVE`. None
+async def reserve_at_once(sql: Sql, caller: Caller, req: StartRequest,
+                          holds: Coalescer[_Hold, GenerationResult] | None = None) -> Started | None:
+    """A start as two statements outside a transaction: the spender read, then `_RESERVE` (alone,
+    or in a batch with the concurrent starts on the same workspace when `holds` is given). None
     when the start needs the transaction path (nothing was written)."""
     now = caller.clock.now()
     ws = await sql.fetchrow(_SPENDER, req.ws_id, caller.actor.user_id, req.target_id, now)
@@ -820,19 +866,21 @@ async def reserve_at_once(sql: Sql, caller: Caller, req: StartRequest) -> Starte
             return None
         for draw in draws:
             posting.add(draw.grant_id, EntryKind.HOLD, draw.units)
-    claim = idempotency.claim_args(workspace_id=req.ws_id, actor_id=caller.actor.user_id, key=req.key,
-                                   operation="startGeneration", request=req.idempotent_request(),
-                                   result_id=r.generation_id)
+    hold = _Hold(
+        idempotency.claim_args(workspace_id=req.ws_id, actor_id=caller.actor.user_id, key=req.key,
+                               operation="startGeneration", request=req.idempotent_request(),
+                               result_id=r.generation_id),
+        r.generation_args(req, caller, []), posting)
     try:
-        row = await sql.fetchrow(_RESERVE, *claim, *r.generation_args(req, caller, []), *_posting_args(posting))
+        # Concurrent reservations on one workspace share a statement and a commit (`Coalescer`).
+        result = await holds.submit(req.ws_id, sql, hold) if holds else (await write_holds(sql, [hold]))[0]
     except _REFUSED_AT_ONCE:
         return None
-    posted = _posted(row)
     if posting.movements:
         events.emit(sql, req.ws_id, events.BALANCE_CHANGED)
     _started(sql, req, r)
-    return Started(GenerationResult(GenerationRecord.of(row["generation"]), posted.entries, posted.grants),
-                   automation.needs_after_spend(ws["auto_topup_enabled"], ws["low_balance_alert_units"], []), [])
+    return Started(result, automation.needs_after_spend(ws["auto_topup_enabled"], ws["low_balance_alert_units"], []),
+                   [])
 
 
 async def _reserve_in_transaction(sql: Sql, caller: Caller, req: StartRequest, optimistic: Optimistic) -> Started:
@@ -841,7 +889,7 @@ async def _reserve_in_transaction(sql: Sql, caller: Caller, req: StartRequest, o
     member_id, group_id = _spender(caller, req.ws_id, ws, req.target_id)
     # Claimed before pricing: a replay returns the first generation even if the model has been
     # retired since (its hold exists; saying "unknown model" would hide it).
-    generation_id = uuid.uuid4()
+    generation_id = time_ordered_id()
     first = await idempotency.claim(
         sql, workspace_id=req.ws_id, actor_id=caller.actor.user_id, key=req.key, operation="startGeneration",
         request=req.idempotent_request(), result_id=generation_id,
@@ -893,7 +941,7 @@ async def _reservation(
         if refuse:
             raise
         return None
-    return _Reservation(generation_id or uuid.uuid4(), member_id, group_id, priced.quote.units,
+    return _Reservation(generation_id or time_ordered_id(), member_id, group_id, priced.quote.units,
                         priced.catalog.price_list.id, json.dumps(priced.as_json()), now)
 
 
@@ -972,7 +1020,7 @@ WITH settled AS (
     RETURNING sg AS row
 ), claim AS ({idempotency.claim_sql(9, "EXISTS (SELECT FROM settled)")}),
 {_posting_ctes(15, "EXISTS (SELECT FROM claim)")}
-SELECT (SELECT row FROM settled) AS generation, {_POSTED}
+SELECT (SELECT row FROM settled) AS generation, (SELECT count(*) FROM claim) AS claimed, {_POSTED}
 """
 
 
@@ -1133,7 +1181,7 @@ async def settle_at_once(
                                    operation=operation, request=request, result_id=gen.id)
     try:
         out = await sql.fetchrow(_SETTLE_AT_ONCE, gen.id, status.value, captured, total - captured, 0,
-                                 failure.value if failure else None, now, caller.actor.user_id, *claim,
+                                 failure.value if failure else None, now, caller.actor.user_id, *columns([claim], 6),
                                  *_posting_args(posting))
     except _REFUSED_AT_ONCE:
         return None
