@@ -1,12 +1,13 @@
-"""Services that move credits. Each public function is one transaction (`Database.transaction`),
-authorizes against the workspace read from the row it touches, takes an idempotency key, and
-writes one ledger entry per movement.
+"""Services that move credits. Each public function is one transaction (`Database.transaction`;
+the generation hot path: one writing statement, see below), authorizes against the workspace
+read from the row it touches, takes an idempotency key, and writes one ledger entry per movement.
 
 Locking: a transaction that moves credits locks the generation row first (if any), then the
 grant rows it may touch in id order. Admin paths lock the grants with `SELECT ... ORDER BY id FOR
 UPDATE` before planning; the generation hot path reads them unlocked and lets its one posting
-statement take the locks (see `Optimistic`), so a busy pool's grant is locked for one statement
-and the commit. Postings update grants in id order; a rare deadlock is retried by `Database`.
+statement take the locks (see `Optimistic`), so a busy pool's grant is locked for the end of one
+statement and its commit. Postings update grants in id order; a rare deadlock is retried by
+`Database`.
 The CHECK constraints on `grants` are the last line: a stale plan or a bug fails a transaction,
 it never overdraws a grant (money rule 2).
 """
@@ -582,10 +583,12 @@ async def _transfer_result(session: AsyncSession, ws_id: uuid.UUID, transfer_id:
 
 # --- generations: hold, capture, release ---------------------------------------------------------
 #
-# The hot path: plain SQL on `Database.sql_transaction`, no ORM. A start is BEGIN, one read (the
-# workspace, the caller's membership, the plan, the price list in force), the idempotency claim,
-# the generation row, the grants' row locks, one posting statement, COMMIT. The locks on the
-# pool's grants are taken last, so they are held for two statements, not the whole transaction.
+# The hot path: plain SQL, no ORM. Most starts and settlements are one read and one writing
+# statement in autocommit (`reserve_at_once`, `settle_at_once` on `Database.autocommit`), the
+# grants' row locks taken last inside that statement and released by its own commit; concurrent
+# starts on one workspace share that statement (`Coalescer`). Whatever those cannot do, or refuse,
+# runs in a transaction (`Database.sql_transaction`): BEGIN, the same read, the idempotency claim,
+# spend limits, the generation row, the grants, one posting statement, COMMIT.
 
 @dataclass(slots=True)
 class GenerationRecord:
