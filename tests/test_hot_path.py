@@ -23,7 +23,7 @@ from domain.ledger.service import Optimistic, Posting, SpendScope, _spendable_bu
 from policies import Authorizer
 from tests.conftest import new_user
 from tests.test_api_governance import SET_LIMIT
-from tests.test_api_ledger import COMPLETE, START, assert_ledger_clean, balance, grant, key, make_team
+from tests.test_api_ledger import COMPLETE, FAIL, START, assert_ledger_clean, balance, grant, key, make_team
 
 
 class Counted(RawSql):
@@ -291,4 +291,53 @@ async def test_concurrent_starts_on_one_pool_share_statements_and_every_money_ru
     assert (b["held"], b["available"]) == ("330.000", "0.000")
     assert (await db.fetchrow("SELECT count(*) AS n FROM generations WHERE workspace_id = $1",
                               uuid.UUID(team.ws)))["n"] == 55
+    await assert_ledger_clean(db, team.ws)
+
+
+class Interleaved(Counted):
+    """Runs `between` (another request, on its own connection) after the first statement."""
+
+    __slots__ = ("between",)
+
+    def __init__(self, conn, between) -> None:
+        super().__init__(conn)
+        self.between = between
+
+    async def fetchrow(self, query, *args):
+        if self.sent:
+            await self.between()
+        return await super().fetchrow(query, *args)
+
+
+async def test_a_one_statement_settlement_of_a_generation_settled_since_its_read_writes_nothing(db, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "10")
+    creator, _ = team.creators[0]
+    async with client(creator) as api:
+        gen = (await api(START, ws=team.ws, model="test-six", key=key()))["startGeneration"]
+    failed = []
+
+    async def fail_it():  # the operator fails it through the API between our read and our write
+        async with client(team.operator) as api:
+            failed.append((await api(FAIL, g=gen["id"], key=key(), kind="TECHNICAL"))["failGeneration"])
+
+    async def capture_all(sql, g, held):
+        return GenerationStatus.COMPLETED, held, None
+
+    k = key()
+    pool = await db._pool()
+    async with pool.acquire() as conn:
+        sql = Interleaved(conn, fail_it)
+        worker = await caller_for(db, team.worker)
+        assert await service.settle_at_once(sql, worker, uuid.UUID(gen["id"]), k, "completeGeneration", {},
+                                            capture_all) is None
+        assert sql.sent == [service._SETTLING_READ, service._SETTLE_AT_ONCE]  # it did try to write
+    assert failed[0]["status"] == "FAILED"
+    assert await db.fetchrow("SELECT 1 FROM idempotency_keys WHERE key = $1", k) is None  # not claimed
+    kinds = await db.fetchrow("SELECT array_agg(kind ORDER BY id) AS k FROM ledger_entries WHERE generation_id = $1",
+                              uuid.UUID(gen["id"]))
+    assert kinds["k"] == ["HOLD", "RELEASE"]  # nothing captured by the late settlement
+    async with client(team.worker) as api:  # through the API the late one is refused as settled
+        late = (await api(COMPLETE, g=gen["id"], key=k))["completeGeneration"]
+    assert late["__typename"] == "GenerationAlreadySettled"
     await assert_ledger_clean(db, team.ws)

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
