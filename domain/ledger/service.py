@@ -225,13 +225,18 @@ def spend_scope(mode: AllocationMode | str, pool_fallback: bool, member_id: uuid
                       billing_group_id=billing_group_id)
 
 
-# `$2..$4` are a SpendScope's args, `$5` the spend's time; expired and not-yet-effective grants
-# are never candidates (money rule 6, enforced at spend time).
-SPENDABLE = """(
+def live_at(at: str) -> str:
+    """SQL: grant `g` can pay at the timestamp parameter `at`: credits left, effective, not
+    expired (money rule 6, enforced at spend time)."""
+    return f"""g.remaining > 0 AND g.effective_at <= {at}::timestamptz
+    AND (g.expires_at IS NULL OR g.expires_at > {at}::timestamptz)"""
+
+
+# `$2..$4` are a SpendScope's args, `$5` the spend's time.
+SPENDABLE = f"""(
     ((g.scope = 'WORKSPACE' AND $2::bool) OR (g.scope = 'SEAT' AND g.member_id = $3::uuid)
      OR (g.scope = 'GROUP' AND g.billing_group_id = $4::uuid))
-    AND g.remaining > 0 AND g.effective_at <= $5::timestamptz
-    AND (g.expires_at IS NULL OR g.expires_at > $5::timestamptz))"""
+    AND {live_at("$5")})"""
 _LOCK_SPENDABLE = f"""
 SELECT g.*, {SPENDABLE} AS spendable FROM grants g
 WHERE g.workspace_id = $1 AND ({SPENDABLE} OR g.id = ANY($6::uuid[]))
@@ -711,8 +716,7 @@ SELECT w.allocation_mode, w.pool_fallback, w.timezone, w.auto_topup_enabled, w.l
        {price_list_in_force("$4")} AS price_list_id,
        EXISTS (SELECT 1 FROM spend_limits s WHERE s.workspace_id = w.id AND s.removed_at IS NULL) AS has_limits,
        (SELECT array_agg(g) FROM grants g
-        WHERE g.workspace_id = w.id AND g.remaining > 0 AND g.effective_at <= $4
-          AND (g.expires_at IS NULL OR g.expires_at > $4)
+        WHERE g.workspace_id = w.id AND {live_at("$4")}
           AND (g.scope = 'WORKSPACE' OR (g.scope = 'SEAT' AND g.member_id = coalesce(t.id, c.id))
                OR (g.scope = 'GROUP' AND g.billing_group_id = CASE WHEN $3::uuid IS NULL
                    THEN c.billing_group_id ELSE t.billing_group_id END))) AS grants
@@ -744,7 +748,7 @@ started AS (
     RETURNING ng AS row
 ), {_posting_ctes(18)}
 SELECT (SELECT count(*) FROM claim) AS claimed, (SELECT array_agg(row) FROM started) AS generations, {_POSTED}
-"""
+"""  # `claimed` is read only to write the claims before the grants are locked (see `_POSTED`)
 # What makes a one-statement write fall back to the transaction path (which reproduces the refusal
 # with its canonical answer, or succeeds under locks): a used idempotency key, a CHECK refusing a
 # stale plan, any other constraint, a deadlock; and, for an item that did not lead its batch, any
