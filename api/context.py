@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.websockets import WebSocket
 
 from domain import identity
-from domain.access import Caller
+from domain.access import Caller, Credentials, Who
 from domain.clock import SYSTEM_CLOCK, Clock
 from domain.ledger.payments import PaymentProvider, TrustedReferenceProvider
 from domain.ledger.service import LedgerRules
@@ -62,6 +62,17 @@ class Context:
     async def _authenticate(self) -> identity.Actor | None:
         secret = self.secret()
         return await identity.authenticate_secret(self.db, secret) if secret else None
+
+    async def who(self) -> Who:
+        """For the hot mutations: the caller when already authenticated, else the request's
+        credentials, which the mutation's first read checks (no round trip of their own). No
+        secret, or a malformed one: UNAUTHENTICATED at once."""
+        if self._actor is not _UNSET:
+            return await self.caller()
+        secret = self.secret()
+        if secret is None:
+            raise Unauthenticated()
+        return Credentials(secret, self.authorizer, self.clock)
 
     async def caller(self) -> Caller:
         """The authenticated caller, or a top-level UNAUTHENTICATED error."""

@@ -534,9 +534,8 @@ class LedgerMutation:
     @strawberry.mutation(description="Price a generation and hold its cost (creator seats).")
     async def start_generation(self, info: Info[Context, None], input: StartGenerationInput) -> StartGenerationResult:
         ctx = info.context
-        caller = await ctx.caller()
         call = ledger.start_generation(
-            ctx.db, caller, workspace_id=str(input.workspace_id), model_key=input.model_key,
+            ctx.db, await ctx.who(), workspace_id=str(input.workspace_id), model_key=input.model_key,
             idempotency_key=input.idempotency_key, parameters=input.parameters,
             on_behalf_of_member_id=str(input.on_behalf_of_member_id) if input.on_behalf_of_member_id else None,
             payments=ctx.payments,
@@ -548,9 +547,8 @@ class LedgerMutation:
         self, info: Info[Context, None], input: CompleteGenerationInput
     ) -> SettleGenerationResult:
         ctx = info.context
-        caller = await ctx.caller()
         call = ledger.complete_generation(
-            ctx.db, caller, generation_id=str(input.generation_id), idempotency_key=input.idempotency_key,
+            ctx.db, await ctx.who(), generation_id=str(input.generation_id), idempotency_key=input.idempotency_key,
             actual_cost=input.actual_cost, usage=input.usage,
         )
         return await result(call, Generation.from_result)
@@ -558,9 +556,8 @@ class LedgerMutation:
     @strawberry.mutation(description="Generation worker: fail it; technical failures and cancellations cost nothing.")
     async def fail_generation(self, info: Info[Context, None], input: FailGenerationInput) -> SettleGenerationResult:
         ctx = info.context
-        caller = await ctx.caller()
         call = ledger.fail_generation(
-            ctx.db, caller, ctx.ledger_rules, generation_id=str(input.generation_id), kind=input.kind,
+            ctx.db, await ctx.who(), ctx.ledger_rules, generation_id=str(input.generation_id), kind=input.kind,
             idempotency_key=input.idempotency_key,
         )
         return await result(call, Generation.from_result)

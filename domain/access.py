@@ -9,13 +9,16 @@ may not do the action gets `Forbidden`.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.clock import SYSTEM_CLOCK, Clock
-from domain.errors import Forbidden, NotFound
+from domain import identity
+from domain.errors import DomainError, Forbidden, NotFound, Unauthenticated
 from domain.identity import Actor
 from domain.workspaces.models import Member, Workspace
 from policies import Action, Authorizer
@@ -41,6 +44,78 @@ class Caller:
         if self.actor.is_service:
             roles.add("platform:service")
         return roles
+
+
+class Credentials:
+    """A request's bearer secret, not checked yet. The hot mutations check it inside their first
+    read (`CallerRead`) instead of in a round trip of its own; the caller found is kept, so a
+    request checks its secret once."""
+
+    __slots__ = ("digest", "authorizer", "clock", "caller")
+
+    def __init__(self, secret: str, authorizer: Authorizer, clock: Clock = SYSTEM_CLOCK) -> None:
+        if not identity.well_formed(secret):
+            raise Unauthenticated()
+        self.digest = identity.hash_token(secret)
+        self.authorizer = authorizer
+        self.clock = clock
+        self.caller: Caller | None = None
+
+    def accept(self, row: Any) -> Caller:
+        """The caller from a row read with `identity.ACTOR_COLUMNS`; Unauthenticated for none."""
+        actor = identity.actor_of(row)
+        if actor is None:
+            raise Unauthenticated()
+        self.caller = Caller(actor=actor, authorizer=self.authorizer, clock=self.clock)
+        return self.caller
+
+
+Who = Caller | Credentials  # an authenticated caller, or credentials the first read will check
+
+
+async def authenticate(db, who: Who) -> Caller:
+    """The caller, authenticating on its own (one statement) when no read has checked it yet."""
+    if isinstance(who, Caller):
+        return who
+    if who.caller is None:
+        who.accept(await db.fetchrow(identity.AUTHENTICATE, who.digest))
+    return who.caller
+
+
+T = TypeVar("T")
+
+
+async def validated(db, who: Who, parse: Callable[[], T]) -> T:
+    """`parse()` the request's input. On bad input an unknown secret still hears UNAUTHENTICATED
+    first, as it would had it been checked before the input."""
+    try:
+        return parse()
+    except DomainError:
+        await authenticate(db, who)
+        raise
+
+
+class CallerRead:
+    """A read that needs the caller's user id, as its last parameter `$n`, in two forms: for a
+    known caller, and for credentials, where the same statement authenticates them (the token's
+    CTEs in front, the read joined to the actor). `fetchrow` returns the caller and the read's
+    row, None when the read found nothing; an unknown or revoked secret raises Unauthenticated."""
+
+    def __init__(self, read: Callable[[str], str], n: int) -> None:
+        self.known = read(f"${n}")
+        self.authenticating = (
+            f"WITH {identity.actor_ctes(f'${n}')}\n"
+            f"SELECT {identity.ACTOR_COLUMNS}, r.* FROM actor\n"
+            f"LEFT JOIN LATERAL (SELECT true AS read_found, q.* FROM ({read('actor.user_id')}) q) r ON true"
+        )
+
+    async def fetchrow(self, sql, who: Who, *args: Any) -> tuple[Caller, Any]:
+        if isinstance(who, Caller) or who.caller is not None:
+            caller = who if isinstance(who, Caller) else who.caller
+            return caller, await sql.fetchrow(self.known, *args, caller.actor.user_id)
+        row = await sql.fetchrow(self.authenticating, *args, who.digest)
+        caller = who.accept(row)
+        return caller, row if row["read_found"] else None
 
 
 def parse_id(value: str | uuid.UUID, what: str) -> uuid.UUID:

@@ -2,7 +2,8 @@
 read and one writing statement outside a transaction; a write planned from a stale read aborts
 whole and the transaction path answers exactly; a hold planned from an unlocked, stale read of
 the grants is refused by the database and re-planned under lock; the posting statement returns
-exactly what it wrote; authentication is one statement."""
+exactly what it wrote; authentication is one statement, and on the hot mutations no statement of
+its own: the first read checks the credentials."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import uuid
 from datetime import datetime, timedelta
 
 import pytest
+from gql.transport.exceptions import TransportQueryError
 from sqlalchemy import text
 
 from domain import identity
-from domain.access import Caller
+from domain.access import Caller, Credentials
+from domain.errors import Unauthenticated
 from domain.db import Database, RawSql
 from domain.ledger import service
 from domain.ledger.consumption import NotEnough, plan_draws
@@ -58,13 +61,15 @@ async def test_a_start_and_a_settlement_within_the_hold_are_one_read_and_one_wri
     await grant(client, team, "20")
     creator, _ = team.creators[0]
     pool = await db._pool()
-    caller = await caller_for(db, creator)
     async with pool.acquire() as conn:
         # The first start also reads the price list (then parsed once per process): count the second.
-        await service.reserve_at_once(Counted(conn), caller, start_request(team, "test-six"))
+        await service.reserve_at_once(Counted(conn), await caller_for(db, creator), start_request(team, "test-six"))
         sql = Counted(conn)
-        started = await service.reserve_at_once(sql, caller, start_request(team, "test-six"))
-        assert sql.sent == [service._SPENDER, service._RESERVE]
+        # As the API calls it: with the request's credentials, which the read itself checks.
+        credentials = Credentials(creator, Authorizer())
+        started = await service.reserve_at_once(sql, credentials, start_request(team, "test-six"))
+        assert sql.sent == [service._SPENDER.authenticating, service._RESERVE]
+        assert credentials.caller is not None and credentials.caller.actor.is_service is False
         assert not conn.is_in_transaction()  # autocommit: the write committed by itself
         gen = started.result.generation
         assert (gen.status, gen.quoted_units) == (GenerationStatus.STARTED, 6_000)
@@ -75,8 +80,11 @@ async def test_a_start_and_a_settlement_within_the_hold_are_one_read_and_one_wri
             return GenerationStatus.COMPLETED, 4_000, None
 
         sql = Counted(conn)
-        done = await service.settle_at_once(sql, worker, gen.id, key(), "completeGeneration", {"n": 1}, capture_four)
-        assert sql.sent == [service._SETTLING_READ, service._SETTLE_AT_ONCE]
+        credentials = Credentials(team.worker, Authorizer())
+        done = await service.settle_at_once(sql, credentials, gen.id, key(), "completeGeneration", {"n": 1},
+                                            capture_four)
+        assert sql.sent == [service._SETTLING_READ.authenticating, service._SETTLE_AT_ONCE]
+        assert credentials.caller.actor == worker.actor
         assert not conn.is_in_transaction()
         assert (done.generation.status, done.generation.captured_units, done.generation.released_units) == (
             GenerationStatus.COMPLETED, 4_000, 2_000)
@@ -144,7 +152,7 @@ async def test_a_workspace_with_spend_limits_and_a_capture_above_the_hold_take_t
         sql = Counted(conn)
         worker = await caller_for(db, team.worker)
         assert await service.settle_at_once(sql, worker, gen.id, key(), "completeGeneration", {}, capture_seven) is None
-        assert sql.sent == [service._SETTLING_READ]  # decided from the read; nothing written
+        assert sql.sent == [service._SETTLING_READ.known]  # decided from the read; nothing written
     async with client(team.worker) as api:  # the transaction path draws the extra
         out = (await api(COMPLETE, g=str(gen.id), key=key(), cost="7"))["completeGeneration"]
     assert (out["captured"], out["shortfall"]) == ("7.000", "0.000")
@@ -155,7 +163,7 @@ async def test_a_workspace_with_spend_limits_and_a_capture_above_the_hold_take_t
     async with pool.acquire() as conn:
         sql = Counted(conn)
         assert await service.reserve_at_once(sql, await caller_for(db, creator), start_request(team, "test-six")) is None
-        assert sql.sent == [service._SPENDER]
+        assert sql.sent == [service._SPENDER.known]
     async with client(creator) as api:
         assert (await api(START, ws=team.ws, model="test-six", key=key()))["startGeneration"]["__typename"] == "Generation"
     used = await db.fetchrow("SELECT used_units FROM limit_usage WHERE limit_id = $1", uuid.UUID(out["id"]))
@@ -331,7 +339,7 @@ async def test_a_one_statement_settlement_of_a_generation_settled_since_its_read
         worker = await caller_for(db, team.worker)
         assert await service.settle_at_once(sql, worker, uuid.UUID(gen["id"]), k, "completeGeneration", {},
                                             capture_all) is None
-        assert sql.sent == [service._SETTLING_READ, service._SETTLE_AT_ONCE]  # it did try to write
+        assert sql.sent == [service._SETTLING_READ.known, service._SETTLE_AT_ONCE]  # it did try to write
     assert failed[0]["status"] == "FAILED"
     assert await db.fetchrow("SELECT 1 FROM idempotency_keys WHERE key = $1", k) is None  # not claimed
     kinds = await db.fetchrow("SELECT array_agg(kind ORDER BY id) AS k FROM ledger_entries WHERE generation_id = $1",
@@ -340,4 +348,72 @@ async def test_a_one_statement_settlement_of_a_generation_settled_since_its_read
     async with client(team.worker) as api:  # through the API the late one is refused as settled
         late = (await api(COMPLETE, g=gen["id"], key=k))["completeGeneration"]
     assert late["__typename"] == "GenerationAlreadySettled"
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_the_hot_mutations_refuse_unknown_malformed_and_revoked_secrets_whatever_the_input(db, client):
+    # The hot mutations check the secret inside their first read: an unknown, malformed or
+    # revoked one hears UNAUTHENTICATED exactly as before, even with bad input or an unknown id,
+    # and nothing is written.
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "20")
+    creator, _ = team.creators[0]
+    async with client(creator) as api:
+        gen = (await api(START, ws=team.ws, model="test-six", key=key()))["startGeneration"]
+    user_id = (await identity.authenticate_secret(db, creator)).user_id
+    _, revoked = await db.transaction(lambda s: identity.issue_token(s, user_id, "to revoke"))
+    await db.fetchrow("UPDATE api_tokens SET revoked_at = now() WHERE token_hash = $1", identity.hash_token(revoked))
+    before = await db.fetchrow(
+        "SELECT (SELECT count(*) FROM generations) AS generations, (SELECT count(*) FROM idempotency_keys) AS keys, "
+        "(SELECT count(*) FROM ledger_entries) AS entries")
+    calls = [
+        (START, {"ws": team.ws, "model": "test-six", "key": key()}),
+        (START, {"ws": team.ws, "model": "test-six", "key": ""}),  # bad input
+        (START, {"ws": str(uuid.uuid4()), "model": "test-six", "key": key()}),  # unknown workspace
+        (COMPLETE, {"g": gen["id"], "key": key()}),
+        (COMPLETE, {"g": "not-an-id", "key": key()}),
+        (FAIL, {"g": gen["id"], "key": key(), "kind": "TECHNICAL"}),
+    ]
+    answers = set()
+    for secret in (identity.new_secret(), "cp_" + "x" * 300, "not-a-token", revoked):
+        async with client(secret) as api:
+            for query, variables in calls:
+                with pytest.raises(TransportQueryError) as err:
+                    await api(query, **variables)
+                [error] = err.value.errors
+                answers.add((error["message"], error["extensions"]["code"]))
+    assert answers == {("authentication required", "UNAUTHENTICATED")}
+    pool = await db._pool()
+    async with pool.acquire() as conn:  # the same refusal from the domain layer, by the read itself
+        credentials = Credentials(identity.new_secret(), Authorizer())
+        sql = Counted(conn)
+        with pytest.raises(Unauthenticated):
+            await service.reserve_at_once(sql, credentials, start_request(team, "test-six"))
+        assert sql.sent == [service._SPENDER.authenticating] and credentials.caller is None
+    after = await db.fetchrow(
+        "SELECT (SELECT count(*) FROM generations) AS generations, (SELECT count(*) FROM idempotency_keys) AS keys, "
+        "(SELECT count(*) FROM ledger_entries) AS entries")
+    assert after == before
+    status = await db.fetchrow("SELECT status FROM generations WHERE id = $1", uuid.UUID(gen["id"]))
+    assert status["status"] == "STARTED"
+
+
+async def test_a_hot_mutation_with_a_fresh_token_authenticates_in_its_read_and_marks_the_token_used(db, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "20")
+    creator, member = team.creators[0]
+    user_id = (await identity.authenticate_secret(db, creator)).user_id
+    _, fresh = await db.transaction(lambda s: identity.issue_token(s, user_id, "fresh"))
+    digest = identity.hash_token(fresh)
+    assert (await db.fetchrow("SELECT last_used_at FROM api_tokens WHERE token_hash = $1", digest))[0] is None
+    async with client(fresh) as api:
+        out = (await api(START, ws=team.ws, model="test-six", key=key()))["startGeneration"]
+        assert (out["__typename"], out["memberId"]) == ("Generation", member)
+        # A known secret with an unknown workspace: the read found no workspace, not no actor.
+        unknown = (await api(START, ws=str(uuid.uuid4()), model="test-six", key=key()))["startGeneration"]
+        assert unknown == {"__typename": "NotFoundError", "code": "NOT_FOUND", "message": "workspace not found"}
+    assert (await db.fetchrow("SELECT last_used_at FROM api_tokens WHERE token_hash = $1", digest))[0] is not None
+    async with client(team.worker) as api:
+        done = (await api(COMPLETE, g=out["id"], key=key()))["completeGeneration"]
+    assert (done["status"], done["captured"]) == ("COMPLETED", "6.000")
     await assert_ledger_clean(db, team.ws)

@@ -27,7 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from domain.access import Caller, authorize, decide, parse_id, role_set
+from domain.access import Caller, CallerRead, Who, authenticate, authorize, decide, parse_id, role_set, validated
 from domain.coalescing import BatchFailed, Coalescer
 from domain.db import Contended, Database, RawSql, Sql, as_sql
 from domain.errors import (
@@ -705,26 +705,31 @@ class GenerationResult:
 # The workspace, the caller's membership, the member paid for (when starting for someone), the
 # plan, the price list in force at the start, and the live grants the payer's spend may touch (a
 # superset: `may_draw` picks by allocation mode), in one read. No row is missing when the
-# workspace exists: the joins to members are LEFT.
-_SPENDER = f"""
+# workspace exists: the joins to members are LEFT. Parameters: workspace, member paid for, time,
+# and the caller's user id last (`CallerRead`).
+def _spender_read(user: str) -> str:
+    return f"""
 SELECT w.allocation_mode, w.pool_fallback, w.timezone, w.auto_topup_enabled, w.low_balance_alert_units,
        p.key AS plan_key,
        c.id AS caller_member_id, c.role AS caller_role, c.seat AS caller_seat,
        c.billing_group_id AS caller_group_id,
        t.id AS target_id, t.user_id AS target_user_id, t.role AS target_role, t.seat AS target_seat,
        t.billing_group_id AS target_group_id,
-       {price_list_in_force("$4")} AS price_list_id,
+       {price_list_in_force("$3")} AS price_list_id,
        EXISTS (SELECT 1 FROM spend_limits s WHERE s.workspace_id = w.id AND s.removed_at IS NULL) AS has_limits,
        (SELECT array_agg(g) FROM grants g
-        WHERE g.workspace_id = w.id AND {live_at("$4")}
+        WHERE g.workspace_id = w.id AND {live_at("$3")}
           AND (g.scope = 'WORKSPACE' OR (g.scope = 'SEAT' AND g.member_id = coalesce(t.id, c.id))
-               OR (g.scope = 'GROUP' AND g.billing_group_id = CASE WHEN $3::uuid IS NULL
+               OR (g.scope = 'GROUP' AND g.billing_group_id = CASE WHEN $2::uuid IS NULL
                    THEN c.billing_group_id ELSE t.billing_group_id END))) AS grants
 FROM workspaces w JOIN plans p ON p.id = w.plan_id
-LEFT JOIN members c ON c.workspace_id = w.id AND c.user_id = $2 AND c.removed_at IS NULL
-LEFT JOIN members t ON t.id = $3 AND t.workspace_id = w.id AND t.removed_at IS NULL
+LEFT JOIN members c ON c.workspace_id = w.id AND c.user_id = {user} AND c.removed_at IS NULL
+LEFT JOIN members t ON t.id = $2 AND t.workspace_id = w.id AND t.removed_at IS NULL
 WHERE w.id = $1
 """
+
+
+_SPENDER = CallerRead(_spender_read, 4)
 _GENERATION_COLUMNS = """id, workspace_id, member_id, requested_by, model_key, parameters, status, quoted_units,
     price_list_id, quote, started_at, limit_charges"""
 _INSERT_GENERATION = f"""
@@ -823,39 +828,43 @@ class Started:
 
 
 async def start_generation(
-    db: Database, caller: Caller, *, workspace_id: str, model_key: str, idempotency_key: str,
+    db: Database, who: Who, *, workspace_id: str, model_key: str, idempotency_key: str,
     parameters: dict[str, Any] | None = None, on_behalf_of_member_id: str | None = None,
     payments: PaymentProvider | None = None,
 ) -> GenerationResult:
     """Authorize (creator seat), price, and hold the cost across grants in consumption order.
 
-    Two ways, one outcome. Most starts are one read and one writing statement in autocommit
-    (`reserve_at_once`). A start that needs more (a workspace with spend limits, whose usage
-    rows are conditional updates of their own; a replayed key; a hold planned from a read that
-    went stale; any refusal, so that its answer is the canonical one) runs as one transaction."""
+    Two ways, one outcome. Most starts are one read (which also authenticates `who` when it is
+    credentials) and one writing statement in autocommit (`reserve_at_once`). A start that needs
+    more (a workspace with spend limits, whose usage rows are conditional updates of their own; a
+    replayed key; a hold planned from a read that went stale; any refusal, so that its answer is
+    the canonical one) runs as one transaction."""
     parameters = parameters or {}
-    req = StartRequest(
+    req = await validated(db, who, lambda: StartRequest(
         ws_id=parse_id(workspace_id, "workspace"), key=idempotency.check_key(idempotency_key), model_key=model_key,
         parameters=parameters, parameters_json=_check_parameters(parameters),
         target_id=parse_id(on_behalf_of_member_id, "member") if on_behalf_of_member_id else None,
-    )
-    optimistic = Optimistic()
+    ))
     holds = db.coalescer("holds", write_holds)
-    started = await db.autocommit(lambda sql: reserve_at_once(sql, caller, req, holds)) \
-        or await db.sql_transaction(lambda sql: _reserve_in_transaction(sql, caller, req, optimistic))
+    started = await db.autocommit(lambda sql: reserve_at_once(sql, who, req, holds))
+    if started is None:
+        caller = await authenticate(db, who)  # checked by the read already: no statement
+        optimistic = Optimistic()
+        started = await db.sql_transaction(lambda sql: _reserve_in_transaction(sql, caller, req, optimistic))
     if started.follow_up:
         # Alerts and auto top-up, after the commit: never holding the spend's locks.
-        await automation.after_spend(db, caller.clock, payments, req.ws_id, started.charges)
+        await automation.after_spend(db, who.clock, payments, req.ws_id, started.charges)
     return started.result
 
 
-async def reserve_at_once(sql: Sql, caller: Caller, req: StartRequest,
+async def reserve_at_once(sql: Sql, who: Who, req: StartRequest,
                           holds: Coalescer[_Hold, GenerationResult] | None = None) -> Started | None:
-    """A start as two statements outside a transaction: the spender read, then `_RESERVE` (alone,
-    or in a batch with the concurrent starts on the same workspace when `holds` is given). None
-    when the start needs the transaction path (nothing was written)."""
-    now = caller.clock.now()
-    ws = await sql.fetchrow(_SPENDER, req.ws_id, caller.actor.user_id, req.target_id, now)
+    """A start as two statements outside a transaction: the spender read (authenticating `who`
+    when it is credentials), then `_RESERVE` (alone, or in a batch with the concurrent starts on
+    the same workspace when `holds` is given). None when the start needs the transaction path
+    (nothing was written)."""
+    now = who.clock.now()
+    caller, ws = await _SPENDER.fetchrow(sql, who, req.ws_id, req.target_id, now)
     member_id, group_id = _spender(caller, req.ws_id, ws, req.target_id)
     if ws["has_limits"]:
         return None
@@ -892,7 +901,7 @@ async def reserve_at_once(sql: Sql, caller: Caller, req: StartRequest,
 
 async def _reserve_in_transaction(sql: Sql, caller: Caller, req: StartRequest, optimistic: Optimistic) -> Started:
     now = caller.clock.now()
-    ws = await sql.fetchrow(_SPENDER, req.ws_id, caller.actor.user_id, req.target_id, now)
+    ws = await sql.fetchrow(_SPENDER.known, req.ws_id, req.target_id, now, caller.actor.user_id)
     member_id, group_id = _spender(caller, req.ws_id, ws, req.target_id)
     # Claimed before pricing: a replay returns the first generation even if the model has been
     # retired since (its hold exists; saying "unknown model" would hide it).
@@ -998,21 +1007,33 @@ def _spender(caller: Caller, ws_id: uuid.UUID, ws: Any, target_id: uuid.UUID | N
 _SETTLING_COLUMNS = """g.*, p.user_id AS payer_user_id, p.billing_group_id AS payer_group_id,
        c.id AS caller_member_id, c.role AS caller_role, c.seat AS caller_seat,
        w.allocation_mode, w.pool_fallback"""
-_SETTLING_FROM = """FROM generations g JOIN members p ON p.id = g.member_id JOIN workspaces w ON w.id = g.workspace_id
-LEFT JOIN members c ON c.workspace_id = g.workspace_id AND c.user_id = $2 AND c.removed_at IS NULL
+
+
+
+def _settling_from(user: str) -> str:
+    return f"""FROM generations g JOIN members p ON p.id = g.member_id JOIN workspaces w ON w.id = g.workspace_id
+LEFT JOIN members c ON c.workspace_id = g.workspace_id AND c.user_id = {user} AND c.removed_at IS NULL
 WHERE g.id = $1"""
+
+
+
 # The generation (locked: it settles once), who paid, the caller's membership in its workspace,
 # and the workspace's allocation mode, in one read.
-_SETTLING = f"SELECT {_SETTLING_COLUMNS}\n{_SETTLING_FROM}\nFOR UPDATE OF g"
+_SETTLING = f"SELECT {_SETTLING_COLUMNS}\n{_settling_from('$2')}\nFOR UPDATE OF g"
 # The same, unlocked, with the generation's entries and the grants they touched: everything a
 # one-statement settlement plans from. (A generation's holds are written once, by its start, and
 # a grant's kind and dates never change, so only the generation's status can go stale; the
 # writing statement checks it.)
-_SETTLING_READ = f"""SELECT {_SETTLING_COLUMNS},
+# Parameters: the generation, and the caller's user id last (`CallerRead`).
+def _settling_read(user: str) -> str:
+    return f"""SELECT {_SETTLING_COLUMNS},
        (SELECT array_agg(e ORDER BY e.id) FROM ledger_entries e WHERE e.generation_id = g.id) AS entries,
        (SELECT array_agg(h) FROM grants h
         WHERE h.id IN (SELECT e.grant_id FROM ledger_entries e WHERE e.generation_id = g.id)) AS held_grants
-{_SETTLING_FROM}"""
+{_settling_from(user)}"""
+
+
+_SETTLING_READ = CallerRead(_settling_read, 2)
 _ENTRIES_OF = "SELECT * FROM ledger_entries WHERE generation_id = $1 ORDER BY id"
 _SETTLE_COLUMNS = """status = $2, captured_units = $3, released_units = $4, shortfall_units = $5,
     failure_kind = $6, settled_at = $7, settled_by = $8"""
@@ -1050,7 +1071,7 @@ Outcome = Callable[[Sql, GenerationRecord, int], Awaitable["tuple[GenerationStat
 
 
 async def complete_generation(
-    db: Database, caller: Caller, *, generation_id: str, idempotency_key: str, actual_cost: str | None = None,
+    db: Database, who: Who, *, generation_id: str, idempotency_key: str, actual_cost: str | None = None,
     usage: dict[str, Any] | None = None,
 ) -> GenerationResult:
     """Capture the actual cost: `usage` (reported metering, priced with the generation's own
@@ -1058,13 +1079,17 @@ async def complete_generation(
     the held cost. Below the hold: the rest is released. Above it: the extra is drawn from the
     member's spendable credits in consumption order; what they cannot cover is recorded on the
     generation as `shortfall` (never silently dropped, never an overdraft)."""
-    key = idempotency.check_key(idempotency_key)
-    if actual_cost is not None and usage is not None:
-        raise ValidationFailed("usage", "give the reported usage or an actual cost, not both")
-    if usage is not None:
-        _check_parameters(usage, "usage")
-    actual_units = parse_credits(actual_cost, "actualCost", allow_zero=True) if actual_cost is not None else None
-    gid = parse_id(generation_id, "generation")
+
+    def parse() -> tuple[str, int | None, uuid.UUID]:
+        key = idempotency.check_key(idempotency_key)
+        if actual_cost is not None and usage is not None:
+            raise ValidationFailed("usage", "give the reported usage or an actual cost, not both")
+        if usage is not None:
+            _check_parameters(usage, "usage")
+        actual = parse_credits(actual_cost, "actualCost", allow_zero=True) if actual_cost is not None else None
+        return key, actual, parse_id(generation_id, "generation")
+
+    key, actual_units, gid = await validated(db, who, parse)
     request = {"generation": str(gid), "actual": actual_units, "usage": usage}
     optimistic = Optimistic()
 
@@ -1107,9 +1132,12 @@ async def complete_generation(
         return await _settled(sql, optimistic, s, caller, GenerationStatus.COMPLETED, captured,
                               total_held - min(cost, total_held), shortfall, None, now)
 
-    return await db.autocommit(
-        lambda sql: settle_at_once(sql, caller, gid, key, "completeGeneration", request, within_the_hold)
-    ) or await db.sql_transaction(work)
+    done = await db.autocommit(
+        lambda sql: settle_at_once(sql, who, gid, key, "completeGeneration", request, within_the_hold))
+    if done is not None:
+        return done
+    caller = await authenticate(db, who)  # checked by the read already: no statement
+    return await db.sql_transaction(work)
 
 
 async def _actual_cost(sql: Sql, gen: GenerationRecord, actual_units: int | None, usage: dict[str, Any] | None) -> int:
@@ -1121,14 +1149,14 @@ async def _actual_cost(sql: Sql, gen: GenerationRecord, actual_units: int | None
 
 
 async def fail_generation(
-    db: Database, caller: Caller, rules: LedgerRules, *, generation_id: str, kind: FailureKind,
+    db: Database, who: Who, rules: LedgerRules, *, generation_id: str, kind: FailureKind,
     idempotency_key: str,
 ) -> GenerationResult:
     """Technical failures and cancellations release everything back to the grants it came from,
     with their original expiry. A policy violation keeps `rules.policy_violation_fee` of the
     hold (rounded up to the unit) and releases the rest."""
-    key = idempotency.check_key(idempotency_key)
-    gid = parse_id(generation_id, "generation")
+    key, gid = await validated(db, who, lambda: (idempotency.check_key(idempotency_key),
+                                                 parse_id(generation_id, "generation")))
     request = {"generation": str(gid), "kind": kind.value}
     optimistic = Optimistic()
 
@@ -1153,19 +1181,21 @@ async def fail_generation(
         _release_rest(s.posting, rows, s.held, now)
         return await _settled(sql, optimistic, s, caller, GenerationStatus.FAILED, captured, total - captured, 0, kind, now)
 
-    return await db.autocommit(
-        lambda sql: settle_at_once(sql, caller, gid, key, "failGeneration", request, failed)
-    ) or await db.sql_transaction(work)
+    done = await db.autocommit(lambda sql: settle_at_once(sql, who, gid, key, "failGeneration", request, failed))
+    if done is not None:
+        return done
+    caller = await authenticate(db, who)  # checked by the read already: no statement
+    return await db.sql_transaction(work)
 
 
 async def settle_at_once(
-    sql: Sql, caller: Caller, gid: uuid.UUID, key: str, operation: str, request: dict[str, Any], outcome: Outcome,
+    sql: Sql, who: Who, gid: uuid.UUID, key: str, operation: str, request: dict[str, Any], outcome: Outcome,
 ) -> GenerationResult | None:
-    """A settlement within the hold as two statements outside a transaction: `_SETTLING_READ`,
-    then `_SETTLE_AT_ONCE`. None when it needs the transaction path (nothing was written): a
+    """A settlement within the hold as two statements outside a transaction: `_SETTLING_READ`
+    (authenticating `who` when it is credentials), then `_SETTLE_AT_ONCE`. None when it needs the transaction path (nothing was written): a
     replay or an already settled generation, spend-limit usage to adjust, a capture above the
     hold, or any refusal (answered there, after the key is claimed)."""
-    row = await sql.fetchrow(_SETTLING_READ, gid, caller.actor.user_id)
+    caller, row = await _SETTLING_READ.fetchrow(sql, who, gid)
     gen = _may_settle(caller, row)
     if gen.status is not GenerationStatus.STARTED or gen.limit_charges:
         return None
