@@ -417,3 +417,31 @@ async def test_a_hot_mutation_with_a_fresh_token_authenticates_in_its_read_and_m
         done = (await api(COMPLETE, g=out["id"], key=key()))["completeGeneration"]
     assert (done["status"], done["captured"]) == ("COMPLETED", "6.000")
     await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_grants_balance_updates_are_heap_only_until_it_runs_out(db, client):
+    # No index names `remaining` or `held` (the partial indexes read the generated `live`), so a
+    # posting that leaves a grant live is a HOT update: no index entry, no bloat on a hot pool
+    # grant. Only running out (or refilling) changes an indexed value.
+    team = await make_team(db, client, creators=1)
+    grant_id = uuid.UUID((await grant(client, team, "10"))["id"])
+
+    counters = ("SELECT pg_stat_get_xact_tuples_updated('grants'::regclass) AS updated, "
+                "pg_stat_get_xact_tuples_hot_updated('grants'::regclass) AS hot, "
+                "(SELECT live FROM grants WHERE id = $1) AS live")
+
+    def expire(units):
+        async def work(sql):
+            # The backend's counters may still include earlier, unflushed transactions: compare.
+            before = await sql.fetchrow(counters, grant_id)
+            posting = Posting(uuid.UUID(team.ws), Cause.EXPIRY, None, None)
+            posting.add(grant_id, EntryKind.EXPIRE, units)
+            await service.post_movements(sql, posting)
+            after = await sql.fetchrow(counters, grant_id)
+            return {"updated": after["updated"] - before["updated"], "hot": after["hot"] - before["hot"],
+                    "live": after["live"]}
+        return db.sql_transaction(work)
+
+    assert await expire(4_000) == {"updated": 1, "hot": 1, "live": True}
+    assert await expire(6_000) == {"updated": 1, "hot": 0, "live": False}
+    await assert_ledger_clean(db, team.ws)

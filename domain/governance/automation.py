@@ -267,7 +267,7 @@ async def refresh_alerts(session: AsyncSession, now: datetime) -> int:
     due = (await session.execute(
         select(GRANTS.c.id, GRANTS.c.workspace_id, GRANTS.c.remaining, GRANTS.c.expires_at)
         .join(ws_t, ws_t.c.id == GRANTS.c.workspace_id)
-        .where(GRANTS.c.remaining > 0, GRANTS.c.expires_at > now,
+        .where(GRANTS.c.live, GRANTS.c.remaining > 0, GRANTS.c.expires_at > now,
                GRANTS.c.expires_at <= now + func.make_interval(0, 0, 0, ws_t.c.expiry_alert_days))
     )).all()
     for g in due:

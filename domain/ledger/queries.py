@@ -78,7 +78,7 @@ async def workspace_balance(db: Database, caller: Caller, *, workspace_id: str, 
         now = caller.clock.now()
         # The partial index ix_grants_live keeps this proportional to live grants, not history.
         grants = list((await session.execute(
-            select(Grant).where(Grant.workspace_id == ws_id, or_(Grant.remaining > 0, Grant.held > 0))
+            select(Grant).where(Grant.workspace_id == ws_id, Grant.live)
             .order_by(Grant.scope, Grant.member_id, Grant.priority, Grant.expires_at.nulls_last(), Grant.created_at)
         )).scalars())
         scopes = scope_totals(grants, now)
@@ -142,7 +142,7 @@ async def balance_snapshot(db: Database, workspace_id: uuid.UUID, now: datetime)
         rows = await session.execute(
             select(g.c.scope, g.c.member_id, g.c.billing_group_id, g.c.remaining, g.c.held, g.c.effective_at,
                    g.c.expires_at)
-            .where(g.c.workspace_id == workspace_id, or_(g.c.remaining > 0, g.c.held > 0))
+            .where(g.c.workspace_id == workspace_id, g.c.live)
         )
         grants = tuple(LiveGrant(Scope(r.scope), r.member_id, r.billing_group_id, r.remaining, r.held, r.effective_at,
                                  r.expires_at) for r in rows)

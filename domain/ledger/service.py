@@ -228,7 +228,7 @@ def spend_scope(mode: AllocationMode | str, pool_fallback: bool, member_id: uuid
 def live_at(at: str) -> str:
     """SQL: grant `g` can pay at the timestamp parameter `at`: credits left, effective, not
     expired (money rule 6, enforced at spend time)."""
-    return f"""g.remaining > 0 AND g.effective_at <= {at}::timestamptz
+    return f"""g.live AND g.remaining > 0 AND g.effective_at <= {at}::timestamptz
     AND (g.expires_at IS NULL OR g.expires_at > {at}::timestamptz)"""
 
 

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, not_, or_, select
+from sqlalchemy import and_, func, not_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain import events
@@ -251,7 +251,7 @@ async def _expire_due_grants(session: AsyncSession, now: datetime, batch: int) -
     rows = (await session.execute(
         select(GRANTS.c.id, GRANTS.c.workspace_id, GRANTS.c.remaining, GRANTS.c.expires_at)
         .join(ws, ws.c.id == GRANTS.c.workspace_id)
-        .where(GRANTS.c.remaining > 0, GRANTS.c.expires_at <= now, not_(unclosed_allowance))
+        .where(GRANTS.c.live, GRANTS.c.remaining > 0, GRANTS.c.expires_at <= now, not_(unclosed_allowance))
         .order_by(GRANTS.c.id).limit(batch).with_for_update(of=GRANTS, skip_locked=True)
     )).all()
     for r in rows:
@@ -312,7 +312,7 @@ async def schedule(db: Database, caller: Caller, *, workspace_id: str, periods: 
         plan = await session.get_one(Plan, ws.plan_id)
         boundary = ws.next_renewal_at
         grants = list((await session.execute(
-            select(Grant).where(Grant.workspace_id == ws_id, or_(Grant.remaining > 0, Grant.held > 0))
+            select(Grant).where(Grant.workspace_id == ws_id, Grant.live)
             .order_by(Grant.expires_at.nulls_last(), Grant.created_at)
         )).scalars())
         buckets = []
