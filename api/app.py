@@ -33,13 +33,6 @@ from policies import Authorizer
 
 log = logging.getLogger("creditpool")
 
-# The collector's thresholds while serving (CPython's default is 700, 10, 10). A request's objects
-# live for the request, which spans several event-loop turns: at 700 allocations a young
-# collection runs every few requests, scans and promotes whatever is in flight, and every tenth
-# of those scans the middle generation again. At 50,000 most of a request's objects are freed by
-# reference counting before any collection sees them (measured: see BENCHMARKS.md).
-GC_THRESHOLDS = (50_000, 20, 10)
-
 
 class CreditpoolGraphQL(GraphQL):
     def __init__(
@@ -139,7 +132,6 @@ def create_app(
         # pauses became ~10 ms; see BENCHMARKS.md).
         gc.collect()
         gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
         await live.start()
         task = asyncio.create_task(scheduler()) if settings.scheduler_interval_seconds else None
         yield
