@@ -85,7 +85,7 @@ def create_app(
     url = database_url or settings.database_url
     if not url:
         raise RuntimeError("create_app needs a database URL (the CLI starts the embedded PostgreSQL)")
-    db = Database(url, pool_size=settings.db_pool_size)
+    db = Database(url, pool_size=settings.db_pool_size, acquire_timeout=settings.db_acquire_timeout_seconds)
     authorizer = Authorizer()
     live = LiveHub(
         db, broadcast_url(settings.broadcast_url, db.url, settings.workers), clock,

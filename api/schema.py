@@ -26,7 +26,7 @@ from api.governance import GovernanceMutation, GovernanceQuery
 from api.live import Subscription
 from api.periods import PeriodsMutation, PeriodsQuery
 from api.workspaces import WorkspaceMutation, WorkspaceQuery
-from domain.errors import AuthError, DomainError
+from domain.errors import DomainError, TopLevelError
 
 SDL_PATH = Path(__file__).resolve().parent / "schema.graphql"
 log = logging.getLogger("creditpool.graphql")
@@ -41,10 +41,11 @@ Mutation = merge_types(
 
 
 class PublicErrors(SchemaExtension):
-    """Authentication and authorization failures, and expected domain failures raised where a
-    field has no result union (a bad cursor in a query), become top-level errors with a `code`
-    extension; any other exception from a resolver is masked (no SQL or stack text reaches a
-    client) and logged. Request errors (syntax, validation, limits) pass through unchanged."""
+    """Authentication and authorization failures, an overloaded service, and expected domain
+    failures raised where a field has no result union (a bad cursor in a query), become
+    top-level errors with a `code` extension; any other exception from a resolver is masked (no
+    SQL or stack text reaches a client) and logged. Request errors (syntax, validation, limits)
+    pass through unchanged."""
 
     def on_operation(self) -> Iterator[None]:
         yield
@@ -65,7 +66,7 @@ class PublicErrors(SchemaExtension):
         original = error.original_error
         if original is None or isinstance(original, GraphQLError):
             return error
-        if isinstance(original, (AuthError, DomainError)):
+        if isinstance(original, (TopLevelError, DomainError)):
             code, message = original.code, str(original)
         else:
             code, message = "INTERNAL", "Unexpected error."
@@ -78,7 +79,7 @@ class PublicErrors(SchemaExtension):
 class CreditpoolSchema(strawberry.Schema):
     def process_errors(self, errors: list[GraphQLError], execution_context=None) -> None:
         # Refused credentials and permissions are expected traffic, not server errors to log.
-        expected = (AuthError, DomainError)
+        expected = (TopLevelError, DomainError)
         super().process_errors([e for e in errors if not isinstance(e.original_error, expected)], execution_context)
 
 

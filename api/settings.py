@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=64)
     graphiql: bool = True
     db_pool_size: int = Field(default=10, ge=1, le=200)
+    db_acquire_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     max_query_depth: int = Field(default=12, ge=2, le=100)
     max_aliases: int = Field(default=15, ge=1, le=1000)
     max_tokens: int = Field(default=2000, ge=100, le=100_000)

@@ -17,14 +17,16 @@ transaction (`RawSql`) and an ORM session (`SessionSql`) provide.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -39,6 +41,7 @@ from tenacity import (
 )
 
 from domain.coalescing import Coalescer
+from domain.errors import Unavailable
 from domain.events import EventOutlet, NoOutlet
 
 T = TypeVar("T")
@@ -155,14 +158,29 @@ def async_url(url: str) -> str:
     raise ValueError("DATABASE_URL must be a postgresql:// URL")
 
 
+@contextlib.contextmanager
+def _refused_when_no_connection():
+    # The ORM pool's checkout timeout. A session checks out its connection for its first
+    # statement, so nothing of the unit has been sent when this is raised.
+    try:
+        yield
+    except PoolTimeout:
+        raise Unavailable() from None
+
+
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 20, attempts: int = 5) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 20, attempts: int = 5,
+                 acquire_timeout: float = 10.0) -> None:
         self.url = async_url(url)
         self.engine: AsyncEngine = create_async_engine(
             # No pre-ping: it costs a round trip per checkout on the hot path. A dead connection
             # fails its statement, is discarded by the pool, and the request reports an error.
-            self.url, pool_size=pool_size, max_overflow=max_overflow, pool_recycle=1800
+            self.url, pool_size=pool_size, max_overflow=max_overflow, pool_recycle=1800, pool_timeout=acquire_timeout
         )
+        # How long a unit of work waits for a free connection before it is refused as
+        # `Unavailable` (both pools): under overload a request fails fast, having sent nothing,
+        # instead of queueing for as long as the client cares to wait.
+        self._acquire_timeout = acquire_timeout
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=True)
         self._attempts = attempts
         self._pool_size = pool_size
@@ -182,7 +200,7 @@ class Database:
     async def transaction(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """Run `work` in one ORM transaction and commit it."""
         async for attempt in self._retrying():
-            with attempt:
+            with attempt, _refused_when_no_connection():
                 async with self._sessions() as session:
                     async with session.begin():
                         value = await work(session)
@@ -199,7 +217,7 @@ class Database:
         pool = await self._pool()
         async for attempt in self._retrying():
             with attempt:
-                async with pool.acquire() as conn:
+                async with self._connection(pool) as conn:
                     sql = RawSql(conn)
                     async with conn.transaction():
                         value = await work(sql)
@@ -220,7 +238,7 @@ class Database:
         falls back to `sql_transaction`). Events go out after the statement, as after a commit
         (with LISTEN/NOTIFY, a `pg_notify` of their own)."""
         pool = await self._pool()
-        async with pool.acquire() as conn:
+        async with self._connection(pool) as conn:
             sql = RawSql(conn)
             value = await work(sql)
             events = sql.info.pop("events", [])
@@ -242,8 +260,21 @@ class Database:
     async def fetchrow(self, query: str, *args: Any) -> Any | None:
         """One statement on its own (autocommit: one round trip, atomic by itself)."""
         pool = await self._pool()
-        async with pool.acquire() as conn:
+        async with self._connection(pool) as conn:
             return await conn.fetchrow(query, *args)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+        """A hot-path connection, or `Unavailable` when none comes free in time. Only the wait
+        is timed: a statement that runs long is not cut off here."""
+        try:
+            conn = await pool.acquire(timeout=self._acquire_timeout)
+        except asyncio.TimeoutError:
+            raise Unavailable() from None
+        try:
+            yield conn
+        finally:
+            await pool.release(conn)
 
     async def _pool(self) -> asyncpg.Pool:
         # Created on first use, in the event loop that uses it (asyncpg connections belong to
@@ -279,8 +310,9 @@ class Database:
     async def read(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """Run `work` without committing: closing the session rolls the connection back (and,
         unlike `rollback()`, leaves the loaded objects readable)."""
-        async with self._sessions() as session:
-            return await work(session)
+        with _refused_when_no_connection():
+            async with self._sessions() as session:
+                return await work(session)
 
     async def dispose(self) -> None:
         if self._raw_pool is not None:

@@ -57,10 +57,26 @@ class AlreadyMember(DomainError):
         super().__init__("that user is already a member of this workspace")
 
 
-class AuthError(Exception):
-    """Not an expected result: surfaces as a top-level GraphQL error, never in a union."""
+class TopLevelError(Exception):
+    """Not an expected result of the operation: surfaces as a top-level GraphQL error with this
+    `code`, never in a union."""
 
+    code = "ERROR"
+
+
+class AuthError(TopLevelError):
     code = "AUTH"
+
+
+class Unavailable(TopLevelError):
+    """No database connection came free in time (the service is overloaded). Raised only while
+    waiting for one, before the unit of work sent anything, so a retry with the same idempotency
+    key is safe."""
+
+    code = "UNAVAILABLE"
+
+    def __init__(self) -> None:
+        super().__init__("the service is busy: try again")
 
 
 class Unauthenticated(AuthError):

@@ -17,14 +17,14 @@ from sqlalchemy import text
 
 from domain import identity
 from domain.access import Caller, Credentials
-from domain.errors import Unauthenticated
+from domain.errors import Unauthenticated, Unavailable
 from domain.db import Database, RawSql
 from domain.ledger import service
 from domain.ledger.consumption import NotEnough, plan_draws
 from domain.ledger.models import Cause, EntryKind, GenerationStatus
 from domain.ledger.service import Optimistic, Posting, SpendScope, _spendable_buckets
 from policies import Authorizer
-from tests.conftest import new_user
+from tests.conftest import LiveServer, http_client, new_user
 from tests.test_api_governance import SET_LIMIT
 from tests.test_api_ledger import COMPLETE, FAIL, START, assert_ledger_clean, balance, grant, key, make_team
 
@@ -445,3 +445,76 @@ async def test_a_grants_balance_updates_are_heap_only_until_it_runs_out(db, clie
     assert await expire(4_000) == {"updated": 1, "hot": 1, "live": True}
     assert await expire(6_000) == {"updated": 1, "hot": 0, "live": False}
     await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_request_that_finds_no_free_connection_in_time_is_refused_as_unavailable(db, client, database_url):
+    # One hot-path connection: a start stuck behind a row lock keeps it; the next request waits
+    # `db_acquire_timeout_seconds`, then hears UNAVAILABLE, having written nothing, and its retry
+    # with the same key succeeds once connections are free.
+    team = await make_team(db, client, creators=1)
+    grant_id = uuid.UUID((await grant(client, team, "20"))["id"])
+    creator, _ = team.creators[0]
+    small = LiveServer(database_url, db_pool_size=1, db_acquire_timeout_seconds=0.3)
+    small.start()
+    locked, release = asyncio.Event(), asyncio.Event()
+
+    async def hold_the_grant(sql):
+        await sql.fetch("SELECT id FROM grants WHERE id = $1 FOR UPDATE", grant_id)
+        locked.set()
+        await release.wait()
+
+    async def first_start():
+        await locked.wait()
+        async with http_client(small, creator) as api:
+            return (await api(START, ws=team.ws, model="test-six", key=key()))["startGeneration"]
+
+    try:
+        holder = asyncio.ensure_future(db.sql_transaction(hold_the_grant))
+        first = asyncio.ensure_future(first_start())
+        while not (await db.fetchrow(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%claim AS%'"
+        ))["n"]:
+            await asyncio.sleep(0.01)
+        k = key()
+        async with http_client(small, creator) as api:
+            with pytest.raises(TransportQueryError) as err:
+                await api(START, ws=team.ws, model="test-six", key=k)
+        [error] = err.value.errors
+        assert (error["message"], error["extensions"]) == ("the service is busy: try again", {"code": "UNAVAILABLE"})
+        assert await db.fetchrow("SELECT 1 FROM idempotency_keys WHERE key = $1", k) is None
+        release.set()
+        await holder
+        assert (await first)["__typename"] == "Generation"
+        async with http_client(small, creator) as api:
+            retried = (await api(START, ws=team.ws, model="test-six", key=k))["startGeneration"]
+        assert retried["__typename"] == "Generation"
+    finally:
+        release.set()
+        small.stop()
+    b = await balance(client, team.owner, team.ws)
+    assert (b["held"], b["available"]) == ("12.000", "8.000")
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_the_orm_pool_refuses_as_unavailable_too(database_url):
+    tiny = Database(database_url, pool_size=1, max_overflow=0, acquire_timeout=0.2)
+    busy, done = asyncio.Event(), asyncio.Event()
+
+    async def keep(session):
+        await session.execute(text("SELECT 1"))
+        busy.set()
+        await done.wait()
+
+    try:
+        keeper = asyncio.ensure_future(tiny.transaction(keep))
+        await busy.wait()
+        with pytest.raises(Unavailable):
+            await tiny.read(lambda s: s.execute(text("SELECT 1")))
+        with pytest.raises(Unavailable):
+            await tiny.transaction(lambda s: s.execute(text("SELECT 1")))
+        done.set()
+        await keeper
+        assert await tiny.read(lambda s: s.scalar(text("SELECT 2"))) == 2
+    finally:
+        done.set()
+        await tiny.dispose()
