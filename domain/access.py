@@ -61,9 +61,8 @@ class Credentials:
         self.clock = clock
         self.caller: Caller | None = None
 
-    def accept(self, row: Any) -> Caller:
-        """The caller from a row read with `identity.ACTOR_COLUMNS`; Unauthenticated for none."""
-        actor = identity.actor_of(row)
+    def accept(self, actor: Actor | None) -> Caller:
+        """The caller these credentials turned out to be; Unauthenticated for no live token."""
         if actor is None:
             raise Unauthenticated()
         self.caller = Caller(actor=actor, authorizer=self.authorizer, clock=self.clock)
@@ -73,13 +72,14 @@ class Credentials:
 Who = Caller | Credentials  # an authenticated caller, or credentials the first read will check
 
 
+def known(who: Who) -> Caller | None:
+    """The caller, if already authenticated."""
+    return who if isinstance(who, Caller) else who.caller
+
+
 async def authenticate(db, who: Who) -> Caller:
     """The caller, authenticating on its own (one statement) when no read has checked it yet."""
-    if isinstance(who, Caller):
-        return who
-    if who.caller is None:
-        who.accept(await db.fetchrow(identity.AUTHENTICATE, who.digest))
-    return who.caller
+    return known(who) or who.accept(await identity.authenticate_digest(db, who.digest))
 
 
 T = TypeVar("T")
@@ -110,12 +110,11 @@ class CallerRead:
         )
 
     async def fetchrow(self, sql, who: Who, *args: Any) -> tuple[Caller, Any]:
-        if isinstance(who, Caller) or who.caller is not None:
-            caller = who if isinstance(who, Caller) else who.caller
+        caller = known(who)
+        if caller is not None:
             return caller, await sql.fetchrow(self.known, *args, caller.actor.user_id)
         row = await sql.fetchrow(self.authenticating, *args, who.digest)
-        caller = who.accept(row)
-        return caller, row if row["read_found"] else None
+        return who.accept(identity.actor_of(row)), row if row["read_found"] else None
 
 
 def parse_id(value: str | uuid.UUID, what: str) -> uuid.UUID:

@@ -153,9 +153,12 @@ async def list_tokens(session: AsyncSession, user_id: uuid.UUID) -> list[ApiToke
 
 # A secret's token and user, and `last_used_at` refreshed at most once a minute (a data-modifying
 # CTE runs whether or not its rows are read), as CTEs `actor` and `touched`: alone, authenticating
-# is one statement outside any transaction (`AUTHENTICATE`); the hot mutations put the same CTEs
+# is one statement outside any transaction (`_AUTHENTICATE`); the hot mutations put the same CTEs
 # in front of their first read (`domain.access.CallerRead`), so a request authenticates in no
 # round trip of its own.
+_GRANULARITY_SECONDS = int(LAST_USED_GRANULARITY.total_seconds())
+
+
 def actor_ctes(digest: str) -> str:
     """The `actor` CTE for the token whose SHA-256 digest is the parameter `digest`."""
     return f"""actor AS (
@@ -165,7 +168,7 @@ def actor_ctes(digest: str) -> str:
 ), touched AS (
     UPDATE api_tokens SET last_used_at = a.now FROM actor a
     WHERE api_tokens.id = a.token_id
-      AND (a.last_used_at IS NULL OR a.now - a.last_used_at > interval '{int(LAST_USED_GRANULARITY.total_seconds())} seconds')
+      AND (a.last_used_at IS NULL OR a.now - a.last_used_at > interval '{_GRANULARITY_SECONDS} seconds')
     RETURNING api_tokens.id
 )"""
 
@@ -173,7 +176,7 @@ def actor_ctes(digest: str) -> str:
 # The actor's columns, named so that they never clash with a read's own.
 ACTOR_COLUMNS = ("actor.token_id AS actor_token_id, actor.user_id AS actor_user_id, actor.kind AS actor_kind, "
                  "actor.is_operator AS actor_is_operator")
-AUTHENTICATE = f"WITH {actor_ctes('$1')}\nSELECT {ACTOR_COLUMNS} FROM actor"
+_AUTHENTICATE = f"WITH {actor_ctes('$1')}\nSELECT {ACTOR_COLUMNS} FROM actor"
 
 
 def actor_of(row) -> Actor | None:
@@ -193,7 +196,7 @@ async def authenticate(session: AsyncSession, secret: str) -> Actor | None:
     inside an open session."""
     if not well_formed(secret):
         return None
-    return actor_of(await SessionSql(session).fetchrow(AUTHENTICATE, hash_token(secret)))
+    return actor_of(await SessionSql(session).fetchrow(_AUTHENTICATE, hash_token(secret)))
 
 
 async def get_user(session: AsyncSession, user_id: uuid.UUID) -> User:
@@ -229,7 +232,12 @@ async def authenticate_secret(db, secret: str) -> Actor | None:
     """The same as `authenticate`, as one statement on its own (every request does this)."""
     if not well_formed(secret):
         return None
-    return actor_of(await db.fetchrow(AUTHENTICATE, hash_token(secret)))
+    return await authenticate_digest(db, hash_token(secret))
+
+
+async def authenticate_digest(db, digest: bytes) -> Actor | None:
+    """`authenticate_secret` for a secret already hashed."""
+    return actor_of(await db.fetchrow(_AUTHENTICATE, digest))
 
 
 async def cli_user_token(db, email: str, *, operator: bool) -> str:

@@ -1009,12 +1009,10 @@ _SETTLING_COLUMNS = """g.*, p.user_id AS payer_user_id, p.billing_group_id AS pa
        w.allocation_mode, w.pool_fallback"""
 
 
-
 def _settling_from(user: str) -> str:
     return f"""FROM generations g JOIN members p ON p.id = g.member_id JOIN workspaces w ON w.id = g.workspace_id
 LEFT JOIN members c ON c.workspace_id = g.workspace_id AND c.user_id = {user} AND c.removed_at IS NULL
 WHERE g.id = $1"""
-
 
 
 # The generation (locked: it settles once), who paid, the caller's membership in its workspace,
@@ -1136,7 +1134,7 @@ async def complete_generation(
         lambda sql: settle_at_once(sql, who, gid, key, "completeGeneration", request, within_the_hold))
     if done is not None:
         return done
-    caller = await authenticate(db, who)  # checked by the read already: no statement
+    caller = await authenticate(db, who)  # `work`'s caller; the read checked it: no statement
     return await db.sql_transaction(work)
 
 
@@ -1184,7 +1182,7 @@ async def fail_generation(
     done = await db.autocommit(lambda sql: settle_at_once(sql, who, gid, key, "failGeneration", request, failed))
     if done is not None:
         return done
-    caller = await authenticate(db, who)  # checked by the read already: no statement
+    caller = await authenticate(db, who)  # `work`'s caller; the read checked it: no statement
     return await db.sql_transaction(work)
 
 
@@ -1192,9 +1190,10 @@ async def settle_at_once(
     sql: Sql, who: Who, gid: uuid.UUID, key: str, operation: str, request: dict[str, Any], outcome: Outcome,
 ) -> GenerationResult | None:
     """A settlement within the hold as two statements outside a transaction: `_SETTLING_READ`
-    (authenticating `who` when it is credentials), then `_SETTLE_AT_ONCE`. None when it needs the transaction path (nothing was written): a
-    replay or an already settled generation, spend-limit usage to adjust, a capture above the
-    hold, or any refusal (answered there, after the key is claimed)."""
+    (authenticating `who` when it is credentials), then `_SETTLE_AT_ONCE`. None when it needs
+    the transaction path (nothing was written): a replay or an already settled generation,
+    spend-limit usage to adjust, a capture above the hold, or any refusal (answered there, after
+    the key is claimed)."""
     caller, row = await _SETTLING_READ.fetchrow(sql, who, gid)
     gen = _may_settle(caller, row)
     if gen.status is not GenerationStatus.STARTED or gen.limit_charges:
