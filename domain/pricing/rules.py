@@ -169,6 +169,19 @@ def _too_precise(d: Decimal) -> bool:
     return d.quantize(_PLACES_QUANTUM, rounding=ROUND_DOWN, context=_WIDE) != d
 
 
+def _check_range(d: Decimal, field_name: str) -> None:
+    """What every figure and quantity must be: finite, non-negative, bounded, at most
+    `MAX_PLACES` decimal places."""
+    if not d.is_finite():
+        raise ValidationFailed(field_name, "must be a finite number")
+    if d < 0:
+        raise ValidationFailed(field_name, "must not be negative")
+    if d > MAX_QUANTITY:
+        raise ValidationFailed(field_name, f"must be at most {MAX_QUANTITY}")
+    if _too_precise(d):
+        raise ValidationFailed(field_name, f"has more than {MAX_PLACES} decimal places")
+
+
 def _spec_figure(value: Any, field_name: str) -> Decimal:
     """A figure of a price spec (money, multiplier, limit): Decimal, int or decimal string; never
     float (TypeError: a programming error on the money path). Non-negative, finite, bounded."""
@@ -185,14 +198,7 @@ def _spec_figure(value: Any, field_name: str) -> Decimal:
             raise ValidationFailed(field_name, "must be a decimal number") from None
     else:
         raise TypeError(f"{field_name}: use Decimal, not {type(value).__name__}")
-    if not d.is_finite():
-        raise ValidationFailed(field_name, "must be a finite number")
-    if d < 0:
-        raise ValidationFailed(field_name, "must not be negative")
-    if d > MAX_QUANTITY:
-        raise ValidationFailed(field_name, f"must be at most {MAX_QUANTITY}")
-    if _too_precise(d):
-        raise ValidationFailed(field_name, f"has more than {MAX_PLACES} decimal places")
+    _check_range(d, field_name)
     return Decimal(0) if d == 0 else d
 
 
@@ -386,14 +392,7 @@ def _quantity(key: str, value: Any, spec: PriceSpec, field_name: str) -> Decimal
             raise ValidationFailed(field_name, "must be a number")
     except InvalidOperation:
         raise ValidationFailed(field_name, "must be a number") from None
-    if not d.is_finite():
-        raise ValidationFailed(field_name, "must be a finite number")
-    if d < 0:
-        raise ValidationFailed(field_name, "must not be negative")
-    if d > MAX_QUANTITY:
-        raise ValidationFailed(field_name, f"must be at most {MAX_QUANTITY}")
-    if _too_precise(d):
-        raise ValidationFailed(field_name, f"has more than {MAX_PLACES} decimal places")
+    _check_range(d, field_name)
     if key in WHOLE_PARAMETERS and d != d.to_integral_value():
         raise ValidationFailed(field_name, "must be a whole number")
     limit = spec.limits.get(key)
