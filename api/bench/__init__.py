@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spread-workspaces", type=int, default=1000, help="workspaces in the spread scenario (default 1000)")
     p.add_argument("--pgbench-seconds", type=float, default=10.0, help="seconds per pgbench ceiling run (default 10)")
     p.add_argument("--balance-entries", type=int, default=1_000_000,
-                   help="ledger entries in the big workspace of the balance-read check (default 1000000)")
+                   help="ledger entries of history, inserted before anything is measured, in the big workspace "
+                        "of the balance-read check (default 1000000)")
     p.add_argument("--balance-requests", type=int, default=300,
                    help="measured balance queries per workspace (default 300)")
     p.add_argument("--no-half-rate", action="store_true",
