@@ -302,6 +302,102 @@ async def test_repeated_payment_failures_turn_auto_top_up_off(db, live_server, c
     assert open_kinds == ["TOPUP_DISABLED", "TOPUP_FAILED"]  # each fired once, however many failures
 
 
+TOPUP_STATE = """query($ws: ID!) {
+  autoTopUp(workspaceId: $ws) { enabled consecutiveFailures purchasesThisMonth }
+  alerts(workspaceId: $ws) { kind status }
+}"""
+
+
+async def test_a_payment_provider_that_does_not_answer_is_a_failed_attempt_retried_under_the_same_reference(
+        db, live_server, client):
+    # The provider may have taken a payment it never confirmed: asking again under a new
+    # reference could charge twice, asking under the same one cannot.
+    from tests.test_api_ledger import _a_pack
+
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    pack = await _a_pack(client, team.operator)
+    async with client(team.owner) as api:
+        await api(AUTO, ws=team.ws, pack=pack, threshold="95", limit=3)
+    token, _ = team.creators[0]
+    seen = len(live_server.payments.seen)
+    live_server.payments.unanswered = 1
+    try:
+        # The hold committed before the provider was asked: the start's answer is its generation.
+        assert (await start(client, token, team.ws))["__typename"] == "Generation"
+    finally:
+        live_server.payments.unanswered = 0
+    async with client(team.owner) as api:
+        out = await api(TOPUP_STATE, ws=team.ws)
+    assert out["autoTopUp"] == {"enabled": True, "consecutiveFailures": 1, "purchasesThisMonth": 0}
+    assert {"kind": "TOPUP_FAILED", "status": "OPEN"} in out["alerts"]
+    assert await purchases_of(db, team.ws) == 0
+
+    assert (await start(client, token, team.ws))["__typename"] == "Generation"  # still under: tries again
+    first, again = live_server.payments.seen[seen:]
+    assert again.reference == first.reference
+    assert await purchases_of(db, team.ws) == 1
+    async with client(team.owner) as api:
+        out = await api(TOPUP_STATE, ws=team.ws)
+    assert out["autoTopUp"] == {"enabled": True, "consecutiveFailures": 0, "purchasesThisMonth": 1}
+    assert {"kind": "TOPUP_FAILED", "status": "OPEN"} not in out["alerts"]
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_start_answers_with_its_generation_when_the_alerts_and_top_up_after_it_fail(
+        db, client, database_url, caplog):
+    # After the hold commits, alerts and auto top-up run on the ORM pool. Here that pool's only
+    # connection is taken, so they fail (UNAVAILABLE); the start's answer is still its generation,
+    # and the next spend evaluates from the same state and buys the pack.
+    from sqlalchemy import text
+
+    from domain import identity
+    from domain.access import Caller
+    from domain.db import Database
+    from domain.ledger import service
+    from domain.ledger.models import GenerationStatus
+    from domain.ledger.payments import ScriptedProvider
+    from policies import Authorizer
+    from tests.test_api_ledger import _a_pack
+
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    pack = await _a_pack(client, team.operator)
+    async with client(team.owner) as api:
+        await api(AUTO, ws=team.ws, pack=pack, threshold="95", limit=3)
+    token, _ = team.creators[0]
+    caller = Caller(await identity.authenticate_secret(db, token), Authorizer())
+    provider = ScriptedProvider()
+    tiny = Database(database_url, pool_size=1, max_overflow=0, acquire_timeout=0.2)
+    busy, done = asyncio.Event(), asyncio.Event()
+
+    async def keep(session):
+        await session.execute(text("SELECT 1"))
+        busy.set()
+        await done.wait()
+
+    def a_start():
+        return service.start_generation(tiny, caller, workspace_id=team.ws, model_key="dalle-3",
+                                        idempotency_key=key(), payments=provider)
+
+    try:
+        keeper = asyncio.ensure_future(tiny.transaction(keep))
+        await busy.wait()
+        with caplog.at_level("ERROR", logger="creditpool.automation"):
+            started = await a_start()
+        assert started.generation.status is GenerationStatus.STARTED
+        assert "alerts and auto top-up after a spend" in caplog.text
+        assert provider.seen == [] and await purchases_of(db, team.ws) == 0
+        done.set()
+        await keeper
+        assert (await a_start()).generation.status is GenerationStatus.STARTED
+    finally:
+        done.set()
+        await tiny.dispose()
+    assert len(provider.seen) == 1 and await purchases_of(db, team.ws) == 1
+    await assert_ledger_clean(db, team.ws)
+
+
 async def test_only_owners_and_billing_managers_set_auto_top_up(db, client):
     from tests.test_api_ledger import _a_pack
 

@@ -5,11 +5,13 @@ Auto top-up buys exactly one pack per crossing of the threshold. The crossing la
 `UPDATE ... SET armed = false WHERE armed`; a concurrent spend waits on that row, then finds it
 disarmed and does nothing. The balance climbing back over the threshold re-arms it. The payment
 provider is asked outside any transaction, with a payment reference unique to that claim, and
-the credits go through the same purchase path as a manual purchase.
+the credits go through the same purchase path as a manual purchase. A provider that does not
+answer counts as a failed attempt, and the next attempt asks again under the same reference.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,12 +28,13 @@ from domain.governance.limits import approved_extra
 from domain.governance.models import Alert, AlertStatus, AutoTopUp, LimitUsage
 from domain.governance.rules import period_start
 from domain.ledger.models import CreditPack, Grant
-from domain.ledger.payments import PaymentProvider, PaymentRequest
+from domain.ledger.payments import PaymentOutcome, PaymentProvider, PaymentRequest
 from domain.money import format_credits, parse_credits
 from domain.workspaces.models import Workspace
 from policies import Action
 
 GRANTS = Grant.__table__
+log = logging.getLogger("creditpool.automation")
 
 
 async def available_units(session: AsyncSession, ws_id: uuid.UUID, now: datetime) -> int:
@@ -59,10 +62,17 @@ def needs_after_spend(auto_topup_enabled: bool, low_balance_alert_units: int | N
 
 async def after_spend(db: Database, clock: Clock, provider: PaymentProvider | None, ws_id: uuid.UUID,
                       charges: list[dict]) -> None:
-    now = clock.now()
-    claim = await db.transaction(lambda s: _evaluate(s, ws_id, charges, now))
-    if claim is not None and provider is not None:
-        await run_top_up(db, provider, claim, now)
+    """Alerts and auto top-up after a spend that has committed. It never raises: the spend's
+    answer is what was committed, and a failure here (the database busy or gone) is logged. An
+    evaluation that fails changes nothing (it is one transaction): the next spend evaluates again
+    from the same state."""
+    try:
+        now = clock.now()
+        claim = await db.transaction(lambda s: _evaluate(s, ws_id, charges, now))
+        if claim is not None and provider is not None:
+            await run_top_up(db, provider, claim, now)
+    except Exception:
+        log.exception("alerts and auto top-up after a spend in workspace %s failed", ws_id)
 
 
 async def _evaluate(session: AsyncSession, ws_id: uuid.UUID, charges: list[dict], now: datetime) -> TopUpClaim | None:
@@ -139,8 +149,17 @@ async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim,
 
     pack = await db.read(lambda s: s.get_one(CreditPack, claim.pack_id))
     reference = f"auto-topup:{claim.workspace_id}:{claim.sequence}"
-    outcome = await provider.confirm(PaymentRequest(reference=reference, amount_minor=pack.price_minor,
-                                                    currency=pack.currency, description=f"auto top-up: {pack.name}"))
+    unanswered = False
+    try:
+        outcome = await provider.confirm(PaymentRequest(reference=reference, amount_minor=pack.price_minor,
+                                                        currency=pack.currency,
+                                                        description=f"auto top-up: {pack.name}"))
+    except Exception:
+        # No answer (a timeout, a refused connection): the payment may have gone through. Counted
+        # as a failed attempt; the claim's sequence is given back below, so the next attempt asks
+        # under this same reference and a provider that did take the payment answers it once.
+        log.warning("auto top-up %s: the payment provider did not answer", reference, exc_info=True)
+        outcome, unanswered = PaymentOutcome(ok=False, reason="the payment provider did not answer"), True
 
     async def succeeded(session: AsyncSession) -> bool:
         ws = await session.get_one(Workspace, claim.workspace_id)
@@ -162,6 +181,10 @@ async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim,
         topup = await session.get_one(AutoTopUp, claim.workspace_id, with_for_update=True)
         topup.consecutive_failures += 1
         topup.armed = True  # the next spend under the threshold tries again
+        if unanswered and topup.sequence == claim.sequence:
+            # Disarmed since the claim, so nobody has claimed since: the next claim takes this
+            # sequence again, and with it the same payment reference.
+            topup.sequence -= 1
         await alerts.fire(session, claim.workspace_id, alerts.TOPUP_FAILED, "auto-topup", now,
                           reason=outcome.reason, failures=topup.consecutive_failures)
         if topup.consecutive_failures >= topup.failure_limit:
@@ -172,7 +195,13 @@ async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim,
                               failures=topup.consecutive_failures)
         return False
 
-    return await db.transaction(succeeded if outcome.ok else failed)
+    try:
+        return await db.transaction(succeeded if outcome.ok else failed)
+    except Exception:
+        if outcome.ok:  # the one case where money moved and the ledger does not show it yet
+            log.error("auto top-up %s: the provider confirmed the payment but its credits were not recorded: "
+                      "reconcile this reference", reference)
+        raise
 
 
 # --- settings ----------------------------------------------------------------------------------

@@ -40,16 +40,21 @@ class TrustedReferenceProvider:
 
 
 class ScriptedProvider:
-    """For tests and demos: fails while `failures` is positive, then succeeds."""
+    """For tests and demos: does not answer (raises) while `unanswered` is positive, then fails
+    while `failures` is positive, then succeeds."""
 
     name = "scripted"
 
     def __init__(self) -> None:
         self.failures = 0
+        self.unanswered = 0
         self.seen: list[PaymentRequest] = []
 
     async def confirm(self, request: PaymentRequest) -> PaymentOutcome:
         self.seen.append(request)
+        if self.unanswered > 0:
+            self.unanswered -= 1
+            raise ConnectionError("the payment provider did not answer")
         if self.failures > 0:
             self.failures -= 1
             return PaymentOutcome(ok=False, reason="card declined")
