@@ -233,8 +233,9 @@ class RequestOverageInput:
     workspace_id: strawberry.ID
     amount: str
     reason: str
-    limit_id: strawberry.ID | None = strawberry.field(default=None, description="Default: the tightest limit "
-                                                                                "that may be raised.")
+    limit_id: strawberry.ID | None = strawberry.field(default=None, description="Default: the limit that may "
+                                                                                "be raised with the least room left "
+                                                                                "this period.")
     model_key: str | None = strawberry.field(default=None, description="What you were trying to run.")
 
 

@@ -71,6 +71,14 @@ async def approved_extra(tx: AsyncSession | Sql, limit_id: uuid.UUID, period: da
     return int(await as_sql(tx).fetchval(_APPROVED, limit_id, period, now))
 
 
+async def headroom(tx: AsyncSession | Sql, limit, period: datetime, now: datetime) -> int:
+    """What a limit (an `applicable_limits` row) still lets through in `period`: its amount plus
+    the approved overages in force, less what the period has used (negative when over)."""
+    sql = as_sql(tx)
+    used = await sql.fetchval(_USED, limit["id"], period) or 0
+    return limit["amount_units"] + await approved_extra(sql, limit["id"], period, now) - used
+
+
 async def charge(
     tx: AsyncSession | Sql, *, workspace_id: uuid.UUID, timezone: str, member_id: uuid.UUID,
     billing_group_id: uuid.UUID | None, units: int, now: datetime,

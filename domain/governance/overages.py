@@ -14,7 +14,7 @@ from domain.access import Caller, authorize, parse_id
 from domain.db import Database
 from domain.errors import Forbidden, NotFound, OverageNotPending, ValidationFailed
 from domain.governance import alerts, audit
-from domain.governance.limits import applicable_limits
+from domain.governance.limits import applicable_limits, headroom
 from domain.governance.models import (
     LimitAction,
     LimitPeriod,
@@ -45,17 +45,21 @@ async def request_overage(
         if me is None:
             raise Forbidden(Action.REQUEST_OVERAGE.value)
         ws = await session.get_one(Workspace, ws_id)
-        # The limit that applies to the requester and may be raised; by default the tightest one.
+        # The limit that applies to the requester and may be raised; by default the one with the
+        # least room left this period, the one refusing the member's starts (the smallest amount
+        # says nothing: a roomy daily limit of 15 is not what blocks under a full monthly one).
         wanted = parse_id(limit_id, "spend limit") if limit_id is not None else None
         raisable = [l for l in await applicable_limits(session, ws_id, me.id, me.billing_group_id)
                     if l["action"] == LimitAction.REQUIRE_APPROVAL.value and wanted in (None, l["id"])]
         if not raisable:
             raise NotFound("spend limit")
-        limit = min(raisable, key=lambda l: (l["amount_units"], l["id"]))
         now = caller.clock.now()
+        starts = {l["id"]: period_start(LimitPeriod(l["period"]), now, ws.timezone) for l in raisable}
+        room = {l["id"]: await headroom(session, l, starts[l["id"]], now) for l in raisable}
+        limit = min(raisable, key=lambda l: (room[l["id"]], l["amount_units"], l["id"]))
         request = OverageRequest(
             workspace_id=ws_id, member_id=me.id, limit_id=limit["id"],
-            period_start=period_start(LimitPeriod(limit["period"]), now, ws.timezone), amount_units=units, reason=reason,
+            period_start=starts[limit["id"]], amount_units=units, reason=reason,
             model_key=model_key, status=OverageStatus.PENDING, lapses_at=now + ttl, requested_at=now,
         )
         session.add(request)
