@@ -162,6 +162,9 @@ class Generation(Base):
     id: Mapped[uuid.UUID] = uuid_pk()
     workspace_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workspaces.id"))
     member_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("members.id"))  # whose credits
+    # The member's billing group when it started: the whole generation (its hold and any extra
+    # captured above it) draws with this group, whatever group the member is in later.
+    billing_group_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("billing_groups.id"))
     requested_by: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))  # who called (maybe a service)
     model_key: Mapped[str] = mapped_column(String(100))
     parameters: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))

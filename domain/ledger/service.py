@@ -615,6 +615,7 @@ class GenerationRecord:
     quote: dict[str, Any] | None
     started_at: datetime
     limit_charges: list[dict[str, str]]
+    billing_group_id: uuid.UUID | None  # the payer's group when it started
     created_at: datetime
     settled_at: datetime | None
     settled_by: uuid.UUID | None
@@ -731,10 +732,10 @@ WHERE w.id = $1
 
 _SPENDER = CallerRead(_spender_read, 4)
 _GENERATION_COLUMNS = """id, workspace_id, member_id, requested_by, model_key, parameters, status, quoted_units,
-    price_list_id, quote, started_at, limit_charges"""
+    price_list_id, quote, started_at, limit_charges, billing_group_id"""
 _INSERT_GENERATION = f"""
 INSERT INTO generations ({_GENERATION_COLUMNS})
-VALUES ($1, $2, $3, $4, $5, $6, 'STARTED', $7, $8, $9, $10, $11)
+VALUES ($1, $2, $3, $4, $5, $6, 'STARTED', $7, $8, $9, $10, $11, $12)
 RETURNING *
 """
 # Reservations as one statement (`Database.autocommit`), one or a coalesced batch of them: the
@@ -745,13 +746,13 @@ WITH claim AS ({idempotency.claim_sql(1)}),
 started AS (
     INSERT INTO generations AS ng ({_GENERATION_COLUMNS})
     SELECT n.id, n.workspace_id, n.member_id, n.requested_by, n.model_key, n.parameters::jsonb, 'STARTED',
-        n.quoted_units, n.price_list_id, n.quote::jsonb, n.started_at, n.limit_charges::jsonb
+        n.quoted_units, n.price_list_id, n.quote::jsonb, n.started_at, n.limit_charges::jsonb, n.billing_group_id
     FROM unnest($7::uuid[], $8::uuid[], $9::uuid[], $10::uuid[], $11::text[], $12::text[], $13::bigint[],
-                $14::uuid[], $15::text[], $16::timestamptz[], $17::text[])
+                $14::uuid[], $15::text[], $16::timestamptz[], $17::text[], $18::uuid[])
         AS n(id, workspace_id, member_id, requested_by, model_key, parameters, quoted_units, price_list_id, quote,
-             started_at, limit_charges)
+             started_at, limit_charges, billing_group_id)
     RETURNING ng AS row
-), {_posting_ctes(18)}
+), {_posting_ctes(19)}
 SELECT (SELECT count(*) FROM claim) AS claimed, (SELECT array_agg(row) FROM started) AS generations, {_POSTED}
 """  # `claimed` is read only to write the claims before the grants are locked (see `_POSTED`)
 # What makes a one-statement write fall back to the transaction path (which reproduces the refusal
@@ -773,7 +774,7 @@ class _Hold:
 async def write_holds(sql: Sql, holds: list[_Hold]) -> list[GenerationResult]:
     """Write reservations as one statement; each one's result, in order."""
     row = await sql.fetchrow(_RESERVE, *columns([h.claim for h in holds], 6),
-                             *columns([h.generation for h in holds], 11),
+                             *columns([h.generation for h in holds], 12),
                              *_posting_args(*(h.posting for h in holds)))
     posted = _posted(row)
     generations = {g["id"]: GenerationRecord.of(g) for g in row["generations"]}
@@ -801,7 +802,8 @@ class _Reservation:
 
     def generation_args(self, req: StartRequest, caller: Caller, charges: list[dict]) -> tuple:
         return (self.generation_id, req.ws_id, self.member_id, caller.actor.user_id, req.model_key,
-                req.parameters_json, self.price, self.price_list_id, self.quote_json, self.now, json.dumps(charges))
+                req.parameters_json, self.price, self.price_list_id, self.quote_json, self.now, json.dumps(charges),
+                self.group_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1004,7 +1006,7 @@ def _spender(caller: Caller, ws_id: uuid.UUID, ws: Any, target_id: uuid.UUID | N
     return ws["target_id"], ws["target_group_id"]
 
 
-_SETTLING_COLUMNS = """g.*, p.user_id AS payer_user_id, p.billing_group_id AS payer_group_id,
+_SETTLING_COLUMNS = """g.*, p.user_id AS payer_user_id,
        c.id AS caller_member_id, c.role AS caller_role, c.seat AS caller_seat,
        w.allocation_mode, w.pool_fallback"""
 
@@ -1107,8 +1109,10 @@ async def complete_generation(
         await limits.adjust(sql, gen.limit_charges, -(total_held - min(cost, total_held)))
         also = list(s.held)
         if extra:
+            # The extra belongs to this generation: it draws with the group it started in (and
+            # counts in the limits its hold counted in), not the member's group of today.
             scope = spend_scope(s.row["allocation_mode"], s.row["pool_fallback"], gen.member_id,
-                                s.row["payer_group_id"])
+                                gen.billing_group_id)
             rows = await optimistic.spendable(sql, gen.workspace_id, scope, now, also=also)
         else:
             rows = await optimistic.grants(sql, also)
