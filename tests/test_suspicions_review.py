@@ -69,3 +69,25 @@ async def test_the_extra_above_a_hold_is_paid_by_the_group_the_generation_starte
     assert left == {a: Decimal(5), b: Decimal(40)}
     assert (used[limit_a], used[limit_b]) == ("25.000", "0.000")
     await assert_ledger_clean(db, team.ws)
+
+
+# --- 5. zero-priced generations and spend limits ------------------------------------------------------
+
+async def test_credits_captured_by_a_zero_priced_generation_count_toward_limits(db, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="20", action="BLOCK", member=member)
+    free = await start(client, token, team.ws, model="test-free")
+    assert (free["__typename"], free["cost"]) == ("Generation", "0.000")
+    async with client(team.worker) as api:  # the worker reports what the job really cost
+        done = (await api(COMPLETE, g=free["id"], key=key(), cost="15"))["completeGeneration"]
+    assert (done["captured"], done["shortfall"]) == ("15.000", "0.000")
+    async with client(team.owner) as api:
+        assert (await api(LIMITS_OF, ws=team.ws))["spendLimits"][0]["used"] == "15.000"  # captured credits count
+    # 15 of 20 used: one 10-credit generation no longer fits ...
+    assert (await start(client, token, team.ws))["__typename"] == "SpendLimitExceeded"
+    # ... while a free one still starts: limits count credits, not generations.
+    assert (await start(client, token, team.ws, model="test-free"))["__typename"] == "Generation"
+    await assert_ledger_clean(db, team.ws)

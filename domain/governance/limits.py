@@ -85,16 +85,19 @@ async def charge(
 ) -> list[dict]:
     """Count `units` against every applicable limit, or raise SpendLimitExceeded (the whole
     transaction then rolls back, so nothing was counted). Returns what was charged, to be
-    uncharged by what the generation later releases."""
-    if units <= 0:
-        return []
+    uncharged by what the generation later releases, or added to by an extra captured above the
+    hold: a zero-priced start is charged nothing and refused by no limit (limits count credits,
+    not generations), but its charges are recorded all the same, so that what it captures
+    counts."""
+    if units < 0:
+        raise ValueError(f"units must not be negative, got {units!r}")
     sql = as_sql(tx)
     charges = []
     for limit in await applicable_limits(sql, workspace_id, member_id, billing_group_id):
         # id order: a fixed lock order across concurrent starts
         start = period_start(LimitPeriod(limit["period"]), now, timezone)
         await sql.execute(_USAGE_ROW, limit["id"], start)
-        if await sql.fetchrow(_CHARGE, units, limit["id"], start, limit["amount_units"], now) is None:
+        if units and await sql.fetchrow(_CHARGE, units, limit["id"], start, limit["amount_units"], now) is None:
             used = await sql.fetchval(_USED, limit["id"], start)
             allowance = limit["amount_units"] + await approved_extra(sql, limit["id"], start, now)
             raise SpendLimitExceeded(limit_id=limit["id"], scope=limit["scope"], period=limit["period"],
