@@ -5,9 +5,21 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from tests.conftest import new_user
 from tests.test_api_governance import DECIDE, REQUEST, SET_LIMIT, start
-from tests.test_api_ledger import COMPLETE, assert_ledger_clean, grant, key, make_team
+from tests.test_api_ledger import ADD, COMPLETE, FAIL, TRANSFER, assert_ledger_clean, balance, grant, key, make_team
 from tests.test_governance_review import ASSIGN, GROUP, TO_GROUP
+from tests.test_periods import (  # noqa: F401 - the periods database and its clock reset
+    clean,
+    closes_of,
+    month,
+    plan,
+    real_time,
+    spend,
+    workspace,
+    world,
+)
+from tests.test_periods import balance as p_balance
 
 
 # --- 1. requestOverage without a limit id -----------------------------------------------------------
@@ -91,3 +103,100 @@ async def test_credits_captured_by_a_zero_priced_generation_count_toward_limits(
     # ... while a free one still starts: limits count credits, not generations.
     assert (await start(client, token, team.ws, model="test-free"))["__typename"] == "Generation"
     await assert_ledger_clean(db, team.ws)
+
+
+# --- 6. PER_SEAT after a change of allocation mode ----------------------------------------------------
+
+MODE = ('mutation($ws: ID!, $m: AllocationMode!) { updateWorkspace(input: {workspaceId: $ws, allocationMode: $m}) '
+        '{ __typename ... on Workspace { allocationMode } } }')
+
+
+async def test_per_seat_after_pooled_and_back_draws_the_right_buckets_exactly(db, client):
+    team = await make_team(db, client, mode="POOLED", creators=2)
+    (a, a_member), (b, b_member) = team.creators
+    pool = (await grant(client, team, "100"))["id"]
+    seat_a = (await grant(client, team, "30", member=a_member))["id"]  # granted while POOLED: kept, not spendable
+
+    async def mode(m: str) -> None:
+        async with client(team.owner) as api:
+            assert (await api(MODE, ws=team.ws, m=m))["updateWorkspace"] == {"__typename": "Workspace",
+                                                                             "allocationMode": m}
+
+    async def spend(token: str, model: str = "sdxl") -> dict:
+        return await start(client, token, team.ws, model=model)
+
+    def paid_by(gen: dict) -> list[tuple[str, str]]:
+        return [(h["grant"]["id"], h["held"]) for h in gen["holds"]]
+
+    pooled_gen = await spend(a)  # POOLED: the pool pays, the seat grant is left alone
+    assert paid_by(pooled_gen) == [(pool, "5.000")]
+
+    await mode("PER_SEAT")
+    seat_gen = await spend(a)  # now only A's own seat pays
+    assert paid_by(seat_gen) == [(seat_a, "5.000")]
+    refused = await spend(b)  # B has no seat credits and there is no fallback to the pool
+    assert (refused["__typename"], refused["available"]) == ("InsufficientCredits", "0.000")
+    assert (await balance(client, a, team.ws))["viewerSpendable"] == "25.000"
+    assert (await balance(client, b, team.ws))["viewerSpendable"] == "0.000"
+    async with client(team.worker) as api:  # the POOLED-era hold settles on the grant it came from
+        done = (await api(COMPLETE, g=pooled_gen["id"], key=key(), cost="3"))["completeGeneration"]
+    assert (done["captured"], done["released"]) == ("3.000", "2.000")
+    assert [(h["grant"]["id"], h["captured"], h["released"]) for h in done["holds"]] == [(pool, "3.000", "2.000")]
+    async with client(team.owner) as api:
+        moved = (await api(TRANSFER, ws=team.ws, amount="10", key=key(), to=b_member))["transferCredits"]
+    seat_b = moved["grants"][0]["id"]
+    b_gen = await spend(b)
+    assert paid_by(b_gen) == [(seat_b, "5.000")]
+
+    await mode("POOLED")
+    back = await spend(a)  # the pool again; A's seat credits stay put
+    assert paid_by(back) == [(pool, "5.000")]
+    async with client(team.worker) as api:  # a PER_SEAT-era hold is refunded to A's seat
+        failed = (await api(FAIL, g=seat_gen["id"], key=key(), kind="TECHNICAL"))["failGeneration"]
+    assert [(h["grant"]["id"], h["released"]) for h in failed["holds"]] == [(seat_a, "5.000")]
+    assert (await balance(client, a, team.ws))["viewerSpendable"] == "82.000"  # 100 - 3 - 10 - 5
+
+    b_ = await balance(client, team.owner, team.ws)
+    figures = {g["id"]: (g["remaining"], g["held"], g["captured"], g["transferredOut"]) for g in b_["grants"]}
+    assert figures == {
+        pool: ("82.000", "5.000", "3.000", "10.000"),
+        seat_a: ("30.000", "0.000", "0.000", "0.000"),
+        seat_b: ("5.000", "5.000", "0.000", "0.000"),
+    }
+    scopes = {(s["scope"], s["memberId"]): (s["available"], s["held"]) for s in b_["scopes"]}
+    assert scopes == {("WORKSPACE", None): ("82.000", "5.000"), ("SEAT", a_member): ("30.000", "0.000"),
+                      ("SEAT", b_member): ("5.000", "5.000")}
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_allowances_follow_the_mode_at_each_boundary_after_switching_and_back(world):
+    key_ = await plan(world, includedCredits="50", rolloverPolicy="RESET")
+    owner, ws = await workspace(world, key_, mode="POOLED")
+    async with world.client(owner) as api:
+        email, creator = await new_user(world.db, prefix="creator")
+        c_member = (await api(ADD, ws=ws, email=email, role="MEMBER", seat="CREATOR"))["addMember"]["id"]
+        assert (await api(MODE, ws=ws, m="PER_SEAT"))["updateWorkspace"]["allocationMode"] == "PER_SEAT"
+
+    def allowances(b: dict) -> dict:
+        return {(g["scope"], g["memberId"]): g["remaining"] for g in b["grants"] if g["source"] == "PLAN_ALLOWANCE"}
+
+    # Mid-period the pooled allowance stays in the pool (nothing moves with the mode); seats get
+    # theirs at the next boundary, like a creator seat added mid-period.
+    b = await p_balance(world, owner, ws)
+    assert (allowances(b), b["viewerSpendable"]) == ({("WORKSPACE", None): "50.000"}, "0.000")
+    [closed] = closes_of(await world.tick(month(1)), ws)
+    assert (closed.expired_units, closed.issued_units) == (50_000, 100_000)  # pool reset; 50 a creator seat
+    await spend(world, owner, ws, "20")
+    b = await p_balance(world, owner, ws)
+    [owner_member] = {g["memberId"] for g in b["grants"] if g["memberId"] != c_member and g["memberId"]}
+    assert allowances(b) == {("SEAT", owner_member): "30.000", ("SEAT", c_member): "50.000"}
+    assert (b["viewerSpendable"], (await p_balance(world, creator, ws))["viewerSpendable"]) == ("30.000", "50.000")
+
+    async with world.client(owner) as api:
+        assert (await api(MODE, ws=ws, m="POOLED"))["updateWorkspace"]["allocationMode"] == "POOLED"
+    [closed] = closes_of(await world.tick(month(2)), ws)
+    assert (closed.expired_units, closed.issued_units) == (80_000, 50_000)  # both seats reset; one pool allowance
+    await spend(world, creator, ws, "10")
+    b = await p_balance(world, owner, ws)
+    assert (allowances(b), b["viewerSpendable"]) == ({("WORKSPACE", None): "40.000"}, "40.000")
+    await clean(world, ws)
