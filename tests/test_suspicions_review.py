@@ -3,11 +3,12 @@ proved real bugs stay as regression tests; the others pin behaviour the review f
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from tests.conftest import new_user
 from tests.test_api_governance import DECIDE, REQUEST, SET_LIMIT, start
-from tests.test_api_ledger import ADD, COMPLETE, FAIL, TRANSFER, assert_ledger_clean, balance, grant, key, make_team
+from tests.test_api_ledger import ADD, COMPLETE, FAIL, START, TRANSFER, assert_ledger_clean, balance, grant, key, make_team
 from tests.test_governance_review import ASSIGN, GROUP, TO_GROUP
 from tests.test_periods import (  # noqa: F401 - the periods database and its clock reset
     clean,
@@ -15,6 +16,7 @@ from tests.test_periods import (  # noqa: F401 - the periods database and its cl
     month,
     plan,
     real_time,
+    schedule,
     spend,
     workspace,
     world,
@@ -200,3 +202,56 @@ async def test_allowances_follow_the_mode_at_each_boundary_after_switching_and_b
     b = await p_balance(world, owner, ws)
     assert (allowances(b), b["viewerSpendable"]) == ({("WORKSPACE", None): "40.000"}, "40.000")
     await clean(world, ws)
+
+
+# --- 3. allowance credits released after their period ended -------------------------------------------
+
+async def _rollover_workspace(world) -> tuple[str, str, datetime]:
+    """A workspace on a plan rolling over all of a 100-credit allowance: (owner, id, boundary)."""
+    key_ = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverCapPercent=100,
+                      rolloverPeriods=2)
+    owner, ws = await workspace(world, key_)
+    return owner, ws, datetime.fromisoformat((await schedule(world, owner, ws))["nextRenewalAt"])
+
+
+async def _hold_50(world, owner: str, ws: str) -> str:
+    async with world.client(owner) as api:
+        gen = (await api(START, ws=ws, model="video-standard", key=key()))["startGeneration"]
+    assert gen["__typename"] == "Generation", gen
+    return gen["id"]
+
+
+async def _expiries(world, owner: str, ws: str) -> list[str]:
+    async with world.client(owner) as api:
+        edges = (await api('query($ws: ID!) { ledger(workspaceId: $ws, filter: {kinds: [EXPIRE]}) '
+                           '{ edges { node { amount } } } }', ws=ws))["ledger"]["edges"]
+    return [e["node"]["amount"] for e in edges]
+
+
+async def test_allowance_released_after_its_period_expires_the_same_whether_the_close_ran_or_not(world):
+    """Held at the boundary, released after it: those credits were not there to roll over, and
+    they expire on release (issue 6). The outcome must not depend on when the tick runs."""
+    late, on_time = await _rollover_workspace(world), await _rollover_workspace(world)
+    world.clock.offset = late[2] - world.clock.now() - timedelta(minutes=30)  # within the hold TTL of the end
+    gens = [await _hold_50(world, owner, ws) for owner, ws, _ in (late, on_time)]
+
+    async def fail(gen: str) -> None:
+        async with world.client(world.operator) as api:
+            out = (await api(FAIL, g=gen, key=key(), kind="TECHNICAL"))["failGeneration"]
+        assert out.get("released") == "50.000", out
+
+    after = on_time[2] - (world.clock.now() - world.clock.offset) + timedelta(minutes=1)
+    world.clock.offset = after
+    await fail(gens[0])  # before the close has run
+    report = await world.tick(after)
+    await fail(gens[1])  # after it ran
+    for owner, ws, _ in (late, on_time):
+        [closed] = closes_of(report, ws)
+        # The 50 free at the boundary rolled over and the new 100 were issued; the 50 released
+        # after the boundary expired on release (an expiry entry: nothing lost unrecorded).
+        assert (closed.rolled_over_units, closed.expired_units, closed.issued_units) == (50_000, 0, 100_000)
+        b = await p_balance(world, owner, ws)
+        assert (b["available"], b["held"]) == ("150.000", "0.000")
+        assert await _expiries(world, owner, ws) == ["50.000"]
+        await clean(world, ws)
+
