@@ -255,3 +255,19 @@ async def test_allowance_released_after_its_period_expires_the_same_whether_the_
         assert await _expiries(world, owner, ws) == ["50.000"]
         await clean(world, ws)
 
+
+
+async def test_a_hold_that_timed_out_before_the_boundary_rolls_over_even_when_the_tick_runs_late(world):
+    """Found next to suspicion 3: a hold whose time-to-live ran out an hour before the boundary
+    was back on the allowance at the boundary (a tick on time releases it then), so it rolls
+    over. A tick that first runs after the boundary must reach the same result, not expire it."""
+    owner, ws, boundary = await _rollover_workspace(world)
+    world.clock.offset = boundary - world.clock.now() - timedelta(hours=2)  # its deadline: an hour before the end
+    await _hold_50(world, owner, ws)
+    report = await world.tick(boundary - (world.clock.now() - world.clock.offset) + timedelta(minutes=1))
+    [closed] = closes_of(report, ws)
+    assert (closed.rolled_over_units, closed.expired_units) == (100_000, 0)
+    b = await p_balance(world, owner, ws)
+    assert (b["available"], b["held"]) == ("200.000", "0.000")
+    assert await _expiries(world, owner, ws) == []
+    await clean(world, ws)

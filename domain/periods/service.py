@@ -189,6 +189,11 @@ async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 
     transaction, so a unit another process holds is skipped, and a done unit is no longer due."""
     report = TickReport()
     now = clock.now()
+    # Hold timeouts first: a hold that timed out before a boundary was back on its grant at that
+    # boundary (a tick on time released it then), so a late tick releases it before closing the
+    # period, for the close to roll it over. Released after its grant expired, it expires then.
+    while timed_out := await db.transaction(lambda s: _time_out_holds(s, now, hold_ttl, batch)):
+        report.holds_timed_out += timed_out
     while closed := await db.transaction(lambda s: _close_one_due_period(s, now)):
         report.periods_closed += 1
         report.closes.append(closed)
@@ -196,8 +201,6 @@ async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 
         report.daily_issued += 1
     while expired := await db.transaction(lambda s: _expire_due_grants(s, now, batch)):
         report.grants_expired += expired
-    while timed_out := await db.transaction(lambda s: _time_out_holds(s, now, hold_ttl, batch)):
-        report.holds_timed_out += timed_out
     report.overages_lapsed = await db.transaction(lambda s: lapse_pending(s, now))
     report.alerts_changed = await db.transaction(lambda s: refresh_alerts(s, now))
     return report
