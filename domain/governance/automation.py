@@ -24,9 +24,8 @@ from domain.clock import Clock
 from domain.db import Database
 from domain.errors import NotFound, ValidationFailed
 from domain.governance import alerts, audit
-from domain.governance.limits import approved_extra
-from domain.governance.models import Alert, AlertStatus, AutoTopUp, LimitUsage
-from domain.governance.rules import period_start
+from domain.governance.limits import approved_extra, in_progress
+from domain.governance.models import Alert, AlertStatus, AutoTopUp, LimitPeriod, LimitUsage
 from domain.ledger.models import CreditPack, Grant
 from domain.ledger.payments import PaymentOutcome, PaymentProvider, PaymentRequest
 from domain.money import format_credits, parse_credits
@@ -96,7 +95,7 @@ async def _evaluate(session: AsyncSession, ws_id: uuid.UUID, charges: list[dict]
     if not pack.is_active:  # never buy what is no longer on sale
         await alerts.fire(session, ws_id, alerts.TOPUP_FAILED, "auto-topup", now, reason="the pack is off sale")
         return None
-    month = period_start_month(now, ws.timezone)
+    month = period_start_month(now, ws.timezone, topup.month_start)
     purchases, units = (topup.purchases_this_month, topup.units_this_month) if topup.month_start == month else (0, 0)
     if purchases + 1 > topup.monthly_max_purchases or units + pack.units > topup.monthly_max_units:
         await alerts.fire(session, ws_id, alerts.TOPUP_CAP_REACHED, month.isoformat(), now,
@@ -111,10 +110,10 @@ async def _evaluate(session: AsyncSession, ws_id: uuid.UUID, charges: list[dict]
     return TopUpClaim(ws_id, claimed.sequence, topup.pack_id, topup.enabled_by)
 
 
-def period_start_month(now: datetime, timezone: str) -> datetime:
-    from domain.governance.models import LimitPeriod
-
-    return period_start(LimitPeriod.MONTH, now, timezone)
+def period_start_month(now: datetime, timezone: str, latest: datetime | None) -> datetime:
+    """The auto top-up month in progress; `latest` is the month last counted in. Like a spend
+    limit's, a month keeps its bounds across a change of timezone (its cap is not reset)."""
+    return in_progress(LimitPeriod.MONTH, now, timezone, latest)
 
 
 async def _low_balance(session: AsyncSession, ws: Workspace, available: int, now: datetime) -> None:
@@ -167,7 +166,7 @@ async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim,
                               provider=provider.name, actor_id=claim.actor_id, key=reference,
                               request={"autoTopUp": claim.sequence}, now=now)
         topup = await session.get_one(AutoTopUp, claim.workspace_id, with_for_update=True)
-        month = period_start_month(now, ws.timezone)
+        month = period_start_month(now, ws.timezone, topup.month_start)
         if topup.month_start != month:
             topup.month_start, topup.purchases_this_month, topup.units_this_month = month, 0, 0
         topup.purchases_this_month += 1

@@ -54,6 +54,7 @@ WHERE limit_id = $1 AND period_start = $2 AND status = 'APPROVED' AND (approval_
 """
 _USAGE_ROW = "INSERT INTO limit_usage (limit_id, period_start, used_units) VALUES ($1, $2, 0) ON CONFLICT DO NOTHING"
 _USED = "SELECT used_units FROM limit_usage WHERE limit_id = $1 AND period_start = $2"
+_LATEST = "SELECT max(period_start) FROM limit_usage WHERE limit_id = $1 AND period_start <= $2"
 _ADJUST = """
 UPDATE limit_usage SET used_units = greatest(used_units + $3, 0) WHERE limit_id = $1 AND period_start = $2
 """
@@ -65,6 +66,24 @@ async def applicable_limits(
     """The live limits a member's spend counts against (theirs, their group's, the workspace's),
     in id order: rows of id, scope, period, amount_units, action."""
     return await as_sql(tx).fetch(_APPLICABLE, workspace_id, member_id, billing_group_id)
+
+
+def in_progress(period: LimitPeriod, now: datetime, timezone: str, latest: datetime | None) -> datetime:
+    """The start of the period in progress at `now`, given the latest period already started
+    (`latest`, or None). A period keeps the bounds it started with: after a change of the
+    workspace's timezone, the period in progress runs to its end before periods follow the new
+    local calendar, so the change neither forgets what the period used (a fresh limit mid-period)
+    nor the overages approved for it."""
+    start = period_start(period, now, timezone)
+    if latest is not None and latest != start and latest <= now < period_end(period, latest, timezone):
+        return latest
+    return start
+
+
+async def current_period(tx: AsyncSession | Sql, limit_id: uuid.UUID, period: LimitPeriod | str, now: datetime,
+                         timezone: str) -> datetime:
+    """`in_progress` for a limit, from its usage rows."""
+    return in_progress(LimitPeriod(period), now, timezone, await as_sql(tx).fetchval(_LATEST, limit_id, now))
 
 
 async def approved_extra(tx: AsyncSession | Sql, limit_id: uuid.UUID, period: datetime, now: datetime) -> int:
@@ -95,7 +114,7 @@ async def charge(
     charges = []
     for limit in await applicable_limits(sql, workspace_id, member_id, billing_group_id):
         # id order: a fixed lock order across concurrent starts
-        start = period_start(LimitPeriod(limit["period"]), now, timezone)
+        start = await current_period(sql, limit["id"], limit["period"], now, timezone)
         await sql.execute(_USAGE_ROW, limit["id"], start)
         if units and await sql.fetchrow(_CHARGE, units, limit["id"], start, limit["amount_units"], now) is None:
             used = await sql.fetchval(_USED, limit["id"], start)
@@ -210,7 +229,7 @@ async def list_limits(db: Database, caller: Caller, *, workspace_id: str) -> lis
             SpendLimit.workspace_id == ws_id, SpendLimit.removed_at.is_(None)).order_by(SpendLimit.created_at))).scalars()
         out = []
         for limit in limits:
-            start = period_start(limit.period, now, ws.timezone)
+            start = await current_period(session, limit.id, limit.period, now, ws.timezone)
             used = (await session.execute(select(LimitUsage.used_units).where(
                 LimitUsage.limit_id == limit.id, LimitUsage.period_start == start))).scalar_one_or_none() or 0
             out.append(LimitView(limit, start, period_end(limit.period, start, ws.timezone), used,

@@ -14,16 +14,15 @@ from domain.access import Caller, authorize, parse_id
 from domain.db import Database
 from domain.errors import Forbidden, NotFound, OverageNotPending, ValidationFailed
 from domain.governance import alerts, audit
-from domain.governance.limits import applicable_limits, headroom
+from domain.governance.limits import applicable_limits, current_period, headroom
 from domain.governance.models import (
     LimitAction,
-    LimitPeriod,
     OverageRequest,
     OverageStatus,
     SpendLimit,
 )
 from domain.governance.notifications import approvers, notify
-from domain.governance.rules import period_end, period_start
+from domain.governance.rules import period_end
 from domain.identity import clean_name
 from domain.money import format_credits, parse_credits
 from domain.workspaces.models import Member, Workspace
@@ -54,7 +53,7 @@ async def request_overage(
         if not raisable:
             raise NotFound("spend limit")
         now = caller.clock.now()
-        starts = {l["id"]: period_start(LimitPeriod(l["period"]), now, ws.timezone) for l in raisable}
+        starts = {l["id"]: await current_period(session, l["id"], l["period"], now, ws.timezone) for l in raisable}
         room = {l["id"]: await headroom(session, l, starts[l["id"]], now) for l in raisable}
         limit = min(raisable, key=lambda l: (room[l["id"]], l["amount_units"], l["id"]))
         request = OverageRequest(
