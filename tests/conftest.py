@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 import uvicorn
+from sqlalchemy import text
 from gql import Client, gql
 from gql.transport.aiohttp import AIOHTTPTransport
 from gql.transport.websockets import WebsocketsTransport
@@ -185,6 +186,33 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+@asynccontextmanager
+async def orm_pool_taken(database_url: str) -> AsyncIterator[tuple[Database, Callable[[], Awaitable[None]]]]:
+    """A `Database` whose ORM pool has one connection, held by a transaction until `release()`
+    (or the block's end); its hot-path pool is free. What runs on the ORM pool meanwhile hears
+    `Unavailable`."""
+    tiny = Database(database_url, pool_size=1, max_overflow=0, acquire_timeout=0.2)
+    busy, done = asyncio.Event(), asyncio.Event()
+
+    async def keep(session):
+        await session.execute(text("SELECT 1"))
+        busy.set()
+        await done.wait()
+
+    keeper = asyncio.ensure_future(tiny.transaction(keep))
+
+    async def release() -> None:
+        done.set()
+        await keeper
+
+    try:
+        await busy.wait()
+        yield tiny, release
+    finally:
+        await release()
+        await tiny.dispose()
 
 
 @pytest.fixture(scope="session")

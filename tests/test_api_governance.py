@@ -275,7 +275,9 @@ async def test_one_auto_top_up_per_crossing_under_20_concurrent_spends(db, live_
     await assert_ledger_clean(db, team.ws)
 
 
-async def test_repeated_payment_failures_turn_auto_top_up_off(db, live_server, client):
+async def under_auto_top_up(db, client):
+    """A one-creator team with 100 credits and auto top-up at a threshold of 95 (three failures
+    turn it off): every spend leaves it under the threshold. Returns the team and the creator."""
     from tests.test_api_ledger import _a_pack
 
     team = await make_team(db, client, creators=1)
@@ -284,6 +286,11 @@ async def test_repeated_payment_failures_turn_auto_top_up_off(db, live_server, c
     async with client(team.owner) as api:
         await api(AUTO, ws=team.ws, pack=pack, threshold="95", limit=3)
     token, _ = team.creators[0]
+    return team, token
+
+
+async def test_repeated_payment_failures_turn_auto_top_up_off(db, live_server, client):
+    team, token = await under_auto_top_up(db, client)
     live_server.payments.failures = 10
     try:
         seen = len(live_server.payments.seen)
@@ -312,14 +319,7 @@ async def test_a_payment_provider_that_does_not_answer_is_a_failed_attempt_retri
         db, live_server, client):
     # The provider may have taken a payment it never confirmed: asking again under a new
     # reference could charge twice, asking under the same one cannot.
-    from tests.test_api_ledger import _a_pack
-
-    team = await make_team(db, client, creators=1)
-    await grant(client, team, "100")
-    pack = await _a_pack(client, team.operator)
-    async with client(team.owner) as api:
-        await api(AUTO, ws=team.ws, pack=pack, threshold="95", limit=3)
-    token, _ = team.creators[0]
+    team, token = await under_auto_top_up(db, client)
     seen = len(live_server.payments.seen)
     live_server.payments.unanswered = 1
     try:
@@ -349,51 +349,29 @@ async def test_a_start_answers_with_its_generation_when_the_alerts_and_top_up_af
     # After the hold commits, alerts and auto top-up run on the ORM pool. Here that pool's only
     # connection is taken, so they fail (UNAVAILABLE); the start's answer is still its generation,
     # and the next spend evaluates from the same state and buys the pack.
-    from sqlalchemy import text
-
     from domain import identity
     from domain.access import Caller
-    from domain.db import Database
     from domain.ledger import service
     from domain.ledger.models import GenerationStatus
     from domain.ledger.payments import ScriptedProvider
     from policies import Authorizer
-    from tests.test_api_ledger import _a_pack
+    from tests.conftest import orm_pool_taken
 
-    team = await make_team(db, client, creators=1)
-    await grant(client, team, "100")
-    pack = await _a_pack(client, team.operator)
-    async with client(team.owner) as api:
-        await api(AUTO, ws=team.ws, pack=pack, threshold="95", limit=3)
-    token, _ = team.creators[0]
+    team, token = await under_auto_top_up(db, client)
     caller = Caller(await identity.authenticate_secret(db, token), Authorizer())
     provider = ScriptedProvider()
-    tiny = Database(database_url, pool_size=1, max_overflow=0, acquire_timeout=0.2)
-    busy, done = asyncio.Event(), asyncio.Event()
+    async with orm_pool_taken(database_url) as (tiny, release):
+        def a_start():
+            return service.start_generation(tiny, caller, workspace_id=team.ws, model_key="dalle-3",
+                                            idempotency_key=key(), payments=provider)
 
-    async def keep(session):
-        await session.execute(text("SELECT 1"))
-        busy.set()
-        await done.wait()
-
-    def a_start():
-        return service.start_generation(tiny, caller, workspace_id=team.ws, model_key="dalle-3",
-                                        idempotency_key=key(), payments=provider)
-
-    try:
-        keeper = asyncio.ensure_future(tiny.transaction(keep))
-        await busy.wait()
         with caplog.at_level("ERROR", logger="creditpool.automation"):
             started = await a_start()
         assert started.generation.status is GenerationStatus.STARTED
         assert "alerts and auto top-up after a spend" in caplog.text
         assert provider.seen == [] and await purchases_of(db, team.ws) == 0
-        done.set()
-        await keeper
+        await release()
         assert (await a_start()).generation.status is GenerationStatus.STARTED
-    finally:
-        done.set()
-        await tiny.dispose()
     assert len(provider.seen) == 1 and await purchases_of(db, team.ws) == 1
     await assert_ledger_clean(db, team.ws)
 

@@ -24,7 +24,7 @@ from domain.ledger.consumption import NotEnough, plan_draws
 from domain.ledger.models import Cause, EntryKind, GenerationStatus
 from domain.ledger.service import Optimistic, Posting, SpendScope, _spendable_buckets
 from policies import Authorizer
-from tests.conftest import LiveServer, http_client, new_user
+from tests.conftest import LiveServer, http_client, new_user, orm_pool_taken
 from tests.test_api_governance import SET_LIMIT
 from tests.test_api_ledger import COMPLETE, FAIL, START, assert_ledger_clean, balance, grant, key, make_team
 
@@ -497,24 +497,10 @@ async def test_a_request_that_finds_no_free_connection_in_time_is_refused_as_una
 
 
 async def test_the_orm_pool_refuses_as_unavailable_too(database_url):
-    tiny = Database(database_url, pool_size=1, max_overflow=0, acquire_timeout=0.2)
-    busy, done = asyncio.Event(), asyncio.Event()
-
-    async def keep(session):
-        await session.execute(text("SELECT 1"))
-        busy.set()
-        await done.wait()
-
-    try:
-        keeper = asyncio.ensure_future(tiny.transaction(keep))
-        await busy.wait()
+    async with orm_pool_taken(database_url) as (tiny, release):
         with pytest.raises(Unavailable):
             await tiny.read(lambda s: s.execute(text("SELECT 1")))
         with pytest.raises(Unavailable):
             await tiny.transaction(lambda s: s.execute(text("SELECT 1")))
-        done.set()
-        await keeper
+        await release()
         assert await tiny.read(lambda s: s.scalar(text("SELECT 2"))) == 2
-    finally:
-        done.set()
-        await tiny.dispose()
