@@ -146,11 +146,13 @@ class AutoTopUp:
     credits_this_month: str
 
     @classmethod
-    def of(cls, t: gm.AutoTopUp) -> AutoTopUp:
+    def of(cls, view: automation.TopUpView) -> AutoTopUp:
+        t = view.topup
         return cls(enabled=t.enabled, threshold=format_credits(t.threshold_units), pack_id=strawberry.ID(str(t.pack_id)),
                    monthly_max_purchases=t.monthly_max_purchases, monthly_max_credits=format_credits(t.monthly_max_units),
                    failure_limit=t.failure_limit, consecutive_failures=t.consecutive_failures,
-                   purchases_this_month=t.purchases_this_month, credits_this_month=format_credits(t.units_this_month))
+                   purchases_this_month=view.purchases_this_month,
+                   credits_this_month=format_credits(view.units_this_month))
 
 
 AlertStatus = strawberry.enum(gm.AlertStatus, name="AlertStatus")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from datetime import datetime
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -41,3 +43,51 @@ async def test_models_and_migrations_agree(database_url):
     finally:
         await db.dispose()
     assert diff == []
+
+
+async def test_0009_gives_running_periods_the_end_of_the_workspaces_calendar(pg_server):
+    """Usage rows and auto top-up months get their end from the workspace's timezone: one period
+    after a start on its calendar, and the nearest boundary for a start left by an earlier
+    timezone (a UTC month in a workspace now in New York)."""
+    url = await pg_server.create_database("creditpool_migration_0009")
+    await asyncio.to_thread(migrations.upgrade, url, "0008")
+    db = Database(url, pool_size=1)
+    ws, user, pack = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    limits = {period: uuid.uuid4() for period in ("DAY", "WEEK", "MONTH")}
+    starts = {  # (limit, start) -> the end 0009 must give it
+        ("MONTH", "2027-02-01T05:00:00+00:00"): "2027-03-01T05:00:00+00:00",  # New York's February
+        ("MONTH", "2027-03-01T00:00:00+00:00"): "2027-04-01T04:00:00+00:00",  # UTC's March: nearest
+        ("WEEK", "2027-03-08T05:00:00+00:00"): "2027-03-15T04:00:00+00:00",  # over the clock change
+        ("DAY", "2027-03-14T05:00:00+00:00"): "2027-03-15T04:00:00+00:00",  # a 23-hour day
+    }
+    try:
+        async with db.engine.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO workspaces (id, name, plan_id, period_start, billing_anchor, next_renewal_at, timezone) "
+                "SELECT :ws, 'NY', id, now(), now(), now() + interval '1 month', 'America/New_York' "
+                "FROM plans WHERE key = 'team'"), {"ws": ws})
+            for period, limit in limits.items():
+                await conn.execute(text(
+                    "INSERT INTO spend_limits (id, workspace_id, scope, period, amount_units, action) "
+                    "VALUES (:id, :ws, 'WORKSPACE', :period, 1000, 'BLOCK')"), {"id": limit, "ws": ws, "period": period})
+            for period, start in starts:
+                await conn.execute(text("INSERT INTO limit_usage (limit_id, period_start, used_units) "
+                                        "VALUES (:limit, :start, 0)"),
+                                   {"limit": limits[period], "start": datetime.fromisoformat(start)})
+            await conn.execute(text("INSERT INTO users (id, kind, name) VALUES (:id, 'service', 'worker')"), {"id": user})
+            await conn.execute(text("INSERT INTO credit_packs (id, name, units, price_minor, currency) "
+                                    "VALUES (:id, 'pack', 500000, 4500, 'USD')"), {"id": pack})
+            await conn.execute(text(
+                "INSERT INTO auto_topups (workspace_id, enabled, threshold_units, pack_id, monthly_max_purchases, "
+                "monthly_max_units, enabled_by, month_start) VALUES (:ws, true, 1000, :pack, 5, 5000000, :user, "
+                "'2027-02-01T00:00:00+00:00')"), {"ws": ws, "pack": pack, "user": user})
+        await asyncio.to_thread(migrations.upgrade, url)
+        async with db.engine.connect() as conn:
+            ends = {(period, start.isoformat()): end.isoformat() for period, start, end in (await conn.execute(text(
+                "SELECT l.period, u.period_start, u.period_end FROM limit_usage u JOIN spend_limits l ON l.id = u.limit_id "
+                "ORDER BY 2"))).all()}
+            month_end = (await conn.execute(text("SELECT month_end FROM auto_topups"))).scalar_one()
+    finally:
+        await db.dispose()
+    assert ends == starts
+    assert month_end.isoformat() == "2027-03-01T05:00:00+00:00"

@@ -24,8 +24,10 @@ from domain.clock import Clock
 from domain.db import Database
 from domain.errors import NotFound, ValidationFailed
 from domain.governance import alerts, audit
-from domain.governance.limits import approved_extra, in_progress
+from domain.governance import limits
+from domain.governance.limits import approved_extra, period_ends
 from domain.governance.models import Alert, AlertStatus, AutoTopUp, LimitPeriod, LimitUsage
+from domain.governance.rules import Period, in_progress, rebased
 from domain.ledger.models import CreditPack, Grant
 from domain.ledger.payments import PaymentOutcome, PaymentProvider, PaymentRequest
 from domain.money import format_credits, parse_credits
@@ -95,8 +97,8 @@ async def _evaluate(session: AsyncSession, ws_id: uuid.UUID, charges: list[dict]
     if not pack.is_active:  # never buy what is no longer on sale
         await alerts.fire(session, ws_id, alerts.TOPUP_FAILED, "auto-topup", now, reason="the pack is off sale")
         return None
-    month = period_start_month(now, ws.timezone, topup.month_start)
-    purchases, units = (topup.purchases_this_month, topup.units_this_month) if topup.month_start == month else (0, 0)
+    month = topup_month(now, ws.timezone, topup).start
+    purchases, units = this_month(topup, now, ws.timezone)
     if purchases + 1 > topup.monthly_max_purchases or units + pack.units > topup.monthly_max_units:
         await alerts.fire(session, ws_id, alerts.TOPUP_CAP_REACHED, month.isoformat(), now,
                           purchases=purchases, credits=format_credits(units))
@@ -110,10 +112,35 @@ async def _evaluate(session: AsyncSession, ws_id: uuid.UUID, charges: list[dict]
     return TopUpClaim(ws_id, claimed.sequence, topup.pack_id, topup.enabled_by)
 
 
-def period_start_month(now: datetime, timezone: str, latest: datetime | None) -> datetime:
-    """The auto top-up month in progress; `latest` is the month last counted in. Like a spend
-    limit's, a month keeps its bounds across a change of timezone (its cap is not reset)."""
+def topup_month(now: datetime, timezone: str, topup: AutoTopUp) -> Period:
+    """The auto top-up month in progress; the top-up's month is the one last counted in. Like a
+    spend limit's, a month keeps its bounds across a change of timezone (its cap is not reset)."""
+    latest = Period(topup.month_start, topup.month_end) if topup.month_start is not None else None
     return in_progress(LimitPeriod.MONTH, now, timezone, latest)
+
+
+def this_month(topup: AutoTopUp, now: datetime, timezone: str) -> tuple[int, int]:
+    """Purchases and credits bought in the month in progress: the stored counts are those of the
+    month last counted in, which may be over."""
+    if topup.month_start is not None and topup_month(now, timezone, topup).start == topup.month_start:
+        return topup.purchases_this_month, topup.units_this_month
+    return 0, 0
+
+
+@dataclass(frozen=True, slots=True)
+class TopUpView:
+    topup: AutoTopUp
+    purchases_this_month: int
+    units_this_month: int
+
+
+async def follow_timezone(session: AsyncSession, ws_id: uuid.UUID, timezone: str, now: datetime) -> None:
+    """The workspace's timezone changes: its limit periods and its auto top-up month in progress
+    end at the new calendar's nearest boundary (`rules.rebased`)."""
+    await limits.follow_timezone(session, ws_id, timezone, now)
+    topup = await session.get(AutoTopUp, ws_id)
+    if topup is not None and topup.month_start is not None and topup.month_start <= now < topup.month_end:
+        topup.month_end = rebased(LimitPeriod.MONTH, Period(topup.month_start, topup.month_end), timezone).end
 
 
 async def _low_balance(session: AsyncSession, ws: Workspace, available: int, now: datetime) -> None:
@@ -166,9 +193,10 @@ async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim,
                               provider=provider.name, actor_id=claim.actor_id, key=reference,
                               request={"autoTopUp": claim.sequence}, now=now)
         topup = await session.get_one(AutoTopUp, claim.workspace_id, with_for_update=True)
-        month = period_start_month(now, ws.timezone, topup.month_start)
-        if topup.month_start != month:
-            topup.month_start, topup.purchases_this_month, topup.units_this_month = month, 0, 0
+        month = topup_month(now, ws.timezone, topup)
+        if topup.month_start != month.start:
+            topup.month_start, topup.month_end = month
+            topup.purchases_this_month, topup.units_this_month = 0, 0
         topup.purchases_this_month += 1
         topup.units_this_month += pack.units
         topup.consecutive_failures = 0
@@ -218,7 +246,7 @@ async def set_auto_top_up(
     if not 1 <= failure_limit <= 100:
         raise ValidationFailed("failureLimit", "must be between 1 and 100")
 
-    async def work(session: AsyncSession) -> AutoTopUp:
+    async def work(session: AsyncSession) -> TopUpView:
         await authorize(session, caller, ws_id, Action.MANAGE_AUTO_TOPUP, what="workspace")
         pack = await session.get(CreditPack, parse_id(pack_id, "credit pack"))
         if pack is None or not pack.is_active:
@@ -240,9 +268,10 @@ async def set_auto_top_up(
             topup.enabled = enabled
         ws.auto_topup_enabled = enabled
         await session.flush()
+        now = caller.clock.now()
         audit.record(session, ws_id, caller.actor.user_id, "autotopup.updated", "auto_topup", ws_id,
-                     before=before, after=_json(topup), at=caller.clock.now())
-        return topup
+                     before=before, after=_json(topup), at=now)
+        return TopUpView(topup, *this_month(topup, now, ws.timezone))
 
     return await db.transaction(work)
 
@@ -253,12 +282,16 @@ def _json(t: AutoTopUp) -> dict:
             "failureLimit": t.failure_limit}
 
 
-async def get_auto_top_up(db: Database, caller: Caller, *, workspace_id: str) -> AutoTopUp | None:
+async def get_auto_top_up(db: Database, caller: Caller, *, workspace_id: str) -> TopUpView | None:
     ws_id = parse_id(workspace_id, "workspace")
 
-    async def work(session: AsyncSession) -> AutoTopUp | None:
+    async def work(session: AsyncSession) -> TopUpView | None:
         await authorize(session, caller, ws_id, Action.VIEW_LEDGER, what="workspace")
-        return await session.get(AutoTopUp, ws_id)
+        topup = await session.get(AutoTopUp, ws_id)
+        if topup is None:
+            return None
+        ws = await session.get_one(Workspace, ws_id)
+        return TopUpView(topup, *this_month(topup, caller.clock.now(), ws.timezone))
 
     return await db.read(work)
 
@@ -312,13 +345,14 @@ async def refresh_alerts(session: AsyncSession, now: datetime) -> int:
             clear = g is None or g.remaining == 0 or (g.expires_at is not None and g.expires_at <= now)
         elif a.kind in (alerts.LIMIT_80, alerts.LIMIT_100):
             from domain.governance.models import SpendLimit
-            from domain.governance.rules import period_end
 
             limit_id, _, started = a.subject.partition(":")
             limit = await session.get(SpendLimit, uuid.UUID(limit_id))
-            ws = await session.get_one(Workspace, a.workspace_id)
             period = datetime.fromisoformat(started)
-            clear = limit is None or limit.removed_at is not None or period_end(limit.period, period, ws.timezone) <= now
+            clear = limit is None or limit.removed_at is not None
+            if not clear:
+                ws = await session.get_one(Workspace, a.workspace_id)
+                clear = await period_ends(session, limit.id, limit.period, period, ws.timezone) <= now
             if not clear:  # released credits or an approved overage may have brought usage back down
                 used = (await session.execute(select(LimitUsage.used_units).where(
                     LimitUsage.limit_id == limit.id, LimitUsage.period_start == period))).scalar_one_or_none() or 0

@@ -27,7 +27,7 @@ from domain.governance.models import (
     LimitUsage,
     SpendLimit,
 )
-from domain.governance.rules import period_end, period_start
+from domain.governance.rules import Period, in_progress, period_end, rebased
 from domain.money import parse_credits
 from domain.workspaces.models import Member, Workspace
 from policies import Action
@@ -52,9 +52,25 @@ _APPROVED = """
 SELECT coalesce(sum(approved_units), 0) FROM overage_requests
 WHERE limit_id = $1 AND period_start = $2 AND status = 'APPROVED' AND (approval_expires_at IS NULL OR approval_expires_at > $3)
 """
-_USAGE_ROW = "INSERT INTO limit_usage (limit_id, period_start, used_units) VALUES ($1, $2, 0) ON CONFLICT DO NOTHING"
+_USAGE_ROW = """
+INSERT INTO limit_usage (limit_id, period_start, period_end, used_units) VALUES ($1, $2, $3, 0) ON CONFLICT DO NOTHING
+"""
 _USED = "SELECT used_units FROM limit_usage WHERE limit_id = $1 AND period_start = $2"
-_LATEST = "SELECT max(period_start) FROM limit_usage WHERE limit_id = $1 AND period_start <= $2"
+_PERIOD_END = "SELECT period_end FROM limit_usage WHERE limit_id = $1 AND period_start = $2"
+_IN_PROGRESS = """
+SELECT u.limit_id, l.period, u.period_start, u.period_end FROM limit_usage u JOIN spend_limits l ON l.id = u.limit_id
+WHERE l.workspace_id = $1 AND u.period_start <= $2 AND u.period_end > $2
+"""
+_REBASE = "UPDATE limit_usage SET period_end = $3 WHERE limit_id = $1 AND period_start = $2"
+# An approval lasts to the end of its period unless it was given a shorter life.
+_REBASE_APPROVALS = """
+UPDATE overage_requests SET approval_expires_at = $4
+WHERE limit_id = $1 AND period_start = $2 AND status = 'APPROVED' AND approval_expires_at = $3
+"""
+_LATEST = """
+SELECT period_start, period_end FROM limit_usage WHERE limit_id = $1 AND period_start <= $2
+ORDER BY period_start DESC LIMIT 1
+"""
 _ADJUST = """
 UPDATE limit_usage SET used_units = greatest(used_units + $3, 0) WHERE limit_id = $1 AND period_start = $2
 """
@@ -68,22 +84,41 @@ async def applicable_limits(
     return await as_sql(tx).fetch(_APPLICABLE, workspace_id, member_id, billing_group_id)
 
 
-def in_progress(period: LimitPeriod, now: datetime, timezone: str, latest: datetime | None) -> datetime:
-    """The start of the period in progress at `now`, given the latest period already started
-    (`latest`, or None). A period keeps the bounds it started with: after a change of the
-    workspace's timezone, the period in progress runs to its end before periods follow the new
-    local calendar, so the change neither forgets what the period used (a fresh limit mid-period)
-    nor the overages approved for it."""
-    start = period_start(period, now, timezone)
-    if latest is not None and latest != start and latest <= now < period_end(period, latest, timezone):
-        return latest
-    return start
-
-
 async def current_period(tx: AsyncSession | Sql, limit_id: uuid.UUID, period: LimitPeriod | str, now: datetime,
-                         timezone: str) -> datetime:
+                         timezone: str) -> Period:
     """`in_progress` for a limit, from its usage rows."""
-    return in_progress(LimitPeriod(period), now, timezone, await as_sql(tx).fetchval(_LATEST, limit_id, now))
+    latest = await as_sql(tx).fetchrow(_LATEST, limit_id, now)
+    return in_progress(LimitPeriod(period), now, timezone,
+                       latest and Period(latest["period_start"], latest["period_end"]))
+
+
+async def open_period(tx: AsyncSession | Sql, limit_id: uuid.UUID, period: LimitPeriod | str, now: datetime,
+                      timezone: str) -> Period:
+    """The period in progress, with its usage row in place: the row fixes the period's end."""
+    sql = as_sql(tx)
+    current = await current_period(sql, limit_id, period, now, timezone)
+    await sql.execute(_USAGE_ROW, limit_id, current.start, current.end)
+    return current
+
+
+async def follow_timezone(tx: AsyncSession | Sql, workspace_id: uuid.UUID, timezone: str, now: datetime) -> None:
+    """The workspace's timezone changes to `timezone`: each limit period in progress moves its end
+    to the new calendar (`rules.rebased`), and the approvals lasting to that end move with it."""
+    sql = as_sql(tx)
+    for row in await sql.fetch(_IN_PROGRESS, workspace_id, now):
+        old = Period(row["period_start"], row["period_end"])
+        new = rebased(LimitPeriod(row["period"]), old, timezone)
+        if new != old:
+            await sql.execute(_REBASE, row["limit_id"], old.start, new.end)
+            await sql.execute(_REBASE_APPROVALS, row["limit_id"], old.start, old.end, new.end)
+
+
+async def period_ends(tx: AsyncSession | Sql, limit_id: uuid.UUID, period: LimitPeriod | str, start: datetime,
+                      timezone: str) -> datetime:
+    """When the limit's period that began at `start` ends, as fixed when it began. A period
+    with no usage row yet has not been fixed: it ends by the workspace's calendar now."""
+    ends = await as_sql(tx).fetchval(_PERIOD_END, limit_id, start)
+    return ends if ends is not None else period_end(LimitPeriod(period), start, timezone)
 
 
 async def approved_extra(tx: AsyncSession | Sql, limit_id: uuid.UUID, period: datetime, now: datetime) -> int:
@@ -114,8 +149,7 @@ async def charge(
     charges = []
     for limit in await applicable_limits(sql, workspace_id, member_id, billing_group_id):
         # id order: a fixed lock order across concurrent starts
-        start = await current_period(sql, limit["id"], limit["period"], now, timezone)
-        await sql.execute(_USAGE_ROW, limit["id"], start)
+        start = (await open_period(sql, limit["id"], limit["period"], now, timezone)).start
         if units and await sql.fetchrow(_CHARGE, units, limit["id"], start, limit["amount_units"], now) is None:
             used = await sql.fetchval(_USED, limit["id"], start)
             allowance = limit["amount_units"] + await approved_extra(sql, limit["id"], start, now)
@@ -229,10 +263,10 @@ async def list_limits(db: Database, caller: Caller, *, workspace_id: str) -> lis
             SpendLimit.workspace_id == ws_id, SpendLimit.removed_at.is_(None)).order_by(SpendLimit.created_at))).scalars()
         out = []
         for limit in limits:
-            start = await current_period(session, limit.id, limit.period, now, ws.timezone)
+            start, end = await current_period(session, limit.id, limit.period, now, ws.timezone)
             used = (await session.execute(select(LimitUsage.used_units).where(
                 LimitUsage.limit_id == limit.id, LimitUsage.period_start == start))).scalar_one_or_none() or 0
-            out.append(LimitView(limit, start, period_end(limit.period, start, ws.timezone), used,
+            out.append(LimitView(limit, start, end, used,
                                  limit.amount_units + await approved_extra(session, limit.id, start, now)))
         return out
 

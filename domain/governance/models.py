@@ -76,10 +76,16 @@ class LimitUsage(Base):
     and the count one atomic step."""
 
     __tablename__ = "limit_usage"
-    __table_args__ = (CheckConstraint("used_units >= 0", name="used_not_negative"),)
+    __table_args__ = (
+        CheckConstraint("used_units >= 0", name="used_not_negative"),
+        CheckConstraint("period_end > period_start", name="period_ends_after_start"),
+    )
 
     limit_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("spend_limits.id"), primary_key=True)
     period_start: Mapped[datetime] = mapped_column(primary_key=True)
+    # Fixed when the period starts, in the timezone of that moment: a later change of the
+    # workspace's timezone must not move the end of the period in progress (migration 0009).
+    period_end: Mapped[datetime]
     used_units: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
@@ -149,6 +155,9 @@ class AutoTopUp(Base):
     __table_args__ = (
         CheckConstraint("threshold_units >= 0 AND monthly_max_purchases >= 0 AND monthly_max_units >= 0 "
                         "AND failure_limit >= 1", name="figures_not_negative"),
+        CheckConstraint(
+            "(month_start IS NULL) = (month_end IS NULL) AND (month_end IS NULL OR month_end > month_start)",
+            name="month_bounds"),
     )
 
     workspace_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workspaces.id"), primary_key=True)
@@ -162,6 +171,7 @@ class AutoTopUp(Base):
     armed: Mapped[bool] = mapped_column(default=True, server_default="true")
     sequence: Mapped[int] = mapped_column(default=0, server_default="0")  # makes payment references unique
     month_start: Mapped[datetime | None]
+    month_end: Mapped[datetime | None]  # fixed with month_start, like a limit period's end
     purchases_this_month: Mapped[int] = mapped_column(default=0, server_default="0")
     units_this_month: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     enabled_by: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))

@@ -14,7 +14,7 @@ from domain.access import Caller, authorize, parse_id
 from domain.db import Database
 from domain.errors import Forbidden, NotFound, OverageNotPending, ValidationFailed
 from domain.governance import alerts, audit
-from domain.governance.limits import applicable_limits, current_period, headroom
+from domain.governance.limits import applicable_limits, headroom, open_period, period_ends
 from domain.governance.models import (
     LimitAction,
     OverageRequest,
@@ -22,7 +22,6 @@ from domain.governance.models import (
     SpendLimit,
 )
 from domain.governance.notifications import approvers, notify
-from domain.governance.rules import period_end
 from domain.identity import clean_name
 from domain.money import format_credits, parse_credits
 from domain.workspaces.models import Member, Workspace
@@ -53,7 +52,9 @@ async def request_overage(
         if not raisable:
             raise NotFound("spend limit")
         now = caller.clock.now()
-        starts = {l["id"]: await current_period(session, l["id"], l["period"], now, ws.timezone) for l in raisable}
+        # The usage row fixes the period's end, which the decision reads (an approval lasts to it).
+        starts = {l["id"]: (await open_period(session, l["id"], l["period"], now, ws.timezone)).start
+                  for l in raisable}
         room = {l["id"]: await headroom(session, l, starts[l["id"]], now) for l in raisable}
         limit = min(raisable, key=lambda l: (room[l["id"]], l["amount_units"], l["id"]))
         request = OverageRequest(
@@ -98,7 +99,7 @@ async def decide_overage(
         now = caller.clock.now()
         ws = await session.get_one(Workspace, request.workspace_id)
         limit = await session.get_one(SpendLimit, request.limit_id)
-        ends = period_end(limit.period, request.period_start, ws.timezone)
+        ends = await period_ends(session, limit.id, limit.period, request.period_start, ws.timezone)
         # A request lapses at its own deadline, and with its period: an approval could raise
         # nothing once the period is over.
         if request.status is OverageStatus.PENDING and (request.lapses_at <= now or ends <= now):

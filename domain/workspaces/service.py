@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from domain import events
-from domain.governance import audit
+from domain.governance import audit, automation
 from domain.governance.rules import check_timezone
 from domain.access import Caller, authorize, member_roles, parse_id
 from domain.db import Database
@@ -157,8 +157,9 @@ async def update_workspace(
             ws.paid_creator_seats = paid_creator_seats
         before = {"name": ws.name, "plan": ws.plan_id, "allocationMode": ws.allocation_mode,
                   "poolFallback": ws.pool_fallback, "paidCreatorSeats": ws.paid_creator_seats, "timezone": ws.timezone}
-        if timezone is not None:
-            ws.timezone = check_timezone(timezone)
+        if timezone is not None and check_timezone(timezone) != ws.timezone:
+            ws.timezone = timezone
+            await automation.follow_timezone(session, ws_id, timezone, caller.clock.now())
         if name is not None:
             ws.name = name
         if allocation_mode is not None or pool_fallback is not None:
