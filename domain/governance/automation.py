@@ -114,7 +114,8 @@ async def _evaluate(session: AsyncSession, ws_id: uuid.UUID, charges: list[dict]
 
 def topup_month(now: datetime, timezone: str, topup: AutoTopUp) -> Period:
     """The auto top-up month in progress; the top-up's month is the one last counted in. Like a
-    spend limit's, a month keeps its bounds across a change of timezone (its cap is not reset)."""
+    spend limit's period, a change of timezone does not reset it (its cap carries on) but moves
+    its end to the new calendar (`follow_timezone`)."""
     latest = Period(topup.month_start, topup.month_end) if topup.month_start is not None else None
     return in_progress(LimitPeriod.MONTH, now, timezone, latest)
 
