@@ -115,6 +115,20 @@ async def test_a_westward_change_runs_the_month_to_the_new_calendars_end_and_no_
         assert (limit["used"], limit["periodEnd"]) == ("10.000", "2027-04-01T04:00:00+00:00")
 
 
+async def test_a_change_just_after_the_month_ended_runs_it_on_to_the_new_calendars_boundary(
+        db, live_server, client):
+    with service_time(live_server, utc(2027, 2, 10, 12)) as clock:
+        team, token = await _limited(db, client)
+        clock.at(utc(2027, 3, 1, 2))  # UTC's February is over; nothing spent since
+        await _set_timezone(client, team, NEW_YORK)
+        # Still February in New York: the month runs on to its end there, not a fresh allowance.
+        limit = await _limit(client, team)
+        assert (limit["used"], limit["periodEnd"]) == ("20.000", "2027-03-01T05:00:00+00:00")
+        assert (await start(client, token, team.ws))["__typename"] == "SpendLimitExceeded"
+        clock.at(utc(2027, 3, 1, 5, 1))
+        assert (await start(client, token, team.ws))["__typename"] == "Generation"
+
+
 async def test_an_eastward_change_ends_the_month_at_the_new_calendars_boundary(db, live_server, client):
     with service_time(live_server, utc(2027, 2, 10, 12)) as clock:
         team, token = await _limited(db, client)

@@ -140,8 +140,10 @@ async def follow_timezone(session: AsyncSession, ws_id: uuid.UUID, timezone: str
     end at the new calendar's nearest boundary (`rules.rebased`)."""
     await limits.follow_timezone(session, ws_id, timezone, now)
     topup = await session.get(AutoTopUp, ws_id)
-    if topup is not None and topup.month_start is not None and topup.month_start <= now < topup.month_end:
-        topup.month_end = rebased(LimitPeriod.MONTH, Period(topup.month_start, topup.month_end), timezone).end
+    if topup is not None and topup.month_start is not None:
+        end = rebased(LimitPeriod.MONTH, Period(topup.month_start, topup.month_end), timezone).end
+        if topup.month_end > now or end > now:  # in progress, or running on to the new boundary
+            topup.month_end = end
 
 
 async def _low_balance(session: AsyncSession, ws: Workspace, available: int, now: datetime) -> None:

@@ -57,9 +57,11 @@ INSERT INTO limit_usage (limit_id, period_start, period_end, used_units) VALUES 
 """
 _USED = "SELECT used_units FROM limit_usage WHERE limit_id = $1 AND period_start = $2"
 _PERIOD_END = "SELECT period_end FROM limit_usage WHERE limit_id = $1 AND period_start = $2"
-_IN_PROGRESS = """
-SELECT u.limit_id, l.period, u.period_start, u.period_end FROM limit_usage u JOIN spend_limits l ON l.id = u.limit_id
-WHERE l.workspace_id = $1 AND u.period_start <= $2 AND u.period_end > $2
+_LATEST_PERIODS = """
+SELECT DISTINCT ON (u.limit_id) u.limit_id, l.period, u.period_start, u.period_end
+FROM limit_usage u JOIN spend_limits l ON l.id = u.limit_id
+WHERE l.workspace_id = $1 AND u.period_start <= $2
+ORDER BY u.limit_id, u.period_start DESC
 """
 _REBASE = "UPDATE limit_usage SET period_end = $3 WHERE limit_id = $1 AND period_start = $2"
 # An approval lasts to the end of its period unless it was given a shorter life.
@@ -102,13 +104,16 @@ async def open_period(tx: AsyncSession | Sql, limit_id: uuid.UUID, period: Limit
 
 
 async def follow_timezone(tx: AsyncSession | Sql, workspace_id: uuid.UUID, timezone: str, now: datetime) -> None:
-    """The workspace's timezone changes to `timezone`: each limit period in progress moves its end
-    to the new calendar (`rules.rebased`), and the approvals lasting to that end move with it."""
+    """The workspace's timezone changes to `timezone`: each limit's latest period moves its end
+    to the new calendar (`rules.rebased`), and the approvals lasting to that end move with it. That
+    is the period in progress, or the one that ended last if the new calendar's boundary is still
+    ahead: a UTC month that ended at 00:00 runs on to New York's 05:00 when the change comes at
+    02:00, rather than leave three hours of New York's old month with a fresh allowance."""
     sql = as_sql(tx)
-    for row in await sql.fetch(_IN_PROGRESS, workspace_id, now):
+    for row in await sql.fetch(_LATEST_PERIODS, workspace_id, now):
         old = Period(row["period_start"], row["period_end"])
         new = rebased(LimitPeriod(row["period"]), old, timezone)
-        if new != old:
+        if new != old and (old.end > now or new.end > now):
             await sql.execute(_REBASE, row["limit_id"], old.start, new.end)
             await sql.execute(_REBASE_APPROVALS, row["limit_id"], old.start, old.end, new.end)
 
