@@ -16,8 +16,8 @@ from sqlalchemy import text
 from domain.governance.models import LimitPeriod
 from domain.governance.rules import Period, in_progress, period_of, rebased
 
-from tests.test_api_governance import AUTO, DECIDE, REQUEST, SET_LIMIT, start
-from tests.test_api_ledger import _a_pack, grant, make_team
+from tests.test_api_governance import DECIDE, REQUEST, SET_LIMIT, start, under_auto_top_up
+from tests.test_api_ledger import grant, make_team
 from tests.test_governance_review import LIMITS_FULL
 
 MONTH, DAY, WEEK = LimitPeriod.MONTH, LimitPeriod.DAY, LimitPeriod.WEEK
@@ -160,12 +160,7 @@ async def test_an_approved_overage_lasts_to_the_end_its_period_moved_to(db, live
 
 async def test_the_auto_top_up_month_moves_with_the_timezone(db, live_server, client):
     with service_time(live_server, utc(2027, 2, 10, 12)) as clock:
-        team = await make_team(db, client, creators=1)
-        await grant(client, team, "100")
-        pack = await _a_pack(client, team.operator)
-        async with client(team.owner) as api:
-            await api(AUTO, ws=team.ws, pack=pack, threshold="95", limit=3)
-        token, _ = team.creators[0]
+        team, token = await under_auto_top_up(db, client)
         assert (await start(client, token, team.ws))["__typename"] == "Generation"  # 90 left: one pack bought
         assert await _topup_month(db, team.ws) == (1, Period(utc(2027, 2, 1), utc(2027, 3, 1)))
         await _set_timezone(client, team, NEW_YORK)
