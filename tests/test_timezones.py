@@ -53,6 +53,20 @@ def test_after_a_rebased_period_the_next_follows_the_new_calendar_from_its_end()
     assert march == Period(february.end, utc(2027, 4, 1, 4))  # daylight saving time from March 14
 
 
+def test_days_where_the_clocks_jump_at_midnight_follow_one_another_without_gap_or_overlap():
+    # Santiago jumps from 00:00 to 01:00 on September 6, 2026: that day starts at the jump and
+    # has 23 hours; the next starts at its midnight, not at "01:00 one day later".
+    sep6 = period_of(DAY, utc(2026, 9, 6, 12), "America/Santiago")
+    assert sep6 == Period(utc(2026, 9, 6, 4), utc(2026, 9, 7, 3))
+    assert period_of(DAY, utc(2026, 9, 7, 3, 30), "America/Santiago").start == sep6.end
+    # Havana goes back from 01:00 to 00:00 on November 1, 2026: the day starts at the first
+    # midnight, also for an instant in the repeated hour.
+    nov1 = Period(utc(2026, 11, 1, 4), utc(2026, 11, 2, 5))
+    assert period_of(DAY, utc(2026, 11, 1, 4, 30), "America/Havana") == nov1
+    assert period_of(DAY, utc(2026, 11, 1, 5, 30), "America/Havana") == nov1
+    assert period_of(MONTH, utc(2026, 10, 15), "America/Havana").end == nov1.start
+
+
 # --- through the API ----------------------------------------------------------------------------------
 
 @contextlib.contextmanager

@@ -139,7 +139,8 @@ async def follow_timezone(session: AsyncSession, ws_id: uuid.UUID, timezone: str
     """The workspace's timezone changes: its limit periods and its auto top-up month in progress
     end at the new calendar's nearest boundary (`rules.rebased`)."""
     await limits.follow_timezone(session, ws_id, timezone, now)
-    topup = await session.get(AutoTopUp, ws_id)
+    # Locked: a top-up recording its purchase may be starting a new month at this moment.
+    topup = await session.get(AutoTopUp, ws_id, with_for_update=True)
     if topup is not None and topup.month_start is not None:
         end = rebased(LimitPeriod.MONTH, Period(topup.month_start, topup.month_end), timezone).end
         if topup.month_end > now or end > now:  # in progress, or running on to the new boundary

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -21,15 +21,13 @@ def check_timezone(name: str) -> str:
 def period_start(period: LimitPeriod, at: datetime, timezone: str) -> datetime:
     """The start (UTC) of the day, week (Monday) or month containing `at`, on the workspace's
     local calendar: a Tokyo team's day starts at Tokyo midnight."""
-    local = at.astimezone(ZoneInfo(timezone))
-    start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    tz = ZoneInfo(timezone)
+    day = at.astimezone(tz).date()
     if period is LimitPeriod.WEEK:
-        start -= timedelta(days=start.weekday())
+        day -= timedelta(days=day.weekday())
     elif period is LimitPeriod.MONTH:
-        start = start.replace(day=1)
-    # Re-attach the zone at the local midnight (the offset may differ from `at`'s across DST).
-    start = start.replace(tzinfo=None).replace(tzinfo=ZoneInfo(timezone))
-    return start.astimezone(UTC)
+        day = day.replace(day=1)
+    return _first_instant(day, tz)
 
 
 def period_end(period: LimitPeriod, start: datetime, timezone: str) -> datetime:
@@ -38,14 +36,23 @@ def period_end(period: LimitPeriod, start: datetime, timezone: str) -> datetime:
     00:00 UTC reads as February 28 in New York. A period in progress keeps the end it started
     with (`Period`, stored beside its start), whatever the workspace's timezone is now."""
     tz = ZoneInfo(timezone)
-    local = start.astimezone(tz).replace(tzinfo=None)
+    day = start.astimezone(tz).date()
     if period is LimitPeriod.DAY:
-        nxt = local + timedelta(days=1)
+        day += timedelta(days=1)
     elif period is LimitPeriod.WEEK:
-        nxt = local + timedelta(days=7)
+        day += timedelta(days=7)
     else:
-        nxt = local.replace(year=local.year + (local.month == 12), month=local.month % 12 + 1)
-    return nxt.replace(tzinfo=tz).astimezone(UTC)
+        day = (day.replace(day=1) + timedelta(days=32)).replace(day=1)
+    return _first_instant(day, tz)
+
+
+def _first_instant(day: date, tz: ZoneInfo) -> datetime:
+    """The first instant (UTC) of a local date. The arithmetic is on dates, not wall-clock times:
+    where the clocks jump forward at midnight (Santiago, Beirut, Havana), that day starts at 01:00
+    and a day added to it would end at 01:00 too. Local midnight with fold=0 is the first instant
+    of the date: where midnight repeats, the first one; where it does not exist, zoneinfo reads it
+    with the offset before the jump, which is the jump itself."""
+    return datetime.combine(day, time(), tzinfo=tz).astimezone(UTC)
 
 
 class Period(NamedTuple):
