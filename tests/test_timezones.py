@@ -8,11 +8,14 @@ it checks does not depend on the day the suite runs.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import text
 
+from domain.governance import limits
 from domain.governance.models import LimitPeriod
 from domain.governance.rules import Period, in_progress, period_of, rebased
 
@@ -153,6 +156,37 @@ async def test_an_eastward_change_ends_the_month_at_the_new_calendars_boundary(d
         assert (await start(client, token, team.ws))["__typename"] == "SpendLimitExceeded"
         clock.at(utc(2027, 2, 28, 15, 1))  # Tokyo's March: one month, not a stub
         assert (await start(client, token, team.ws))["__typename"] == "Generation"
+        limit = await _limit(client, team)
+        assert (limit["used"], limit["periodEnd"]) == ("10.000", "2027-03-31T15:00:00+00:00")
+
+
+async def test_a_start_racing_a_change_of_timezone_counts_in_the_calendar_the_change_committed(
+        db, live_server, client):
+    """The start reads the workspace (still UTC) before the change commits and counts after it:
+    it must count by the new calendar, not by the timezone it read first. Feb 28, 20:00 UTC is
+    March in Tokyo, so the change ends UTC's used-up February and the start opens Tokyo's March."""
+    with service_time(live_server, utc(2027, 2, 28, 20)):
+        team, token = await _limited(db, client)
+        ws_id, locked = uuid.UUID(team.ws), asyncio.Event()
+
+        async def change_while_the_start_waits(sql):
+            # What updateWorkspace does, held open until the start's read is done and it waits
+            # for the workspace row.
+            await sql.fetch("SELECT id FROM workspaces WHERE id = $1 FOR UPDATE", ws_id)
+            locked.set()
+            while not (await db.fetchrow(  # another connection: a transaction sees one stats snapshot
+                    "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"))["n"]:
+                await asyncio.sleep(0.01)
+            await sql.execute("UPDATE workspaces SET timezone = $2 WHERE id = $1", ws_id, TOKYO)
+            await limits.follow_timezone(sql, ws_id, TOKYO, live_server.clock.now())
+
+        async def start_when_locked():
+            await locked.wait()
+            return await start(client, token, team.ws)
+
+        _, started = await asyncio.gather(db.sql_transaction(change_while_the_start_waits), start_when_locked())
+        assert started["__typename"] == "Generation"
         limit = await _limit(client, team)
         assert (limit["used"], limit["periodEnd"]) == ("10.000", "2027-03-31T15:00:00+00:00")
 

@@ -55,6 +55,7 @@ WHERE limit_id = $1 AND period_start = $2 AND status = 'APPROVED' AND (approval_
 _USAGE_ROW = """
 INSERT INTO limit_usage (limit_id, period_start, period_end, used_units) VALUES ($1, $2, $3, 0) ON CONFLICT DO NOTHING
 """
+_TIMEZONE = "SELECT timezone FROM workspaces WHERE id = $1 FOR KEY SHARE"
 _USED = "SELECT used_units FROM limit_usage WHERE limit_id = $1 AND period_start = $2"
 _PERIOD_END = "SELECT period_end FROM limit_usage WHERE limit_id = $1 AND period_start = $2"
 _LATEST_PERIODS = """
@@ -139,7 +140,7 @@ async def headroom(tx: AsyncSession | Sql, limit, period: datetime, now: datetim
 
 
 async def charge(
-    tx: AsyncSession | Sql, *, workspace_id: uuid.UUID, timezone: str, member_id: uuid.UUID,
+    tx: AsyncSession | Sql, *, workspace_id: uuid.UUID, member_id: uuid.UUID,
     billing_group_id: uuid.UUID | None, units: int, now: datetime,
 ) -> list[dict]:
     """Count `units` against every applicable limit, or raise SpendLimitExceeded (the whole
@@ -152,7 +153,14 @@ async def charge(
         raise ValueError(f"units must not be negative, got {units!r}")
     sql = as_sql(tx)
     charges = []
-    for limit in await applicable_limits(sql, workspace_id, member_id, billing_group_id):
+    applicable = await applicable_limits(sql, workspace_id, member_id, billing_group_id)
+    if applicable:
+        # The timezone under a key-share lock, before any usage row: a change of timezone locks
+        # the workspace FOR UPDATE and then moves the periods in progress, so it has either
+        # committed (and this reads its timezone and its moved periods) or waits for this spend
+        # (and moves the period it opens). An earlier, unlocked read could be stale.
+        timezone = await sql.fetchval(_TIMEZONE, workspace_id)
+    for limit in applicable:
         # id order: a fixed lock order across concurrent starts
         start = (await open_period(sql, limit["id"], limit["period"], now, timezone)).start
         if units and await sql.fetchrow(_CHARGE, units, limit["id"], start, limit["amount_units"], now) is None:

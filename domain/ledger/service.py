@@ -710,7 +710,7 @@ class GenerationResult:
 # and the caller's user id last (`CallerRead`).
 def _spender_read(user: str) -> str:
     return f"""
-SELECT w.allocation_mode, w.pool_fallback, w.timezone, w.auto_topup_enabled, w.low_balance_alert_units,
+SELECT w.allocation_mode, w.pool_fallback, w.auto_topup_enabled, w.low_balance_alert_units,
        p.key AS plan_key,
        c.id AS caller_member_id, c.role AS caller_role, c.seat AS caller_seat,
        c.billing_group_id AS caller_group_id,
@@ -918,7 +918,7 @@ async def _reserve_in_transaction(sql: Sql, caller: Caller, req: StartRequest, o
                            generation_id=generation_id)
     # Spend limits first (their usage rows, then the grants: one lock order everywhere).
     charges = await limits.charge(
-        sql, workspace_id=req.ws_id, timezone=ws["timezone"], member_id=member_id, billing_group_id=group_id,
+        sql, workspace_id=req.ws_id, member_id=member_id, billing_group_id=group_id,
         units=r.price, now=now,
     ) if ws["has_limits"] else []
     gen = await sql.fetchrow(_INSERT_GENERATION, *r.generation_args(req, caller, charges))
