@@ -27,7 +27,7 @@ from domain.governance import alerts, audit
 from domain.governance import limits
 from domain.governance.limits import approved_extra, period_ends
 from domain.governance.models import Alert, AlertStatus, AutoTopUp, LimitPeriod, LimitUsage
-from domain.governance.rules import Period, in_progress, rebased
+from domain.governance.rules import Period, in_progress, moved_by_change
 from domain.ledger.models import CreditPack, Grant
 from domain.ledger.payments import PaymentOutcome, PaymentProvider, PaymentRequest
 from domain.money import format_credits, parse_credits
@@ -142,9 +142,9 @@ async def follow_timezone(session: AsyncSession, ws_id: uuid.UUID, timezone: str
     # Locked: a top-up recording its purchase may be starting a new month at this moment.
     topup = await session.get(AutoTopUp, ws_id, with_for_update=True)
     if topup is not None and topup.month_start is not None:
-        end = rebased(LimitPeriod.MONTH, Period(topup.month_start, topup.month_end), timezone).end
-        if topup.month_end > now or end > now:  # in progress, or running on to the new boundary
-            topup.month_end = end
+        moved = moved_by_change(LimitPeriod.MONTH, Period(topup.month_start, topup.month_end), timezone, now)
+        if moved is not None:
+            topup.month_end = moved.end
 
 
 async def _low_balance(session: AsyncSession, ws: Workspace, available: int, now: datetime) -> None:

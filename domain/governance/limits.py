@@ -27,7 +27,7 @@ from domain.governance.models import (
     LimitUsage,
     SpendLimit,
 )
-from domain.governance.rules import Period, in_progress, period_end, rebased
+from domain.governance.rules import Period, in_progress, moved_by_change, period_end
 from domain.money import parse_credits
 from domain.workspaces.models import Member, Workspace
 from policies import Action
@@ -106,15 +106,13 @@ async def open_period(tx: AsyncSession | Sql, limit_id: uuid.UUID, period: Limit
 
 async def follow_timezone(tx: AsyncSession | Sql, workspace_id: uuid.UUID, timezone: str, now: datetime) -> None:
     """The workspace's timezone changes to `timezone`: each limit's latest period moves its end
-    to the new calendar (`rules.rebased`), and the approvals lasting to that end move with it. That
-    is the period in progress, or the one that ended last if the new calendar's boundary is still
-    ahead: a UTC month that ended at 00:00 runs on to New York's 05:00 when the change comes at
-    02:00, rather than leave three hours of New York's old month with a fresh allowance."""
+    to the new calendar (`rules.moved_by_change`), and the approvals lasting to that end move
+    with it."""
     sql = as_sql(tx)
     for row in await sql.fetch(_LATEST_PERIODS, workspace_id, now):
         old = Period(row["period_start"], row["period_end"])
-        new = rebased(LimitPeriod(row["period"]), old, timezone)
-        if new != old and (old.end > now or new.end > now):
+        new = moved_by_change(LimitPeriod(row["period"]), old, timezone, now)
+        if new is not None:
             await sql.execute(_REBASE, row["limit_id"], old.start, new.end)
             await sql.execute(_REBASE_APPROVALS, row["limit_id"], old.start, old.end, new.end)
 

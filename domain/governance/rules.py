@@ -85,3 +85,13 @@ def rebased(period: LimitPeriod, current: Period, timezone: str) -> Period:
     around = period_of(period, current.end, timezone)
     end = min((around.start, around.end), key=lambda boundary: abs(boundary - current.end))
     return Period(current.start, end if end > current.start else around.end)
+
+
+def moved_by_change(period: LimitPeriod, latest: Period, timezone: str, now: datetime) -> Period | None:
+    """What a change of timezone to `timezone` at `now` makes of a limit's (or the top-up's)
+    latest period: `rebased` if it is in progress, or if it has ended but the new calendar's
+    boundary is still ahead (a UTC month that ended at 00:00 runs on to New York's 05:00 when the
+    change comes at 02:00, rather than leave three hours of New York's old month with a fresh
+    allowance); None when the change leaves it as it is."""
+    new = rebased(period, latest, timezone)
+    return new if new != latest and (latest.end > now or new.end > now) else None
