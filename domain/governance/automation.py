@@ -1,12 +1,15 @@
 """What runs after a spend: balance and limit alerts, and auto top-up.
 
-Auto top-up buys exactly one pack per crossing of the threshold. The crossing latch is the
-`armed` flag: the spend that sees the balance under the threshold claims the purchase with
-`UPDATE ... SET armed = false WHERE armed`; a concurrent spend waits on that row, then finds it
-disarmed and does nothing. The balance climbing back over the threshold re-arms it. The payment
-provider is asked outside any transaction, with a payment reference unique to that claim, and
-the credits go through the same purchase path as a manual purchase. A provider that does not
-answer counts as a failed attempt, and the next attempt asks again under the same reference.
+Auto top-up keeps the pool (where its purchases land) at or above a threshold, one purchase at
+a time. The latch is the `armed` flag: the spend that sees the pool under the threshold claims
+the purchase with `UPDATE ... SET armed = false WHERE armed`; a concurrent spend waits on that
+row, then finds it disarmed and does nothing. The purchase's outcome re-arms it, so the next
+spend that leaves the pool under the threshold buys again (a pack too small to lift it buys
+again at the next spend, within the monthly caps); so does a spend that sees the pool back over
+the threshold. The payment provider is asked outside any transaction, with a payment reference
+unique to that claim, and the credits go through the same purchase path as a manual purchase.
+A provider that does not answer counts as a failed attempt, and the next attempt asks again
+under the same reference, for the same pack.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from domain.governance import limits
 from domain.governance.limits import approved_extra, period_ends
 from domain.governance.models import Alert, AlertStatus, AutoTopUp, LimitPeriod, LimitUsage
 from domain.governance.rules import Period, in_progress, moved_by_change
-from domain.ledger.models import CreditPack, Grant
+from domain.ledger.models import CreditPack, Grant, Scope
 from domain.ledger.payments import PaymentOutcome, PaymentProvider, PaymentRequest
 from domain.money import format_credits, parse_credits
 from domain.workspaces.models import Workspace
@@ -38,13 +41,17 @@ GRANTS = Grant.__table__
 log = logging.getLogger("creditpool.automation")
 
 
-async def available_units(session: AsyncSession, ws_id: uuid.UUID, now: datetime) -> int:
-    """Credits spendable now in the whole workspace (every scope), held ones excluded."""
-    return int((await session.execute(
-        select(func.coalesce(func.sum(GRANTS.c.remaining), 0)).where(
-            GRANTS.c.workspace_id == ws_id, GRANTS.c.remaining > 0, GRANTS.c.effective_at <= now,
-            or_(GRANTS.c.expires_at.is_(None), GRANTS.c.expires_at > now))
-    )).scalar_one())
+async def available_units(session: AsyncSession, ws_id: uuid.UUID, now: datetime, *,
+                          pool_only: bool = False) -> int:
+    """Credits spendable now, held ones excluded: in the whole workspace (every scope, as
+    `balance.available` and the low-balance alert count them), or in the pool only (what auto
+    top-up keeps over its threshold: its purchases land there, and seat or group credits may be
+    out of reach of the spends that need them)."""
+    where = [GRANTS.c.workspace_id == ws_id, GRANTS.c.remaining > 0, GRANTS.c.effective_at <= now,
+             or_(GRANTS.c.expires_at.is_(None), GRANTS.c.expires_at > now)]
+    if pool_only:
+        where.append(GRANTS.c.scope == Scope.WORKSPACE)
+    return int((await session.execute(select(func.coalesce(func.sum(GRANTS.c.remaining), 0)).where(*where))).scalar_one())
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,14 +94,17 @@ async def _evaluate(session: AsyncSession, ws_id: uuid.UUID, charges: list[dict]
     topup = await session.get(AutoTopUp, ws_id)
     if topup is None or not topup.enabled:
         return None
-    if available >= topup.threshold_units:
+    if await available_units(session, ws_id, now, pool_only=True) >= topup.threshold_units:
         if not topup.armed:
             topup.armed = True
         return None
     if not topup.armed:
         return None
-    pack = await session.get_one(CreditPack, topup.pack_id)
-    if not pack.is_active:  # never buy what is no longer on sale
+    # The retry of an unanswered payment asks for the pack it asked for, even one taken off sale
+    # since: the first attempt may have been paid, and this completes that purchase.
+    retry = topup.unanswered_pack_id is not None
+    pack = await session.get_one(CreditPack, topup.unanswered_pack_id if retry else topup.pack_id)
+    if not retry and not pack.is_active:  # never buy what is no longer on sale
         await alerts.fire(session, ws_id, alerts.TOPUP_FAILED, "auto-topup", now, reason="the pack is off sale")
         return None
     month = topup_month(now, ws.timezone, topup).start
@@ -109,7 +119,7 @@ async def _evaluate(session: AsyncSession, ws_id: uuid.UUID, charges: list[dict]
     )).first()
     if claimed is None:
         return None  # a concurrent spend claimed this crossing
-    return TopUpClaim(ws_id, claimed.sequence, topup.pack_id, topup.enabled_by)
+    return TopUpClaim(ws_id, claimed.sequence, pack.id, topup.enabled_by)
 
 
 def topup_month(now: datetime, timezone: str, topup: AutoTopUp) -> Period:
@@ -204,6 +214,11 @@ async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim,
         topup.purchases_this_month += 1
         topup.units_this_month += pack.units
         topup.consecutive_failures = 0
+        topup.unanswered_pack_id = None
+        # Re-armed: the next spend that leaves the pool under the threshold buys again. Waiting for
+        # a spend to see the pool back over it would miss a spend that takes it from over to under
+        # in one step (or a purchase too small to lift it), and the pool would run dry.
+        topup.armed = True
         await alerts.resolve(session, claim.workspace_id, alerts.TOPUP_FAILED, now)
         alerts.note(session, claim.workspace_id, alerts.TOPUP_DONE, reference, now, credits=format_credits(pack.units))
         return True
@@ -214,8 +229,11 @@ async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim,
         topup.armed = True  # the next spend under the threshold tries again
         if unanswered and topup.sequence == claim.sequence:
             # Disarmed since the claim, so nobody has claimed since: the next claim takes this
-            # sequence again, and with it the same payment reference.
+            # sequence again, and with it the same payment reference, for the same pack.
             topup.sequence -= 1
+            topup.unanswered_pack_id = claim.pack_id
+        else:  # answered: this reference is settled, the next claim asks under a new one
+            topup.unanswered_pack_id = None
         await alerts.fire(session, claim.workspace_id, alerts.TOPUP_FAILED, "auto-topup", now,
                           reason=outcome.reason, failures=topup.consecutive_failures)
         if topup.consecutive_failures >= topup.failure_limit:
@@ -269,6 +287,10 @@ async def set_auto_top_up(
             topup.failure_limit = failure_limit
             if enabled and not topup.enabled:
                 topup.consecutive_failures, topup.armed, topup.enabled_by = 0, True, caller.actor.user_id
+                # On again: "auto top-up failed / was turned off" no longer holds, and the next
+                # time it is turned off must raise a fresh alert.
+                for kind in (alerts.TOPUP_DISABLED, alerts.TOPUP_FAILED):
+                    await alerts.resolve(session, ws_id, kind, caller.clock.now())
             topup.enabled = enabled
         ws.auto_topup_enabled = enabled
         await session.flush()

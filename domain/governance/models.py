@@ -147,9 +147,10 @@ class AuditEntry(Base):
 
 
 class AutoTopUp(Base):
-    """Per workspace: buy `pack_id` when available credits fall below the threshold. `armed` is
-    the crossing latch: a spend that sees the balance under the threshold claims the purchase by
-    flipping it off (only one concurrent spend can); the balance climbing back re-arms it."""
+    """Per workspace: buy `pack_id` when the pool's available credits fall below the threshold.
+    `armed` is the in-flight latch: a spend that sees the pool under the threshold claims the
+    purchase by flipping it off (only one concurrent spend can); the purchase's outcome, or the
+    pool seen back over the threshold, re-arms it."""
 
     __tablename__ = "auto_topups"
     __table_args__ = (
@@ -175,6 +176,9 @@ class AutoTopUp(Base):
     purchases_this_month: Mapped[int] = mapped_column(default=0, server_default="0")
     units_this_month: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     enabled_by: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    # The pack of a payment the provider did not answer: its retry goes out under the same
+    # reference, so it must ask for the same amount, whatever pack is configured by then.
+    unanswered_pack_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("credit_packs.id"))
 
 
 class AlertStatus(enum.StrEnum):
