@@ -364,3 +364,98 @@ async def test_expiries_and_period_closes_reach_workspace_event_subscribers(worl
             kinds.append((await asyncio.wait_for(stream.__anext__(), 5))["workspaceEvents"]["kind"])
         await stream.aclose()
     assert {"PERIOD_CLOSED", "CREDITS_EXPIRED"} <= set(kinds)
+
+
+# --- the scheduler beside work in flight on the same workspace --------------------------------------
+
+GROUP = 'mutation($ws: ID!) { createBillingGroup(input: {workspaceId: $ws, name: "G"}) { ... on BillingGroup { id } } }'
+TO_GROUP = ('mutation($ws: ID!, $g: ID!, $a: String!, $k: String!) { transferCredits(input: {workspaceId: $ws, '
+            'amount: $a, idempotencyKey: $k, toBillingGroupId: $g}) { __typename ... on Error { code message } } }')
+
+
+async def _lock_waits(db: Database) -> int:
+    # Its own statement outside any transaction: a transaction sees one stats snapshot.
+    return (await db.fetchrow("SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                              "AND datname = current_database()"))["n"]
+
+
+async def test_a_due_period_closes_even_while_a_spend_is_in_flight_on_the_workspace(world):
+    """Any row a spend writes (a generation, a ledger entry, an idempotency key) takes a KEY SHARE
+    lock on the workspace row through its foreign key until its transaction ends. The scheduler
+    claimed due workspaces FOR UPDATE SKIP LOCKED, which conflicts with KEY SHARE: a busy
+    workspace (a spend always in flight) was skipped by every tick, so its period never closed,
+    its new allowance and its daily credits were never issued."""
+    key_ = await plan(world, includedCredits="40", dailyFreeCredits="5")
+    owner, ws = await workspace(world, key_)
+    ws_id = uuid.UUID(ws)
+    pool = await world.db._pool()
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            # What a start's idempotency claim does in the transaction path (the generation row and
+            # the ledger entries of the one-statement path take the same foreign-key lock).
+            user = await conn.fetchval("SELECT user_id FROM members WHERE workspace_id = $1", ws_id)
+            await conn.execute(
+                "INSERT INTO idempotency_keys (workspace_id, actor_id, key, operation, request_hash, result_id) "
+                "VALUES ($1, $2, $3, 'startGeneration', '\\x00'::bytea, $4)", ws_id, user, key(), uuid.uuid4())
+            report = await world.tick(month(1))
+        finally:
+            await tx.rollback()
+    assert len(closes_of(report, ws)) == 1, "the due period was skipped: a spend in flight hid the workspace"
+    daily = await world.db.fetchrow(
+        "SELECT count(*) AS n FROM grants WHERE workspace_id = $1 AND source = 'DAILY_FREE'", ws_id)
+    assert daily["n"] == 2, "today's daily credits were skipped: a spend in flight hid the workspace"
+    await clean(world, ws)
+
+
+async def test_a_transfer_splitting_the_allowance_while_the_period_closes_rolls_over_every_piece(world):
+    """The close claims the workspace FOR NO KEY UPDATE (spends' key-share locks must not hide
+    it), so a transfer's own key-share locks no longer keep it out either. A transfer that split
+    the allowance before the boundary (its clock) and commits while the close runs would leave a
+    piece the close never read: that piece then expired instead of rolling over. The transfer
+    takes FOR SHARE on the workspace row, so the close sees all pieces or none (it skips the
+    workspace until the transfer commits)."""
+    from domain import identity
+    from domain.access import Caller
+    from domain.clock import OffsetClock
+    from domain.ledger.service import transfer_credits
+    from policies import Authorizer
+
+    key_ = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverCapPercent=100,
+                      rolloverPeriods=2)
+    owner, ws = await workspace(world, key_)
+    async with world.client(owner) as api:
+        group = (await api(GROUP, ws=ws))["createBillingGroup"]["id"]
+    posted, release = asyncio.Event(), asyncio.Event()
+
+    class HeldOpen:
+        """The transfer's transaction, held open after its work until released."""
+
+        async def transaction(self, work):
+            async def held(session):
+                out = await work(session)
+                posted.set()
+                await release.wait()
+                return out
+            return await world.db.transaction(held)
+
+    before_the_boundary = OffsetClock()  # the transfer's clock; the tick runs after the boundary
+    caller = Caller(await identity.authenticate_secret(world.db, owner), Authorizer(), before_the_boundary)
+    transfer = asyncio.ensure_future(transfer_credits(HeldOpen(), caller, workspace_id=ws, amount="40",
+                                                      idempotency_key=key(), to_group_id=group))
+    await asyncio.wait_for(posted.wait(), 10)
+    ticking = asyncio.ensure_future(world.tick(month(1)))
+    # Either the tick skips the workspace (the fix) and finishes, or the close waits for the
+    # transfer's grant lock: release the transfer then.
+    while not ticking.done() and not await _lock_waits(world.db):
+        await asyncio.sleep(0.01)
+    release.set()
+    moved = await transfer
+    assert moved.units == 40_000
+    closes = closes_of(await ticking, ws) + closes_of(await world.tick(month(1)), ws)
+    await clean(world, ws)
+    assert [(c.rolled_over_units, c.expired_units) for c in closes] == [(100_000, 0)]
+    b = await balance(world, owner, ws)
+    rolled = sorted((g["scope"], g["remaining"]) for g in b["grants"] if g["source"] == "ROLLOVER")
+    assert rolled == [("GROUP", "40.000"), ("WORKSPACE", "60.000")]

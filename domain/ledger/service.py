@@ -517,6 +517,13 @@ async def transfer_credits(
 
     async def work(session: AsyncSession) -> TransferResult:
         await authorize(session, caller, ws_id, Action.TRANSFER_CREDITS, what="workspace")
+        # A transfer may split the allowance a period close is reading (a piece for a seat or a
+        # group): the close must see every piece or none, or a piece it missed expires instead of
+        # rolling over under the shared cap. The close claims the workspace row FOR NO KEY UPDATE
+        # (not FOR UPDATE, so spends' key-share locks do not hide it), which FOR SHARE conflicts
+        # with while transfers still run side by side. Taken first: the workspace row, then
+        # grants, the close's lock order.
+        await as_sql(session).execute(_SHARE_WORKSPACE, ws_id)
         source = await _any_member(session, ws_id, from_member_id) if from_member_id else None
         target = await _seat_member(session, ws_id, to_member_id, "toMemberId") if to_member_id else None
         source_group = await group_in(session, ws_id, from_group_id) if from_group_id else None
@@ -560,6 +567,9 @@ async def transfer_credits(
         return await _transfer_result(session, ws_id, transfer_id)
 
     return await db.transaction(work)
+
+
+_SHARE_WORKSPACE = "SELECT 1 FROM workspaces WHERE id = $1 FOR SHARE"
 
 
 async def _any_member(session: AsyncSession, ws_id: uuid.UUID, member_id: str) -> Member:

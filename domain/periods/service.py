@@ -1,8 +1,8 @@
 """Billing periods, allowances, expiry and hold timeouts, and the scheduler (`tick`) that runs
-them. Every unit of work is claimed with `SELECT ... FOR UPDATE SKIP LOCKED` and finished in its
-own transaction that also moves the claim forward (a workspace's `next_renewal_at`, a grant's
-remaining, a generation's status), so any number of processes can tick at once and no unit runs
-twice. After downtime the loop catches up one boundary at a time, in order.
+them. Every unit of work is claimed with `SELECT ... FOR [NO KEY] UPDATE SKIP LOCKED` and
+finished in its own transaction that also moves the claim forward (a workspace's
+`next_renewal_at`, a grant's remaining, a generation's status), so any number of processes can
+tick at once and no unit runs twice. After downtime the loop catches up one boundary at a time, in order.
 
 Business time: ledger entries written here carry the time they belong to (`occurred_at`): the
 boundary for a period close, the expiry time for an expiry, the deadline for a hold timeout, so
@@ -207,8 +207,17 @@ async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 
 
 
 async def _claim_workspace(session: AsyncSession, due) -> Workspace | None:
+    # FOR NO KEY UPDATE, not FOR UPDATE: every spend in flight holds a KEY SHARE lock on its
+    # workspace row (the foreign keys of the rows it writes, and the timezone read under limits),
+    # which FOR UPDATE conflicts with, so SKIP LOCKED skipped any workspace with a spend in
+    # flight and a busy pool's period might never close. NO KEY UPDATE still conflicts with
+    # every writer the close must not interleave with: changes to the workspace row (plan,
+    # timezone, mode, seats and members take FOR UPDATE) and transfers, which may split the
+    # allowance being closed and so take FOR SHARE (`ledger.service.transfer_credits`).
+    # Spends only touch grant rows, which the close locks itself.
     return (await session.execute(
-        select(Workspace).where(due).order_by(Workspace.id).limit(1).with_for_update(skip_locked=True)
+        select(Workspace).where(due).order_by(Workspace.id).limit(1)
+        .with_for_update(skip_locked=True, key_share=True)
     )).scalar_one_or_none()
 
 
