@@ -531,3 +531,76 @@ async def test_an_operator_granting_to_an_unknown_workspace_gets_not_found(db, c
         out = (await api(GRANT, ws=str(uuid.uuid4()), amount="5", key=key(), source="PROMOTION",
                          priority=100))["grantCredits"]
     assert out["__typename"] == "NotFoundError", out
+
+
+# --- a transfer replay answers with the transfer that happened --------------------------------------
+
+REMOVE = 'mutation($m: ID!) { removeMember(input: {memberId: $m}) { __typename } }'
+SEAT = 'mutation($m: ID!, $s: Seat!) { changeMemberSeat(input: {memberId: $m, seat: $s}) { __typename } }'
+GROUP = 'mutation($ws: ID!) { createBillingGroup(input: {workspaceId: $ws, name: "G"}) { ... on BillingGroup { id } } }'
+ARCHIVE = 'mutation($g: ID!) { archiveBillingGroup(input: {groupId: $g}) { __typename } }'
+TO_GROUP = """
+mutation($ws: ID!, $amount: String!, $key: String!, $g: ID!) {
+  transferCredits(input: {workspaceId: $ws, amount: $amount, idempotencyKey: $key, toBillingGroupId: $g}) {
+    __typename
+    ... on Transfer { id credits toBillingGroupId grants { id scope amount parentGrantId } }
+    ... on Error { message code }
+  }
+}"""
+
+
+async def _replayed_after(client, team, api, change, **transfer) -> tuple[dict, dict]:
+    """The first answer of a transfer and the answer to its replay after `change`."""
+    k = key()
+    mutation = TO_GROUP if "g" in transfer else TRANSFER
+    first = (await api(mutation, ws=team.ws, amount="20", key=k, **transfer))["transferCredits"]
+    assert first["__typename"] == "Transfer", first
+    await change()
+    replay = (await api(mutation, ws=team.ws, amount="20", key=k, **transfer))["transferCredits"]
+    return first, replay
+
+
+async def test_a_transfer_replay_returns_the_first_result_after_the_target_seat_is_removed(db, client):
+    """Money rule 3: the same key with the same input returns the first result. A transfer to a
+    seat, replayed after that member left, answered NotFound (telling the client the credits
+    never moved): the target was checked before the key was looked up."""
+    team = await make_team(db, client, mode="PER_SEAT", creators=1)
+    _, seat = team.creators[0]
+    await grant(client, team, "50")
+    async with client(team.owner) as api:
+        async def remove():
+            assert (await api(REMOVE, m=seat))["removeMember"]["__typename"] == "Member"
+        first, replay = await _replayed_after(client, team, api, remove, to=seat)
+    assert replay == first, replay
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_transfer_replay_returns_the_first_result_after_the_target_seat_becomes_standard(db, client):
+    """The same rule: a replay after the target seat was made STANDARD answered ValidationError."""
+    team = await make_team(db, client, mode="PER_SEAT", creators=1)
+    _, seat = team.creators[0]
+    await grant(client, team, "50")
+    async with client(team.owner) as api:
+        async def make_standard():
+            assert (await api(SEAT, m=seat, s="STANDARD"))["changeMemberSeat"]["__typename"] == "Member"
+        first, replay = await _replayed_after(client, team, api, make_standard, to=seat)
+    assert replay == first, replay
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_transfer_replay_returns_the_first_result_after_the_target_group_is_archived(db, client):
+    """The same rule for a reservation: a replay after the group was archived answered
+    ValidationError; a new reservation for the archived group is still refused."""
+    team = await make_team(db, client)
+    await grant(client, team, "50")
+    async with client(team.owner) as api:
+        group = (await api(GROUP, ws=team.ws))["createBillingGroup"]["id"]
+
+        async def archive():
+            assert (await api(ARCHIVE, g=group))["archiveBillingGroup"]["__typename"] == "BillingGroup"
+        first, replay = await _replayed_after(client, team, api, archive, g=group)
+        assert replay == first, replay
+        fresh = (await api(TO_GROUP, ws=team.ws, amount="20", key=key(), g=group))["transferCredits"]
+    assert fresh["__typename"] == "ValidationError", fresh
+    assert (await balance(client, team.owner, team.ws))["available"] == "50.000"  # 20 reserved, still ours
+    await assert_ledger_clean(db, team.ws)

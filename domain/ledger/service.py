@@ -524,11 +524,9 @@ async def transfer_credits(
         # with while transfers still run side by side. Taken first: the workspace row, then
         # grants, the close's lock order.
         await as_sql(session).execute(_SHARE_WORKSPACE, ws_id)
-        source = await _any_member(session, ws_id, from_member_id) if from_member_id else None
-        target = await _seat_member(session, ws_id, to_member_id, "toMemberId") if to_member_id else None
-        source_group = await group_in(session, ws_id, from_group_id) if from_group_id else None
-        target_group = await group_in(session, ws_id, to_group_id, field="toBillingGroupId", live=True) \
-            if to_group_id else None
+        # The key first (money rule 3): a replay answers with the transfer that happened, even
+        # after its seat was removed or made STANDARD or its group archived. Only a new transfer
+        # is checked against the seats and groups as they are now; a refusal rolls the claim back.
         transfer_id = uuid.uuid4()
         first = await idempotency.claim(
             session, workspace_id=ws_id, actor_id=caller.actor.user_id, key=key, operation="transferCredits",
@@ -536,6 +534,11 @@ async def transfer_credits(
         )
         if first is not None:
             return await _transfer_result(session, ws_id, first)
+        source = await _any_member(session, ws_id, from_member_id) if from_member_id else None
+        target = await _seat_member(session, ws_id, to_member_id, "toMemberId") if to_member_id else None
+        source_group = await group_in(session, ws_id, from_group_id) if from_group_id else None
+        target_group = await group_in(session, ws_id, to_group_id, field="toBillingGroupId", live=True) \
+            if to_group_id else None
         scope = SpendScope(seat_member_id=source.id) if source else \
             SpendScope(billing_group_id=source_group) if source_group else SpendScope(pool=True)
         now = caller.clock.now()
