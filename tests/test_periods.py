@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import migrations
 from domain import pricing as _pricing  # noqa: F401 - models registered
@@ -459,3 +461,74 @@ async def test_a_transfer_splitting_the_allowance_while_the_period_closes_rolls_
     b = await balance(world, owner, ws)
     rolled = sorted((g["scope"], g["remaining"]) for g in b["grants"] if g["source"] == "ROLLOVER")
     assert rolled == [("GROUP", "40.000"), ("WORKSPACE", "60.000")]
+
+
+# --- what the credit schedule promises is what the close applies -------------------------------------
+
+async def test_the_credit_schedule_shows_the_rollover_the_close_will_apply_to_a_split_allowance(world):
+    """The promise: each bucket's rollover rule is shown and applied exactly as stated. An
+    allowance split by a reservation for a group shares one cap at the close; the schedule
+    applied the cap to each piece and promised 30 + 30 where 30 roll over."""
+    from decimal import Decimal
+
+    key_ = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverCapCredits="30",
+                      rolloverPeriods=2)
+    owner, ws = await workspace(world, key_)
+    async with world.client(owner) as api:
+        group = (await api(GROUP, ws=ws))["createBillingGroup"]["id"]
+        out = (await api(TO_GROUP, ws=ws, g=group, a="50", k=key()))["transferCredits"]
+    assert out["__typename"] == "Transfer", out
+    allowance = [b for b in (await schedule(world, owner, ws))["atNextRenewal"]
+                 if b["grant"]["source"] == "PLAN_ALLOWANCE"]
+    assert len(allowance) == 2  # the pool's piece and the group's
+    promised = {k: sum(Decimal(b[k]) for b in allowance) for k in ("rollsOver", "expires")}
+    [closed] = closes_of(await world.tick(month(1)), ws)
+    await clean(world, ws)
+    assert promised == {"rollsOver": Decimal("30"), "expires": Decimal("70")}
+    assert (closed.rolled_over_units, closed.expired_units) == (30_000, 70_000)
+
+
+def _pieces(draw_amounts: list[int], spent: list[int]) -> list:
+    """An allowance of sum(draw_amounts) split into pieces (the root keeps the first amount, each
+    later piece was split off the previous one), each with `spent` of it used."""
+    from domain.periods.rules import AllowancePiece
+
+    ids = sorted(uuid.uuid4() for _ in draw_amounts)
+    total = sum(draw_amounts)
+    pieces, parent = [], None
+    for i, (amount, used) in enumerate(zip(draw_amounts, spent)):
+        # A root's amount is what was issued; a piece split off keeps its own amount.
+        pieces.append(AllowancePiece(ids[i], parent, total if i == 0 else amount, amount - used, True))
+        parent = ids[i]
+    return pieces
+
+
+def test_a_split_allowance_shares_one_cap_in_piece_order():
+    from domain.periods.rules import AllowancePiece, allowance_rollover
+
+    pieces = _pieces([50, 50], [0, 0])
+    keeps = allowance_rollover(pieces, 30, None)
+    assert [keeps[p.id] for p in pieces] == [30, 0]  # the first piece takes the cap, the second expires
+    spent_first = _pieces([50, 50], [40, 0])
+    keeps = allowance_rollover(spent_first, 30, None)
+    assert [keeps[p.id] for p in spent_first] == [10, 20]
+    # A percentage cap is of what was issued (the root's amount), not of a piece.
+    assert sum(allowance_rollover(_pieces([60, 40], [0, 0]), None, 50).values()) == 50
+    # Two allowances (two seats) have a cap each; a never-expiring piece stays as it is.
+    a, b = uuid.uuid4(), uuid.uuid4()
+    seats = [AllowancePiece(a, None, 100, 100, True), AllowancePiece(b, None, 100, 100, True),
+             AllowancePiece(uuid.uuid4(), None, 100, 100, False)]
+    assert sorted(allowance_rollover(seats, 30, None).values()) == [0, 30, 30]
+
+
+@given(st.lists(st.tuples(st.integers(1, 10_000), st.integers(0, 10_000)), min_size=1, max_size=6),
+       st.one_of(st.none(), st.integers(0, 20_000)), st.one_of(st.none(), st.integers(0, 100)))
+def test_splitting_an_allowance_never_changes_how_much_rolls_over(split, cap_units, cap_percent):
+    from domain.periods.rules import allowance_rollover, rollover_units
+
+    amounts = [a for a, _ in split]
+    pieces = _pieces(amounts, [min(used, a) for a, used in split])
+    keeps = allowance_rollover(reversed(pieces), cap_units, cap_percent)  # any order in, id order applied
+    unused = sum(p.remaining for p in pieces)
+    assert sum(keeps.values()) == rollover_units(unused, sum(amounts), cap_units, cap_percent)
+    assert all(0 <= keeps[p.id] <= p.remaining for p in pieces)

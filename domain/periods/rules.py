@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import calendar
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 
@@ -34,6 +37,49 @@ def rollover_units(remaining: int, allowance: int, cap_units: int | None, cap_pe
     if cap_percent is not None:
         out = min(out, allowance * cap_percent // 100)
     return max(out, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class AllowancePiece:
+    """One piece of a period's allowance: the allowance as issued, or a part a transfer split off
+    it (to a seat, a billing group, the pool), which points at the grant it came from."""
+
+    id: uuid.UUID
+    parent_id: uuid.UUID | None
+    amount: int
+    remaining: int
+    expires: bool  # False: a never-expiring allowance, which stays as it is
+
+
+def allowance_rollover(
+    pieces: Iterable[AllowancePiece], cap_units: int | None, cap_percent: int | None
+) -> dict[uuid.UUID, int]:
+    """How much of each piece of one period's allowance rolls over at the period's close (the
+    rest of an expiring piece expires). Splitting an allowance must not multiply its cap, so the
+    cap applies once per original allowance (the root a piece's parents lead to, whose amount is
+    what was issued) to the unused credits of all its pieces together; that rollover is then
+    shared by the pieces in id order, each rolling over where it now is. The period close applies
+    it and the credit schedule shows it: one rule, so the promise is what happens."""
+    by_id = {p.id: p for p in pieces}
+
+    def root(p: AllowancePiece) -> AllowancePiece:
+        while p.parent_id in by_id:
+            p = by_id[p.parent_id]
+        return p
+
+    unused: dict[uuid.UUID, int] = {}
+    for p in by_id.values():
+        if p.expires:
+            r = root(p).id
+            unused[r] = unused.get(r, 0) + p.remaining
+    left = {r: rollover_units(u, by_id[r].amount, cap_units, cap_percent) for r, u in unused.items()}
+    out = {}
+    for p in sorted(by_id.values(), key=lambda p: p.id):  # uuid order, as PostgreSQL orders them
+        keep = min(p.remaining, left[root(p).id]) if p.expires else 0
+        if keep:
+            left[root(p).id] -= keep
+        out[p.id] = keep
+    return out
 
 
 def day_start(at: datetime) -> datetime:
