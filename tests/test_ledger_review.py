@@ -604,3 +604,43 @@ async def test_a_transfer_replay_returns_the_first_result_after_the_target_group
     assert fresh["__typename"] == "ValidationError", fresh
     assert (await balance(client, team.owner, team.ws))["available"] == "50.000"  # 20 reserved, still ours
     await assert_ledger_clean(db, team.ws)
+
+
+# --- hold timeouts racing settlements ---------------------------------------------------------------
+
+async def test_timeouts_racing_settlements_settle_each_generation_exactly_once(db, live_server, client):
+    """Hold timeouts (the scheduler, TTL 0: every running generation is due) racing completions
+    within and above the hold and failures: each generation ends in exactly one settlement, its
+    holds are captured or released once, and the ledger stays clean."""
+    from domain.periods.service import tick
+
+    team = await make_team(db, client, creators=3)
+    await grant(client, team, "400")
+    starts = []
+    for i in range(24):
+        token, _ = team.creators[i % 3]
+        async with client(token) as api:
+            g = (await api(START, ws=team.ws, model="test-six", key=key()))["startGeneration"]
+        assert g["__typename"] == "Generation", g
+        starts.append(g)
+
+    async def settle(i, gid):
+        async with client(team.worker) as api:
+            if i % 3 == 0:
+                return (await api(FAIL, g=gid, key=key(), kind="POLICY_VIOLATION"))["failGeneration"]
+            return (await api(COMPLETE, g=gid, key=key(), cost="9" if i % 3 == 1 else "2"))["completeGeneration"]
+
+    work = [settle(i, g["id"]) for i, g in enumerate(starts)]
+    work += [tick(db, live_server.clock, hold_ttl=timedelta(0)) for _ in range(4)]
+    answers = (await asyncio.gather(*work))[:24]
+    # The ticks also time out other tests' running generations: count this workspace's by status.
+    row = await db.fetchrow("SELECT array_agg(id::text) AS ids, array_agg(status::text) AS statuses "
+                            "FROM generations WHERE workspace_id = $1", uuid.UUID(team.ws))
+    statuses = dict(zip(row["ids"], row["statuses"]))
+    for g, answer in zip(starts, answers):
+        if answer["__typename"] == "Generation":  # settled by the worker, so not timed out
+            assert statuses[g["id"]] in {"COMPLETED", "FAILED"}, (answer, statuses[g["id"]])
+        else:  # the timeout won: the worker is told so, and nothing else moved
+            assert (answer["code"], statuses[g["id"]]) == ("GENERATION_ALREADY_SETTLED", "TIMED_OUT"), answer
+    await assert_ledger_clean(db, team.ws)
+    assert (await balance(client, team.owner, team.ws))["held"] == "0.000"

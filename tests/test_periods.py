@@ -532,3 +532,20 @@ def test_splitting_an_allowance_never_changes_how_much_rolls_over(split, cap_uni
     unused = sum(p.remaining for p in pieces)
     assert sum(keeps.values()) == rollover_units(unused, sum(amounts), cap_units, cap_percent)
     assert all(0 <= keeps[p.id] <= p.remaining for p in pieces)
+
+
+# --- found in review, not fixed here ----------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="open: PER_SEAT issues the plan's trial and daily credits to the pool, "
+                                       "which a PER_SEAT creator (without pool fallback) never draws from")
+async def test_a_per_seat_creator_can_spend_the_plans_trial_and_daily_free_credits(world):
+    """A PER_SEAT workspace on a plan with trial and daily free credits: the plan's credits are
+    issued, shown as available, and must be spendable by its creators. They land in the pool,
+    which PER_SEAT (without fallback) never draws from, so they only ever expire."""
+    key_ = await plan(world, trialCredits="20", trialDays=14, dailyFreeCredits="5")
+    owner, ws = await workspace(world, key_, mode="PER_SEAT")
+    b = await balance(world, owner, ws)
+    assert b["available"] == "25.000"
+    async with world.client(owner) as api:
+        out = (await api(START, ws=ws, model="sdxl", key=key()))["startGeneration"]
+    assert out["__typename"] == "Generation", (out, b["viewerSpendable"])
