@@ -38,9 +38,9 @@ class Plan:
     rollover_cap_credits: str | None
     rollover_cap_percent: int | None
     rollover_periods: int = strawberry.field(description="Rolled-over credits expire after this many periods.")
-    trial_credits: str
+    trial_credits: str = strawberry.field(description="Once, when a workspace opens: for the pool, or per creator seat.")
     trial_days: int
-    daily_free_credits: str
+    daily_free_credits: str = strawberry.field(description="Each day (UTC): for the pool, or per creator seat.")
 
     @classmethod
     def from_model(cls, p: PlanModel) -> Plan:

@@ -534,14 +534,12 @@ def test_splitting_an_allowance_never_changes_how_much_rolls_over(split, cap_uni
     assert all(0 <= keeps[p.id] <= p.remaining for p in pieces)
 
 
-# --- found in review, not fixed here ----------------------------------------------------------------
+# --- a PER_SEAT plan's trial and daily credits -------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="open: PER_SEAT issues the plan's trial and daily credits to the pool, "
-                                       "which a PER_SEAT creator (without pool fallback) never draws from")
 async def test_a_per_seat_creator_can_spend_the_plans_trial_and_daily_free_credits(world):
-    """A PER_SEAT workspace on a plan with trial and daily free credits: the plan's credits are
-    issued, shown as available, and must be spendable by its creators. They land in the pool,
-    which PER_SEAT (without fallback) never draws from, so they only ever expire."""
+    """A PER_SEAT workspace on a plan with trial and daily free credits: like the allowance, they
+    go to each creator seat, not to the pool, which PER_SEAT (without fallback) never draws from
+    (where they would only ever expire)."""
     key_ = await plan(world, trialCredits="20", trialDays=14, dailyFreeCredits="5")
     owner, ws = await workspace(world, key_, mode="PER_SEAT")
     b = await balance(world, owner, ws)
@@ -549,3 +547,14 @@ async def test_a_per_seat_creator_can_spend_the_plans_trial_and_daily_free_credi
     async with world.client(owner) as api:
         out = (await api(START, ws=ws, model="sdxl", key=key()))["startGeneration"]
     assert out["__typename"] == "Generation", (out, b["viewerSpendable"])
+    # The next day's free credits go to every creator seat, one added since included; the pool
+    # gets nothing a PER_SEAT creator could never spend.
+    async with world.client(owner) as api:
+        added = (await api(ADD, ws=ws, email=f"c-{key()}@example.test", role="MEMBER", seat="CREATOR"))["addMember"]
+    await world.tick(timedelta(days=1, hours=1))
+    daily = await world.db.fetchrow(
+        "SELECT count(*) FILTER (WHERE scope = 'SEAT') AS seats, count(*) FILTER (WHERE scope = 'WORKSPACE') AS pool, "
+        "count(*) FILTER (WHERE member_id = $2) AS new_seat FROM grants WHERE workspace_id = $1 AND source = 'DAILY_FREE'",
+        uuid.UUID(ws), uuid.UUID(added["id"]))
+    assert (daily["seats"], daily["pool"], daily["new_seat"]) == (3, 0, 1)  # the owner's two days, the new seat's one
+    await clean(world, ws)

@@ -71,7 +71,9 @@ async def _issue(
 
 
 async def _recipients(session: AsyncSession, ws: Workspace) -> list[Member | None]:
-    """Who receives a period's allowance: the pool (POOLED), or every creator seat (PER_SEAT)."""
+    """Who receives the plan's credits (a period's allowance, the trial, a day's free credits):
+    the pool (POOLED), or every creator seat (PER_SEAT), whose spends never draw from the pool
+    without fallback: credits issued to the pool there would only ever expire."""
     if ws.allocation_mode is AllocationMode.POOLED:
         return [None]
     rows = await session.execute(
@@ -101,19 +103,20 @@ async def _issue_allowance(
 
 async def open_workspace(session: AsyncSession, ws: Workspace, plan: Plan, now: datetime) -> None:
     """A new workspace: its first period starts now (the billing anchor), with its allowance, the
-    plan's trial credits and today's free credits."""
+    plan's trial credits and today's free credits, each to the pool or per creator seat."""
     ws.billing_anchor = ws.period_start = now
     ws.next_renewal_at = add_months(now, 1)
     ws.next_daily_at = next_day(now) if plan.daily_free_units > 0 else None
     await session.flush()
     posting = Posting(ws.id, Cause.GRANT, None, None, occurred_at=now)
     await _issue_allowance(session, ws, plan, posting, now, ws.next_renewal_at)
-    if plan.trial_units > 0 and plan.trial_days > 0:
-        await _issue(session, ws, posting, source=GrantSource.TRIAL, units=plan.trial_units, effective_at=now,
-                     expires_at=now + timedelta(days=plan.trial_days), reason=f"{plan.name} trial")
-    if plan.daily_free_units > 0:
-        await _issue(session, ws, posting, source=GrantSource.DAILY_FREE, units=plan.daily_free_units,
-                     effective_at=now, expires_at=ws.next_daily_at, reason="daily free credits")
+    for member in await _recipients(session, ws):
+        if plan.trial_units > 0 and plan.trial_days > 0:
+            await _issue(session, ws, posting, source=GrantSource.TRIAL, units=plan.trial_units, effective_at=now,
+                         expires_at=now + timedelta(days=plan.trial_days), member=member, reason=f"{plan.name} trial")
+        if plan.daily_free_units > 0:
+            await _issue(session, ws, posting, source=GrantSource.DAILY_FREE, units=plan.daily_free_units,
+                         effective_at=now, expires_at=ws.next_daily_at, member=member, reason="daily free credits")
     await session.flush()
     await post_movements(session, posting)
 
@@ -249,8 +252,9 @@ async def _issue_one_due_day(session: AsyncSession, now: datetime) -> bool:
     today = day_start(now)
     if plan.daily_free_units > 0 and ws.cancelled_at is None:
         posting = Posting(ws.id, Cause.GRANT, None, None, occurred_at=today)
-        await _issue(session, ws, posting, source=GrantSource.DAILY_FREE, units=plan.daily_free_units,
-                     effective_at=today, expires_at=next_day(today), reason="daily free credits")
+        for member in await _recipients(session, ws):
+            await _issue(session, ws, posting, source=GrantSource.DAILY_FREE, units=plan.daily_free_units,
+                         effective_at=today, expires_at=next_day(today), member=member, reason="daily free credits")
         await session.flush()
         await post_movements(session, posting)
         ws.next_daily_at = next_day(today)
