@@ -203,8 +203,13 @@ class LiveHub:
     # --- workspace events -------------------------------------------------------------------
 
     async def workspace_events(self, caller: Caller, workspace_id: str, secret: str | None) -> AsyncIterator[dict]:
+        """Each event is shown only if the query showing the same facts would show it to this
+        subscriber now (`events.visible`): a plain member sees their own generations and overage
+        requests, not another member's, and no alerts. Their rights are re-read when an event
+        says their membership changed (so a demotion applies from the next event, not from the
+        next re-check) and at every re-check."""
         ws_id = parse_id(workspace_id, "workspace")
-        await self._member(caller, ws_id)
+        member = await self._member(caller, ws_id)
         async with self.broadcast.subscribe(events.channel(ws_id)) as subscriber:
             checked = time.monotonic()
             while True:
@@ -213,12 +218,28 @@ class LiveHub:
                 except TimeoutError:
                     message = None
                 if time.monotonic() - checked >= self.recheck:
-                    await self._still_allowed(caller, ws_id, secret)
+                    member = await self._still_allowed(caller, ws_id, secret)
                     checked = time.monotonic()
-                if message is not None:
-                    for e in events.decode(message.message):
-                        if e["kind"] != events.BALANCE_CHANGED:
-                            yield e
+                if message is None:
+                    continue
+                for e in events.decode(message.message):
+                    if e["kind"] == events.BALANCE_CHANGED:
+                        continue
+                    if events.visible(e, member.id if member else None, self._allows(caller, ws_id, member)):
+                        yield e
+                    if self._about(e, member):  # committed before it was delivered: the read sees it
+                        member = await self._member(caller, ws_id)  # NotFound once removed
+
+    @staticmethod
+    def _allows(caller: Caller, ws_id: uuid.UUID, member: Member | None):
+        roles = caller.roles(member)
+        return lambda action: caller.authorizer.allows(str(caller.actor.user_id), roles, str(ws_id), action)
+
+    @staticmethod
+    def _about(event: dict, member: Member | None) -> bool:
+        """Does `event` change `member` (their role, seat or billing group)?"""
+        return (event["kind"] == events.MEMBER_CHANGED and member is not None
+                and event["payload"].get("memberId") == str(member.id))
 
 
 # --- GraphQL -----------------------------------------------------------------------------------
@@ -256,7 +277,8 @@ class BalanceUpdate:
 class WorkspaceEvent:
     workspace_id: strawberry.ID
     kind: str = strawberry.field(description="GENERATION_STARTED, GENERATION_SETTLED, CREDITS_ADDED, CREDITS_EXPIRED, "
-                                             "PERIOD_CLOSED, MEMBER_CHANGED")
+                                             "PERIOD_CLOSED, MEMBER_CHANGED, OVERAGE_REQUESTED, OVERAGE_DECIDED, "
+                                             "ALERT")
     at: datetime
     payload: JSON
 
@@ -276,7 +298,11 @@ class Subscription:
         async for view in ctx.live.balances(caller, str(workspace_id), ctx.secret()):
             yield BalanceUpdate.of(view)
 
-    @strawberry.subscription(description="Generations started and settled, credits added, member and seat changes.")
+    @strawberry.subscription(description="Generations started and settled, credits added and expired, period "
+                                         "closes, member and seat changes, overage requests and decisions, alerts: "
+                                         "each only if your queries would show it to you (without ledger.view, your "
+                                         "own generations; without overages.approve, your own requests; alerts "
+                                         "need ledger.view).")
     async def workspace_events(self, info: Info[Context, None], workspace_id: strawberry.ID) -> AsyncIterator[WorkspaceEvent]:
         ctx = info.context
         caller = await ctx.caller()

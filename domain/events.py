@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
+
+from policies import Action
 
 
 # Kinds. BALANCE_CHANGED is a signal for balance subscribers (they re-read the committed balance);
@@ -28,6 +31,28 @@ CREDITS_EXPIRED = "CREDITS_EXPIRED"
 OVERAGE_REQUESTED = "OVERAGE_REQUESTED"
 OVERAGE_DECIDED = "OVERAGE_DECIDED"
 ALERT = "ALERT"
+
+# Who sees each kind on `workspaceEvents`. A stream must never show what the queries refuse, so
+# each kind names the permission under which the query showing the same facts shows all of them,
+# and the payload field naming the member who may see their own without it:
+# - generations: `generation`/`generations` show everything with ledger.view, else your own;
+# - overage requests and decisions: `overageRequests` shows everything to approvers, else your own;
+# - alerts: `alerts` needs ledger.view, and there is no "own" alert;
+# - credits added or expired, period closes: `balance` and `creditSchedule` show every live grant
+#   and the breakage to anyone with balance.view (the stream's own permission);
+# - member changes: `workspace` lists every member with role, seat and group (workspace.view).
+# A kind missing here is shown to nobody: a new kind stays private until someone decides.
+AUDIENCE: dict[str, tuple[Action, str | None]] = {
+    GENERATION_STARTED: (Action.VIEW_LEDGER, "memberId"),
+    GENERATION_SETTLED: (Action.VIEW_LEDGER, "memberId"),
+    OVERAGE_REQUESTED: (Action.APPROVE_OVERAGES, "memberId"),
+    OVERAGE_DECIDED: (Action.APPROVE_OVERAGES, "memberId"),
+    ALERT: (Action.VIEW_LEDGER, None),
+    CREDITS_ADDED: (Action.VIEW_BALANCE, None),
+    CREDITS_EXPIRED: (Action.VIEW_BALANCE, None),
+    PERIOD_CLOSED: (Action.VIEW_BALANCE, None),
+    MEMBER_CHANGED: (Action.VIEW_WORKSPACE, None),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +74,18 @@ def channel(workspace_id: uuid.UUID) -> str:
 def emit(tx: Any, workspace_id: uuid.UUID, kind: str, **payload: Any) -> None:
     """Raise an event in `tx` (an ORM session or a `domain.db.Sql`: anything with `info`)."""
     tx.info.setdefault("events", []).append(Event(workspace_id, kind, payload))
+
+
+def visible(event: dict[str, Any], member_id: uuid.UUID | None, allows: Callable[[Action], bool]) -> bool:
+    """May a subscriber see `event` (decoded)? `member_id` is their membership in the event's
+    workspace (None for none), `allows` answers for their current roles there."""
+    audience = AUDIENCE.get(event["kind"])
+    if audience is None:
+        return False
+    action, own = audience
+    if allows(action):
+        return True
+    return own is not None and member_id is not None and event["payload"].get(own) == str(member_id)
 
 
 def encode(events: list[Event]) -> str:

@@ -288,3 +288,138 @@ async def test_two_servers_share_live_updates_through_redis(db, database_url, cl
     finally:
         for s in servers:
             s.stop()
+
+
+# --- who sees which workspace event ------------------------------------------------------------
+
+ROLE = 'mutation($m: ID!, $r: Role!) { changeMemberRole(input: {memberId: $m, role: $r}) { __typename } }'
+OVERAGE = """
+mutation($ws: ID!, $amount: String!, $reason: String!) {
+  requestOverage(input: {workspaceId: $ws, amount: $amount, reason: $reason, modelKey: "video-standard"}) {
+    __typename ... on OverageRequest { id status } ... on Error { code message }
+  }
+}"""
+MEMBER_LIMIT = """
+mutation($ws: ID!, $member: ID!) {
+  setSpendLimit(input: {workspaceId: $ws, scope: MEMBER, period: MONTH, amount: "10", action: REQUIRE_APPROVAL,
+                        memberId: $member}) { __typename }
+}"""
+DECIDE_OVERAGE = ('mutation($id: ID!) { decideOverage(input: {requestId: $id, approve: false, reason: "no"}) '
+                  '{ __typename } }')
+
+
+async def events_until_member_added(stream, seconds: float = 10) -> list[dict]:
+    """Events up to and including a MEMBER_CHANGED ADDED, the marker a test commits last: events
+    arrive in commit order, so everything committed before it has been filtered by then."""
+    got: list[dict] = []
+    deadline = time.monotonic() + seconds
+    while not got or (got[-1]["kind"], got[-1]["payload"].get("change")) != ("MEMBER_CHANGED", "ADDED"):
+        got.append((await next_within(stream, deadline - time.monotonic()))["workspaceEvents"])
+    return got
+
+
+def test_every_workspace_event_kind_names_who_may_see_it():
+    from domain import events
+
+    kinds = {v for k, v in vars(events).items() if k.isupper() and isinstance(v, str) and k == v}
+    assert kinds - {events.BALANCE_CHANGED} == set(events.AUDIENCE)
+
+
+async def test_workspace_events_do_not_show_a_member_what_the_queries_refuse_them(db, live_server, client):
+    team = await make_team(db, client, creators=2)
+    await grant(client, team, "1000")
+    (watcher, watcher_member), (other, other_member) = team.creators
+    async with client(team.owner) as api:
+        assert (await api(MEMBER_LIMIT, ws=team.ws, member=other_member))["setSpendLimit"]["__typename"] == "SpendLimit"
+    async with ws_client(live_server, watcher) as ws, ws_client(live_server, team.owner) as ws_owner:
+        mine, owners = ws.subscribe(EVENTS, ws=team.ws), ws_owner.subscribe(EVENTS, ws=team.ws)
+        pending = [asyncio.ensure_future(next_within(s, 10)) for s in (mine, owners)]
+        await asyncio.sleep(0.3)  # both subscriptions are live before anything happens
+        async with client(watcher) as api:
+            own = (await api(START, ws=team.ws, model="sdxl", key=key()))["startGeneration"]
+        async with client(other) as api:
+            gen = (await api(START, ws=team.ws, model="sdxl", key=key()))["startGeneration"]
+            req = (await api(OVERAGE, ws=team.ws, amount="500", reason="a private client pitch"))["requestOverage"]
+        assert req["status"] == "PENDING"
+        async with client(team.owner) as api:
+            assert (await api(DECIDE_OVERAGE, id=req["id"]))["decideOverage"]["__typename"] == "OverageRequest"
+            await api(ADD, ws=team.ws, email=f"late-{key()}@example.test", role="MEMBER", seat="STANDARD")
+        watched = [(await pending[0])["workspaceEvents"]] + await events_until_member_added(mine)
+        seen_by_owner = [(await pending[1])["workspaceEvents"]] + await events_until_member_added(owners)
+        for s in (mine, owners):
+            await s.aclose()
+    # What the watcher may read through queries: not the other member's generation, overage
+    # request or decision, nor the workspace's alerts.
+    async with client(watcher) as api:
+        assert (await api("query($id: ID!) { generation(id: $id) { id } }", id=gen["id"]))["generation"] is None
+        assert (await api("query($ws: ID!) { overageRequests(workspaceId: $ws) { id } }",
+                          ws=team.ws))["overageRequests"] == []
+        with pytest.raises(TransportQueryError) as err:
+            await api("query($ws: ID!) { alerts(workspaceId: $ws) { id } }", ws=team.ws)
+        assert err.value.errors[0]["extensions"]["code"] == "FORBIDDEN"
+    leaked = [e for e in watched if gen["id"] in str(e["payload"]) or req["id"] in str(e["payload"])
+              or e["kind"] == "ALERT"]
+    assert leaked == [], [(e["kind"], e["payload"]) for e in leaked]
+    # ...while their own generation still reaches them, and the owner still sees everything.
+    assert [e["kind"] for e in watched] == ["GENERATION_STARTED", "MEMBER_CHANGED"]
+    assert watched[0]["payload"] == {"generationId": own["id"], "memberId": watcher_member, "modelKey": "sdxl",
+                                     "cost": "5.000"}
+    assert {"GENERATION_STARTED", "OVERAGE_REQUESTED", "OVERAGE_DECIDED", "ALERT"} <= {e["kind"] for e in seen_by_owner}
+    assert gen["id"] in str(seen_by_owner) and req["id"] in str(seen_by_owner)
+
+
+async def test_a_requester_sees_the_decision_on_their_own_overage_request(db, live_server, client):
+    team = await make_team(db, client, creators=1)
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        assert (await api(MEMBER_LIMIT, ws=team.ws, member=member))["setSpendLimit"]["__typename"] == "SpendLimit"
+    async with ws_client(live_server, token) as ws:
+        stream = ws.subscribe(EVENTS, ws=team.ws)
+        pending = asyncio.ensure_future(next_within(stream, 10))
+        await asyncio.sleep(0.3)
+        async with client(token) as api:
+            req = (await api(OVERAGE, ws=team.ws, amount="5", reason="one more"))["requestOverage"]
+        async with client(team.owner) as api:
+            await api(DECIDE_OVERAGE, id=req["id"])
+            await api(ADD, ws=team.ws, email=f"late-{key()}@example.test", role="MEMBER", seat="STANDARD")
+        got = [(await pending)["workspaceEvents"]] + await events_until_member_added(stream)
+        await stream.aclose()
+    assert [(e["kind"], e["payload"].get("requestId")) for e in got[:2]] == [
+        ("OVERAGE_REQUESTED", req["id"]), ("OVERAGE_DECIDED", req["id"])]
+    assert got[1]["payload"]["status"] == "DENIED"
+
+
+async def test_a_demoted_admins_event_stream_stops_showing_other_members_generations_at_once(
+        db, database_url, client):
+    from tests.conftest import LiveServer, http_client
+
+    team = await make_team(db, client, creators=2)
+    await grant(client, team, "1000")
+    (admin, admin_member), (other, _) = team.creators
+    async with client(team.owner) as api:
+        assert (await api(ROLE, m=admin_member, r="ADMIN"))["changeMemberRole"]["__typename"] == "Member"
+    # Its own server, whose periodic re-check is far away: the demotion must apply from the event
+    # that announces it, not from the next re-check. (In-process broadcast: every mutation of this
+    # test goes through this server.)
+    server = LiveServer(database_url, live_recheck_seconds=30)
+    server.start()
+    try:
+        async with ws_client(server, admin) as ws:
+            stream = ws.subscribe(EVENTS, ws=team.ws)
+            pending = asyncio.ensure_future(next_within(stream, 10))
+            await asyncio.sleep(0.3)
+            async with http_client(server, other) as api:
+                before = (await api(START, ws=team.ws, model="sdxl", key=key()))["startGeneration"]
+            async with http_client(server, team.owner) as api:
+                assert (await api(ROLE, m=admin_member, r="MEMBER"))["changeMemberRole"]["__typename"] == "Member"
+            async with http_client(server, other) as api:
+                after = (await api(START, ws=team.ws, model="sdxl", key=key()))["startGeneration"]
+            async with http_client(server, team.owner) as api:
+                await api(ADD, ws=team.ws, email=f"late-{key()}@example.test", role="MEMBER", seat="STANDARD")
+            got = [(await pending)["workspaceEvents"]] + await events_until_member_added(stream)
+            await stream.aclose()
+    finally:
+        server.stop()
+    assert [(e["kind"], e["payload"].get("generationId") or e["payload"].get("change")) for e in got] == [
+        ("GENERATION_STARTED", before["id"]), ("MEMBER_CHANGED", "ROLE_CHANGED"), ("MEMBER_CHANGED", "ADDED")]
+    assert after["id"] not in str(got)

@@ -120,8 +120,9 @@ async def decide_overage(
         await session.flush()
         notify(session, request.workspace_id, {requester.user_id}, "OVERAGE_DECIDED", requestId=str(request.id),
                status=request.status.value, approved=format_credits(request.approved_units or 0), reason=reason)
+        # memberId: the requester may watch their own decision on `workspaceEvents` (events.AUDIENCE).
         events.emit(session, request.workspace_id, events.OVERAGE_DECIDED, requestId=str(request.id),
-                    status=request.status.value)
+                    memberId=str(request.member_id), status=request.status.value)
         await alerts.resolve(session, request.workspace_id, alerts.OVERAGE_REQUESTED, now, str(request.id))
         alerts.note(session, request.workspace_id, alerts.OVERAGE_DECIDED, str(request.id), now,
                     status=request.status.value)
