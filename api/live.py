@@ -77,12 +77,16 @@ def _broadcast(url: str) -> Broadcast:
 class _Subscriber:
     latest: queries.Snapshot | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set with `latest` when a membership changed since the previous read: the subscriber's own
+    # role, seat or group may be what changed, so it re-reads its membership before the view.
+    members_changed: bool = False
 
 
 @dataclass(eq=False)
 class _Watcher:
     subscribers: set[_Subscriber] = field(default_factory=set)
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    members_changed: bool = False  # a MEMBER_CHANGED came with the signals of the next read
     listening: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -130,6 +134,11 @@ class LiveHub:
         allowed = caller.authorizer.allows(str(caller.actor.user_id), member_roles(member), str(ws_id), Action.GENERATE)
         return member if allowed else None
 
+    @staticmethod
+    def _spends_as(member: Member | None) -> tuple | None:
+        """What of a membership decides its spendable amount."""
+        return None if member is None else (member.id, member.role, member.seat, member.billing_group_id)
+
     # --- balances -------------------------------------------------------------------------
 
     async def balances(self, caller: Caller, workspace_id: str, secret: str | None) -> AsyncIterator[queries.BalanceView]:
@@ -147,12 +156,23 @@ class LiveHub:
                     await asyncio.wait_for(sub.wake.wait(), timeout=self.recheck)
                 except TimeoutError:
                     pass
-                if time.monotonic() - checked >= self.recheck:
-                    member = await self._still_allowed(caller, ws_id, secret)
-                    checked = time.monotonic()
                 if sub.wake.is_set():
                     sub.wake.clear()
-                    yield queries.view_of(sub.latest, self._spender(caller, ws_id, member))
+                    snapshot = sub.latest
+                    if sub.members_changed:
+                        # A seat, role or group change signals the balance too: the view must
+                        # use the membership it committed, not the one of the last re-check.
+                        sub.members_changed = False
+                        member = await self._member(caller, ws_id)  # NotFound once removed
+                    yield queries.view_of(snapshot, self._spender(caller, ws_id, member))
+                if time.monotonic() - checked >= self.recheck:
+                    was = self._spends_as(member)
+                    member = await self._still_allowed(caller, ws_id, secret)
+                    checked = time.monotonic()
+                    if self._spends_as(member) != was:
+                        # A membership change that reached us without an event (none should):
+                        # the stream's last word must still be what the `balance` query says.
+                        yield queries.view_of(snapshot, self._spender(caller, ws_id, member))
         finally:
             self._leave(ws_id, sub)
 
@@ -181,7 +201,10 @@ class LiveHub:
             async for message in subscriber:
                 if message is None:
                     return
-                if any(e["kind"] == events.BALANCE_CHANGED for e in events.decode(message.message)):
+                kinds = {e["kind"] for e in events.decode(message.message)}
+                if events.MEMBER_CHANGED in kinds:
+                    watcher.members_changed = True  # before `dirty`: the read it triggers hands it on
+                if events.BALANCE_CHANGED in kinds:
                     watcher.dirty.set()
 
     async def _refresh(self, ws_id: uuid.UUID, watcher: _Watcher) -> None:
@@ -189,15 +212,18 @@ class LiveHub:
             await watcher.dirty.wait()
             await asyncio.sleep(self.debounce)  # coalesce a burst of commits into one read
             watcher.dirty.clear()  # before reading: a commit during the read triggers another
+            members_changed, watcher.members_changed = watcher.members_changed, False
             try:
                 snapshot = await queries.balance_snapshot(self.db, ws_id, self.clock.now())
             except Exception:  # noqa: BLE001 - keep watching; the next signal retries
                 log.warning("balance read for %s failed", ws_id, exc_info=True)
+                watcher.members_changed |= members_changed
                 watcher.dirty.set()
                 await asyncio.sleep(1)
                 continue
             for sub in list(watcher.subscribers):
                 sub.latest = snapshot
+                sub.members_changed |= members_changed
                 sub.wake.set()
 
     # --- workspace events -------------------------------------------------------------------

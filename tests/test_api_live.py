@@ -389,37 +389,92 @@ async def test_a_requester_sees_the_decision_on_their_own_overage_request(db, li
     assert got[1]["payload"]["status"] == "DENIED"
 
 
+@pytest.fixture(scope="module")
+def quiet_server(database_url: str):
+    """A server whose periodic re-check is far away, so what a stream shows right after a change
+    comes from the change's own events, not from a re-check that happened to fall in between.
+    Its broadcast is in-process: every mutation a test watches through it must go through it."""
+    from tests.conftest import LiveServer
+
+    server = LiveServer(database_url, live_recheck_seconds=30)
+    server.start()
+    yield server
+    server.stop()
+
+
 async def test_a_demoted_admins_event_stream_stops_showing_other_members_generations_at_once(
-        db, database_url, client):
-    from tests.conftest import LiveServer, http_client
+        db, client, quiet_server):
+    from tests.conftest import http_client
 
     team = await make_team(db, client, creators=2)
     await grant(client, team, "1000")
     (admin, admin_member), (other, _) = team.creators
     async with client(team.owner) as api:
         assert (await api(ROLE, m=admin_member, r="ADMIN"))["changeMemberRole"]["__typename"] == "Member"
-    # Its own server, whose periodic re-check is far away: the demotion must apply from the event
-    # that announces it, not from the next re-check. (In-process broadcast: every mutation of this
-    # test goes through this server.)
-    server = LiveServer(database_url, live_recheck_seconds=30)
-    server.start()
-    try:
-        async with ws_client(server, admin) as ws:
-            stream = ws.subscribe(EVENTS, ws=team.ws)
-            pending = asyncio.ensure_future(next_within(stream, 10))
-            await asyncio.sleep(0.3)
-            async with http_client(server, other) as api:
-                before = (await api(START, ws=team.ws, model="sdxl", key=key()))["startGeneration"]
-            async with http_client(server, team.owner) as api:
-                assert (await api(ROLE, m=admin_member, r="MEMBER"))["changeMemberRole"]["__typename"] == "Member"
-            async with http_client(server, other) as api:
-                after = (await api(START, ws=team.ws, model="sdxl", key=key()))["startGeneration"]
-            async with http_client(server, team.owner) as api:
-                await api(ADD, ws=team.ws, email=f"late-{key()}@example.test", role="MEMBER", seat="STANDARD")
-            got = [(await pending)["workspaceEvents"]] + await events_until_member_added(stream)
-            await stream.aclose()
-    finally:
-        server.stop()
+    async with ws_client(quiet_server, admin) as ws:
+        stream = ws.subscribe(EVENTS, ws=team.ws)
+        pending = asyncio.ensure_future(next_within(stream, 10))
+        await asyncio.sleep(0.3)
+        async with http_client(quiet_server, other) as api:
+            before = (await api(START, ws=team.ws, model="sdxl", key=key()))["startGeneration"]
+        async with http_client(quiet_server, team.owner) as api:
+            assert (await api(ROLE, m=admin_member, r="MEMBER"))["changeMemberRole"]["__typename"] == "Member"
+        async with http_client(quiet_server, other) as api:
+            after = (await api(START, ws=team.ws, model="sdxl", key=key()))["startGeneration"]
+        async with http_client(quiet_server, team.owner) as api:
+            await api(ADD, ws=team.ws, email=f"late-{key()}@example.test", role="MEMBER", seat="STANDARD")
+        got = [(await pending)["workspaceEvents"]] + await events_until_member_added(stream)
+        await stream.aclose()
     assert [(e["kind"], e["payload"].get("generationId") or e["payload"].get("change")) for e in got] == [
         ("GENERATION_STARTED", before["id"]), ("MEMBER_CHANGED", "ROLE_CHANGED"), ("MEMBER_CHANGED", "ADDED")]
     assert after["id"] not in str(got)
+
+
+# --- the spendable amount follows the subscriber's membership ------------------------------------
+
+SEAT = 'mutation($m: ID!, $s: Seat!) { changeMemberSeat(input: {memberId: $m, seat: $s}) { __typename } }'
+
+
+async def settled(stream, seconds: float) -> dict | None:
+    """The last update a stream sends within `seconds` (None if it sends none)."""
+    last, deadline = None, time.monotonic() + seconds
+    with contextlib.suppress(TimeoutError):
+        while True:
+            last = (await next_within(stream, deadline - time.monotonic()))["balanceChanged"]
+    return last
+
+
+async def test_after_a_seat_change_the_stream_settles_on_the_new_spendable_amount(db, client, quiet_server):
+    from tests.conftest import http_client
+
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    token, member = team.creators[0]
+    async with ws_client(quiet_server, token) as ws:
+        stream = ws.subscribe(BALANCES, ws=team.ws)
+        assert (await next_within(stream, 5))["balanceChanged"]["viewerSpendable"] == "100.000"
+        async with http_client(quiet_server, team.owner) as api:  # no longer a creator: may spend nothing
+            assert (await api(SEAT, m=member, s="STANDARD"))["changeMemberSeat"]["__typename"] == "Member"
+        last = await settled(stream, 2)
+        await stream.aclose()
+    async with client(token) as api:
+        assert (await api(BALANCE, ws=team.ws))["balance"]["viewerSpendable"] == "0.000"
+    assert last is not None and last["viewerSpendable"] == "0.000", last
+
+
+async def test_a_membership_change_without_an_event_reaches_the_stream_at_the_next_re_check(
+        db, live_server, client):
+    from sqlalchemy import text
+
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    token, member = team.creators[0]
+    async with ws_client(live_server, token) as ws:
+        stream = ws.subscribe(BALANCES, ws=team.ws)
+        assert (await next_within(stream, 5))["balanceChanged"]["viewerSpendable"] == "100.000"
+        # Behind the services' back (no event, no balance signal): only the re-check can see it.
+        await db.transaction(lambda s: s.execute(text("UPDATE members SET seat = 'standard' WHERE id = :m"),
+                                                 {"m": member}))
+        last = await settled(stream, 2)  # live_server re-checks every 0.5 s
+        await stream.aclose()
+    assert last is not None and last["viewerSpendable"] == "0.000", last
