@@ -462,6 +462,29 @@ async def test_after_a_seat_change_the_stream_settles_on_the_new_spendable_amoun
     assert last is not None and last["viewerSpendable"] == "0.000", last
 
 
+async def test_after_joining_a_billing_group_the_stream_shows_the_groups_credits_as_spendable(
+        db, client, quiet_server):
+    from tests.conftest import http_client
+    from tests.test_governance_review import ASSIGN, GROUP, TO_GROUP
+
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        g = (await api(GROUP, ws=team.ws))["createBillingGroup"]["id"]
+        assert (await api(TO_GROUP, ws=team.ws, g=g, a="30", k=key()))["transferCredits"]["__typename"] == "Transfer"
+    async with ws_client(quiet_server, token) as ws:
+        stream = ws.subscribe(BALANCES, ws=team.ws)
+        assert (await next_within(stream, 5))["balanceChanged"]["viewerSpendable"] == "70.000"
+        async with http_client(quiet_server, team.owner) as api:  # the group's 30 now come first
+            assert (await api(ASSIGN, m=member, g=g))["assignBillingGroup"]["__typename"] == "Member"
+        last = await settled(stream, 2)
+        await stream.aclose()
+    async with client(token) as api:
+        assert (await api(BALANCE, ws=team.ws))["balance"]["viewerSpendable"] == "100.000"
+    assert last is not None and last["viewerSpendable"] == "100.000", last
+
+
 async def test_a_membership_change_without_an_event_reaches_the_stream_at_the_next_re_check(
         db, live_server, client):
     from sqlalchemy import text

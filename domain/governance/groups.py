@@ -6,6 +6,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from domain import events
 from domain.access import Caller, authorize, parse_id
 from domain.db import Database
 from domain.errors import NotFound, ValidationFailed
@@ -97,6 +98,13 @@ async def assign_member(db: Database, caller: Caller, *, member_id: str, group_i
         member.billing_group_id = group
         audit.record(session, member.workspace_id, caller.actor.user_id, "member.group_changed", "member", member.id,
                      before=before, after={"group": member.billing_group_id}, at=caller.clock.now())
+        if before["group"] != group:
+            # The member now draws the group's grants first: what they may spend changed, so
+            # balance subscribers re-read (and re-read their membership, told by MEMBER_CHANGED).
+            events.emit(session, member.workspace_id, events.MEMBER_CHANGED, memberId=str(member.id),
+                        change="GROUP_CHANGED", role=member.role.value, seat=member.seat.value,
+                        billingGroupId=str(group) if group else None)
+            events.emit(session, member.workspace_id, events.BALANCE_CHANGED)
         await session.flush()
         from domain.workspaces.service import _with_user
 
