@@ -203,3 +203,28 @@ async def test_limit_usage_equals_what_settled_generations_kept(db, client):
         assert failed["captured"] == "1.000"
     async with client(team.owner) as api:
         assert (await api(LIMITS, ws=team.ws))["spendLimits"][0]["used"] == "16.000"
+
+
+async def test_many_admins_setting_the_same_new_limit_at_once_all_get_one_limit(db, client):
+    # Nothing to lock while the target has no limit yet: without a lock on the workspace, the
+    # concurrent setters all insert and all but one fail on the unique index (INTERNAL).
+    import asyncio
+
+    from domain import identity
+    from domain.access import Caller
+    from domain.governance import limits
+    from domain.governance.models import LimitAction, LimitPeriod, LimitScope
+    from policies import Authorizer
+
+    team = await make_team(db, client, creators=1)
+    caller = Caller(await identity.authenticate_secret(db, team.owner), Authorizer())
+    for _ in range(5):
+        outs = await asyncio.gather(*(limits.set_spend_limit(
+            db, caller, workspace_id=team.ws, scope=LimitScope.WORKSPACE, period=LimitPeriod.DAY, amount=str(10 + i),
+            action=LimitAction.BLOCK) for i in range(8)), return_exceptions=True)
+        assert [type(o).__name__ + ": " + str(o)[:120] for o in outs if isinstance(o, BaseException)] == []
+        async with client(team.owner) as api:
+            [only] = (await api(LIMITS, ws=team.ws))["spendLimits"]
+            # One limit, changed in place by every caller after the first.
+            assert {str(o.id) for o in outs} == {only["id"]}
+            await api('mutation($l: ID!) { removeSpendLimit(input: {limitId: $l}) { __typename } }', l=only["id"])
