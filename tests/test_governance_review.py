@@ -228,3 +228,53 @@ async def test_many_admins_setting_the_same_new_limit_at_once_all_get_one_limit(
             # One limit, changed in place by every caller after the first.
             assert {str(o.id) for o in outs} == {only["id"]}
             await api('mutation($l: ID!) { removeSpendLimit(input: {limitId: $l}) { __typename } }', l=only["id"])
+
+
+# --- overage requests that lapse ---------------------------------------------------------------------
+
+async def _pending_request(db, client, period: str) -> tuple:
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period=period, amount="10", action="REQUIRE_APPROVAL",
+                  member=member)
+    async with client(token) as api:
+        req = (await api(REQUEST, ws=team.ws, amount="20", reason="more"))["requestOverage"]
+    assert req["status"] == "PENDING"
+    async with client(team.owner) as api:
+        period_end = datetime.fromisoformat((await api(LIMITS_FULL, ws=team.ws))["spendLimits"][0]["periodEnd"])
+        opened = [a for a in (await api(ALERTS, ws=team.ws))["alerts"] if a["kind"] == "OVERAGE_REQUESTED"]
+    assert [(a["subject"], a["status"]) for a in opened] == [(req["id"], "OPEN")]
+    return team, req, period_end
+
+
+async def _after_a_tick_at(db, live_server, client, team, offset: timedelta) -> tuple[list, list]:
+    try:
+        live_server.clock.offset = offset
+        await tick(db, live_server.clock, hold_ttl=timedelta(hours=1))
+        async with client(team.owner) as api:
+            requests = (await api('query($ws: ID!) { overageRequests(workspaceId: $ws) { id status } }',
+                                  ws=team.ws))["overageRequests"]
+            alerts = [a for a in (await api(ALERTS, ws=team.ws))["alerts"] if a["kind"] == "OVERAGE_REQUESTED"]
+    finally:
+        live_server.clock.offset = timedelta(0)
+    return requests, alerts
+
+
+async def test_the_overage_requested_alert_resolves_when_the_request_lapses(db, live_server, client):
+    team, req, _ = await _pending_request(db, client, "MONTH")
+    requests, alerts = await _after_a_tick_at(db, live_server, client, team, timedelta(hours=25))  # TTL: 24 h
+    assert [(r["id"], r["status"]) for r in requests] == [(req["id"], "LAPSED")]
+    # Nothing is left for an approver to decide: an open alert would call them to a dead request.
+    assert [(a["subject"], a["status"]) for a in alerts] == [(req["id"], "RESOLVED")]
+
+
+async def test_a_request_lapses_with_its_period_before_its_deadline_and_its_alert_resolves(
+        db, live_server, client):
+    team, req, period_end = await _pending_request(db, client, "DAY")
+    # The next day starts before the 24 h deadline: the request can raise nothing any more.
+    requests, alerts = await _after_a_tick_at(db, live_server, client, team,
+                                              period_end - live_server.clock.now() + timedelta(minutes=1))
+    assert [(r["id"], r["status"]) for r in requests] == [(req["id"], "LAPSED")]
+    assert [(a["subject"], a["status"]) for a in alerts] == [(req["id"], "RESOLVED")]

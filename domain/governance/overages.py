@@ -17,6 +17,7 @@ from domain.governance import alerts, audit
 from domain.governance.limits import applicable_limits, headroom, open_period, period_ends
 from domain.governance.models import (
     LimitAction,
+    LimitUsage,
     OverageRequest,
     OverageStatus,
     SpendLimit,
@@ -165,10 +166,25 @@ async def list_overages(
 
 
 async def lapse_pending(session: AsyncSession, now: datetime) -> int:
-    """Scheduler step: pending requests past their time are marked LAPSED."""
-    done = await session.execute(
-        update(OverageRequest).where(OverageRequest.status == OverageStatus.PENDING, OverageRequest.lapses_at <= now)
+    """Scheduler step: pending requests past their deadline, or whose period has ended (an
+    approval could raise nothing any more: `decide_overage` refuses them alike), are marked
+    LAPSED, and their OVERAGE_REQUESTED alerts resolve: the approvers have nothing left to
+    decide. Concurrent schedulers lapse each request once (the second UPDATE waits on the row
+    and then no longer sees it PENDING)."""
+    # The request's usage row was opened when it was made, so its period's end is stored there
+    # (moved with a change of timezone), never recomputed here.
+    period_over = select(LimitUsage.limit_id).where(
+        LimitUsage.limit_id == OverageRequest.limit_id, LimitUsage.period_start == OverageRequest.period_start,
+        LimitUsage.period_end <= now,
+    ).exists()
+    lapsed = (await session.execute(
+        update(OverageRequest)
+        .where(OverageRequest.status == OverageStatus.PENDING, or_(OverageRequest.lapses_at <= now, period_over))
         .values(status=OverageStatus.LAPSED)
-    )
-    return done.rowcount
+        .returning(OverageRequest.id, OverageRequest.workspace_id)
+        .execution_options(synchronize_session=False)
+    )).all()
+    for request_id, ws_id in sorted(lapsed):
+        await alerts.resolve(session, ws_id, alerts.OVERAGE_REQUESTED, now, str(request_id))
+    return len(lapsed)
 
