@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import pytest
 
 from domain.periods.service import tick
 from tests.test_api_governance import ALERTS, AUTO, DECIDE, LIMITS, REQUEST, SET_LIMIT, purchases_of, start
@@ -278,3 +279,32 @@ async def test_a_request_lapses_with_its_period_before_its_deadline_and_its_aler
                                               period_end - live_server.clock.now() + timedelta(minutes=1))
     assert [(r["id"], r["status"]) for r in requests] == [(req["id"], "LAPSED")]
     assert [(a["subject"], a["status"]) for a in alerts] == [(req["id"], "RESOLVED")]
+
+
+# --- bad input on an overage request ------------------------------------------------------------------
+
+REQUEST_FOR = ('mutation($ws: ID!, $m: String) { requestOverage(input: {workspaceId: $ws, amount: "10", reason: "x", '
+               'modelKey: $m}) { __typename ... on ValidationError { code field message } } }')
+
+
+@pytest.mark.parametrize("model_key, message", [
+    ("m" * 101, "modelKey: must be 1 to 100 characters"),  # the column is varchar(100): was INTERNAL
+    ("  ", "modelKey: must be 1 to 100 characters"),
+    ("no-such-model", "modelKey: unknown or retired model 'no-such-model'"),
+])
+async def test_a_bad_model_key_on_an_overage_request_is_a_validation_error_and_records_nothing(
+        db, client, model_key, message):
+    team = await make_team(db, client, creators=1)
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="DAY", amount="5", action="REQUIRE_APPROVAL",
+                  member=member)
+    async with client(token) as api:
+        out = (await api(REQUEST_FOR, ws=team.ws, m=model_key))["requestOverage"]
+        assert out == {"__typename": "ValidationError", "code": "VALIDATION", "field": "modelKey", "message": message}
+        assert (await api("query($ws: ID!) { overageRequests(workspaceId: $ws) { id } }",
+                          ws=team.ws))["overageRequests"] == []
+        # A known model, padded, is fine and stored as the catalog spells it.
+        ok = (await api(REQUEST_FOR.replace("field message }", "field message } ... on OverageRequest { modelKey }"),
+                        ws=team.ws, m=" video-standard "))["requestOverage"]
+    assert ok == {"__typename": "OverageRequest", "modelKey": "video-standard"}

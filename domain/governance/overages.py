@@ -24,6 +24,7 @@ from domain.governance.models import (
 )
 from domain.governance.notifications import approvers, notify
 from domain.identity import clean_name
+from domain.pricing.service import check_known_model, clean_model_key
 from domain.money import format_credits, parse_credits
 from domain.workspaces.models import Member, Workspace
 from policies import Action
@@ -38,11 +39,17 @@ async def request_overage(
     ws_id = parse_id(workspace_id, "workspace")
     units = parse_credits(amount, "amount")
     reason = clean_name(reason, "reason", max_len=500)
+    if model_key is not None:
+        model_key = clean_model_key(model_key)
 
     async def work(session: AsyncSession) -> OverageRequest:
         me = await authorize(session, caller, ws_id, Action.REQUEST_OVERAGE, what="workspace")
         if me is None:
             raise Forbidden(Action.REQUEST_OVERAGE.value)
+        if model_key is not None:
+            # What the member wants to run, shown to the approver: a model the catalog prices now
+            # (after authorizing: an outsider learns nothing, not even which models exist).
+            await check_known_model(session, model_key, caller.clock.now())
         ws = await session.get_one(Workspace, ws_id)
         # The limit that applies to the requester and may be raised; by default the one with the
         # least room left this period, the one refusing the member's starts (the smallest amount

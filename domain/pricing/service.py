@@ -211,6 +211,24 @@ class PricedRequest:
         }
 
 
+# model_prices.model_key and overage_requests.model_key are varchar(100).
+MAX_MODEL_KEY = 100
+
+
+def clean_model_key(value: str, field: str = "modelKey") -> str:
+    """A model key as stored: stripped, 1 to 100 characters (checked before any transaction, so
+    an overlong one is a ValidationError, not a database error)."""
+    key = value.strip()
+    if not key or len(key) > MAX_MODEL_KEY:
+        raise ValidationFailed(field, f"must be 1 to {MAX_MODEL_KEY} characters")
+    return key
+
+
+async def check_known_model(session: AsyncSession, model_key: str, at: datetime) -> None:
+    """Refuse a key the price list in force at `at` does not price, as a quote would."""
+    _find(await catalog_at(session, at), model_key)
+
+
 def _find(catalog: Catalog, model_key: str) -> PricedModel:
     for m in catalog.models:
         if m.row.model_key == model_key:
@@ -346,9 +364,7 @@ class ModelInput:
 
 def build_model(model_key: str, display_name: str, vendor: str, modality: Modality, spec: Mapping[str, Any],
                 active: bool = True) -> ModelInput:
-    key = model_key.strip()
-    if not key or len(key) > 100:
-        raise ValidationFailed("modelKey", "must be 1 to 100 characters")
+    key = clean_model_key(model_key)
     try:
         parsed = spec_from_json(key, spec)
     except ValidationFailed as exc:
