@@ -21,6 +21,17 @@ async def small_pack(client, operator: str, credits: str = "20", price_minor: in
     return out["id"]
 
 
+async def under_auto_top_up(db, client, threshold: str, pack_credits: str = "20", price_minor: int = 500):
+    """A one-creator POOLED team with 100 credits and auto top-up of a small pack at `threshold`
+    (at most 5 purchases a month; three failures in a row turn it off): (team, creator, pack)."""
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    pack = await small_pack(client, team.operator, pack_credits, price_minor)
+    async with client(team.owner) as api:
+        assert (await api(AUTO, ws=team.ws, pack=pack, threshold=threshold, limit=3))["setAutoTopUp"]["enabled"]
+    return team, team.creators[0][0], pack
+
+
 async def pool_credits(db, ws: str) -> list[int]:
     from sqlalchemy import text
 
@@ -34,12 +45,7 @@ async def pool_credits(db, ws: str) -> list[int]:
 
 async def test_a_spend_that_takes_the_pool_from_over_to_under_the_threshold_after_a_top_up_buys_again(
         db, live_server, client):
-    team = await make_team(db, client, creators=1)
-    await grant(client, team, "100")
-    pack = await small_pack(client, team.operator)
-    async with client(team.owner) as api:
-        assert (await api(AUTO, ws=team.ws, pack=pack, threshold="95", limit=3))["setAutoTopUp"]["enabled"]
-    token, _ = team.creators[0]
+    team, token, _ = await under_auto_top_up(db, client, "95")
     assert (await start(client, token, team.ws))["__typename"] == "Generation"  # 100 -> 90: under
     assert await purchases_of(db, team.ws) == 1  # 90 + 20 = 110: over again
     # One video (50 credits) takes it from 110 to 60 in one step: no spend ever saw it over the
@@ -50,12 +56,7 @@ async def test_a_spend_that_takes_the_pool_from_over_to_under_the_threshold_afte
 
 async def test_a_pack_too_small_to_lift_the_pool_buys_again_at_the_next_spend_within_the_monthly_cap(
         db, live_server, client):
-    team = await make_team(db, client, creators=1)
-    await grant(client, team, "100")
-    pack = await small_pack(client, team.operator, credits="5", price_minor=100)
-    async with client(team.owner) as api:  # AUTO caps it at 5 purchases a month
-        assert (await api(AUTO, ws=team.ws, pack=pack, threshold="500", limit=3))["setAutoTopUp"]["enabled"]
-    token, _ = team.creators[0]
+    team, token, _ = await under_auto_top_up(db, client, "500", pack_credits="5", price_minor=100)
     for _ in range(7):
         assert (await start(client, token, team.ws))["__typename"] == "Generation"
     assert await purchases_of(db, team.ws) == 5
@@ -85,13 +86,8 @@ async def test_an_unanswered_payment_is_retried_for_the_same_pack_after_the_pack
     # The retry goes out under the same payment reference (the first attempt may have been paid),
     # so it must ask for the same amount: a provider that deduplicates by reference would answer
     # "paid" and the workspace would get the new pack's credits for the old pack's price.
-    team = await make_team(db, client, creators=1)
-    await grant(client, team, "100")
-    cheap = await small_pack(client, team.operator)  # 20 credits, 5.00 USD
+    team, token, _ = await under_auto_top_up(db, client, "95")  # a pack of 20 credits for 5.00 USD
     big = await _a_pack(client, team.operator)  # 500 credits, 45.00 USD
-    async with client(team.owner) as api:
-        assert (await api(AUTO, ws=team.ws, pack=cheap, threshold="95", limit=3))["setAutoTopUp"]["enabled"]
-    token, _ = team.creators[0]
     seen = len(live_server.payments.seen)
     live_server.payments.unanswered = 1
     try:
@@ -114,12 +110,7 @@ async def test_an_unanswered_payment_is_retried_for_the_same_pack_after_the_pack
 
 async def test_turning_auto_top_up_back_on_resolves_its_alerts_so_the_next_disable_alerts_again(
         db, live_server, client):
-    team = await make_team(db, client, creators=1)
-    await grant(client, team, "100")
-    pack = await _a_pack(client, team.operator)
-    async with client(team.owner) as api:
-        assert (await api(AUTO, ws=team.ws, pack=pack, threshold="95", limit=3))["setAutoTopUp"]["enabled"]
-    token, _ = team.creators[0]
+    team, token, pack = await under_auto_top_up(db, client, "95")
 
     async def three_declines() -> None:
         live_server.payments.failures = 3
