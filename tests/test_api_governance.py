@@ -315,18 +315,23 @@ TOPUP_STATE = """query($ws: ID!) {
 }"""
 
 
+async def start_unanswered(live_server, client, token: str, ws: str) -> None:
+    """A start whose auto top-up payment gets no answer from the provider."""
+    live_server.payments.unanswered = 1
+    try:
+        # The hold committed before the provider was asked: the start's answer is its generation.
+        assert (await start(client, token, ws))["__typename"] == "Generation"
+    finally:
+        live_server.payments.unanswered = 0
+
+
 async def test_a_payment_provider_that_does_not_answer_is_a_failed_attempt_retried_under_the_same_reference(
         db, live_server, client):
     # The provider may have taken a payment it never confirmed: asking again under a new
     # reference could charge twice, asking under the same one cannot.
     team, token = await under_auto_top_up(db, client)
     seen = len(live_server.payments.seen)
-    live_server.payments.unanswered = 1
-    try:
-        # The hold committed before the provider was asked: the start's answer is its generation.
-        assert (await start(client, token, team.ws))["__typename"] == "Generation"
-    finally:
-        live_server.payments.unanswered = 0
+    await start_unanswered(live_server, client, token, team.ws)
     async with client(team.owner) as api:
         out = await api(TOPUP_STATE, ws=team.ws)
     assert out["autoTopUp"] == {"enabled": True, "consecutiveFailures": 1, "purchasesThisMonth": 0}

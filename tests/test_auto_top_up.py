@@ -3,7 +3,7 @@ balance it watches, what an unanswered payment's retry asks for, and the alerts 
 
 from __future__ import annotations
 
-from tests.test_api_governance import AUTO, purchases_of, start
+from tests.test_api_governance import AUTO, purchases_of, start, start_unanswered
 from tests.test_api_ledger import TRANSFER, _a_pack, grant, key, make_team
 
 ALERTS_FULL = "query($ws: ID!) { alerts(workspaceId: $ws) { id kind status } }"
@@ -89,11 +89,7 @@ async def test_an_unanswered_payment_is_retried_for_the_same_pack_after_the_pack
     team, token, _ = await under_auto_top_up(db, client, "95")  # a pack of 20 credits for 5.00 USD
     big = await _a_pack(client, team.operator)  # 500 credits, 45.00 USD
     seen = len(live_server.payments.seen)
-    live_server.payments.unanswered = 1
-    try:
-        assert (await start(client, token, team.ws))["__typename"] == "Generation"
-    finally:
-        live_server.payments.unanswered = 0
+    await start_unanswered(live_server, client, token, team.ws)
     async with client(team.owner) as api:  # the billing manager switches to the big pack
         assert (await api(AUTO, ws=team.ws, pack=big, threshold="95", limit=3))["setAutoTopUp"]["enabled"]
     assert (await start(client, token, team.ws))["__typename"] == "Generation"  # the retry

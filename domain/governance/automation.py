@@ -51,7 +51,8 @@ async def available_units(session: AsyncSession, ws_id: uuid.UUID, now: datetime
              or_(GRANTS.c.expires_at.is_(None), GRANTS.c.expires_at > now)]
     if pool_only:
         where.append(GRANTS.c.scope == Scope.WORKSPACE)
-    return int((await session.execute(select(func.coalesce(func.sum(GRANTS.c.remaining), 0)).where(*where))).scalar_one())
+    total = select(func.coalesce(func.sum(GRANTS.c.remaining), 0)).where(*where)
+    return int((await session.execute(total)).scalar_one())
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +119,7 @@ async def _evaluate(session: AsyncSession, ws_id: uuid.UUID, charges: list[dict]
         .values(armed=False, sequence=AutoTopUp.sequence + 1).returning(AutoTopUp.sequence)
     )).first()
     if claimed is None:
-        return None  # a concurrent spend claimed this crossing
+        return None  # a concurrent spend claimed this purchase
     return TopUpClaim(ws_id, claimed.sequence, pack.id, topup.enabled_by)
 
 
@@ -232,7 +233,7 @@ async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim,
             # sequence again, and with it the same payment reference, for the same pack.
             topup.sequence -= 1
             topup.unanswered_pack_id = claim.pack_id
-        else:  # answered: this reference is settled, the next claim asks under a new one
+        else:  # answered (or left behind by a later claim): the next claim asks under a new reference
             topup.unanswered_pack_id = None
         await alerts.fire(session, claim.workspace_id, alerts.TOPUP_FAILED, "auto-topup", now,
                           reason=outcome.reason, failures=topup.consecutive_failures)
