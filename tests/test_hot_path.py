@@ -19,9 +19,9 @@ from domain import identity
 from domain.access import Caller, Credentials
 from domain.errors import Unauthenticated, Unavailable
 from domain.db import Database, RawSql
-from domain.ledger import service
+from domain.ledger import idempotency, service
 from domain.ledger.consumption import NotEnough, plan_draws
-from domain.ledger.models import Cause, EntryKind, GenerationStatus
+from domain.ledger.models import Cause, EntryKind, FailureKind, GenerationStatus
 from domain.ledger.service import Optimistic, Posting, SpendScope, _spendable_buckets
 from policies import Authorizer
 from tests.conftest import LiveServer, http_client, new_user, orm_pool_taken
@@ -299,6 +299,87 @@ async def test_concurrent_starts_on_one_pool_share_statements_and_every_money_ru
     assert (b["held"], b["available"]) == ("330.000", "0.000")
     assert (await db.fetchrow("SELECT count(*) AS n FROM generations WHERE workspace_id = $1",
                               uuid.UUID(team.ws)))["n"] == 55
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_concurrent_settlements_in_one_workspace_share_statements_and_each_settles_once(db, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "240")
+    creator, _ = team.creators[0]
+    spender, worker = await caller_for(db, creator), await caller_for(db, team.worker)
+    gens = [str((await service.start_generation(db, spender, workspace_id=team.ws, model_key="test-six",
+                                                idempotency_key=key())).generation.id) for _ in range(40)]
+    settlements = db.coalescer("settlements", service.write_settlements)
+    rules = service.LedgerRules()
+
+    async def complete(g, k):
+        try:
+            out = await service.complete_generation(db, worker, generation_id=g, idempotency_key=k)
+            return out.generation.status.value, out.generation.captured_units
+        except Exception as exc:  # noqa: BLE001 - the refusals are the point
+            return type(exc).__name__
+
+    async def fail(g, k):
+        out = await service.fail_generation(db, worker, rules, generation_id=g, kind=FailureKind.TECHNICAL,
+                                            idempotency_key=k)
+        return out.generation.status.value, out.generation.released_units
+
+    keys = {g: key() for g in gens}
+    # 25 completions, 5 generations completed twice at once under different keys, 10 failures.
+    out = await asyncio.gather(*(complete(g, keys[g]) for g in gens[:30]),
+                               *(complete(g, key()) for g in gens[25:30]),
+                               *(fail(g, keys[g]) for g in gens[30:]))
+    assert out[:25] == [("COMPLETED", 6000)] * 25
+    pairs = list(zip(out[25:30], out[30:35]))
+    assert all(sorted(map(str, p)) == ["('COMPLETED', 6000)", "GenerationAlreadySettled"] for p in pairs), pairs
+    assert out[35:] == [("FAILED", 6000)] * 10
+    assert settlements.items >= 30 and settlements.batches < settlements.items  # some shared a statement
+    # Replays answer with the first result, through whichever path.
+    again = await asyncio.gather(*(complete(g, keys[g]) for g in gens[:10]))
+    assert again == [("COMPLETED", 6000)] * 10
+    b = await balance(client, team.owner, team.ws)
+    assert (b["held"], b["available"]) == ("0.000", str(240 - 30 * 6) + ".000")
+    rows = await db.fetchrow("SELECT count(*) FILTER (WHERE kind = 'CAPTURE') AS captures, "
+                             "count(*) FILTER (WHERE kind = 'RELEASE') AS releases FROM ledger_entries "
+                             "WHERE workspace_id = $1", uuid.UUID(team.ws))
+    assert (rows["captures"], rows["releases"]) == (30, 10)  # each generation settled exactly once
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_settlement_batch_naming_a_settled_generation_writes_nothing_at_all(db, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "20")
+    creator, member = team.creators[0]
+    async with client(creator) as api:
+        live, done = [(await api(START, ws=team.ws, model="test-six", key=key()))["startGeneration"]
+                      for _ in range(2)]
+    async with client(team.operator) as api:
+        await api(FAIL, g=done["id"], key=key(), kind="TECHNICAL")
+    worker = await caller_for(db, team.worker)
+    now = worker.clock.now()
+
+    def settlement(gen) -> service._Settlement:
+        gid, k = uuid.UUID(gen["id"]), key()
+        posting = Posting(uuid.UUID(team.ws), Cause.GENERATION, worker.actor.user_id, k, generation_id=gid,
+                          member_id=uuid.UUID(member), occurred_at=now)
+        posting.add(uuid.UUID(gen["holds"][0]["grant"]["id"]), EntryKind.CAPTURE, 6000)
+        claim = idempotency.claim_args(workspace_id=uuid.UUID(team.ws), actor_id=worker.actor.user_id, key=k,
+                                       operation="completeGeneration", request={}, result_id=gid)
+        return service._Settlement((gid, "COMPLETED", 6000, 0, 0, None, now, worker.actor.user_id), claim, posting)
+
+    pool = await db._pool()
+    async with pool.acquire() as conn:
+        sql = RawSql(conn)
+        assert await service.write_settlements(sql, [settlement(live), settlement(done)]) == [None, None]
+        b = await balance(client, team.owner, team.ws)
+        assert (b["held"], b["available"]) == ("6.000", "14.000")  # the live one still holds; nothing captured
+        assert (await db.fetchrow("SELECT status FROM generations WHERE id = $1", uuid.UUID(live["id"])))[0] \
+            == "STARTED"
+        assert (await db.fetchrow("SELECT count(*) FROM idempotency_keys WHERE operation = 'completeGeneration' "
+                                  "AND workspace_id = $1", uuid.UUID(team.ws)))[0] == 0
+        [(settled, posted)] = await service.write_settlements(sql, [settlement(live)])  # alone it settles
+    assert (settled.status, settled.captured_units) == (GenerationStatus.COMPLETED, 6000)
+    assert [e.kind for e in posted.entries] == [EntryKind.CAPTURE]
     await assert_ledger_clean(db, team.ws)
 
 

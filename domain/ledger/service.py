@@ -604,8 +604,8 @@ async def _transfer_result(session: AsyncSession, ws_id: uuid.UUID, transfer_id:
 # The hot path: plain SQL, no ORM. Most starts and settlements are one read and one writing
 # statement in autocommit (`reserve_at_once`, `settle_at_once` on `Database.autocommit`), the
 # grants' row locks taken last inside that statement and released by its own commit; concurrent
-# starts on one workspace share that statement (`Coalescer`). Whatever those cannot do, or refuse,
-# runs in a transaction (`Database.sql_transaction`): BEGIN, the same read, the idempotency claim,
+# starts on one workspace share that statement (`Coalescer`), and so do concurrent settlements.
+# Whatever those cannot do, or refuse, runs in a transaction (`Database.sql_transaction`): BEGIN, the same read, the idempotency claim,
 # spend limits, the generation row, the grants, one posting statement, COMMIT.
 
 @dataclass(slots=True)
@@ -1051,18 +1051,57 @@ _ENTRIES_OF = "SELECT * FROM ledger_entries WHERE generation_id = $1 ORDER BY id
 _SETTLE_COLUMNS = """status = $2, captured_units = $3, released_units = $4, shortfall_units = $5,
     failure_kind = $6, settled_at = $7, settled_by = $8"""
 _SETTLE = f"UPDATE generations SET {_SETTLE_COLUMNS}\nWHERE id = $1\nRETURNING *"
-# A whole settlement as one statement (`Database.autocommit`): the generation moves out of
-# STARTED (its row lock first, as everywhere), then the key is claimed and the posting written
-# only if it did. Settled meanwhile: nothing is written and no row comes back.
+# Settlements as one statement (`Database.autocommit`), one or a coalesced batch of them. Every
+# generation of the batch is locked first (in id order, as everywhere) and must still be STARTED:
+# then each moves out of STARTED, its key is claimed and its posting written, all or nothing. A
+# generation settled meanwhile (or named twice) writes nothing for the whole batch and no row
+# comes back; each item then goes to the transaction path, which answers it canonically.
+_SETTLE_WHOLE = "(SELECT whole FROM locked)"
 _SETTLE_AT_ONCE = f"""
-WITH settled AS (
-    UPDATE generations AS sg SET {_SETTLE_COLUMNS}
-    WHERE id = $1 AND status = 'STARTED'
+WITH locked AS (
+    SELECT count(*) = cardinality($1::uuid[]) AS whole
+    FROM (SELECT id FROM generations WHERE id = ANY($1::uuid[]) AND status = 'STARTED' ORDER BY id FOR UPDATE) AS l
+), settled AS (
+    UPDATE generations AS sg SET status = s.status, captured_units = s.captured, released_units = s.released,
+        shortfall_units = s.shortfall, failure_kind = s.failure_kind, settled_at = s.settled_at,
+        settled_by = s.settled_by
+    FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[], $7::timestamptz[],
+                $8::uuid[]) AS s(id, status, captured, released, shortfall, failure_kind, settled_at, settled_by)
+    WHERE sg.id = s.id AND {_SETTLE_WHOLE}
     RETURNING sg AS row
-), claim AS ({idempotency.claim_sql(9, "EXISTS (SELECT FROM settled)")}),
-{_posting_ctes(15, "EXISTS (SELECT FROM claim)")}
-SELECT (SELECT row FROM settled) AS generation, (SELECT count(*) FROM claim) AS claimed, {_POSTED}
-"""
+), claim AS ({idempotency.claim_sql(9, _SETTLE_WHOLE)}),
+{_posting_ctes(15, _SETTLE_WHOLE)}
+SELECT (SELECT array_agg(row) FROM settled) AS generations, (SELECT count(*) FROM claim) AS claimed, {_POSTED}
+"""  # `claimed` is read only to write the claims before the grants are locked (see `_POSTED`)
+
+
+@dataclass(frozen=True, slots=True)
+class _Settlement:
+    """One settlement ready to write: the generation's new figures, its claim, its posting."""
+
+    generation: tuple  # id, status, captured, released, shortfall, failure kind, settled at, settled by
+    claim: tuple
+    posting: Posting
+
+
+async def write_settlements(sql: Sql, items: list[_Settlement]) -> list[tuple[GenerationRecord, Posted] | None]:
+    """Write settlements as one statement; each one's settled generation and what its posting
+    wrote, in order. All None when a generation was no longer STARTED (nothing was written)."""
+    row = await sql.fetchrow(_SETTLE_AT_ONCE, *columns([i.generation for i in items], 8),
+                             *columns([i.claim for i in items], 6), *_posting_args(*(i.posting for i in items)))
+    if row["generations"] is None:
+        return [None] * len(items)
+    posted = _posted(row)
+    settled = {g["id"]: GenerationRecord.of(g) for g in row["generations"]}
+    entries: dict[uuid.UUID, list[EntryRecord]] = {}
+    for e in posted.entries:
+        entries.setdefault(e.generation_id, []).append(e)
+    return [
+        (settled[i.posting.generation_id],
+         Posted({m.grant_id: posted.grants[m.grant_id] for m in i.posting.movements},
+                entries.get(i.posting.generation_id, [])))
+        for i in items
+    ]
 
 
 @dataclass(slots=True)
@@ -1147,8 +1186,9 @@ async def complete_generation(
         return await _settled(sql, optimistic, s, caller, GenerationStatus.COMPLETED, captured,
                               total_held - min(cost, total_held), shortfall, None, now)
 
-    done = await db.autocommit(
-        lambda sql: settle_at_once(sql, who, gid, key, "completeGeneration", request, within_the_hold))
+    settlements = db.coalescer("settlements", write_settlements)
+    done = await db.autocommit(lambda sql: settle_at_once(sql, who, gid, key, "completeGeneration", request,
+                                                          within_the_hold, settlements))
     if done is not None:
         return done
     caller = await authenticate(db, who)  # `work`'s caller; the read checked it: no statement
@@ -1196,7 +1236,9 @@ async def fail_generation(
         _release_rest(s.posting, rows, s.held, now)
         return await _settled(sql, optimistic, s, caller, GenerationStatus.FAILED, captured, total - captured, 0, kind, now)
 
-    done = await db.autocommit(lambda sql: settle_at_once(sql, who, gid, key, "failGeneration", request, failed))
+    settlements = db.coalescer("settlements", write_settlements)
+    done = await db.autocommit(
+        lambda sql: settle_at_once(sql, who, gid, key, "failGeneration", request, failed, settlements))
     if done is not None:
         return done
     caller = await authenticate(db, who)  # `work`'s caller; the read checked it: no statement
@@ -1205,12 +1247,14 @@ async def fail_generation(
 
 async def settle_at_once(
     sql: Sql, who: Who, gid: uuid.UUID, key: str, operation: str, request: dict[str, Any], outcome: Outcome,
+    settlements: Coalescer[_Settlement, tuple[GenerationRecord, Posted] | None] | None = None,
 ) -> GenerationResult | None:
     """A settlement within the hold as two statements outside a transaction: `_SETTLING_READ`
-    (authenticating `who` when it is credentials), then `_SETTLE_AT_ONCE`. None when it needs
-    the transaction path (nothing was written): a replay or an already settled generation,
-    spend-limit usage to adjust, a capture above the hold, or any refusal (answered there, after
-    the key is claimed)."""
+    (authenticating `who` when it is credentials), then `_SETTLE_AT_ONCE` (alone, or in a batch
+    with the concurrent settlements in the same workspace when `settlements` is given). None when
+    it needs the transaction path (nothing was written): a replay or an already settled
+    generation, spend-limit usage to adjust, a capture above the hold, or any refusal (answered
+    there, after the key is claimed)."""
     caller, row = await _SETTLING_READ.fetchrow(sql, who, gid)
     gen = _may_settle(caller, row)
     if gen.status is not GenerationStatus.STARTED or gen.limit_charges:
@@ -1230,18 +1274,21 @@ async def settle_at_once(
     posting = _settle_posting(gen, caller, key, now)
     captured = _capture_in_order(posting, grants, held, capture)
     _release_rest(posting, grants, held, now)
-    claim = idempotency.claim_args(workspace_id=gen.workspace_id, actor_id=caller.actor.user_id, key=key,
-                                   operation=operation, request=request, result_id=gen.id)
+    item = _Settlement(
+        (gen.id, status.value, captured, total - captured, 0, failure.value if failure else None, now,
+         caller.actor.user_id),
+        idempotency.claim_args(workspace_id=gen.workspace_id, actor_id=caller.actor.user_id, key=key,
+                               operation=operation, request=request, result_id=gen.id),
+        posting)
     try:
-        out = await sql.fetchrow(_SETTLE_AT_ONCE, gen.id, status.value, captured, total - captured, 0,
-                                 failure.value if failure else None, now, caller.actor.user_id, *columns([claim], 6),
-                                 *_posting_args(posting))
+        # Concurrent settlements in one workspace share a statement and a commit (`Coalescer`).
+        out = (await settlements.submit(gen.workspace_id, sql, item) if settlements
+               else (await write_settlements(sql, [item]))[0])
     except _REFUSED_AT_ONCE:
         return None
-    if out["generation"] is None:
+    if out is None:
         return None  # settled by someone else since the read
-    posted = _posted(out)
-    settled = GenerationRecord.of(out["generation"])
+    settled, posted = out
     if posting.movements:
         events.emit(sql, gen.workspace_id, events.BALANCE_CHANGED)
     _emit_settled(sql, settled)
