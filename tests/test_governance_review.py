@@ -308,3 +308,41 @@ async def test_a_bad_model_key_on_an_overage_request_is_a_validation_error_and_r
         ok = (await api(REQUEST_FOR.replace("field message }", "field message } ... on OverageRequest { modelKey }"),
                         ws=team.ws, m=" video-standard "))["requestOverage"]
     assert ok == {"__typename": "OverageRequest", "modelKey": "video-standard"}
+
+
+# --- a decision that finds a request lapsed records the lapse ------------------------------------
+
+OVERAGES = "query($ws: ID!, $s: OverageStatus) { overageRequests(workspaceId: $ws, status: $s) { id status } }"
+
+
+async def _statuses(client, token, ws, status=None) -> list[tuple[str, str]]:
+    async with client(token) as api:
+        return [(r["id"], r["status"]) for r in (await api(OVERAGES, ws=ws, s=status))["overageRequests"]]
+
+
+async def _overage_alerts(client, team) -> list[tuple[str, str]]:
+    async with client(team.owner) as api:
+        return [(a["subject"], a["status"]) for a in (await api(ALERTS, ws=team.ws))["alerts"]
+                if a["kind"] == "OVERAGE_REQUESTED"]
+
+
+async def test_a_decision_that_finds_the_request_lapsed_records_the_lapse(db, live_server, client):
+    # The refusal used to be raised inside the transaction that marked the request LAPSED, so the
+    # mark rolled back with it: only the scheduler ever recorded a lapse, and until it ran the
+    # approvers' alert stayed open on a request nobody could decide.
+    team, req, _ = await _pending_request(db, client, "MONTH")
+    try:
+        live_server.clock.offset = timedelta(hours=25)  # past the 24 h deadline; no tick runs
+        async with client(team.owner) as api:
+            out = (await api(DECIDE, id=req["id"], approve=True))["decideOverage"]
+    finally:
+        live_server.clock.offset = timedelta(0)
+    assert out == {"__typename": "OverageNotPending", "code": "OVERAGE_NOT_PENDING",
+                   "message": "the request is lapsed, no longer pending"}
+    # Back at a time before the deadline: only a recorded lapse still reads LAPSED now.
+    assert await _statuses(client, team.owner, team.ws) == [(req["id"], "LAPSED")]
+    assert await _statuses(client, team.owner, team.ws, "PENDING") == []
+    assert await _overage_alerts(client, team) == [(req["id"], "RESOLVED")]
+    async with client(team.owner) as api:  # and a second decision hears the same, changing nothing
+        again = (await api(DECIDE, id=req["id"], approve=False, reason="late"))["decideOverage"]
+    assert again["__typename"] == "OverageNotPending"

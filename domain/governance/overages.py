@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from domain import events
 from domain.access import Caller, authorize, parse_id
@@ -23,6 +24,7 @@ from domain.governance.models import (
     SpendLimit,
 )
 from domain.governance.notifications import approvers, notify
+from domain.governance.rules import overage_lapsed
 from domain.identity import clean_name
 from domain.pricing.service import check_known_model, clean_model_key
 from domain.money import format_credits, parse_credits
@@ -96,7 +98,7 @@ async def decide_overage(
     if not approve and not reason:
         raise ValidationFailed("reason", "a denial says why")
 
-    async def work(session: AsyncSession) -> OverageRequest:
+    async def work(session: AsyncSession) -> OverageRequest | OverageNotPending:
         request = await session.get(OverageRequest, rid, with_for_update=True)
         if request is None:
             raise NotFound("overage request")
@@ -108,13 +110,15 @@ async def decide_overage(
         ws = await session.get_one(Workspace, request.workspace_id)
         limit = await session.get_one(SpendLimit, request.limit_id)
         ends = await period_ends(session, limit.id, limit.period, request.period_start, ws.timezone)
-        # A request lapses at its own deadline, and with its period: an approval could raise
-        # nothing once the period is over.
-        if request.status is OverageStatus.PENDING and (request.lapses_at <= now or ends <= now):
-            request.status = OverageStatus.LAPSED
+        dead = overage_lapsed(now, lapses_at=request.lapses_at, period_end=ends)
+        if request.status is OverageStatus.PENDING and dead:
+            # Recorded here as the scheduler would (alert resolved), not only reported: the
+            # approver is told it lapsed, and every list must say so from now on.
+            await _lapse(session, now, OverageRequest.id == request.id)
+            set_committed_value(request, "status", OverageStatus.LAPSED)
         if request.status is not OverageStatus.PENDING:
-            await session.flush()
-            raise OverageNotPending(request.status.value)
+            # Returned, not raised: a raise would roll back the lapse just recorded.
+            return OverageNotPending(request.status.value)
         before = {"status": request.status}
         if approve:
             if expires_at is not None and (expires_at.tzinfo is None or expires_at <= now):
@@ -140,7 +144,10 @@ async def decide_overage(
                             "expiresAt": request.approval_expires_at, "reason": reason}, at=now)
         return request
 
-    return await db.transaction(work)
+    decided = await db.transaction(work)
+    if isinstance(decided, OverageNotPending):
+        raise decided  # after the commit: the refusal keeps what the transaction recorded
+    return decided
 
 
 async def list_overages(
@@ -175,8 +182,7 @@ async def list_overages(
 async def lapse_pending(session: AsyncSession, now: datetime) -> int:
     """Scheduler step: pending requests past their deadline, or whose period has ended (an
     approval could raise nothing any more: `decide_overage` refuses them alike), are marked
-    LAPSED, and their OVERAGE_REQUESTED alerts resolve: the approvers have nothing left to
-    decide. Concurrent schedulers lapse each request once (the second UPDATE waits on the row
+    LAPSED. Concurrent schedulers lapse each request once (the second UPDATE waits on the row
     and then no longer sees it PENDING)."""
     # The request's usage row was opened when it was made, so its period's end is stored there
     # (moved with a change of timezone), never recomputed here.
@@ -184,9 +190,16 @@ async def lapse_pending(session: AsyncSession, now: datetime) -> int:
         LimitUsage.limit_id == OverageRequest.limit_id, LimitUsage.period_start == OverageRequest.period_start,
         LimitUsage.period_end <= now,
     ).exists()
+    return await _lapse(session, now, or_(OverageRequest.lapses_at <= now, period_over))
+
+
+async def _lapse(session: AsyncSession, now: datetime, *where) -> int:
+    """Mark the PENDING requests matching `where` LAPSED, the one way every lapse is recorded
+    (the scheduler, a decision that finds one dead). Their OVERAGE_REQUESTED alerts resolve:
+    the approvers have nothing left to decide."""
     lapsed = (await session.execute(
         update(OverageRequest)
-        .where(OverageRequest.status == OverageStatus.PENDING, or_(OverageRequest.lapses_at <= now, period_over))
+        .where(OverageRequest.status == OverageStatus.PENDING, *where)
         .values(status=OverageStatus.LAPSED)
         .returning(OverageRequest.id, OverageRequest.workspace_id)
         .execution_options(synchronize_session=False)
@@ -194,4 +207,3 @@ async def lapse_pending(session: AsyncSession, now: datetime) -> int:
     for request_id, ws_id in sorted(lapsed):
         await alerts.resolve(session, ws_id, alerts.OVERAGE_REQUESTED, now, str(request_id))
     return len(lapsed)
-

@@ -1,4 +1,5 @@
-"""Pure rules for spend limits: which period a moment falls in, in the workspace's timezone."""
+"""Pure rules for spend limits: which period a moment falls in, in the workspace's timezone, and
+when an overage request against a limit stops being decidable."""
 
 from __future__ import annotations
 
@@ -95,3 +96,10 @@ def moved_by_change(period: LimitPeriod, latest: Period, timezone: str, now: dat
     allowance); None when the change leaves it as it is."""
     new = rebased(period, latest, timezone)
     return new if new != latest and (latest.end > now or new.end > now) else None
+
+
+def overage_lapsed(now: datetime, *, lapses_at: datetime, period_end: datetime) -> bool:
+    """Is a PENDING overage request dead at `now`? At its own deadline, and with the period it
+    was made in (`period_end` as stored with the period): an approval could raise nothing once
+    that period is over. `overages.lapse_pending` is the same rule in SQL."""
+    return lapses_at <= now or period_end <= now
