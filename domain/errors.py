@@ -151,6 +151,6 @@ class SpendLimitExceeded(DomainError):
 class OverageNotPending(DomainError):
     code = "OVERAGE_NOT_PENDING"
 
-    def __init__(self, status: str) -> None:
-        super().__init__(f"the request is {status.lower()}, no longer pending")
+    def __init__(self, status: str, why: str | None = None) -> None:
+        super().__init__(f"the request is {status.lower()}, no longer pending" + (f": {why}" if why else ""))
         self.status = status

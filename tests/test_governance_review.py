@@ -4,6 +4,7 @@ pin behaviour the review checked and found right."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta
 
 import pytest
@@ -120,8 +121,6 @@ async def test_approving_a_request_after_its_period_ended_is_not_a_silent_no_op(
 # --- authorization (passes: outsiders get NOT_FOUND like unknown ids) ------------------------------
 
 async def test_outsiders_acting_on_another_workspaces_governance_rows_get_not_found(db, client):
-    import uuid
-
     a = await make_team(db, client, creators=1)
     b = await make_team(db, client, creators=1)
     _, b_member = b.creators[0]
@@ -346,3 +345,42 @@ async def test_a_decision_that_finds_the_request_lapsed_records_the_lapse(db, li
     async with client(team.owner) as api:  # and a second decision hears the same, changing nothing
         again = (await api(DECIDE, id=req["id"], approve=False, reason="late"))["decideOverage"]
     assert again["__typename"] == "OverageNotPending"
+
+
+# --- a removed member's pending request ----------------------------------------------------------
+
+REMOVE = "mutation($m: ID!) { removeMember(input: {memberId: $m}) { __typename } }"
+
+
+async def test_removing_a_member_lapses_their_pending_request_and_it_can_no_longer_be_approved(
+        db, live_server, client):
+    team, req, _ = await _pending_request(db, client, "MONTH")
+    _, member = team.creators[0]
+    async with client(team.owner) as api:
+        assert (await api(REMOVE, m=member))["removeMember"]["__typename"] == "Member"
+    # Nothing is left for an approver to decide: the request lapsed with the removal, its alert too.
+    assert await _statuses(client, team.owner, team.ws) == [(req["id"], "LAPSED")]
+    assert await _overage_alerts(client, team) == [(req["id"], "RESOLVED")]
+    async with client(team.owner) as api:
+        out = (await api(DECIDE, id=req["id"], approve=True))["decideOverage"]
+        assert out == {"__typename": "OverageNotPending", "code": "OVERAGE_NOT_PENDING",
+                       "message": "the request is lapsed, no longer pending: its requester has left the workspace"}
+        [limit] = (await api(LIMITS, ws=team.ws))["spendLimits"]
+    assert limit["allowance"] == "10.000"  # nothing was approved
+    assert await _statuses(client, team.owner, team.ws) == [(req["id"], "LAPSED")]
+
+
+async def test_a_request_still_pending_after_its_requester_left_is_refused_and_lapses(db, live_server, client):
+    # A request made while the removal committed (it read the membership before) or left from
+    # before removals lapsed requests: still PENDING in the table, its requester gone.
+    team, req, _ = await _pending_request(db, client, "MONTH")
+    _, member = team.creators[0]
+    await db.fetchrow("UPDATE members SET removed_at = now() WHERE id = $1", uuid.UUID(member))
+    async with client(team.owner) as api:
+        out = (await api(DECIDE, id=req["id"], approve=True))["decideOverage"]
+        [limit] = (await api(LIMITS, ws=team.ws))["spendLimits"]
+    assert (out["__typename"], out["message"]) == (
+        "OverageNotPending", "the request is lapsed, no longer pending: its requester has left the workspace")
+    assert limit["allowance"] == "10.000"
+    assert await _statuses(client, team.owner, team.ws) == [(req["id"], "LAPSED")]
+    assert await _overage_alerts(client, team) == [(req["id"], "RESOLVED")]

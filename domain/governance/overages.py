@@ -110,15 +110,18 @@ async def decide_overage(
         ws = await session.get_one(Workspace, request.workspace_id)
         limit = await session.get_one(SpendLimit, request.limit_id)
         ends = await period_ends(session, limit.id, limit.period, request.period_start, ws.timezone)
-        dead = overage_lapsed(now, lapses_at=request.lapses_at, period_end=ends)
+        gone = requester.removed_at is not None
+        dead = overage_lapsed(now, lapses_at=request.lapses_at, period_end=ends, requester_removed=gone)
         if request.status is OverageStatus.PENDING and dead:
             # Recorded here as the scheduler would (alert resolved), not only reported: the
-            # approver is told it lapsed, and every list must say so from now on.
+            # approver is told it lapsed, and every list must say so from now on. (A removal
+            # lapses the member's requests itself; this catches one made while it committed.)
             await _lapse(session, now, OverageRequest.id == request.id)
             set_committed_value(request, "status", OverageStatus.LAPSED)
         if request.status is not OverageStatus.PENDING:
             # Returned, not raised: a raise would roll back the lapse just recorded.
-            return OverageNotPending(request.status.value)
+            why = "its requester has left the workspace" if gone and request.status is OverageStatus.LAPSED else None
+            return OverageNotPending(request.status.value, why)
         before = {"status": request.status}
         if approve:
             if expires_at is not None and (expires_at.tzinfo is None or expires_at <= now):
@@ -180,9 +183,9 @@ async def list_overages(
 
 
 async def lapse_pending(session: AsyncSession, now: datetime) -> int:
-    """Scheduler step: pending requests past their deadline, or whose period has ended (an
-    approval could raise nothing any more: `decide_overage` refuses them alike), are marked
-    LAPSED. Concurrent schedulers lapse each request once (the second UPDATE waits on the row
+    """Scheduler step: pending requests past their deadline, whose period has ended (an
+    approval could raise nothing any more) or whose requester has left (`rules.overage_lapsed`;
+    `decide_overage` refuses them alike) are marked LAPSED. Concurrent schedulers lapse each request once (the second UPDATE waits on the row
     and then no longer sees it PENDING)."""
     # The request's usage row was opened when it was made, so its period's end is stored there
     # (moved with a change of timezone), never recomputed here.
@@ -190,7 +193,17 @@ async def lapse_pending(session: AsyncSession, now: datetime) -> int:
         LimitUsage.limit_id == OverageRequest.limit_id, LimitUsage.period_start == OverageRequest.period_start,
         LimitUsage.period_end <= now,
     ).exists()
-    return await _lapse(session, now, or_(OverageRequest.lapses_at <= now, period_over))
+    requester_gone = select(Member.id).where(Member.id == OverageRequest.member_id,
+                                             Member.removed_at.is_not(None)).exists()
+    return await _lapse(session, now, or_(OverageRequest.lapses_at <= now, period_over, requester_gone))
+
+
+async def lapse_requests_of(session: AsyncSession, member: Member, now: datetime) -> int:
+    """A removed member's pending requests lapse with the removal (in its transaction, under its
+    lock on the member row): an approval would raise a limit nobody is left to spend under, and
+    the approvers' alerts would call them to decide it."""
+    return await _lapse(session, now, OverageRequest.workspace_id == member.workspace_id,
+                        OverageRequest.member_id == member.id)
 
 
 async def _lapse(session: AsyncSession, now: datetime, *where) -> int:

@@ -98,8 +98,10 @@ def moved_by_change(period: LimitPeriod, latest: Period, timezone: str, now: dat
     return new if new != latest and (latest.end > now or new.end > now) else None
 
 
-def overage_lapsed(now: datetime, *, lapses_at: datetime, period_end: datetime) -> bool:
-    """Is a PENDING overage request dead at `now`? At its own deadline, and with the period it
-    was made in (`period_end` as stored with the period): an approval could raise nothing once
-    that period is over. `overages.lapse_pending` is the same rule in SQL."""
-    return lapses_at <= now or period_end <= now
+def overage_lapsed(now: datetime, *, lapses_at: datetime, period_end: datetime, requester_removed: bool) -> bool:
+    """Is a PENDING overage request dead at `now`? At its own deadline; with the period it was
+    made in (`period_end` as stored with the period): an approval could raise nothing once that
+    period is over; and when its requester has left the workspace: nobody is left to spend it,
+    and a member added back is a new member, whose limits it never was about.
+    `overages.lapse_pending` is the same rule in SQL."""
+    return lapses_at <= now or period_end <= now or requester_removed

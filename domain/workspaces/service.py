@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from domain import events
-from domain.governance import audit, automation
+from domain.governance import audit, automation, overages
 from domain.governance.rules import check_timezone
 from domain.access import Caller, authorize, member_roles, parse_id
 from domain.db import Database
@@ -306,6 +306,9 @@ async def remove_member(db: Database, caller: Caller, *, member_id: str) -> Memb
         target.removed_at = func.now()
         await session.flush()
         _member_event(session, target, "REMOVED", caller, {"role": target.role, "seat": target.seat})
+        # After the member's event: their own streams re-read the membership on it and end,
+        # so what follows about them goes only to those who may still see it.
+        await overages.lapse_requests_of(session, target, caller.clock.now())
         await session.refresh(target)
         return await _with_user(session, target)
 
