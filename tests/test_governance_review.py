@@ -384,3 +384,22 @@ async def test_a_request_still_pending_after_its_requester_left_is_refused_and_l
     assert limit["allowance"] == "10.000"
     assert await _statuses(client, team.owner, team.ws) == [(req["id"], "LAPSED")]
     assert await _overage_alerts(client, team) == [(req["id"], "RESOLVED")]
+
+
+# --- a request whose period has ended is not listed as pending ------------------------------------
+
+async def test_a_request_whose_period_ended_is_listed_as_lapsed_before_any_tick(db, live_server, client):
+    # Only the 24 h deadline was read: until the next tick, a request of yesterday's DAY limit
+    # (which nothing can approve any more) was still offered to the approvers as PENDING.
+    team, req, period_end = await _pending_request(db, client, "DAY")
+    token, _ = team.creators[0]
+    try:
+        live_server.clock.offset = period_end - live_server.clock.now() + timedelta(minutes=1)  # before 24 h
+        for who in (team.owner, token):  # the approver's list and the requester's own
+            assert await _statuses(client, who, team.ws, "PENDING") == []
+            assert await _statuses(client, who, team.ws, "LAPSED") == [(req["id"], "LAPSED")]
+            assert await _statuses(client, who, team.ws) == [(req["id"], "LAPSED")]
+    finally:
+        live_server.clock.offset = timedelta(0)
+    # Shown, not written: back inside the period it is pending again (nothing recorded a lapse).
+    assert await _statuses(client, team.owner, team.ws, "PENDING") == [(req["id"], "PENDING")]

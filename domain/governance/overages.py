@@ -166,36 +166,45 @@ async def list_overages(
                                         Action.APPROVE_OVERAGES):
             q = q.where(OverageRequest.member_id == (me.id if me else None))
         now = caller.clock.now()
+        # A request that is dead now reads LAPSED, whether or not the scheduler has marked it
+        # yet: the list says what a decision would answer. Computed, not written: a read records
+        # nothing (and takes no row locks); the scheduler or a decision records the lapse.
+        dead = (OverageRequest.status == OverageStatus.PENDING) & lapsed_by(now)
         if status is OverageStatus.PENDING:
-            q = q.where(OverageRequest.status == status, OverageRequest.lapses_at > now)
+            q = q.where(OverageRequest.status == status, ~dead)
         elif status is OverageStatus.LAPSED:
-            q = q.where(or_(OverageRequest.status == status,
-                            (OverageRequest.status == OverageStatus.PENDING) & (OverageRequest.lapses_at <= now)))
+            q = q.where(or_(OverageRequest.status == status, dead))
         elif status is not None:
             q = q.where(OverageRequest.status == status)
-        rows = list((await session.execute(q.order_by(OverageRequest.requested_at.desc()))).scalars())
-        for r in rows:  # shown as it is now, even before the scheduler marks it
-            if r.status is OverageStatus.PENDING and r.lapses_at <= now:
-                r.status = OverageStatus.LAPSED
+        found = await session.execute(q.add_columns(dead).order_by(OverageRequest.requested_at.desc()))
+        rows = []
+        for r, is_dead in found:
+            if is_dead:  # shown, never flushed: the session is only read
+                set_committed_value(r, "status", OverageStatus.LAPSED)
+            rows.append(r)
         return rows
 
     return await db.read(work)
 
 
-async def lapse_pending(session: AsyncSession, now: datetime) -> int:
-    """Scheduler step: pending requests past their deadline, whose period has ended (an
-    approval could raise nothing any more) or whose requester has left (`rules.overage_lapsed`;
-    `decide_overage` refuses them alike) are marked LAPSED. Concurrent schedulers lapse each request once (the second UPDATE waits on the row
-    and then no longer sees it PENDING)."""
-    # The request's usage row was opened when it was made, so its period's end is stored there
-    # (moved with a change of timezone), never recomputed here.
+def lapsed_by(now: datetime):
+    """`rules.overage_lapsed` in SQL, for a PENDING request: past its deadline, its period over,
+    or its requester removed. The period's end is the one stored on the request's usage row
+    (opened when the request was made, moved with a change of timezone), never recomputed."""
     period_over = select(LimitUsage.limit_id).where(
         LimitUsage.limit_id == OverageRequest.limit_id, LimitUsage.period_start == OverageRequest.period_start,
         LimitUsage.period_end <= now,
     ).exists()
     requester_gone = select(Member.id).where(Member.id == OverageRequest.member_id,
                                              Member.removed_at.is_not(None)).exists()
-    return await _lapse(session, now, or_(OverageRequest.lapses_at <= now, period_over, requester_gone))
+    return or_(OverageRequest.lapses_at <= now, period_over, requester_gone)
+
+
+async def lapse_pending(session: AsyncSession, now: datetime) -> int:
+    """Scheduler step: pending requests that are dead (`lapsed_by`; `decide_overage` refuses
+    them alike) are marked LAPSED. Concurrent schedulers lapse each request once (the second
+    UPDATE waits on the row and then no longer sees it PENDING)."""
+    return await _lapse(session, now, lapsed_by(now))
 
 
 async def lapse_requests_of(session: AsyncSession, member: Member, now: datetime) -> int:
@@ -208,8 +217,8 @@ async def lapse_requests_of(session: AsyncSession, member: Member, now: datetime
 
 async def _lapse(session: AsyncSession, now: datetime, *where) -> int:
     """Mark the PENDING requests matching `where` LAPSED, the one way every lapse is recorded
-    (the scheduler, a decision that finds one dead). Their OVERAGE_REQUESTED alerts resolve:
-    the approvers have nothing left to decide."""
+    (the scheduler, a removal, a decision that finds one dead). Their OVERAGE_REQUESTED alerts
+    resolve: the approvers have nothing left to decide."""
     lapsed = (await session.execute(
         update(OverageRequest)
         .where(OverageRequest.status == OverageStatus.PENDING, *where)

@@ -103,5 +103,5 @@ def overage_lapsed(now: datetime, *, lapses_at: datetime, period_end: datetime, 
     made in (`period_end` as stored with the period): an approval could raise nothing once that
     period is over; and when its requester has left the workspace: nobody is left to spend it,
     and a member added back is a new member, whose limits it never was about.
-    `overages.lapse_pending` is the same rule in SQL."""
+    `overages.lapsed_by` is the same rule in SQL."""
     return lapses_at <= now or period_end <= now or requester_removed
