@@ -36,7 +36,8 @@ ALERT = "ALERT"
 # each kind names the permission under which the query showing the same facts shows all of them,
 # and the payload field naming the member who may see their own without it:
 # - generations: `generation`/`generations` show everything with ledger.view, else your own;
-# - overage requests and decisions: `overageRequests` shows everything to approvers, else your own;
+# - overage requests and decisions (approved, denied or LAPSED, `payload.status`): `overageRequests`
+#   shows everything to approvers, else your own;
 # - alerts: `alerts` needs ledger.view, and there is no "own" alert;
 # - credits added or expired, period closes: `balance` and `creditSchedule` show every live grant
 #   and the breakage to anyone with balance.view (the stream's own permission);

@@ -389,6 +389,78 @@ async def test_a_requester_sees_the_decision_on_their_own_overage_request(db, li
     assert got[1]["payload"]["status"] == "DENIED"
 
 
+async def test_a_lapse_reaches_the_requester_and_the_approvers_as_a_decision_and_no_one_else(
+        db, live_server, client):
+    # Approvals and denials went out as OVERAGE_DECIDED; a lapse went out as nothing, so the
+    # requester's dashboard kept showing a pending request that nobody could decide any more.
+    from datetime import timedelta
+
+    team = await make_team(db, client, creators=2)
+    (token, member), (other, _) = team.creators
+    async with client(team.owner) as api:
+        assert (await api(MEMBER_LIMIT, ws=team.ws, member=member))["setSpendLimit"]["__typename"] == "SpendLimit"
+    async with ws_client(live_server, token) as mine, ws_client(live_server, other) as theirs, \
+            ws_client(live_server, team.owner) as owners:
+        streams = [c.subscribe(EVENTS, ws=team.ws) for c in (mine, theirs, owners)]
+        pending = [asyncio.ensure_future(next_within(s, 10)) for s in streams]
+        await asyncio.sleep(0.3)
+        async with client(token) as api:
+            req = (await api(OVERAGE, ws=team.ws, amount="5", reason="one more"))["requestOverage"]
+        try:
+            live_server.clock.offset = timedelta(hours=25)  # past its deadline: the decision finds it lapsed
+            async with client(team.owner) as api:
+                assert (await api(DECIDE_OVERAGE, id=req["id"]))["decideOverage"]["__typename"] == "OverageNotPending"
+        finally:
+            live_server.clock.offset = timedelta(0)
+        async with client(team.owner) as api:
+            await api(ADD, ws=team.ws, email=f"late-{key()}@example.test", role="MEMBER", seat="STANDARD")
+        got = []
+        for first, s in zip(pending, streams):
+            e = (await first)["workspaceEvents"]
+            added = (e["kind"], e["payload"].get("change")) == ("MEMBER_CHANGED", "ADDED")  # the bystander's first
+            got.append([e] + ([] if added else await events_until_member_added(s)))
+        for s in streams:
+            await s.aclose()
+    requester, bystander, owner = ([(e["kind"], e["payload"]) for e in g if e["kind"].startswith("OVERAGE")]
+                                   for g in got)
+    lapsed = ("OVERAGE_DECIDED", {"requestId": req["id"], "memberId": member, "status": "LAPSED"})
+    assert requester == [("OVERAGE_REQUESTED", {"requestId": req["id"], "memberId": member, "amount": "5.000"}),
+                         lapsed]
+    assert lapsed in owner
+    assert bystander == []  # another member's request: not theirs to see, lapsed or not
+
+
+async def test_a_removal_lapses_the_request_live_for_the_approvers_after_the_removed_members_stream_ends(
+        db, live_server, client):
+    team = await make_team(db, client, creators=1)
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        assert (await api(MEMBER_LIMIT, ws=team.ws, member=member))["setSpendLimit"]["__typename"] == "SpendLimit"
+    async with client(token) as api:
+        req = (await api(OVERAGE, ws=team.ws, amount="5", reason="one more"))["requestOverage"]
+    async with ws_client(live_server, token) as mine, ws_client(live_server, team.owner) as owners:
+        theirs, approvers = mine.subscribe(EVENTS, ws=team.ws), owners.subscribe(EVENTS, ws=team.ws)
+        pending = [asyncio.ensure_future(next_within(s, 10)) for s in (theirs, approvers)]
+        await asyncio.sleep(0.3)
+        async with client(team.owner) as api:
+            await api("mutation($m: ID!) { removeMember(input: {memberId: $m}) { __typename } }", m=member)
+        seen_by_owner = [(await pending[1])["workspaceEvents"]]
+        while len(seen_by_owner) < 2:
+            seen_by_owner.append((await next_within(approvers, 10))["workspaceEvents"])
+        seen_by_them = []
+        with pytest.raises(TransportQueryError) as err:  # their stream ends on their own removal
+            seen_by_them.append((await pending[0])["workspaceEvents"])
+            while True:
+                seen_by_them.append((await next_within(theirs, 5))["workspaceEvents"])
+        await approvers.aclose()
+    assert err.value.errors[0]["extensions"]["code"] == "NOT_FOUND"
+    assert [(e["kind"], e["payload"].get("change") or e["payload"].get("status")) for e in seen_by_owner] == [
+        ("MEMBER_CHANGED", "REMOVED"), ("OVERAGE_DECIDED", "LAPSED")]
+    assert seen_by_owner[1]["payload"] == {"requestId": req["id"], "memberId": member, "status": "LAPSED"}
+    # They are no longer a member when it lapses: what their queries refuse, their stream does not show.
+    assert [e["kind"] for e in seen_by_them] == ["MEMBER_CHANGED"]
+
+
 @pytest.fixture(scope="module")
 def quiet_server(database_url: str):
     """A server whose periodic re-check is far away, so what a stream shows right after a change

@@ -403,3 +403,32 @@ async def test_a_request_whose_period_ended_is_listed_as_lapsed_before_any_tick(
         live_server.clock.offset = timedelta(0)
     # Shown, not written: back inside the period it is pending again (nothing recorded a lapse).
     assert await _statuses(client, team.owner, team.ws, "PENDING") == [(req["id"], "PENDING")]
+
+
+async def test_a_lapse_by_the_scheduler_reaches_the_requesters_stream(world):
+    # The scheduler runs beside the server (`creditpool tick`): its lapses reach the server's
+    # subscribers through NOTIFY, as the decision that would have come instead.
+    import asyncio
+
+    from tests.conftest import new_user, ws_client
+    from tests.test_api_ledger import ADD
+
+    owner, ws = await workspace(world, await plan(world))
+    email, token = await new_user(world.db, prefix="creator")
+    async with world.client(owner) as api:
+        member = (await api(ADD, ws=ws, email=email, role="MEMBER", seat="CREATOR"))["addMember"]["id"]
+        await api(SET_LIMIT, ws=ws, scope="MEMBER", period="MONTH", amount="10", action="REQUIRE_APPROVAL",
+                  member=member)
+    async with world.client(token) as api:
+        req = (await api(REQUEST, ws=ws, amount="20", reason="more"))["requestOverage"]
+    async with ws_client(world.server, token) as live:
+        stream = live.subscribe("subscription($ws: ID!) { workspaceEvents(workspaceId: $ws) { kind payload } }",
+                                ws=ws)
+        first = asyncio.ensure_future(asyncio.wait_for(stream.__anext__(), 10))
+        await asyncio.sleep(0.3)
+        assert (await world.tick(timedelta(hours=25))).overages_lapsed >= 1  # the 24 h deadline
+        seen = [(await first)["workspaceEvents"]]
+        while seen[-1]["kind"] != "OVERAGE_DECIDED":
+            seen.append((await asyncio.wait_for(stream.__anext__(), 5))["workspaceEvents"])
+        await stream.aclose()
+    assert seen[-1]["payload"] == {"requestId": req["id"], "memberId": member, "status": "LAPSED"}

@@ -218,14 +218,19 @@ async def lapse_requests_of(session: AsyncSession, member: Member, now: datetime
 async def _lapse(session: AsyncSession, now: datetime, *where) -> int:
     """Mark the PENDING requests matching `where` LAPSED, the one way every lapse is recorded
     (the scheduler, a removal, a decision that finds one dead). Their OVERAGE_REQUESTED alerts
-    resolve: the approvers have nothing left to decide."""
+    resolve: the approvers have nothing left to decide. Each lapse goes out live as the decision
+    it is (OVERAGE_DECIDED, status LAPSED), so the requester's and the approvers' dashboards drop
+    it as they would a denial; the same kind, so the same audience (`events.AUDIENCE`: approvers,
+    and the requester named by memberId)."""
     lapsed = (await session.execute(
         update(OverageRequest)
         .where(OverageRequest.status == OverageStatus.PENDING, *where)
         .values(status=OverageStatus.LAPSED)
-        .returning(OverageRequest.id, OverageRequest.workspace_id)
+        .returning(OverageRequest.id, OverageRequest.workspace_id, OverageRequest.member_id)
         .execution_options(synchronize_session=False)
     )).all()
-    for request_id, ws_id in sorted(lapsed):
+    for request_id, ws_id, member_id in sorted(lapsed):
+        events.emit(session, ws_id, events.OVERAGE_DECIDED, requestId=str(request_id), memberId=str(member_id),
+                    status=OverageStatus.LAPSED.value)
         await alerts.resolve(session, ws_id, alerts.OVERAGE_REQUESTED, now, str(request_id))
     return len(lapsed)
