@@ -606,6 +606,92 @@ async def test_a_transfer_replay_returns_the_first_result_after_the_target_group
     await assert_ledger_clean(db, team.ws)
 
 
+
+async def _lock_waits(db) -> int:
+    # Its own statement outside any transaction: a transaction sees one stats snapshot.
+    return (await db.fetchrow("SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                              "AND datname = current_database()"))["n"]
+
+
+async def _racing_an_archive(db, team, group: str, racer):
+    """`racer()`'s answer when it runs while `archiveBillingGroup` on `group` has done its work
+    but not committed: the archive's transaction is held open until the racer waits on a lock
+    (or is done), then commits."""
+    from domain import identity
+    from domain.access import Caller
+    from domain.governance import groups
+    from policies import Authorizer
+
+    archived, release = asyncio.Event(), asyncio.Event()
+
+    class HeldOpen:
+        """The archive's transaction, held open after its work until released."""
+
+        async def transaction(self, work):
+            async def held(session):
+                out = await work(session)
+                archived.set()
+                await release.wait()
+                return out
+            return await db.transaction(held)
+
+    caller = Caller(await identity.authenticate_secret(db, team.owner), Authorizer())
+    archiving = asyncio.ensure_future(groups.archive_group(HeldOpen(), caller, group_id=group))
+    try:
+        await asyncio.wait_for(archived.wait(), 10)
+        racing = asyncio.ensure_future(racer())
+        while not racing.done() and not await _lock_waits(db):
+            await asyncio.sleep(0.01)
+    finally:
+        release.set()
+    assert (await archiving).archived_at is not None
+    return await racing
+
+
+ASSIGN = ('mutation($m: ID!, $g: ID) { assignBillingGroup(input: {memberId: $m, groupId: $g}) '
+          '{ __typename ... on Member { billingGroupId } ... on Error { code message } } }')
+
+
+async def test_a_transfer_racing_the_archiving_of_its_group_reserves_nothing_in_the_archived_group(db, client):
+    """The transfer read the target group without a lock: it saw the group not yet archived, the
+    archive committed, and the transfer put credits into an archived group (its grant's foreign
+    key only made it wait for the archive's commit, not look again). It now reads the group FOR
+    SHARE, so it waits for the archive and then sees it."""
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "50")
+    async with client(team.owner) as api:
+        group = (await api(GROUP, ws=team.ws))["createBillingGroup"]["id"]
+
+    async def transfer():
+        async with client(team.owner) as api:
+            return (await api(TO_GROUP, ws=team.ws, amount="20", key=key(), g=group))["transferCredits"]
+
+    out = await _racing_an_archive(db, team, group, transfer)
+    assert out == {"__typename": "ValidationError", "code": "VALIDATION",
+                   "message": "toBillingGroupId: the group is archived"}
+    b = await balance(client, team.owner, team.ws)
+    assert [(g["scope"], g["remaining"]) for g in b["grants"]] == [("WORKSPACE", "50.000")]
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_an_assignment_racing_the_archiving_of_its_group_is_refused(db, client):
+    """The same read serves assignBillingGroup: a member assigned while the group was archived
+    ended up drawing from an archived group that takes no new members."""
+    team = await make_team(db, client, creators=1)
+    _, member = team.creators[0]
+    async with client(team.owner) as api:
+        group = (await api(GROUP, ws=team.ws))["createBillingGroup"]["id"]
+
+    async def assign():
+        async with client(team.owner) as api:
+            return (await api(ASSIGN, m=member, g=group))["assignBillingGroup"]
+
+    out = await _racing_an_archive(db, team, group, assign)
+    assert out == {"__typename": "ValidationError", "code": "VALIDATION", "message": "groupId: the group is archived"}
+    row = await db.fetchrow("SELECT billing_group_id FROM members WHERE id = $1", uuid.UUID(member))
+    assert row["billing_group_id"] is None
+
+
 # --- hold timeouts racing settlements ---------------------------------------------------------------
 
 async def test_timeouts_racing_settlements_settle_each_generation_exactly_once(db, live_server, client):

@@ -19,8 +19,18 @@ from policies import Action
 async def group_in(session: AsyncSession, ws_id, group_id: str, *, field: str = "billingGroupId",
                    live: bool = False):
     """The id of a billing group of this workspace (NotFound otherwise, like any unknown id);
-    with `live`, an archived group is refused."""
-    group = await session.get(BillingGroup, parse_id(group_id, "billing group"))
+    with `live`, an archived group is refused.
+
+    `live` is asked by what puts something into the group (a reservation, a member), and an
+    unlocked read would let it race `archive_group`: read "not archived", the archive commits,
+    and credits land in an archived group. So the group row is read FOR SHARE, kept to the end
+    of the transaction: an archive in flight (FOR UPDATE) is waited for and then seen, and an
+    archive that comes later waits for what is being put in (archived groups keep what they
+    hold). FOR SHARE, not KEY SHARE: it conflicts with any UPDATE of the row, whatever lock the
+    archive takes. Callers take it after the workspace row and before any grant row."""
+    gid = parse_id(group_id, "billing group")
+    group = await session.get(BillingGroup, gid, with_for_update={"read": True}, populate_existing=True) \
+        if live else await session.get(BillingGroup, gid)
     if group is None or group.workspace_id != ws_id:
         raise NotFound("billing group")
     if live and group.archived_at is not None:
@@ -70,7 +80,9 @@ async def rename_group(db: Database, caller: Caller, *, group_id: str, name: str
 
 async def archive_group(db: Database, caller: Caller, *, group_id: str) -> BillingGroup:
     """Archived groups take no new reservations or members; what is reserved stays spendable by
-    its members until an admin releases it back to the pool."""
+    its members until an admin releases it back to the pool. The group row is taken FOR UPDATE
+    (`_locked`), which waits for reservations and assignments in flight (they hold it FOR SHARE,
+    `group_in`) and makes those that come later wait and see it archived."""
 
     async def work(session: AsyncSession) -> BillingGroup:
         group = await _locked(session, caller, group_id)

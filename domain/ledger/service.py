@@ -537,6 +537,8 @@ async def transfer_credits(
         source = await _any_member(session, ws_id, from_member_id) if from_member_id else None
         target = await _seat_member(session, ws_id, to_member_id, "toMemberId") if to_member_id else None
         source_group = await group_in(session, ws_id, from_group_id) if from_group_id else None
+        # Locks the target group FOR SHARE (after the workspace row, before the grants): an
+        # archive racing this transfer either commits first and is seen, or waits for it.
         target_group = await group_in(session, ws_id, to_group_id, field="toBillingGroupId", live=True) \
             if to_group_id else None
         scope = SpendScope(seat_member_id=source.id) if source else \
