@@ -92,9 +92,9 @@ def create_app(
         debounce=settings.balance_debounce_ms / 1000, recheck=settings.live_recheck_seconds,
     )
     db.events = live.outlet()
+    payments = payments or TrustedReferenceProvider()
     graphql = CreditpoolGraphQL(
-        db=db, authorizer=authorizer, settings=settings, clock=clock, payments=payments or TrustedReferenceProvider(),
-        live=live,
+        db=db, authorizer=authorizer, settings=settings, clock=clock, payments=payments, live=live,
     )
     head = migrations.head_revision()
 
@@ -118,8 +118,11 @@ def create_app(
         # adding processes never runs a job twice.
         while True:
             try:
-                report = await periods.tick(db, clock, hold_ttl=timedelta(seconds=settings.hold_ttl_seconds))
-                if any((report.periods_closed, report.daily_issued, report.grants_expired, report.holds_timed_out)):
+                # With the app's payment provider: abandoned auto top-ups are bought here too.
+                report = await periods.tick(db, clock, hold_ttl=timedelta(seconds=settings.hold_ttl_seconds),
+                                            payments=payments)
+                if any((report.periods_closed, report.daily_issued, report.grants_expired, report.holds_timed_out,
+                        report.top_ups_taken_over)):
                     log.info("scheduler: %s", report)
             except Exception:  # noqa: BLE001 - keep the process serving; the next round retries
                 log.warning("scheduler round failed", exc_info=True)

@@ -1,10 +1,26 @@
 """Auto top-up keeps the pool over its threshold, one purchase at a time: what re-arms it, which
-balance it watches, what an unanswered payment's retry asks for, and the alerts around it."""
+balance it watches, what an unanswered payment's retry asks for, the alerts around it, and how a
+claim whose outcome never came (the process died) is taken over under the same reference."""
 
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import text
+
+from domain import identity
+from domain.access import Caller
+from domain.clock import OffsetClock
+from domain.db import Database
+from domain.governance.automation import CLAIM_TIMEOUT
+from domain.ledger import service
+from domain.ledger.payments import PaymentOutcome, PaymentRequest
+from domain.periods.service import tick
+from policies import Authorizer
 from tests.test_api_governance import AUTO, purchases_of, start, start_unanswered
-from tests.test_api_ledger import TRANSFER, _a_pack, grant, key, make_team
+from tests.test_api_ledger import TRANSFER, _a_pack, assert_ledger_clean, grant, key, make_team
 
 ALERTS_FULL = "query($ws: ID!) { alerts(workspaceId: $ws) { id kind status } }"
 ACK = "mutation($id: ID!) { acknowledgeAlert(input: {alertId: $id}) { __typename } }"
@@ -130,3 +146,265 @@ async def test_turning_auto_top_up_back_on_resolves_its_alerts_so_the_next_disab
         disables = [a["status"] for a in (await api(ALERTS_FULL, ws=team.ws))["alerts"]
                     if a["kind"] == "TOPUP_DISABLED"]
     assert sorted(disables) == ["OPEN", "RESOLVED"]
+
+
+# --- a claim whose outcome never comes ------------------------------------------------------------
+
+class Crash(BaseException):
+    """The process dying while the provider is asked: not an `Exception`, so nothing on the way
+    up (the unanswered-payment handler, `after_spend`) catches it and records an outcome."""
+
+
+class DeduplicatingProvider:
+    """A provider that deduplicates by reference, as real ones do with an idempotency key: a
+    reference it has charged is answered "paid" again and never charged twice. `die_before` /
+    `die_after`: the next calls kill the process before it charges / after it charged."""
+
+    name = "deduplicating"
+
+    def __init__(self, *, die_before: int = 0, die_after: int = 0) -> None:
+        self.die_before, self.die_after = die_before, die_after
+        self.seen: list[PaymentRequest] = []
+        self.charged: list[str] = []
+
+    async def confirm(self, request: PaymentRequest) -> PaymentOutcome:
+        self.seen.append(request)
+        if self.die_before > 0:
+            self.die_before -= 1
+            raise Crash()
+        if request.reference not in self.charged:
+            self.charged.append(request.reference)
+        if self.die_after > 0:
+            self.die_after -= 1
+            raise Crash()
+        return PaymentOutcome(ok=True)
+
+    def asked(self, ws: str) -> list[tuple[str, int]]:
+        """(reference, amount) of every request for workspace `ws` (a tick may serve others)."""
+        return [(r.reference, r.amount_minor) for r in self.seen if r.reference.startswith(f"auto-topup:{ws}:")]
+
+    def charged_for(self, ws: str) -> list[str]:
+        return [r for r in self.charged if r.startswith(f"auto-topup:{ws}:")]
+
+
+def spender(db: Database, token: str, ws: str, clock: OffsetClock, provider):
+    """One process's spends: a start through the domain, at `clock`, paying through `provider`."""
+
+    async def spend():
+        caller = Caller(await identity.authenticate_secret(db, token), Authorizer(), clock)
+        return await service.start_generation(db, caller, workspace_id=ws, model_key="dalle-3",
+                                              idempotency_key=key(), payments=provider)
+
+    return spend
+
+
+async def abandoned_claim(db, client, provider, *, pack_credits: str = "20", price_minor: int = 500):
+    """A team whose first auto top-up claim committed and whose process then died asking the
+    provider (`provider` decides whether it charged first): (team, spend, clock, first request)."""
+    team, token, _ = await under_auto_top_up(db, client, "95", pack_credits, price_minor)
+    clock = OffsetClock()
+    spend = spender(db, token, team.ws, clock, provider)
+    with pytest.raises(Crash):
+        await spend()  # 100 -> 90: under the threshold; the claim commits, then the process dies
+    [first] = provider.asked(team.ws)
+    assert await purchases_of(db, team.ws) == 0
+    return team, spend, clock, first
+
+
+async def test_a_claim_abandoned_before_the_payment_is_taken_over_after_the_timeout_under_the_same_reference(
+        db, live_server, client):
+    provider = DeduplicatingProvider(die_before=1)
+    team, spend, clock, first = await abandoned_claim(db, client, provider)
+    clock.offset = CLAIM_TIMEOUT - timedelta(seconds=5)
+    await spend()  # still in flight for all anyone knows: nothing is asked again
+    assert provider.asked(team.ws) == [first] and await purchases_of(db, team.ws) == 0
+    clock.offset = CLAIM_TIMEOUT + timedelta(seconds=5)
+    await spend()  # abandoned: taken over, same reference, same pack (20 credits for 5.00)
+    assert provider.asked(team.ws) == [first, first] and first[1] == 500
+    assert provider.charged_for(team.ws) == [first[0]]
+    assert await pool_credits(db, team.ws) == [20_000]
+    async with client(team.owner) as api:
+        assert (await api(STATE, ws=team.ws))["autoTopUp"] == {
+            "enabled": True, "purchasesThisMonth": 1, "creditsThisMonth": "20.000"}
+    # Settled and re-armed: the next spend under the threshold buys under a new reference.
+    await spend()
+    third = provider.asked(team.ws)[2]
+    assert third[0] != first[0] and await pool_credits(db, team.ws) == [20_000, 20_000]
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_the_scheduler_takes_over_an_abandoned_claim_in_a_workspace_with_no_spends(db, live_server, client):
+    provider = DeduplicatingProvider(die_before=1)
+    team, _, clock, first = await abandoned_claim(db, client, provider)
+
+    async def a_tick():
+        return await tick(db, clock, hold_ttl=timedelta(hours=1), payments=provider)
+
+    clock.offset = CLAIM_TIMEOUT - timedelta(seconds=5)
+    await a_tick()
+    assert provider.asked(team.ws) == [first]
+    clock.offset = CLAIM_TIMEOUT + timedelta(seconds=5)
+    assert (await a_tick()).top_ups_taken_over >= 1
+    assert provider.asked(team.ws) == [first, first]
+    assert await pool_credits(db, team.ws) == [20_000]
+    await a_tick()  # settled: nothing left to take over
+    assert provider.asked(team.ws) == [first, first]
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_payment_taken_before_the_process_died_is_granted_once_by_the_take_over(db, live_server, client):
+    provider = DeduplicatingProvider(die_after=1)  # charged, then the process died: no credits yet
+    team, spend, clock, first = await abandoned_claim(db, client, provider)
+    assert provider.charged_for(team.ws) == [first[0]] and await pool_credits(db, team.ws) == []
+    clock.offset = CLAIM_TIMEOUT + timedelta(seconds=5)
+    await spend()  # the same reference: the provider answers "paid" without charging again
+    assert provider.asked(team.ws) == [first, first] and provider.charged_for(team.ws) == [first[0]]
+    assert await pool_credits(db, team.ws) == [20_000]
+    assert await purchases_of(db, team.ws) == 1
+    await assert_ledger_clean(db, team.ws)
+
+
+class TakesTheDatabaseWhenItAnswers(DeduplicatingProvider):
+    """Charges and answers "paid", but first takes the only connection of `tiny`'s ORM pool, so
+    that the outcome cannot be recorded (`Unavailable`) until `release()`."""
+
+    def __init__(self, tiny: Database) -> None:
+        super().__init__()
+        self.tiny, self.done, self.keeper = tiny, asyncio.Event(), None
+
+    async def confirm(self, request: PaymentRequest) -> PaymentOutcome:
+        outcome = await super().confirm(request)
+        if self.keeper is None:
+            busy = asyncio.Event()
+
+            async def keep(session):
+                await session.execute(text("SELECT 1"))
+                busy.set()
+                await self.done.wait()
+
+            self.keeper = asyncio.ensure_future(self.tiny.transaction(keep))
+            await busy.wait()
+        return outcome
+
+    async def release(self) -> None:
+        self.done.set()
+        await self.keeper
+
+
+async def test_a_confirmed_payment_whose_recording_failed_is_granted_by_the_take_over(
+        db, live_server, client, database_url, caplog):
+    team, token, _ = await under_auto_top_up(db, client, "95")
+    tiny = Database(database_url, pool_size=1, max_overflow=0, acquire_timeout=0.2)
+    provider = TakesTheDatabaseWhenItAnswers(tiny)
+    clock = OffsetClock()
+    try:
+        with caplog.at_level("ERROR", logger="creditpool.automation"):
+            await spender(tiny, token, team.ws, clock, provider)()  # its answer is its generation
+        await provider.release()
+    finally:
+        await tiny.dispose()
+    assert "the provider confirmed the payment but its credits were not recorded" in caplog.text
+    [first] = provider.asked(team.ws)
+    assert provider.charged_for(team.ws) == [first[0]] and await pool_credits(db, team.ws) == []
+    spend = spender(db, token, team.ws, clock, provider)
+    await spend()  # before the timeout: the claim is still in flight
+    assert provider.asked(team.ws) == [first]
+    clock.offset = CLAIM_TIMEOUT + timedelta(seconds=5)
+    await spend()
+    assert provider.asked(team.ws) == [first, first] and provider.charged_for(team.ws) == [first[0]]
+    assert await pool_credits(db, team.ws) == [20_000]
+    await assert_ledger_clean(db, team.ws)
+
+
+class SlowFirstAnswer(DeduplicatingProvider):
+    """Charges the first request at once but answers it only at `answer_first()`: an attempt
+    alive, not dead, past the timeout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first_asked, self.gate = asyncio.Event(), asyncio.Event()
+
+    async def confirm(self, request: PaymentRequest) -> PaymentOutcome:
+        if self.first_asked.is_set():
+            return await super().confirm(request)
+        self.first_asked.set()
+        outcome = await super().confirm(request)
+        await self.gate.wait()
+        return outcome
+
+    def answer_first(self) -> None:
+        self.gate.set()
+
+
+async def test_an_attempt_that_outlives_its_take_over_neither_records_nor_counts_its_purchase_again(
+        db, live_server, client):
+    team, token, _ = await under_auto_top_up(db, client, "95")
+    provider, clock = SlowFirstAnswer(), OffsetClock()
+    spend = spender(db, token, team.ws, clock, provider)
+    slow = asyncio.ensure_future(spend())
+    await provider.first_asked.wait()
+    clock.offset = CLAIM_TIMEOUT + timedelta(seconds=5)
+    await spend()  # takes the claim over: "paid" for the same reference, recorded, re-armed
+    provider.answer_first()
+    await slow  # "paid" too, but recorded already, and the latch is no longer its own
+    [first] = provider.charged_for(team.ws)
+    assert provider.asked(team.ws) == [(first, 500)] * 2
+    assert await pool_credits(db, team.ws) == [20_000]
+    async with client(team.owner) as api:
+        assert (await api(STATE, ws=team.ws))["autoTopUp"] == {
+            "enabled": True, "purchasesThisMonth": 1, "creditsThisMonth": "20.000"}
+    await spend()  # armed by the take-over's outcome: the next purchase, under a new reference
+    assert len(provider.charged_for(team.ws)) == 2 and await pool_credits(db, team.ws) == [20_000, 20_000]
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_concurrent_take_overs_of_one_abandoned_claim_buy_once(db, live_server, client):
+    # A pack that lifts the pool over the threshold, so no spend after the take-over's outcome
+    # has reason to buy again: any second request would be a second take-over.
+    provider = DeduplicatingProvider(die_before=1)
+    team, spend, clock, first = await abandoned_claim(db, client, provider, pack_credits="500", price_minor=4500)
+    clock.offset = CLAIM_TIMEOUT + timedelta(seconds=5)
+    ticks = [tick(db, clock, hold_ttl=timedelta(hours=1), payments=provider) for _ in range(2)]
+    await asyncio.gather(*(spend() for _ in range(6)), *ticks)
+    assert provider.asked(team.ws) == [first, first]
+    assert provider.charged_for(team.ws) == [first[0]]
+    assert await pool_credits(db, team.ws) == [500_000]
+    async with client(team.owner) as api:
+        assert (await api(STATE, ws=team.ws))["autoTopUp"]["purchasesThisMonth"] == 1
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_two_take_overs_that_both_saw_the_claim_abandoned_cannot_both_win(db, live_server, client):
+    # Deterministic: both racers read the abandoned claim, then wait on its row (held here) with
+    # their take-over UPDATE; released, they run one after the other and only the first may win.
+    from domain.governance.automation import claim_top_up, run_top_up
+    from domain.workspaces.models import Workspace
+
+    provider = DeduplicatingProvider(die_before=1)
+    team, _, clock, first = await abandoned_claim(db, client, provider)
+    clock.offset = CLAIM_TIMEOUT + timedelta(seconds=5)
+    now = clock.now()
+
+    async def take_over(session):
+        return await claim_top_up(session, await session.get_one(Workspace, team.ws), now, abandoned_only=True)
+
+    # (Waiting on a lock is all these two can do: their reads take none. The query text shown
+    # may still be the read before the UPDATE.)
+    waiting = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                   "AND wait_event_type = 'Lock'")
+    async with db.engine.connect() as holder, db.engine.connect() as watcher:
+        await holder.execute(text("SELECT 1 FROM auto_topups WHERE workspace_id = CAST(:ws AS uuid) FOR UPDATE"),
+                             {"ws": team.ws})
+        racers = [asyncio.ensure_future(db.transaction(take_over)) for _ in range(2)]
+        for _ in range(500):
+            if (await watcher.execute(waiting)).scalar_one() == 2:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the take-overs never met on the row")
+        await holder.rollback()
+        claims = [c for c in await asyncio.gather(*racers) if c is not None]
+    [claim] = claims
+    assert claim.reference == first[0]
+    await run_top_up(db, provider, claim, now)
+    assert await pool_credits(db, team.ws) == [20_000]

@@ -91,3 +91,41 @@ async def test_0009_gives_running_periods_the_end_of_the_workspaces_calendar(pg_
         await db.dispose()
     assert ends == starts
     assert month_end.isoformat() == "2027-03-01T05:00:00+00:00"
+
+
+async def test_0011_turns_latches_left_off_into_claims_in_flight(pg_server):
+    """A latch already off when 0011 runs is a claim of unknown age: it counts as made then (so
+    it is taken over after the timeout, not at once), for the pack its retry would have asked
+    for; a latch on has no claim."""
+    url = await pg_server.create_database("creditpool_migration_0011")
+    await asyncio.to_thread(migrations.upgrade, url, "0010")
+    db = Database(url, pool_size=1)
+    user, configured, unanswered = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    rows = {uuid.uuid4(): (True, None), uuid.uuid4(): (False, None), uuid.uuid4(): (False, unanswered)}
+    try:
+        async with db.engine.begin() as conn:
+            await conn.execute(text("INSERT INTO users (id, kind, name) VALUES (:id, 'service', 'worker')"), {"id": user})
+            for pack in (configured, unanswered):
+                await conn.execute(text("INSERT INTO credit_packs (id, name, units, price_minor, currency) "
+                                        "VALUES (:id, 'pack', 500000, 4500, 'USD')"), {"id": pack})
+            for ws, (armed, retry) in rows.items():
+                await conn.execute(text(
+                    "INSERT INTO workspaces (id, name, plan_id, period_start, billing_anchor, next_renewal_at) "
+                    "SELECT :ws, 'ws', id, now(), now(), now() + interval '1 month' FROM plans WHERE key = 'team'"),
+                    {"ws": ws})
+                await conn.execute(text(
+                    "INSERT INTO auto_topups (workspace_id, enabled, threshold_units, pack_id, monthly_max_purchases, "
+                    "monthly_max_units, enabled_by, armed, sequence, unanswered_pack_id) VALUES (:ws, true, 1000, :pack, "
+                    "5, 5000000, :user, :armed, 1, :retry)"),
+                    {"ws": ws, "pack": configured, "user": user, "armed": armed, "retry": retry})
+            before = (await conn.execute(text("SELECT now()"))).scalar_one()
+        await asyncio.to_thread(migrations.upgrade, url)
+        async with db.engine.connect() as conn:
+            after = {r.workspace_id: r for r in (await conn.execute(text(
+                "SELECT workspace_id, armed, claimed_at, claimed_pack_id FROM auto_topups"))).all()}
+    finally:
+        await db.dispose()
+    on, off, off_retrying = rows
+    assert (after[on].claimed_at, after[on].claimed_pack_id) == (None, None)
+    assert after[off].claimed_at >= before and after[off].claimed_pack_id == configured
+    assert after[off_retrying].claimed_at >= before and after[off_retrying].claimed_pack_id == unanswered

@@ -2,14 +2,26 @@
 
 Auto top-up keeps the pool (where its purchases land) at or above a threshold, one purchase at
 a time. The latch is the `armed` flag: the spend that sees the pool under the threshold claims
-the purchase with `UPDATE ... SET armed = false WHERE armed`; a concurrent spend waits on that
-row, then finds it disarmed and does nothing. The purchase's outcome re-arms it, so the next
-spend that leaves the pool under the threshold buys again (a pack too small to lift it buys
-again at the next spend, within the monthly caps); so does a spend that sees the pool back over
-the threshold. The payment provider is asked outside any transaction, with a payment reference
-unique to that claim, and the credits go through the same purchase path as a manual purchase.
-A provider that does not answer counts as a failed attempt, and the next attempt asks again
-under the same reference, for the same pack.
+the purchase with `UPDATE ... SET armed = false WHERE armed`, recording when and for which pack
+(`claimed_at`, `claimed_pack_id`); a concurrent spend waits on that row, then finds it disarmed
+and does nothing. The claim commits before the payment provider is asked, outside any
+transaction, under a payment reference unique to that claim (`auto-topup:{workspace}:{sequence}`),
+and the credits go through the same purchase path as a manual purchase. The outcome settles the
+claim and re-arms the latch, so the next spend that leaves the pool under the threshold buys
+again (a pack too small to lift it buys again at the next spend, within the monthly caps).
+
+The latch is off exactly while a claim is in flight, and nothing but its outcome re-arms it (not
+the pool seen back over the threshold, not turning auto top-up back on): re-armed early, the next
+claim would ask under a new reference while the first may still be paid. What makes that safe is
+that a claim whose outcome never comes (the process died while the provider was asked, or the
+outcome's transaction failed after the provider confirmed) is not left in flight for good: after
+`CLAIM_TIMEOUT`, the next spend under the threshold, or the scheduler's tick for a workspace
+that no longer spends, takes it over with a conditional UPDATE that one of them wins, and asks
+again under the SAME reference for the SAME pack. A provider that took the first payment answers
+that reference "paid" without charging again, and the purchase is recorded, and counted in the
+month, once per reference whoever records it (`run_top_up`). A provider that does not answer
+counts as a failed attempt, and the next attempt likewise asks under the same reference, for the
+same pack (`unanswered_pack_id`).
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -31,7 +43,7 @@ from domain.governance import limits
 from domain.governance.limits import approved_extra, period_ends
 from domain.governance.models import Alert, AlertStatus, AutoTopUp, LimitPeriod, LimitUsage
 from domain.governance.rules import Period, in_progress, moved_by_change
-from domain.ledger.models import CreditPack, Grant, Scope
+from domain.ledger.models import CreditPack, Grant, Purchase, Scope
 from domain.ledger.payments import PaymentOutcome, PaymentProvider, PaymentRequest
 from domain.money import format_credits, parse_credits
 from domain.workspaces.models import Workspace
@@ -55,12 +67,29 @@ async def available_units(session: AsyncSession, ws_id: uuid.UUID, now: datetime
     return int((await session.execute(total)).scalar_one())
 
 
+# How long a claim waits for its outcome before it counts as abandoned (its process died while
+# the provider was asked, or recording the outcome failed) and is taken over. Far longer than a
+# payment call and one transaction take; and a slow attempt taken over all the same is harmless:
+# it still records a payment the provider confirms (the reference is the purchase's key) but no
+# longer owns the latch, so it neither counts that purchase twice nor re-arms over the take-over.
+CLAIM_TIMEOUT = timedelta(minutes=10)
+
+
 @dataclass(frozen=True, slots=True)
 class TopUpClaim:
     workspace_id: uuid.UUID
     sequence: int
     pack_id: uuid.UUID
     actor_id: uuid.UUID
+    claimed_at: datetime  # with the sequence, tells this attempt from a later take-over of it
+
+    @property
+    def reference(self) -> str:
+        return f"auto-topup:{self.workspace_id}:{self.sequence}"
+
+    def owns(self, topup: AutoTopUp) -> bool:
+        """Still the claim in flight: neither settled nor taken over since."""
+        return not topup.armed and topup.sequence == self.sequence and topup.claimed_at == self.claimed_at
 
 
 def needs_after_spend(auto_topup_enabled: bool, low_balance_alert_units: int | None, charges: list[dict]) -> bool:
@@ -92,35 +121,70 @@ async def _evaluate(session: AsyncSession, ws_id: uuid.UUID, charges: list[dict]
         await _limit_alerts(session, ws_id, uuid.UUID(c["limit"]), datetime.fromisoformat(c["period"]), now)
     if not ws.auto_topup_enabled:
         return None
-    topup = await session.get(AutoTopUp, ws_id)
+    return await claim_top_up(session, ws, now)
+
+
+async def claim_top_up(session: AsyncSession, ws: Workspace, now: datetime, *,
+                       abandoned_only: bool = False) -> TopUpClaim | None:
+    """Claim the purchase the pool needs now, if any: the pool under the threshold, no claim in
+    flight (or only an abandoned one), the monthly caps not reached. The claim is one conditional
+    UPDATE, so of concurrent spends and schedulers exactly one gets it; it commits with the
+    caller's transaction, before the provider is asked (`run_top_up`). `abandoned_only`: take an
+    abandoned claim over, never start a new purchase (the scheduler's part)."""
+    topup = await session.get(AutoTopUp, ws.id)
     if topup is None or not topup.enabled:
         return None
-    if await available_units(session, ws_id, now, pool_only=True) >= topup.threshold_units:
-        if not topup.armed:
-            topup.armed = True
+    abandoned = False
+    if not topup.armed:  # a claim is in flight
+        if topup.claimed_at > now - CLAIM_TIMEOUT:
+            return None  # its outcome will settle it and re-arm the latch
+        abandoned = True  # no outcome in time: its process died, or recording the outcome failed
+    elif abandoned_only:
         return None
-    if not topup.armed:
+    # An abandoned claim waits while the pool is over the threshold, like an unanswered retry:
+    # never re-armed to buy under a new reference before its own is settled (it may be paid).
+    if await available_units(session, ws.id, now, pool_only=True) >= topup.threshold_units:
         return None
-    # The retry of an unanswered payment asks for the pack it asked for, even one taken off sale
-    # since: the first attempt may have been paid, and this completes that purchase.
-    retry = topup.unanswered_pack_id is not None
-    pack = await session.get_one(CreditPack, topup.unanswered_pack_id if retry else topup.pack_id)
-    if not retry and not pack.is_active:  # never buy what is no longer on sale
-        await alerts.fire(session, ws_id, alerts.TOPUP_FAILED, "auto-topup", now, reason="the pack is off sale")
-        return None
+    if abandoned:
+        # Its reference is asked again, so its pack is too, whatever is configured or on sale now.
+        pack = await session.get_one(CreditPack, topup.claimed_pack_id)
+    else:
+        # The retry of an unanswered payment asks for the pack it asked for, even one taken off
+        # sale since: the first attempt may have been paid, and this completes that purchase.
+        retry = topup.unanswered_pack_id is not None
+        pack = await session.get_one(CreditPack, topup.unanswered_pack_id if retry else topup.pack_id)
+        if not retry and not pack.is_active:  # never buy what is no longer on sale
+            await alerts.fire(session, ws.id, alerts.TOPUP_FAILED, "auto-topup", now, reason="the pack is off sale")
+            return None
+    # A claim's purchase is counted when it is recorded, once per reference (`run_top_up`), so
+    # a take-over needs the same room as the claim it continues.
     month = topup_month(now, ws.timezone, topup).start
     purchases, units = this_month(topup, now, ws.timezone)
     if purchases + 1 > topup.monthly_max_purchases or units + pack.units > topup.monthly_max_units:
-        await alerts.fire(session, ws_id, alerts.TOPUP_CAP_REACHED, month.isoformat(), now,
+        await alerts.fire(session, ws.id, alerts.TOPUP_CAP_REACHED, month.isoformat(), now,
                           purchases=purchases, credits=format_credits(units))
         return None
-    claimed = (await session.execute(
-        update(AutoTopUp).where(AutoTopUp.workspace_id == ws_id, AutoTopUp.armed, AutoTopUp.enabled)
-        .values(armed=False, sequence=AutoTopUp.sequence + 1).returning(AutoTopUp.sequence)
-    )).first()
+    if abandoned:
+        # Same sequence (so the same payment reference), same pack; only the claim's time moves,
+        # which is what makes this conditional: of two take-overs racing, the second waits on the
+        # row, then finds `claimed_at` changed and takes nothing.
+        claimed = (await session.execute(
+            update(AutoTopUp).where(AutoTopUp.workspace_id == ws.id, AutoTopUp.enabled, ~AutoTopUp.armed,
+                                    AutoTopUp.sequence == topup.sequence, AutoTopUp.claimed_at == topup.claimed_at)
+            .values(claimed_at=now).returning(AutoTopUp.sequence, AutoTopUp.claimed_at)
+        )).first()
+        if claimed is not None:
+            log.warning("auto top-up auto-topup:%s:%s claimed at %s had no outcome: taken over under the same "
+                        "reference", ws.id, topup.sequence, topup.claimed_at.isoformat())
+    else:
+        claimed = (await session.execute(
+            update(AutoTopUp).where(AutoTopUp.workspace_id == ws.id, AutoTopUp.armed, AutoTopUp.enabled)
+            .values(armed=False, sequence=AutoTopUp.sequence + 1, claimed_at=now, claimed_pack_id=pack.id)
+            .returning(AutoTopUp.sequence, AutoTopUp.claimed_at)
+        )).first()
     if claimed is None:
-        return None  # a concurrent spend claimed this purchase
-    return TopUpClaim(ws_id, claimed.sequence, pack.id, topup.enabled_by)
+        return None  # a concurrent spend (or scheduler) claimed this purchase
+    return TopUpClaim(ws.id, claimed.sequence, pack.id, topup.enabled_by, claimed.claimed_at)
 
 
 def topup_month(now: datetime, timezone: str, topup: AutoTopUp) -> Period:
@@ -186,10 +250,14 @@ async def _limit_alerts(session: AsyncSession, ws_id: uuid.UUID, limit_id: uuid.
 
 
 async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim, now: datetime) -> bool:
+    """Ask the provider for the claimed purchase, outside any transaction, then record the
+    outcome, which settles the claim and re-arms the latch. If this never finishes (the process
+    dies, the outcome's transaction fails) the claim stays in flight and is taken over after
+    `CLAIM_TIMEOUT` under the same reference (`claim_top_up`)."""
     from domain.ledger.service import record_purchase  # the ledger calls this module after a spend
 
     pack = await db.read(lambda s: s.get_one(CreditPack, claim.pack_id))
-    reference = f"auto-topup:{claim.workspace_id}:{claim.sequence}"
+    reference = claim.reference
     unanswered = False
     try:
         outcome = await provider.confirm(PaymentRequest(reference=reference, amount_minor=pack.price_minor,
@@ -202,38 +270,61 @@ async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim,
         log.warning("auto top-up %s: the payment provider did not answer", reference, exc_info=True)
         outcome, unanswered = PaymentOutcome(ok=False, reason="the payment provider did not answer"), True
 
+    async def locked(session: AsyncSession) -> AutoTopUp:
+        # The workspace row first, then the top-up's: the order of every writer of both
+        # (`set_auto_top_up`, a timezone change), and the purchase's rows need the first anyway.
+        await session.get_one(Workspace, claim.workspace_id, with_for_update={"read": True, "key_share": True})
+        return await session.get_one(AutoTopUp, claim.workspace_id, with_for_update=True)
+
     async def succeeded(session: AsyncSession) -> bool:
+        # Locked before the purchase is looked up: a slow attempt and its take-over may both be
+        # answered "paid" for this reference, and only the first to get here records it and
+        # counts it in the month, whichever it is.
+        topup = await locked(session)
         ws = await session.get_one(Workspace, claim.workspace_id)
-        await record_purchase(session, ws_id=claim.workspace_id, pack=pack, reference=reference,
-                              provider=provider.name, actor_id=claim.actor_id, key=reference,
-                              request={"autoTopUp": claim.sequence}, now=now)
-        topup = await session.get_one(AutoTopUp, claim.workspace_id, with_for_update=True)
-        month = topup_month(now, ws.timezone, topup)
-        if topup.month_start != month.start:
-            topup.month_start, topup.month_end = month
-            topup.purchases_this_month, topup.units_this_month = 0, 0
-        topup.purchases_this_month += 1
-        topup.units_this_month += pack.units
+        recorded = (await session.execute(select(Purchase.id).where(
+            Purchase.workspace_id == claim.workspace_id, Purchase.payment_reference == reference))).first()
+        if recorded is None:
+            await record_purchase(session, ws_id=claim.workspace_id, pack=pack, reference=reference,
+                                  provider=provider.name, actor_id=claim.actor_id, key=reference,
+                                  request={"autoTopUp": claim.sequence}, now=now)
+            month = topup_month(now, ws.timezone, topup)
+            if topup.month_start != month.start:
+                topup.month_start, topup.month_end = month
+                topup.purchases_this_month, topup.units_this_month = 0, 0
+            topup.purchases_this_month += 1
+            topup.units_this_month += pack.units
+            alerts.note(session, claim.workspace_id, alerts.TOPUP_DONE, reference, now,
+                        credits=format_credits(pack.units))
+        if not claim.owns(topup):
+            # Taken over after the timeout (this attempt was slow, not dead): the latch belongs to
+            # the take-over, whose own outcome re-arms it.
+            return True
         topup.consecutive_failures = 0
         topup.unanswered_pack_id = None
         # Re-armed: the next spend that leaves the pool under the threshold buys again. Waiting for
         # a spend to see the pool back over it would miss a spend that takes it from over to under
         # in one step (or a purchase too small to lift it), and the pool would run dry.
-        topup.armed = True
+        topup.armed, topup.claimed_at, topup.claimed_pack_id = True, None, None
         await alerts.resolve(session, claim.workspace_id, alerts.TOPUP_FAILED, now)
-        alerts.note(session, claim.workspace_id, alerts.TOPUP_DONE, reference, now, credits=format_credits(pack.units))
         return True
 
     async def failed(session: AsyncSession) -> bool:
-        topup = await session.get_one(AutoTopUp, claim.workspace_id, with_for_update=True)
+        topup = await locked(session)
+        if not claim.owns(topup):
+            # Taken over after the timeout: the take-over asks the provider again under this same
+            # reference, and its answer is the one that counts.
+            log.warning("auto top-up %s: a late failure (%s) after the claim was taken over; ignored",
+                        reference, outcome.reason)
+            return False
         topup.consecutive_failures += 1
-        topup.armed = True  # the next spend under the threshold tries again
-        if unanswered and topup.sequence == claim.sequence:
-            # Disarmed since the claim, so nobody has claimed since: the next claim takes this
+        topup.armed, topup.claimed_at, topup.claimed_pack_id = True, None, None  # the next spend under it tries again
+        if unanswered:
+            # Nobody has claimed since (the claim is still ours): the next claim takes this
             # sequence again, and with it the same payment reference, for the same pack.
             topup.sequence -= 1
             topup.unanswered_pack_id = claim.pack_id
-        else:  # answered (or left behind by a later claim): the next claim asks under a new reference
+        else:  # answered: the next claim asks under a new reference
             topup.unanswered_pack_id = None
         await alerts.fire(session, claim.workspace_id, alerts.TOPUP_FAILED, "auto-topup", now,
                           reason=outcome.reason, failures=topup.consecutive_failures)
@@ -248,9 +339,10 @@ async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim,
     try:
         return await db.transaction(succeeded if outcome.ok else failed)
     except Exception:
-        if outcome.ok:  # the one case where money moved and the ledger does not show it yet
-            log.error("auto top-up %s: the provider confirmed the payment but its credits were not recorded: "
-                      "reconcile this reference", reference)
+        if outcome.ok:  # money moved and the ledger does not show it yet
+            log.error("auto top-up %s: the provider confirmed the payment but its credits were not recorded; the "
+                      "claim stays in flight and is taken over under this reference after %s", reference,
+                      CLAIM_TIMEOUT)
         raise
 
 
@@ -287,7 +379,9 @@ async def set_auto_top_up(
             topup.monthly_max_purchases, topup.monthly_max_units = monthly_max_purchases, max_units
             topup.failure_limit = failure_limit
             if enabled and not topup.enabled:
-                topup.consecutive_failures, topup.armed, topup.enabled_by = 0, True, caller.actor.user_id
+                # Not re-armed here: a latch is off only while a claim is in flight, and that
+                # claim's outcome (or its take-over, under its own reference) settles it.
+                topup.consecutive_failures, topup.enabled_by = 0, caller.actor.user_id
                 # On again: "auto top-up failed / was turned off" no longer holds, and the next
                 # time it is turned off must raise a fresh alert.
                 for kind in (alerts.TOPUP_DISABLED, alerts.TOPUP_FAILED):
@@ -345,6 +439,42 @@ async def set_alert_settings(db: Database, caller: Caller, *, workspace_id: str,
 
 
 # --- the scheduler's part -------------------------------------------------------------------------
+
+async def take_over_abandoned(db: Database, provider: PaymentProvider, now: datetime, *, batch: int = 100) -> int:
+    """Abandoned claims taken over and bought, as a spend under the threshold would: a workspace
+    whose auto top-up died with its process may see no spend for a long while (its pool is not
+    refilled, and its team may have stopped trying). Each goes through `claim_top_up`, whose
+    conditional UPDATE lets one of any number of schedulers and spends take it; a workspace that
+    fails is logged and left to the next round. Returns how many were taken over."""
+    taken, after = 0, None
+    while True:
+        page = await db.read(lambda s: _abandoned(s, now, after, batch))
+        for ws_id in page:
+            try:
+                claim = await db.transaction(lambda s, ws_id=ws_id: _take_over(s, ws_id, now))
+                if claim is not None:
+                    taken += 1
+                    await run_top_up(db, provider, claim, now)
+            except Exception:
+                log.exception("taking over the abandoned auto top-up of workspace %s failed", ws_id)
+        if len(page) < batch:
+            return taken
+        after = page[-1]
+
+
+async def _abandoned(session: AsyncSession, now: datetime, after: uuid.UUID | None, batch: int) -> list[uuid.UUID]:
+    # Read without locks and paged by id: what the pool needs is decided by the take-over itself,
+    # and a claim it leaves (the pool over the threshold, the caps reached) must not be read again
+    # in this round.
+    query = select(AutoTopUp.workspace_id).where(AutoTopUp.enabled, AutoTopUp.claimed_at <= now - CLAIM_TIMEOUT)
+    if after is not None:
+        query = query.where(AutoTopUp.workspace_id > after)
+    return list((await session.execute(query.order_by(AutoTopUp.workspace_id).limit(batch))).scalars())
+
+
+async def _take_over(session: AsyncSession, ws_id: uuid.UUID, now: datetime) -> TopUpClaim | None:
+    return await claim_top_up(session, await session.get_one(Workspace, ws_id), now, abandoned_only=True)
+
 
 async def refresh_alerts(session: AsyncSession, now: datetime) -> int:
     """Time-driven alert conditions: grants expiring soon fire; alerts whose condition has

@@ -149,8 +149,10 @@ class AuditEntry(Base):
 class AutoTopUp(Base):
     """Per workspace: buy `pack_id` when the pool's available credits fall below the threshold.
     `armed` is the in-flight latch: a spend that sees the pool under the threshold claims the
-    purchase by flipping it off (only one concurrent spend can); the purchase's outcome, or the
-    pool seen back over the threshold, re-arms it."""
+    purchase by flipping it off (only one concurrent spend can) and records the claim
+    (`claimed_at`, `claimed_pack_id`); the purchase's outcome clears the claim and re-arms it. A
+    claim with no outcome after `automation.CLAIM_TIMEOUT` is taken over under the same
+    reference (`automation.claim_top_up`)."""
 
     __tablename__ = "auto_topups"
     __table_args__ = (
@@ -159,6 +161,11 @@ class AutoTopUp(Base):
         CheckConstraint(
             "(month_start IS NULL) = (month_end IS NULL) AND (month_end IS NULL OR month_end > month_start)",
             name="month_bounds"),
+        # Disarmed exactly while a claim is in flight, and a claim always knows its pack.
+        CheckConstraint("armed = (claimed_at IS NULL) AND (claimed_at IS NULL) = (claimed_pack_id IS NULL)",
+                        name="claim_in_flight"),
+        # The scheduler looks for abandoned claims: only the few in flight are indexed.
+        Index("ix_auto_topups_claimed_at", "claimed_at", postgresql_where=text("claimed_at IS NOT NULL")),
     )
 
     workspace_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workspaces.id"), primary_key=True)
@@ -179,6 +186,12 @@ class AutoTopUp(Base):
     # The pack of a payment the provider did not answer: its retry goes out under the same
     # reference, so it must ask for the same amount, whatever pack is configured by then.
     unanswered_pack_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("credit_packs.id"))
+    # The claim in flight: when it was made (or last taken over) and the pack it buys under
+    # reference `sequence`. Its outcome clears both; if none comes (the process died while the
+    # provider was asked, or recording the outcome failed), the claim is taken over after a
+    # timeout for this same pack and reference, since the first attempt may have been paid.
+    claimed_at: Mapped[datetime | None]
+    claimed_pack_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("credit_packs.id"))
 
 
 class AlertStatus(enum.StrEnum):

@@ -22,7 +22,7 @@ from domain import events
 from domain.access import Caller, authorize, parse_id
 from domain.clock import Clock
 from domain.db import Database
-from domain.governance.automation import refresh_alerts
+from domain.governance.automation import refresh_alerts, take_over_abandoned
 from domain.governance.overages import lapse_pending
 from domain.ledger.consumption import Scope
 from domain.ledger.models import (
@@ -35,6 +35,7 @@ from domain.ledger.models import (
     LedgerEntry,
     PeriodClose,
 )
+from domain.ledger.payments import PaymentProvider
 from domain.ledger.service import Posting, post_movements, time_out
 from domain.money import format_credits
 from domain.periods.rules import (
@@ -189,13 +190,20 @@ class TickReport:
     holds_timed_out: int = 0
     overages_lapsed: int = 0
     alerts_changed: int = 0
+    top_ups_taken_over: int = 0
     closes: list[PeriodClose] = field(default_factory=list)
 
 
-async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 100) -> TickReport:
+async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 100,
+               payments: PaymentProvider | None = None) -> TickReport:
     """Run everything that is due at `clock.now()`, once, then return. Safe to run in any number
     of processes at once: each unit is claimed with SKIP LOCKED and moved forward in the same
-    transaction, so a unit another process holds is skipped, and a done unit is no longer due."""
+    transaction, so a unit another process holds is skipped, and a done unit is no longer due.
+
+    With `payments` (the server's provider), auto top-up claims abandoned with no outcome are
+    taken over and bought too. They are not claimed with SKIP LOCKED: a spend may take the same
+    claim over at the same moment, so the claim is the conditional UPDATE both go through
+    (`automation.claim_top_up`), which one wins. Last: it waits on the payment provider."""
     report = TickReport()
     now = clock.now()
     # Hold timeouts first: a hold that timed out before a boundary was back on its grant at that
@@ -212,6 +220,8 @@ async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 
         report.grants_expired += expired
     report.overages_lapsed = await db.transaction(lambda s: lapse_pending(s, now))
     report.alerts_changed = await db.transaction(lambda s: refresh_alerts(s, now))
+    if payments is not None:
+        report.top_ups_taken_over = await take_over_abandoned(db, payments, now, batch=batch)
     return report
 
 
