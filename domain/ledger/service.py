@@ -607,8 +607,9 @@ async def _transfer_result(session: AsyncSession, ws_id: uuid.UUID, transfer_id:
 # statement in autocommit (`reserve_at_once`, `settle_at_once` on `Database.autocommit`), the
 # grants' row locks taken last inside that statement and released by its own commit; concurrent
 # starts on one workspace share that statement (`Coalescer`), and so do concurrent settlements.
-# Whatever those cannot do, or refuse, runs in a transaction (`Database.sql_transaction`): BEGIN, the same read, the idempotency claim,
-# spend limits, the generation row, the grants, one posting statement, COMMIT.
+# Whatever those cannot do, or refuse, runs in a transaction (`Database.sql_transaction`): BEGIN,
+# the same read, the idempotency claim, spend limits, the generation row, the grants, one posting
+# statement, COMMIT.
 
 @dataclass(slots=True)
 class GenerationRecord:

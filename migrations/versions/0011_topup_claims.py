@@ -12,7 +12,7 @@ taken over after the timeout), buying the pack their retry would have asked for.
 
 Revision ID: 0011
 Revises: 0010
-Create Date: 2026-11-27
+Create Date: 2026-11-21
 """
 
 from collections.abc import Sequence
