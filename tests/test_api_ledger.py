@@ -358,6 +358,27 @@ async def test_purchases_are_idempotent_and_a_payment_reference_works_once_ever(
     await assert_ledger_clean(db, team.ws)
 
 
+async def test_a_purchase_may_not_use_an_auto_top_up_reference(db, live_server, client):
+    # Auto top-up asks under `auto-topup:{workspace}:{n}` until its outcome is recorded, and a
+    # reference works once across workspaces: taken by a purchase, that workspace's top-up
+    # would fail on its own reference for good.
+    team = await make_team(db, client, creators=0)
+    other = await make_team(db, client, creators=0)
+    pack = await _a_pack(client, team.operator)
+    asked = len(live_server.payments.seen)
+    async with client(other.owner) as api:
+        for ref in (f"auto-topup:{team.ws}:1", f"  Auto-TopUp:{other.ws}:7"):
+            out = (await api(PURCHASE, ws=other.ws, pack=pack, ref=ref, key=key()))["purchaseCredits"]
+            assert (out["__typename"], out["code"]) == ("ValidationError", "VALIDATION"), out
+            assert "auto top-up" in out["message"]
+        ok = (await api(PURCHASE, ws=other.ws, pack=pack, ref=f"pay-auto-topup:{team.ws}:1", key=key()))
+    assert ok["purchaseCredits"]["__typename"] == "Purchase"  # only the prefix is reserved
+    assert len(live_server.payments.seen) == asked + 1  # the provider was never asked for the refused ones
+    assert (await db.fetchrow("SELECT count(*) FROM purchases WHERE workspace_id = $1 AND payment_reference "
+                              "ILIKE '%auto-topup:%'", uuid.UUID(other.ws)))[0] == 1  # the allowed one
+    assert (await balance(client, other.owner, other.ws))["available"] == "500.000"
+
+
 async def test_concurrent_purchases_with_one_payment_reference_create_credits_once(db, client):
     team = await make_team(db, client, creators=0)
     pack = await _a_pack(client, team.operator)

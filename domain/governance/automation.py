@@ -44,7 +44,7 @@ from domain.governance.limits import approved_extra, period_ends
 from domain.governance.models import Alert, AlertStatus, AutoTopUp, LimitPeriod, LimitUsage
 from domain.governance.rules import Period, in_progress, moved_by_change
 from domain.ledger.models import CreditPack, Grant, Purchase, Scope
-from domain.ledger.payments import PaymentOutcome, PaymentProvider, PaymentRequest
+from domain.ledger.payments import PaymentOutcome, PaymentProvider, PaymentRequest, auto_top_up_reference
 from domain.money import format_credits, parse_credits
 from domain.workspaces.models import Workspace
 from policies import Action
@@ -85,7 +85,7 @@ class TopUpClaim:
 
     @property
     def reference(self) -> str:
-        return f"auto-topup:{self.workspace_id}:{self.sequence}"
+        return auto_top_up_reference(self.workspace_id, self.sequence)
 
     def owns(self, topup: AutoTopUp) -> bool:
         """Still the claim in flight: neither settled nor taken over since."""

@@ -8,8 +8,20 @@ succeeds or fails on demand.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Protocol
+
+# Auto top-up asks the provider under `auto-topup:{workspace}:{sequence}`, and asks again under
+# the same reference until an outcome is recorded. References are unique across workspaces, so a
+# manual purchase under one would make that workspace's auto top-up fail on its own reference for
+# good (or, in the same workspace, pass a manual payment off as the top-up's): purchases may not
+# use the prefix.
+AUTO_TOP_UP_PREFIX = "auto-topup:"
+
+
+def auto_top_up_reference(workspace_id: uuid.UUID, sequence: int) -> str:
+    return f"{AUTO_TOP_UP_PREFIX}{workspace_id}:{sequence}"
 
 
 @dataclass(frozen=True, slots=True)

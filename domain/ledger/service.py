@@ -59,7 +59,7 @@ from domain.ledger.models import (
     LedgerEntry,
     Purchase,
 )
-from domain.ledger.payments import PaymentProvider, PaymentRequest
+from domain.ledger.payments import AUTO_TOP_UP_PREFIX, PaymentProvider, PaymentRequest
 from domain.money import format_credits, parse_credits
 from domain.pricing.catalog import price_list_in_force
 from domain.pricing.service import catalog_by_id, quote_with, reprice_usage
@@ -322,6 +322,8 @@ async def purchase_credits(
     reference = payment_reference.strip()
     if not reference or len(reference) > 200:
         raise ValidationFailed("paymentReference", "must be 1 to 200 characters")
+    if reference.casefold().startswith(AUTO_TOP_UP_PREFIX):
+        raise ValidationFailed("paymentReference", f"references starting with {AUTO_TOP_UP_PREFIX} are auto top-up's")
     request = {"workspace": str(ws_id), "pack": str(parse_id(pack_id, "credit pack")), "reference": reference}
 
     async def check(session: AsyncSession) -> CreditPack | PurchaseResult:
