@@ -358,6 +358,25 @@ async def test_purchases_are_idempotent_and_a_payment_reference_works_once_ever(
     await assert_ledger_clean(db, team.ws)
 
 
+async def test_a_grant_replayed_with_the_same_moment_in_another_offset_is_the_same_request(db, client):
+    team = await make_team(db, client, creators=0)
+    k = key()
+
+    async def grant_expiring(expires: str) -> dict:
+        async with client(team.operator) as api:
+            return (await api(GRANT, ws=team.ws, amount="10", key=k, source="PROMOTION", member=None,
+                              expires=expires, effective=None, priority=100))["grantCredits"]
+
+    first = await grant_expiring("2031-01-01T00:00:00+00:00")
+    assert first["__typename"] == "Grant"
+    assert await grant_expiring("2031-01-01T01:00:00+01:00") == first  # the same moment: a replay
+    assert await grant_expiring("2030-12-31T19:00:00-05:00") == first
+    other = await grant_expiring("2031-01-01T01:00:00+00:00")  # another moment under the same key
+    assert other["__typename"] == "IdempotencyKeyReused"
+    assert (await balance(client, team.owner, team.ws))["available"] == "10.000"
+    await assert_ledger_clean(db, team.ws)
+
+
 async def test_a_purchase_may_not_use_an_auto_top_up_reference(db, live_server, client):
     # Auto top-up asks under `auto-topup:{workspace}:{n}` until its outcome is recorded, and a
     # reference works once across workspaces: taken by a purchase, that workspace's top-up

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,8 +23,16 @@ from domain.errors import IdempotencyKeyReused, ValidationFailed
 MAX_KEY = 200
 
 
+def _canonical(value: Any) -> str:
+    # A moment is the same request whatever offset it was written with ("...T01:00+01:00" is
+    # "...T00:00Z"): in UTC, whose text is what hashes stored before this normalization used.
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        value = value.astimezone(timezone.utc)
+    return str(value)
+
+
 def request_hash(operation: str, request: dict[str, Any]) -> bytes:
-    canonical = json.dumps({"op": operation, **request}, sort_keys=True, separators=(",", ":"), default=str)
+    canonical = json.dumps({"op": operation, **request}, sort_keys=True, separators=(",", ":"), default=_canonical)
     return hashlib.sha256(canonical.encode()).digest()
 
 
