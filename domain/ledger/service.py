@@ -1056,13 +1056,26 @@ _ENTRIES_OF = "SELECT * FROM ledger_entries WHERE generation_id = $1 ORDER BY id
 _SETTLE_COLUMNS = """status = $2, captured_units = $3, released_units = $4, shortfall_units = $5,
     failure_kind = $6, settled_at = $7, settled_by = $8"""
 _SETTLE = f"UPDATE generations SET {_SETTLE_COLUMNS}\nWHERE id = $1\nRETURNING *"
-# Settlements as one statement (`Database.autocommit`), one or a coalesced batch of them. Every
-# generation of the batch is locked first (in id order, as everywhere) and must still be STARTED:
-# then each moves out of STARTED, its key is claimed and its posting written, all or nothing. A
-# generation settled meanwhile (or named twice) writes nothing for the whole batch and no row
-# comes back; each item then goes to the transaction path, which answers it canonically.
-_SETTLE_WHOLE = "(SELECT whole FROM locked)"
+# A settlement as one statement (`Database.autocommit`): the generation moves out of STARTED (its
+# row lock first, as everywhere), then the key is claimed and the posting written only if it did.
+# Settled meanwhile: nothing is written and no row comes back.
 _SETTLE_AT_ONCE = f"""
+WITH settled AS (
+    UPDATE generations AS sg SET {_SETTLE_COLUMNS}
+    WHERE id = $1 AND status = 'STARTED'
+    RETURNING sg AS row
+), claim AS ({idempotency.claim_sql(9, "EXISTS (SELECT FROM settled)")}),
+{_posting_ctes(15, "EXISTS (SELECT FROM claim)")}
+SELECT (SELECT array_agg(row) FROM settled) AS generations, (SELECT count(*) FROM claim) AS claimed, {_POSTED}
+"""
+# Concurrent settlements in one workspace, coalesced: every generation of the batch is locked
+# first (in id order) and must still be STARTED; then each moves out of STARTED, its key is
+# claimed and its posting written, all or nothing. A generation settled meanwhile (or named
+# twice) writes nothing for the whole batch and no row comes back; each item then goes to the
+# transaction path, which answers it canonically. (Not used for a lone settlement: the lock step
+# costs PostgreSQL a tuple lock and a WAL record of its own, for nothing when the batch is one.)
+_SETTLE_WHOLE = "(SELECT whole FROM locked)"
+_SETTLE_BATCH = f"""
 WITH locked AS (
     SELECT count(*) = cardinality($1::uuid[]) AS whole
     FROM (SELECT id FROM generations WHERE id = ANY($1::uuid[]) AND status = 'STARTED' ORDER BY id FOR UPDATE) AS l
@@ -1092,8 +1105,13 @@ class _Settlement:
 async def write_settlements(sql: Sql, items: list[_Settlement]) -> list[tuple[GenerationRecord, Posted] | None]:
     """Write settlements as one statement; each one's settled generation and what its posting
     wrote, in order. All None when a generation was no longer STARTED (nothing was written)."""
-    row = await sql.fetchrow(_SETTLE_AT_ONCE, *columns([i.generation for i in items], 8),
-                             *columns([i.claim for i in items], 6), *_posting_args(*(i.posting for i in items)))
+    if len(items) == 1:
+        [item] = items
+        row = await sql.fetchrow(_SETTLE_AT_ONCE, *item.generation, *columns([item.claim], 6),
+                                 *_posting_args(item.posting))
+    else:
+        row = await sql.fetchrow(_SETTLE_BATCH, *columns([i.generation for i in items], 8),
+                                 *columns([i.claim for i in items], 6), *_posting_args(*(i.posting for i in items)))
     if row["generations"] is None:
         return [None] * len(items)
     posted = _posted(row)
