@@ -377,9 +377,9 @@ async def test_a_settlement_batch_naming_a_settled_generation_writes_nothing_at_
             == "STARTED"
         assert (await db.fetchrow("SELECT count(*) FROM idempotency_keys WHERE operation = 'completeGeneration' "
                                   "AND workspace_id = $1", uuid.UUID(team.ws)))[0] == 0
-        [(settled, posted)] = await service.write_settlements(sql, [settlement(live)])  # alone it settles
-    assert (settled.status, settled.captured_units) == (GenerationStatus.COMPLETED, 6000)
-    assert [e.kind for e in posted.entries] == [EntryKind.CAPTURE]
+        [settled] = await service.write_settlements(sql, [settlement(live)])  # alone it settles
+    assert (settled.generation.status, settled.generation.captured_units) == (GenerationStatus.COMPLETED, 6000)
+    assert [e.kind for e in settled.entries] == [EntryKind.CAPTURE]
     await assert_ledger_clean(db, team.ws)
 
 

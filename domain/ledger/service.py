@@ -794,15 +794,21 @@ async def write_holds(sql: Sql, holds: list[_Hold]) -> list[GenerationResult]:
     row = await sql.fetchrow(_RESERVE, *columns([h.claim for h in holds], 6),
                              *columns([h.generation for h in holds], 12),
                              *_posting_args(*(h.posting for h in holds)))
+    return _per_generation(row, [h.posting for h in holds])
+
+
+def _per_generation(row: Any, postings: list[Posting]) -> list[GenerationResult]:
+    """A batch statement's rows split by posting: each generation, the entries it appended, and
+    the figures of the grants it moved (after the whole batch)."""
     posted = _posted(row)
     generations = {g["id"]: GenerationRecord.of(g) for g in row["generations"]}
     entries: dict[uuid.UUID, list[EntryRecord]] = {}
     for e in posted.entries:
         entries.setdefault(e.generation_id, []).append(e)
     return [
-        GenerationResult(generations[h.posting.generation_id], entries.get(h.posting.generation_id, []),
-                         {m.grant_id: posted.grants[m.grant_id] for m in h.posting.movements})
-        for h in holds
+        GenerationResult(generations[p.generation_id], entries.get(p.generation_id, []),
+                         {m.grant_id: posted.grants[m.grant_id] for m in p.movements})
+        for p in postings
     ]
 
 
@@ -1102,9 +1108,10 @@ class _Settlement:
     posting: Posting
 
 
-async def write_settlements(sql: Sql, items: list[_Settlement]) -> list[tuple[GenerationRecord, Posted] | None]:
+async def write_settlements(sql: Sql, items: list[_Settlement]) -> list[GenerationResult | None]:
     """Write settlements as one statement; each one's settled generation and what its posting
-    wrote, in order. All None when a generation was no longer STARTED (nothing was written)."""
+    wrote (its new entries only), in order. All None when a generation was no longer STARTED
+    (nothing was written)."""
     if len(items) == 1:
         [item] = items
         row = await sql.fetchrow(_SETTLE_AT_ONCE, *item.generation, *columns([item.claim], 6),
@@ -1114,17 +1121,7 @@ async def write_settlements(sql: Sql, items: list[_Settlement]) -> list[tuple[Ge
                                  *columns([i.claim for i in items], 6), *_posting_args(*(i.posting for i in items)))
     if row["generations"] is None:
         return [None] * len(items)
-    posted = _posted(row)
-    settled = {g["id"]: GenerationRecord.of(g) for g in row["generations"]}
-    entries: dict[uuid.UUID, list[EntryRecord]] = {}
-    for e in posted.entries:
-        entries.setdefault(e.generation_id, []).append(e)
-    return [
-        (settled[i.posting.generation_id],
-         Posted({m.grant_id: posted.grants[m.grant_id] for m in i.posting.movements},
-                entries.get(i.posting.generation_id, [])))
-        for i in items
-    ]
+    return _per_generation(row, [i.posting for i in items])
 
 
 @dataclass(slots=True)
@@ -1270,7 +1267,7 @@ async def fail_generation(
 
 async def settle_at_once(
     sql: Sql, who: Who, gid: uuid.UUID, key: str, operation: str, request: dict[str, Any], outcome: Outcome,
-    settlements: Coalescer[_Settlement, tuple[GenerationRecord, Posted] | None] | None = None,
+    settlements: Coalescer[_Settlement, GenerationResult | None] | None = None,
 ) -> GenerationResult | None:
     """A settlement within the hold as two statements outside a transaction: `_SETTLING_READ`
     (authenticating `who` when it is credentials), then `_SETTLE_AT_ONCE` (alone, or in a batch
@@ -1311,11 +1308,10 @@ async def settle_at_once(
         return None
     if out is None:
         return None  # settled by someone else since the read
-    settled, posted = out
     if posting.movements:
         events.emit(sql, gen.workspace_id, events.BALANCE_CHANGED)
-    _emit_settled(sql, settled)
-    return GenerationResult(settled, entries + posted.entries, posted.grants)
+    _emit_settled(sql, out.generation)
+    return GenerationResult(out.generation, entries + out.entries, out.grants)
 
 
 def _may_settle(caller: Caller, row: Any) -> GenerationRecord:
