@@ -13,6 +13,9 @@ from domain.periods.service import tick
 from tests.test_api_governance import ALERTS, AUTO, DECIDE, LIMITS, REQUEST, SET_LIMIT, purchases_of, start
 from tests.test_api_ledger import FAIL, _a_pack, grant, key, make_team
 from tests.test_periods import (  # noqa: F401 - the periods database and its clock reset
+    GROUP,
+    TO_GROUP,
+    reserved_for_a_group,
     plan,
     real_time,
     workspace,
@@ -23,11 +26,8 @@ from tests.test_periods import (  # noqa: F401 - the periods database and its cl
 )
 from tests.test_periods import balance as p_balance
 
-GROUP = 'mutation($ws: ID!) { createBillingGroup(input: {workspaceId: $ws, name: "G"}) { ... on BillingGroup { id } } }'
 ASSIGN = ('mutation($m: ID!, $g: ID) { assignBillingGroup(input: {memberId: $m, groupId: $g}) '
           '{ __typename ... on Error { code } } }')
-TO_GROUP = ('mutation($ws: ID!, $g: ID!, $a: String!, $k: String!) { transferCredits(input: {workspaceId: $ws, '
-            'amount: $a, idempotencyKey: $k, toBillingGroupId: $g}) { __typename ... on Error { code message } } }')
 LIMITS_FULL = "query($ws: ID!) { spendLimits(workspaceId: $ws) { id used allowance periodEnd } }"
 
 
@@ -157,13 +157,7 @@ async def test_outsiders_acting_on_another_workspaces_governance_rows_get_not_fo
 # --- period close ----------------------------------------------------------------------------------
 
 async def test_reserving_part_of_an_allowance_for_a_group_does_not_multiply_the_rollover_cap(world):
-    key_ = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverCapCredits="30",
-                      rolloverPeriods=2)
-    owner, ws = await workspace(world, key_)
-    async with world.client(owner) as api:
-        group = (await api(GROUP, ws=ws))["createBillingGroup"]["id"]
-        out = (await api(TO_GROUP, ws=ws, g=group, a="50", k=key()))["transferCredits"]
-    assert out["__typename"] == "Transfer", out
+    owner, ws, _ = await reserved_for_a_group(world, "50", rolloverCapCredits="30")
     report = await world.tick(month(1))
     [closed] = closes_of(report, ws)
     await clean(world, ws)
@@ -171,13 +165,7 @@ async def test_reserving_part_of_an_allowance_for_a_group_does_not_multiply_the_
 
 
 async def test_a_group_reserved_allowance_rolls_over_inside_the_group(world):
-    key_ = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverCapPercent=100,
-                      rolloverPeriods=2)
-    owner, ws = await workspace(world, key_)
-    async with world.client(owner) as api:
-        group = (await api(GROUP, ws=ws))["createBillingGroup"]["id"]
-        out = (await api(TO_GROUP, ws=ws, g=group, a="100", k=key()))["transferCredits"]
-    assert out["__typename"] == "Transfer", out
+    owner, ws, _ = await reserved_for_a_group(world, "100", rolloverCapPercent=100)
     await world.tick(month(1))
     await clean(world, ws)
     b = await p_balance(world, owner, ws)

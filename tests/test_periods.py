@@ -375,6 +375,19 @@ TO_GROUP = ('mutation($ws: ID!, $g: ID!, $a: String!, $k: String!) { transferCre
             'amount: $a, idempotencyKey: $k, toBillingGroupId: $g}) { __typename ... on Error { code message } } }')
 
 
+async def reserved_for_a_group(world: World, amount: str, **rollover) -> tuple[str, str, str]:
+    """A workspace on a plan of 100 included credits that roll over by `rollover` (for two
+    periods), with `amount` of its allowance reserved for a new billing group: (owner, workspace,
+    group)."""
+    key_ = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverPeriods=2, **rollover)
+    owner, ws = await workspace(world, key_)
+    async with world.client(owner) as api:
+        group = (await api(GROUP, ws=ws))["createBillingGroup"]["id"]
+        out = (await api(TO_GROUP, ws=ws, g=group, a=amount, k=key()))["transferCredits"]
+    assert out["__typename"] == "Transfer", out
+    return owner, ws, group
+
+
 async def _lock_waits(db: Database) -> int:
     # Its own statement outside any transaction: a transaction sees one stats snapshot.
     return (await db.fetchrow("SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
@@ -471,13 +484,7 @@ async def test_the_credit_schedule_shows_the_rollover_the_close_will_apply_to_a_
     applied the cap to each piece and promised 30 + 30 where 30 roll over."""
     from decimal import Decimal
 
-    key_ = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverCapCredits="30",
-                      rolloverPeriods=2)
-    owner, ws = await workspace(world, key_)
-    async with world.client(owner) as api:
-        group = (await api(GROUP, ws=ws))["createBillingGroup"]["id"]
-        out = (await api(TO_GROUP, ws=ws, g=group, a="50", k=key()))["transferCredits"]
-    assert out["__typename"] == "Transfer", out
+    owner, ws, _ = await reserved_for_a_group(world, "50", rolloverCapCredits="30")
     allowance = [b for b in (await schedule(world, owner, ws))["atNextRenewal"]
                  if b["grant"]["source"] == "PLAN_ALLOWANCE"]
     assert len(allowance) == 2  # the pool's piece and the group's
