@@ -18,6 +18,7 @@ from domain.money import parse_credits
 from tests.conftest import new_user
 from domain.pricing import Modality
 from tests.conftest import publish_test_catalog
+from tests.test_periods import GROUP
 from tests.test_api_ledger import (
     ADD,
     BALANCE,
@@ -537,7 +538,6 @@ async def test_an_operator_granting_to_an_unknown_workspace_gets_not_found(db, c
 
 REMOVE = 'mutation($m: ID!) { removeMember(input: {memberId: $m}) { __typename } }'
 SEAT = 'mutation($m: ID!, $s: Seat!) { changeMemberSeat(input: {memberId: $m, seat: $s}) { __typename } }'
-GROUP = 'mutation($ws: ID!) { createBillingGroup(input: {workspaceId: $ws, name: "G"}) { ... on BillingGroup { id } } }'
 ARCHIVE = 'mutation($g: ID!) { archiveBillingGroup(input: {groupId: $g}) { __typename } }'
 TO_GROUP = """
 mutation($ws: ID!, $amount: String!, $key: String!, $g: ID!) {
