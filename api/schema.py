@@ -8,10 +8,9 @@ from pathlib import Path
 
 import strawberry
 from graphql import GraphQLError
+from graphql.validation import ASTValidationRule
 from strawberry.extensions import (
-    AddValidationRules,
     MaxAliasesLimiter,
-    MaxTokensLimiter,
     ParserCache,
     QueryDepthLimiter,
     SchemaExtension,
@@ -40,16 +39,30 @@ Mutation = merge_types(
 )
 
 
-class PublicErrors(SchemaExtension):
-    """Authentication and authorization failures, an overloaded service, and expected domain
-    failures raised where a field has no result union (a bad cursor in a query), become
-    top-level errors with a `code` extension; any other exception from a resolver is masked (no
-    SQL or stack text reaches a client) and logged. Request errors (syntax, validation, limits)
-    pass through unchanged."""
+class RequestRules(SchemaExtension):
+    """What every operation gets besides the two caches, in one extension: Strawberry sets up
+    every extension's hooks per request, which cost more than the work they do here (measured:
+    BENCHMARKS.md).
+
+    - Limits: the parser stops at `max_tokens` (as `MaxTokensLimiter` does), and validation adds
+      the depth and alias rules (as `AddValidationRules` does).
+    - Public errors: authentication and authorization failures, an overloaded service, and
+      expected domain failures raised where a field has no result union (a bad cursor in a
+      query), become top-level errors with a `code` extension; any other exception from a
+      resolver is masked (no SQL or stack text reaches a client) and logged. Request errors
+      (syntax, validation, limits) pass through unchanged."""
+
+    def __init__(self, max_tokens: int, rules: tuple[type[ASTValidationRule], ...]) -> None:
+        self.max_tokens = max_tokens
+        self.rules = rules
 
     def on_operation(self) -> Iterator[None]:
+        context = self.execution_context
+        context.parse_options["max_tokens"] = self.max_tokens
+        # The same tuple for the same rules: the validation cache's key.
+        context.validation_rules = context.validation_rules + self.rules
         yield
-        self._rewrite(self.execution_context.result)
+        self._rewrite(context.result)
 
     def on_stream_result(self, result) -> Iterator[None]:
         # Subscriptions (and operations over websockets) deliver results one by one.
@@ -86,10 +99,10 @@ class CreditpoolSchema(strawberry.Schema):
 def build_schema(*, max_depth: int = 12, max_aliases: int = 15, max_tokens: int = 2000) -> strawberry.Schema:
     # The limiters' rule classes are built once: the validation cache is keyed by the rule
     # classes too, so fresh ones per request (the limiters' own factories) would never hit it.
-    limit_rules = [
+    limit_rules = (
         *QueryDepthLimiter(max_depth=max_depth).validation_rules,
         *MaxAliasesLimiter(max_alias_count=max_aliases).validation_rules,
-    ]
+    )
     return CreditpoolSchema(
         query=Query,
         mutation=Mutation,
@@ -99,9 +112,7 @@ def build_schema(*, max_depth: int = 12, max_aliases: int = 15, max_tokens: int 
             # (parsing and validation are most of a small request's cost, measured).
             lambda: ParserCache(maxsize=256),
             lambda: ValidationCache(maxsize=256),
-            lambda: MaxTokensLimiter(max_token_count=max_tokens),
-            lambda: AddValidationRules(limit_rules),
-            PublicErrors,
+            lambda: RequestRules(max_tokens, limit_rules),
         ],
     )
 

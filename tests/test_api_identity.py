@@ -10,7 +10,7 @@ import strawberry
 from sqlalchemy import select
 from gql.transport.exceptions import TransportQueryError
 
-from api.schema import PublicErrors, build_schema
+from api.schema import RequestRules, build_schema
 from domain import identity
 from domain.errors import Forbidden
 from tests.conftest import new_service_token, new_user
@@ -140,7 +140,7 @@ def test_unexpected_errors_are_masked_and_auth_errors_keep_their_code():
         def denied(self) -> str:
             raise Forbidden("members.manage")
 
-    schema = strawberry.Schema(query=Query, extensions=[PublicErrors])
+    schema = strawberry.Schema(query=Query, extensions=[lambda: RequestRules(max_tokens=2000, rules=())])
     result = schema.execute_sync("{ boom }")
     assert [e.message for e in result.errors] == ["Unexpected error."]
     assert result.errors[0].extensions == {"code": "INTERNAL"}
