@@ -118,11 +118,11 @@ def create_app(
         # adding processes never runs a job twice.
         while True:
             try:
-                # With the app's payment provider: abandoned auto top-ups are bought here too.
+                # With the app's payment provider: auto top-ups that no spend started are bought here.
                 report = await periods.tick(db, clock, hold_ttl=timedelta(seconds=settings.hold_ttl_seconds),
                                             payments=payments)
                 if any((report.periods_closed, report.daily_issued, report.grants_expired, report.holds_timed_out,
-                        report.top_ups_taken_over)):
+                        report.top_ups_started, report.top_ups_taken_over)):
                     log.info("scheduler: %s", report)
             except Exception:  # noqa: BLE001 - keep the process serving; the next round retries
                 log.warning("scheduler round failed", exc_info=True)

@@ -204,8 +204,8 @@ def cmd_tick(args: argparse.Namespace) -> None:
         # workers) pass the tick's events on to their subscribers.
         db.events = NotifyOutlet()
         # No payment provider: the servers' may be one plugged into `create_app`, and asking
-        # another (the trusted-reference default) would grant credits for abandoned auto
-        # top-ups nobody confirmed. Servers' schedulers and spends take those over.
+        # another (the trusted-reference default) would grant credits for auto top-ups nobody
+        # paid for. Servers' schedulers and spends buy those.
         return await tick(db, SYSTEM_CLOCK, hold_ttl=timedelta(seconds=settings.hold_ttl_seconds))
 
     report = asyncio.run(_with_db(url, run))

@@ -5,7 +5,7 @@ claim whose outcome never came (the process died) is taken over under the same r
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import text
@@ -96,6 +96,55 @@ async def test_auto_top_up_watches_the_pool_not_credits_on_seats_the_spends_cann
     assert (await start(client, token, team.ws))["__typename"] == "Generation"
     assert await purchases_of(db, team.ws) == 1
     assert (await start(client, token, team.ws))["__typename"] == "Generation"  # paid by the top-up
+
+
+async def test_a_pool_whose_credits_expire_is_topped_up_by_the_scheduler_with_no_spend(db, live_server, client):
+    # Nobody spends: the pool's promotion expires, and only the scheduler sees the pool under its
+    # threshold. Without it the team's next generation would be refused, and buy nothing.
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100", expires=datetime.now(timezone.utc) + timedelta(hours=1))
+    pack = await small_pack(client, team.operator, "500", 4500)
+    async with client(team.owner) as api:
+        assert (await api(AUTO, ws=team.ws, pack=pack, threshold="50", limit=3))["setAutoTopUp"]["enabled"]
+    provider, clock = DeduplicatingProvider(), OffsetClock()
+
+    async def a_tick():
+        return await tick(db, clock, hold_ttl=timedelta(hours=1), payments=provider)
+
+    await a_tick()  # 100 credits in the pool: nothing is due
+    assert provider.asked(team.ws) == []
+    clock.offset = timedelta(hours=2)
+    report = await a_tick()  # the promotion expires, then the empty pool is topped up
+    assert report.grants_expired >= 1 and report.top_ups_started >= 1
+    assert provider.asked(team.ws) == [(f"auto-topup:{team.ws}:1", 4500)]
+    assert await pool_credits(db, team.ws) == [500_000]
+    await a_tick()  # over the threshold again: nothing more to buy
+    assert len(provider.asked(team.ws)) == 1
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_start_refused_for_want_of_credits_buys_the_due_top_up_so_that_a_retry_succeeds(
+        db, live_server, client):
+    team = await make_team(db, client, creators=1)  # POOLED: spends draw from the pool only
+    await grant(client, team, "100")
+    token, member = team.creators[0]
+    pack = await small_pack(client, team.operator, "500", 4500)
+    async with client(team.owner) as api:
+        # 97 credits move to the creator's seat, out of reach of the spends: the pool keeps 3,
+        # and no spend has seen it drop.
+        moved = (await api(TRANSFER, ws=team.ws, amount="97", key=key(), to=member))["transferCredits"]
+        assert moved["__typename"] == "Transfer"
+        assert (await api(AUTO, ws=team.ws, pack=pack, threshold="2", limit=3))["setAutoTopUp"]["enabled"]
+    # Refused while the pool is over the threshold: no purchase is due, none is made.
+    assert (await start(client, token, team.ws))["__typename"] == "InsufficientCredits"
+    assert await purchases_of(db, team.ws) == 0
+    async with client(team.owner) as api:
+        assert (await api(AUTO, ws=team.ws, pack=pack, threshold="50", limit=3))["setAutoTopUp"]["enabled"]
+    # Under it: the refusal stands, and the top-up is bought before it is answered.
+    assert (await start(client, token, team.ws))["__typename"] == "InsufficientCredits"
+    assert await purchases_of(db, team.ws) == 1
+    assert (await start(client, token, team.ws))["__typename"] == "Generation"
+    await assert_ledger_clean(db, team.ws)
 
 
 async def test_an_unanswered_payment_is_retried_for_the_same_pack_after_the_pack_changed(db, live_server, client):
@@ -386,7 +435,7 @@ async def test_two_take_overs_that_both_saw_the_claim_abandoned_cannot_both_win(
     now = clock.now()
 
     async def take_over(session):
-        return await claim_top_up(session, await session.get_one(Workspace, team.ws), now, abandoned_only=True)
+        return await claim_top_up(session, await session.get_one(Workspace, team.ws), now)
 
     # (Waiting on a lock is all these two can do: their reads take none. The query text shown
     # may still be the read before the UPDATE.)

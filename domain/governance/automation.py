@@ -8,7 +8,11 @@ and does nothing. The claim commits before the payment provider is asked, outsid
 transaction, under a payment reference unique to that claim (`auto-topup:{workspace}:{sequence}`),
 and the credits go through the same purchase path as a manual purchase. The outcome settles the
 claim and re-arms the latch, so the next spend that leaves the pool under the threshold buys
-again (a pack too small to lift it buys again at the next spend, within the monthly caps).
+again (a pack too small to lift it buys again at the next spend, within the monthly caps). A pool
+can also drop under the threshold with no spend to see it (credits expired, or moved to a seat or
+a group), and then be too low for the next generation, whose refusal is no spend either: a start
+refused for insufficient credits claims the same way, and so does the server's scheduler tick
+(`buy_due_top_ups`), so a pool that ran dry does not wait for someone to buy by hand.
 
 The latch is off exactly while a claim is in flight, and nothing but its outcome re-arms it (not
 the pool seen back over the threshold, not turning auto top-up back on): re-armed early, the next
@@ -31,7 +35,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.access import Caller, authorize, parse_id
@@ -59,12 +63,16 @@ async def available_units(session: AsyncSession, ws_id: uuid.UUID, now: datetime
     `balance.available` and the low-balance alert count them), or in the pool only (what auto
     top-up keeps over its threshold: its purchases land there, and seat or group credits may be
     out of reach of the spends that need them)."""
-    where = [GRANTS.c.workspace_id == ws_id, GRANTS.c.remaining > 0, GRANTS.c.effective_at <= now,
+    return int((await session.execute(_spendable(ws_id, now, pool_only=pool_only))).scalar_one())
+
+
+def _spendable(workspace, now: datetime, *, pool_only: bool) -> Select:
+    """The sum behind `available_units`, for a workspace id or a column to correlate with."""
+    where = [GRANTS.c.workspace_id == workspace, GRANTS.c.remaining > 0, GRANTS.c.effective_at <= now,
              or_(GRANTS.c.expires_at.is_(None), GRANTS.c.expires_at > now)]
     if pool_only:
         where.append(GRANTS.c.scope == Scope.WORKSPACE)
-    total = select(func.coalesce(func.sum(GRANTS.c.remaining), 0)).where(*where)
-    return int((await session.execute(total)).scalar_one())
+    return select(func.coalesce(func.sum(GRANTS.c.remaining), 0)).where(*where)
 
 
 # How long a claim waits for its outcome before it counts as abandoned (its process died while
@@ -82,6 +90,7 @@ class TopUpClaim:
     pack_id: uuid.UUID
     actor_id: uuid.UUID
     claimed_at: datetime  # with the sequence, tells this attempt from a later take-over of it
+    taken_over: bool = False  # continues an abandoned claim (same sequence, same pack)
 
     @property
     def reference(self) -> str:
@@ -100,8 +109,9 @@ def needs_after_spend(auto_topup_enabled: bool, low_balance_alert_units: int | N
 
 async def after_spend(db: Database, clock: Clock, provider: PaymentProvider | None, ws_id: uuid.UUID,
                       charges: list[dict]) -> None:
-    """Alerts and auto top-up after a spend that has committed. It never raises: the spend's
-    answer is what was committed, and a failure here (the database busy or gone) is logged. An
+    """Alerts and auto top-up after a spend that has committed, or a start refused for want of
+    credits. It never raises: the spend's answer is what was committed (or the refusal), and a
+    failure here (the database busy or gone) is logged. An
     evaluation that fails changes nothing (it is one transaction): the next spend evaluates again
     from the same state."""
     try:
@@ -124,13 +134,11 @@ async def _evaluate(session: AsyncSession, ws_id: uuid.UUID, charges: list[dict]
     return await claim_top_up(session, ws, now)
 
 
-async def claim_top_up(session: AsyncSession, ws: Workspace, now: datetime, *,
-                       abandoned_only: bool = False) -> TopUpClaim | None:
+async def claim_top_up(session: AsyncSession, ws: Workspace, now: datetime) -> TopUpClaim | None:
     """Claim the purchase the pool needs now, if any: the pool under the threshold, no claim in
     flight (or only an abandoned one), the monthly caps not reached. The claim is one conditional
-    UPDATE, so of concurrent spends and schedulers exactly one gets it; it commits with the
-    caller's transaction, before the provider is asked (`run_top_up`). `abandoned_only`: take an
-    abandoned claim over, never start a new purchase (the scheduler's part)."""
+    UPDATE, so of concurrent spends, refusals and schedulers exactly one gets it; it commits with
+    the caller's transaction, before the provider is asked (`run_top_up`)."""
     topup = await session.get(AutoTopUp, ws.id)
     if topup is None or not topup.enabled:
         return None
@@ -139,8 +147,6 @@ async def claim_top_up(session: AsyncSession, ws: Workspace, now: datetime, *,
         if topup.claimed_at > now - CLAIM_TIMEOUT:
             return None  # its outcome will settle it and re-arm the latch
         abandoned = True  # no outcome in time: its process died, or recording the outcome failed
-    elif abandoned_only:
-        return None
     # An abandoned claim waits while the pool is over the threshold, like an unanswered retry:
     # never re-armed to buy under a new reference before its own is settled (it may be paid).
     if await available_units(session, ws.id, now, pool_only=True) >= topup.threshold_units:
@@ -184,7 +190,7 @@ async def claim_top_up(session: AsyncSession, ws: Workspace, now: datetime, *,
         )).first()
     if claimed is None:
         return None  # a concurrent spend (or scheduler) claimed this purchase
-    return TopUpClaim(ws.id, claimed.sequence, pack.id, topup.enabled_by, claimed.claimed_at)
+    return TopUpClaim(ws.id, claimed.sequence, pack.id, topup.enabled_by, claimed.claimed_at, abandoned)
 
 
 def topup_month(now: datetime, timezone: str, topup: AutoTopUp) -> Period:
@@ -440,40 +446,57 @@ async def set_alert_settings(db: Database, caller: Caller, *, workspace_id: str,
 
 # --- the scheduler's part -------------------------------------------------------------------------
 
-async def take_over_abandoned(db: Database, provider: PaymentProvider, now: datetime, *, batch: int = 100) -> int:
-    """Abandoned claims taken over and bought, as a spend under the threshold would: a workspace
-    whose auto top-up died with its process may see no spend for a long while (its pool is not
-    refilled, and its team may have stopped trying). Each goes through `claim_top_up`, whose
-    conditional UPDATE lets one of any number of schedulers and spends take it; a workspace that
-    fails is logged and left to the next round. Returns how many were taken over."""
-    taken, after = 0, None
+@dataclass(frozen=True, slots=True)
+class DueTopUps:
+    started: int = 0  # new purchases
+    taken_over: int = 0  # abandoned claims asked again under their own reference
+
+
+async def buy_due_top_ups(db: Database, provider: PaymentProvider, clock: Clock, *, batch: int = 100) -> DueTopUps:
+    """Every purchase a pool needs and no spend has started, as a spend under the threshold would
+    start it. A pool can drop under its threshold without a spend (its credits expired, or were
+    moved to a seat or a group), and a pool too low for the next generation never sees a spend;
+    and a claim abandoned by a process that died may see no spend for a long while. Each goes
+    through `claim_top_up`, whose conditional UPDATE lets one of any number of schedulers and
+    spends claim it, and which checks the pool, the caps and the pack again; a workspace that
+    fails is logged and left to the next round.
+
+    Each claim is made at the time it is made, not the round's: a purchase that a spend recorded
+    meanwhile is effective from that spend's time, and an older time would not count it in the
+    pool, and buy again."""
+    started = taken = 0
+    after = None
     while True:
-        page = await db.read(lambda s: _abandoned(s, now, after, batch))
+        page = await db.read(lambda s: _due(s, clock.now(), after, batch))
         for ws_id in page:
             try:
-                claim = await db.transaction(lambda s, ws_id=ws_id: _take_over(s, ws_id, now))
+                now = clock.now()
+                claim = await db.transaction(lambda s, ws_id=ws_id, now=now: _claim(s, ws_id, now))
                 if claim is not None:
-                    taken += 1
+                    taken, started = (taken + 1, started) if claim.taken_over else (taken, started + 1)
                     await run_top_up(db, provider, claim, now)
             except Exception:
-                log.exception("taking over the abandoned auto top-up of workspace %s failed", ws_id)
+                log.exception("the due auto top-up of workspace %s failed", ws_id)
         if len(page) < batch:
-            return taken
+            return DueTopUps(started, taken)
         after = page[-1]
 
 
-async def _abandoned(session: AsyncSession, now: datetime, after: uuid.UUID | None, batch: int) -> list[uuid.UUID]:
-    # Read without locks and paged by id: what the pool needs is decided by the take-over itself,
-    # and a claim it leaves (the pool over the threshold, the caps reached) must not be read again
-    # in this round.
-    query = select(AutoTopUp.workspace_id).where(AutoTopUp.enabled, AutoTopUp.claimed_at <= now - CLAIM_TIMEOUT)
+async def _due(session: AsyncSession, now: datetime, after: uuid.UUID | None, batch: int) -> list[uuid.UUID]:
+    # Read without locks and paged by id: the claim decides again, and a workspace it leaves (the
+    # caps reached, the pack off sale) must not be read again in this round.
+    query = select(AutoTopUp.workspace_id).where(
+        AutoTopUp.enabled,
+        or_(AutoTopUp.armed, AutoTopUp.claimed_at <= now - CLAIM_TIMEOUT),
+        _spendable(AutoTopUp.workspace_id, now, pool_only=True).scalar_subquery() < AutoTopUp.threshold_units,
+    )
     if after is not None:
         query = query.where(AutoTopUp.workspace_id > after)
     return list((await session.execute(query.order_by(AutoTopUp.workspace_id).limit(batch))).scalars())
 
 
-async def _take_over(session: AsyncSession, ws_id: uuid.UUID, now: datetime) -> TopUpClaim | None:
-    return await claim_top_up(session, await session.get_one(Workspace, ws_id), now, abandoned_only=True)
+async def _claim(session: AsyncSession, ws_id: uuid.UUID, now: datetime) -> TopUpClaim | None:
+    return await claim_top_up(session, await session.get_one(Workspace, ws_id), now)
 
 
 async def refresh_alerts(session: AsyncSession, now: datetime) -> int:

@@ -876,7 +876,14 @@ async def start_generation(
     if started is None:
         caller = await authenticate(db, who)  # checked by the read already: no statement
         optimistic = Optimistic()
-        started = await db.sql_transaction(lambda sql: _reserve_in_transaction(sql, caller, req, optimistic))
+        try:
+            started = await db.sql_transaction(lambda sql: _reserve_in_transaction(sql, caller, req, optimistic))
+        except InsufficientCredits:
+            # A pool too low for this generation may have got there with no spend to start its
+            # auto top-up (credits expired, or moved to a seat). The refusal stands; the top-up,
+            # if one is due, is bought before it is answered, so that a retry can succeed.
+            await automation.after_spend(db, who.clock, payments, req.ws_id, [])
+            raise
     if started.follow_up:
         # Alerts and auto top-up, after the commit: never holding the spend's locks.
         await automation.after_spend(db, who.clock, payments, req.ws_id, started.charges)

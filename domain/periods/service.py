@@ -22,7 +22,7 @@ from domain import events
 from domain.access import Caller, authorize, parse_id
 from domain.clock import Clock
 from domain.db import Database
-from domain.governance.automation import refresh_alerts, take_over_abandoned
+from domain.governance.automation import buy_due_top_ups, refresh_alerts
 from domain.governance.overages import lapse_pending
 from domain.ledger.consumption import Scope
 from domain.ledger.models import (
@@ -190,6 +190,7 @@ class TickReport:
     holds_timed_out: int = 0
     overages_lapsed: int = 0
     alerts_changed: int = 0
+    top_ups_started: int = 0
     top_ups_taken_over: int = 0
     closes: list[PeriodClose] = field(default_factory=list)
 
@@ -200,9 +201,10 @@ async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 
     of processes at once: each unit is claimed with SKIP LOCKED and moved forward in the same
     transaction, so a unit another process holds is skipped, and a done unit is no longer due.
 
-    With `payments` (the server's provider), auto top-up claims abandoned with no outcome are
-    taken over and bought too. They are not claimed with SKIP LOCKED: a spend may take the same
-    claim over at the same moment, so the claim is the conditional UPDATE both go through
+    With `payments` (the server's provider), it also buys the auto top-ups that are due with no
+    spend to start them: pools under their threshold (after the expiries above, say), and claims
+    abandoned with no outcome. They are not claimed with SKIP LOCKED: a spend may claim the same
+    purchase at the same moment, so the claim is the conditional UPDATE both go through
     (`automation.claim_top_up`), which one wins. Last: it waits on the payment provider."""
     report = TickReport()
     now = clock.now()
@@ -221,7 +223,8 @@ async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 
     report.overages_lapsed = await db.transaction(lambda s: lapse_pending(s, now))
     report.alerts_changed = await db.transaction(lambda s: refresh_alerts(s, now))
     if payments is not None:
-        report.top_ups_taken_over = await take_over_abandoned(db, payments, now, batch=batch)
+        due = await buy_due_top_ups(db, payments, clock, batch=batch)
+        report.top_ups_started, report.top_ups_taken_over = due.started, due.taken_over
     return report
 
 
