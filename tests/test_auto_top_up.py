@@ -98,19 +98,28 @@ async def test_auto_top_up_watches_the_pool_not_credits_on_seats_the_spends_cann
     assert (await start(client, token, team.ws))["__typename"] == "Generation"  # paid by the top-up
 
 
-async def test_a_pool_whose_credits_expire_is_topped_up_by_the_scheduler_with_no_spend(db, live_server, client):
-    # Nobody spends: the pool's promotion expires, and only the scheduler sees the pool under its
-    # threshold. Without it the team's next generation would be refused, and buy nothing.
+async def expiring_pool(db, client, provider):
+    """A team whose pool holds only 100 credits that expire in an hour, with auto top-up of a
+    500-credit pack at 50, and a tick of the server's scheduler paying through `provider` at a
+    clock that can be moved: (team, clock, a_tick)."""
     team = await make_team(db, client, creators=1)
     await grant(client, team, "100", expires=datetime.now(timezone.utc) + timedelta(hours=1))
     pack = await small_pack(client, team.operator, "500", 4500)
     async with client(team.owner) as api:
         assert (await api(AUTO, ws=team.ws, pack=pack, threshold="50", limit=3))["setAutoTopUp"]["enabled"]
-    provider, clock = DeduplicatingProvider(), OffsetClock()
+    clock = OffsetClock()
 
     async def a_tick():
         return await tick(db, clock, hold_ttl=timedelta(hours=1), payments=provider)
 
+    return team, clock, a_tick
+
+
+async def test_a_pool_whose_credits_expire_is_topped_up_by_the_scheduler_with_no_spend(db, live_server, client):
+    # Nobody spends: the pool's promotion expires, and only the scheduler sees the pool under its
+    # threshold. Without it the team's next generation would be refused, and buy nothing.
+    provider = DeduplicatingProvider()
+    team, clock, a_tick = await expiring_pool(db, client, provider)
     await a_tick()  # 100 credits in the pool: nothing is due
     assert provider.asked(team.ws) == []
     clock.offset = timedelta(hours=2)
@@ -121,6 +130,21 @@ async def test_a_pool_whose_credits_expire_is_topped_up_by_the_scheduler_with_no
     await a_tick()  # over the threshold again: nothing more to buy
     assert len(provider.asked(team.ws)) == 1
     await assert_ledger_clean(db, team.ws)
+
+
+async def test_after_a_declined_top_up_the_scheduler_leaves_the_retries_to_spends(db, live_server, client):
+    # A round every interval would use up the failure limit (3) of a workspace nobody uses during
+    # a short provider outage, and turn its auto top-up off.
+    provider = DeduplicatingProvider(decline=True)
+    team, clock, a_tick = await expiring_pool(db, client, provider)
+    clock.offset = timedelta(hours=2)
+    await a_tick()  # expired: the scheduler asks once, and the payment is declined
+    assert len(provider.asked(team.ws)) == 1
+    for _ in range(3):
+        await a_tick()
+    assert len(provider.asked(team.ws)) == 1
+    async with client(team.owner) as api:
+        assert (await api(STATE, ws=team.ws))["autoTopUp"]["enabled"] is True
 
 
 async def test_a_start_refused_for_want_of_credits_buys_the_due_top_up_so_that_a_retry_succeeds(
@@ -207,12 +231,13 @@ class Crash(BaseException):
 class DeduplicatingProvider:
     """A provider that deduplicates by reference, as real ones do with an idempotency key: a
     reference it has charged is answered "paid" again and never charged twice. `die_before` /
-    `die_after`: the next calls kill the process before it charges / after it charged."""
+    `die_after`: the next calls kill the process before it charges / after it charged;
+    `decline`: every payment is declined."""
 
     name = "deduplicating"
 
-    def __init__(self, *, die_before: int = 0, die_after: int = 0) -> None:
-        self.die_before, self.die_after = die_before, die_after
+    def __init__(self, *, die_before: int = 0, die_after: int = 0, decline: bool = False) -> None:
+        self.die_before, self.die_after, self.decline = die_before, die_after, decline
         self.seen: list[PaymentRequest] = []
         self.charged: list[str] = []
 
@@ -221,6 +246,8 @@ class DeduplicatingProvider:
         if self.die_before > 0:
             self.die_before -= 1
             raise Crash()
+        if self.decline:
+            return PaymentOutcome(ok=False, reason="card declined")
         if request.reference not in self.charged:
             self.charged.append(request.reference)
         if self.die_after > 0:

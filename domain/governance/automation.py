@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.access import Caller, authorize, parse_id
@@ -484,10 +484,12 @@ async def buy_due_top_ups(db: Database, provider: PaymentProvider, clock: Clock,
 
 async def _due(session: AsyncSession, now: datetime, after: uuid.UUID | None, batch: int) -> list[uuid.UUID]:
     # Read without locks and paged by id: the claim decides again, and a workspace it leaves (the
-    # caps reached, the pack off sale) must not be read again in this round.
+    # caps reached, the pack off sale) must not be read again in this round. After a failed
+    # payment the retries are left to spends, as before: a round every interval would use up the
+    # failure limit of a workspace nobody uses during a short provider outage, and turn it off.
     query = select(AutoTopUp.workspace_id).where(
         AutoTopUp.enabled,
-        or_(AutoTopUp.armed, AutoTopUp.claimed_at <= now - CLAIM_TIMEOUT),
+        or_(and_(AutoTopUp.armed, AutoTopUp.consecutive_failures == 0), AutoTopUp.claimed_at <= now - CLAIM_TIMEOUT),
         _spendable(AutoTopUp.workspace_id, now, pool_only=True).scalar_subquery() < AutoTopUp.threshold_units,
     )
     if after is not None:
