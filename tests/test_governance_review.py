@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from domain.periods.service import tick
-from tests.test_api_governance import ALERTS, AUTO, DECIDE, LIMITS, REQUEST, SET_LIMIT, purchases_of, start
+from tests.test_api_governance import ALERTS, AUDIT, AUTO, DECIDE, LIMITS, REQUEST, SET_LIMIT, purchases_of, start
 from tests.test_api_ledger import FAIL, _a_pack, grant, key, make_team
 from tests.test_periods import (  # noqa: F401 - the periods database and its clock reset
     GROUP,
@@ -250,12 +250,27 @@ async def _after_a_tick_at(db, live_server, client, team, offset: timedelta) -> 
     return requests, alerts
 
 
+async def _lapses_told(client, team, req) -> tuple[list, list]:
+    """The audit log's lapse entries, and the requester's notifications of the request."""
+    async with client(team.owner) as api:
+        entries = [e["node"] for e in (await api(AUDIT, ws=team.ws, action="overage.lapsed"))["auditLog"]["edges"]]
+    async with client(team.creators[0][0]) as api:
+        told = [n["payload"]["status"] for n in (await api("{ notifications { kind payload } }"))["notifications"]
+                if n["kind"] == "OVERAGE_DECIDED" and n["payload"]["requestId"] == req["id"]]
+    return entries, told
+
+
 async def test_the_overage_requested_alert_resolves_when_the_request_lapses(db, live_server, client):
     team, req, _ = await _pending_request(db, client, "MONTH")
     requests, alerts = await _after_a_tick_at(db, live_server, client, team, timedelta(hours=25))  # TTL: 24 h
     assert [(r["id"], r["status"]) for r in requests] == [(req["id"], "LAPSED")]
     # Nothing is left for an approver to decide: an open alert would call them to a dead request.
     assert [(a["subject"], a["status"]) for a in alerts] == [(req["id"], "RESOLVED")]
+    # Recorded as the change it is, by nobody, and the requester is told as of a decision.
+    entries, told = await _lapses_told(client, team, req)
+    assert entries == [{"action": "overage.lapsed", "actorId": None, "targetType": "overage_request",
+                        "before": {"status": "PENDING"}, "after": {"status": "LAPSED"}}]
+    assert told == ["LAPSED"]
 
 
 async def test_a_request_lapses_with_its_period_before_its_deadline_and_its_alert_resolves(
@@ -356,6 +371,11 @@ async def test_removing_a_member_lapses_their_pending_request_and_it_can_no_long
         [limit] = (await api(LIMITS, ws=team.ws))["spendLimits"]
     assert limit["allowance"] == "10.000"  # nothing was approved
     assert await _statuses(client, team.owner, team.ws) == [(req["id"], "LAPSED")]
+    # Audited with no actor (the removal's own entry names who removed them); the requester has
+    # left, so nothing is stored for them to read.
+    entries, told = await _lapses_told(client, team, req)
+    assert [(e["actorId"], e["after"]) for e in entries] == [(None, {"status": "LAPSED"})]
+    assert told == []
 
 
 async def test_a_request_still_pending_after_its_requester_left_is_refused_and_lapses(db, live_server, client):

@@ -218,10 +218,11 @@ async def lapse_requests_of(session: AsyncSession, member: Member, now: datetime
 async def _lapse(session: AsyncSession, now: datetime, *where) -> int:
     """Mark the PENDING requests matching `where` LAPSED, the one way every lapse is recorded
     (the scheduler, a removal, a decision that finds one dead). Their OVERAGE_REQUESTED alerts
-    resolve: the approvers have nothing left to decide. Each lapse goes out live as the decision
-    it is (OVERAGE_DECIDED, status LAPSED), so the requester's and the approvers' dashboards drop
-    it as they would a denial; the same kind, so the same audience (`events.AUDIENCE`: approvers,
-    and the requester named by memberId)."""
+    resolve: the approvers have nothing left to decide. Each lapse is told as the decision it is
+    (OVERAGE_DECIDED, status LAPSED), so the dashboards drop it as they would a denial: live, to
+    the same audience (`events.AUDIENCE`: approvers, and the requester named by memberId), and
+    as a notification to a requester still in the workspace. The audit log records it with no
+    actor: nobody decided it (a removal's own entry says who removed the requester)."""
     lapsed = (await session.execute(
         update(OverageRequest)
         .where(OverageRequest.status == OverageStatus.PENDING, *where)
@@ -229,8 +230,15 @@ async def _lapse(session: AsyncSession, now: datetime, *where) -> int:
         .returning(OverageRequest.id, OverageRequest.workspace_id, OverageRequest.member_id)
         .execution_options(synchronize_session=False)
     )).all()
+    present = dict((await session.execute(select(Member.id, Member.user_id).where(
+        Member.id.in_([member_id for _, _, member_id in lapsed]), Member.removed_at.is_(None)))).all()) if lapsed else {}
     for request_id, ws_id, member_id in sorted(lapsed):
         events.emit(session, ws_id, events.OVERAGE_DECIDED, requestId=str(request_id), memberId=str(member_id),
                     status=OverageStatus.LAPSED.value)
+        if member_id in present:
+            notify(session, ws_id, {present[member_id]}, "OVERAGE_DECIDED", requestId=str(request_id),
+                   status=OverageStatus.LAPSED.value, approved=format_credits(0), reason=None)
         await alerts.resolve(session, ws_id, alerts.OVERAGE_REQUESTED, now, str(request_id))
+        audit.record(session, ws_id, None, "overage.lapsed", "overage_request", request_id,
+                     before={"status": OverageStatus.PENDING}, after={"status": OverageStatus.LAPSED}, at=now)
     return len(lapsed)
