@@ -34,7 +34,7 @@ from strawberry.types import Info
 from api.context import Context
 from api.ledger import Scope
 from domain import events, identity
-from domain.access import Caller, authorize, member_roles, parse_id
+from domain.access import Caller, authorize, parse_id
 from domain.clock import Clock
 from domain.db import Database
 from domain.errors import Unauthenticated
@@ -128,13 +128,6 @@ class LiveHub:
         return await self._member(caller, ws_id)  # NotFound once the membership is gone
 
     @staticmethod
-    def _spender(caller: Caller, ws_id: uuid.UUID, member: Member | None) -> Member | None:
-        if member is None:
-            return None
-        allowed = caller.authorizer.allows(str(caller.actor.user_id), member_roles(member), str(ws_id), Action.GENERATE)
-        return member if allowed else None
-
-    @staticmethod
     def _spends_as(member: Member | None) -> tuple | None:
         """What of a membership decides its spendable amount."""
         return None if member is None else (member.id, member.role, member.seat, member.billing_group_id)
@@ -149,7 +142,7 @@ class LiveHub:
         try:
             await watcher.listening.wait()  # listening first, then read: no commit falls between
             snapshot = await queries.balance_snapshot(self.db, ws_id, self.clock.now())
-            yield queries.view_of(snapshot, self._spender(caller, ws_id, member))
+            yield queries.view_of(snapshot, queries.spender_of(caller, ws_id, member))
             checked = time.monotonic()
             while True:
                 try:
@@ -164,7 +157,7 @@ class LiveHub:
                         # use the membership it committed, not the one of the last re-check.
                         sub.members_changed = False
                         member = await self._member(caller, ws_id)  # NotFound once removed
-                    yield queries.view_of(snapshot, self._spender(caller, ws_id, member))
+                    yield queries.view_of(snapshot, queries.spender_of(caller, ws_id, member))
                 if time.monotonic() - checked >= self.recheck:
                     was = self._spends_as(member)
                     member = await self._still_allowed(caller, ws_id, secret)
@@ -172,7 +165,7 @@ class LiveHub:
                     if self._spends_as(member) != was:
                         # A membership change that reached us without an event (none should):
                         # the stream's last word must still be what the `balance` query says.
-                        yield queries.view_of(snapshot, self._spender(caller, ws_id, member))
+                        yield queries.view_of(snapshot, queries.spender_of(caller, ws_id, member))
         finally:
             self._leave(ws_id, sub)
 

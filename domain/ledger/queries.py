@@ -84,7 +84,9 @@ async def workspace_balance(db: Database, caller: Caller, *, workspace_id: str, 
         scopes = scope_totals(grants, now)
         horizon = now + timedelta(days=expiring_within_days)
         expiring = [g for g in grants if g.remaining > 0 and g.expires_at is not None and now < g.expires_at <= horizon]
-        viewer = await spendable_units(session, caller, ws, me)
+        # From the grants just read (every grant with credits is live), as a live balance does:
+        # no statement of its own.
+        viewer = spendable_in(grants, ws.allocation_mode, ws.pool_fallback, spender_of(caller, ws.id, me), now)
         return Balance(
             workspace_id=ws_id, allocation_mode=ws.allocation_mode, pool_fallback=ws.pool_fallback,
             available=sum(s.available for s in scopes), held=sum(s.held for s in scopes), scopes=scopes,
@@ -95,11 +97,28 @@ async def workspace_balance(db: Database, caller: Caller, *, workspace_id: str, 
     return await db.read(work)
 
 
+def spender_of(caller: Caller, ws_id: uuid.UUID, me: Member | None) -> Member | None:
+    """The viewer's membership when it may generate (what they could spend follows the
+    allocation mode), else None (they could spend nothing)."""
+    if me is None or not caller.authorizer.allows(str(caller.actor.user_id), member_roles(me), str(ws_id),
+                                                  Action.GENERATE):
+        return None
+    return me
+
+
+def spendable_in(grants, mode: AllocationMode, pool_fallback: bool, spender: Member | None, now: datetime) -> int:
+    """What `spender` could spend now out of a workspace's live `grants` (rows or snapshots):
+    the credits of the grants the allocation mode lets their spend draw from (`may_draw`)."""
+    if spender is None:
+        return 0
+    return sum(g.remaining for g in grants if _spendable_now(g, now) and may_draw(
+        mode, pool_fallback, spender.id, spender.billing_group_id, g.scope, g.member_id, g.billing_group_id))
+
+
 async def spendable_units(session: AsyncSession, caller: Caller, ws: Workspace, me: Member | None) -> int:
     """What the viewer could spend right now: 0 without a generate permission, else the sum of
-    the grants the allocation mode lets their spend draw from."""
-    if me is None or not caller.authorizer.allows(str(caller.actor.user_id), member_roles(me), str(ws.id),
-                                                  Action.GENERATE):
+    the grants the allocation mode lets their spend draw from (in SQL: no grant rows read)."""
+    if spender_of(caller, ws.id, me) is None:
         return 0
     scope = spend_scope(ws.allocation_mode, ws.pool_fallback, me.id, me.billing_group_id)
     total = await as_sql(session).fetchval(_SPENDABLE_TOTAL, ws.id, *scope.args(), caller.clock.now())
@@ -166,11 +185,7 @@ def view_of(snapshot: Snapshot, spender: Member | None) -> BalanceView:
     generate (their spendable amount follows the allocation mode), else None."""
     now = snapshot.as_of
     scopes = scope_totals(snapshot.grants, now)
-    spendable = 0 if spender is None else sum(
-        g.remaining for g in snapshot.grants
-        if _spendable_now(g, now) and may_draw(snapshot.allocation_mode, snapshot.pool_fallback, spender.id,
-                                               spender.billing_group_id, g.scope, g.member_id, g.billing_group_id)
-    )
+    spendable = spendable_in(snapshot.grants, snapshot.allocation_mode, snapshot.pool_fallback, spender, now)
     return BalanceView(
         workspace_id=snapshot.workspace_id, available=sum(s.available for s in scopes),
         held=sum(s.held for s in scopes), viewer_spendable=spendable, scopes=scopes, as_of=now,
