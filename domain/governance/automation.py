@@ -111,9 +111,8 @@ async def after_spend(db: Database, clock: Clock, provider: PaymentProvider | No
                       charges: list[dict]) -> None:
     """Alerts and auto top-up after a spend that has committed, or a start refused for want of
     credits. It never raises: the spend's answer is what was committed (or the refusal), and a
-    failure here (the database busy or gone) is logged. An
-    evaluation that fails changes nothing (it is one transaction): the next spend evaluates again
-    from the same state."""
+    failure here (the database busy or gone) is logged. An evaluation that fails changes nothing
+    (it is one transaction): the next spend evaluates again from the same state."""
     try:
         now = clock.now()
         claim = await db.transaction(lambda s: _evaluate(s, ws_id, charges, now))
@@ -473,7 +472,10 @@ async def buy_due_top_ups(db: Database, provider: PaymentProvider, clock: Clock,
                 now = clock.now()
                 claim = await db.transaction(lambda s, ws_id=ws_id, now=now: _claim(s, ws_id, now))
                 if claim is not None:
-                    taken, started = (taken + 1, started) if claim.taken_over else (taken, started + 1)
+                    if claim.taken_over:
+                        taken += 1
+                    else:
+                        started += 1
                     await run_top_up(db, provider, claim, now)
             except Exception:
                 log.exception("the due auto top-up of workspace %s failed", ws_id)
