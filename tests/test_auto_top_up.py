@@ -83,15 +83,23 @@ async def test_a_pack_too_small_to_lift_the_pool_buys_again_at_the_next_spend_wi
     assert "TOPUP_CAP_REACHED" in kinds
 
 
-async def test_auto_top_up_watches_the_pool_not_credits_on_seats_the_spends_cannot_reach(db, live_server, client):
-    team = await make_team(db, client, creators=1)  # POOLED: spends draw from the pool only
+async def pool_moved_to_a_seat(db, client, moved: str, threshold: str):
+    """A one-creator POOLED team (spends draw from the pool only) with 100 credits, `moved` of
+    them moved to the creator's seat with no spend to see the pool drop, and auto top-up of a
+    500-credit pack at `threshold`: (team, creator, pack)."""
+    team = await make_team(db, client, creators=1)
     await grant(client, team, "100")
     token, member = team.creators[0]
     pack = await _a_pack(client, team.operator)  # 500 credits
     async with client(team.owner) as api:
-        moved = (await api(TRANSFER, ws=team.ws, amount="90", key=key(), to=member))["transferCredits"]
-        assert moved["__typename"] == "Transfer"
-        assert (await api(AUTO, ws=team.ws, pack=pack, threshold="50", limit=3))["setAutoTopUp"]["enabled"]
+        out = (await api(TRANSFER, ws=team.ws, amount=moved, key=key(), to=member))["transferCredits"]
+        assert out["__typename"] == "Transfer"
+        assert (await api(AUTO, ws=team.ws, pack=pack, threshold=threshold, limit=3))["setAutoTopUp"]["enabled"]
+    return team, token, pack
+
+
+async def test_auto_top_up_watches_the_pool_not_credits_on_seats_the_spends_cannot_reach(db, live_server, client):
+    team, token, _ = await pool_moved_to_a_seat(db, client, "90", "50")
     # The workspace holds 100 credits, but only 10 are in the pool: under the threshold.
     assert (await start(client, token, team.ws))["__typename"] == "Generation"
     assert await purchases_of(db, team.ws) == 1
@@ -149,16 +157,7 @@ async def test_after_a_declined_top_up_the_scheduler_leaves_the_retries_to_spend
 
 async def test_a_start_refused_for_want_of_credits_buys_the_due_top_up_so_that_a_retry_succeeds(
         db, live_server, client):
-    team = await make_team(db, client, creators=1)  # POOLED: spends draw from the pool only
-    await grant(client, team, "100")
-    token, member = team.creators[0]
-    pack = await small_pack(client, team.operator, "500", 4500)
-    async with client(team.owner) as api:
-        # 97 credits move to the creator's seat, out of reach of the spends: the pool keeps 3,
-        # and no spend has seen it drop.
-        moved = (await api(TRANSFER, ws=team.ws, amount="97", key=key(), to=member))["transferCredits"]
-        assert moved["__typename"] == "Transfer"
-        assert (await api(AUTO, ws=team.ws, pack=pack, threshold="2", limit=3))["setAutoTopUp"]["enabled"]
+    team, token, pack = await pool_moved_to_a_seat(db, client, "97", "2")  # the pool keeps 3 credits
     # Refused while the pool is over the threshold: no purchase is due, none is made.
     assert (await start(client, token, team.ws))["__typename"] == "InsufficientCredits"
     assert await purchases_of(db, team.ws) == 0
