@@ -6,16 +6,14 @@ import re
 from decimal import Decimal
 
 UNITS_PER_CREDIT = 1000
-_QUANTUM = Decimal("0.001")
-
-
-def units_to_credits(units: int) -> Decimal:
-    return (Decimal(units) / UNITS_PER_CREDIT).quantize(_QUANTUM)
 
 
 def format_credits(units: int) -> str:
-    """Exact decimal string, always with three places: 1500 -> '1.500'."""
-    return str(units_to_credits(units))
+    """Exact decimal string, always with three places: 1500 -> '1.500', -5 -> '-0.005'. Integer
+    arithmetic only (no Decimal context to round anything): every figure of every response
+    passes through here."""
+    whole, part = divmod(abs(units), UNITS_PER_CREDIT)
+    return f"{'-' if units < 0 else ''}{whole}.{part:03d}"
 
 MAX_CREDITS = Decimal("1000000000")  # one billion credits in one movement is surely a typo
 # Plain decimal notation with ASCII digits only: no exponent, no separators, no other scripts.

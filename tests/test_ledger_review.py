@@ -11,10 +11,12 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from gql.transport.exceptions import TransportQueryError
 
 from domain.errors import ValidationFailed
-from domain.money import parse_credits
+from domain.money import format_credits, parse_credits
 from tests.conftest import new_user
 from domain.pricing import Modality
 from tests.conftest import publish_test_catalog
@@ -348,6 +350,21 @@ def test_credit_strings_that_are_exact_parse_to_units(text, units):
 def test_credit_strings_that_are_not_exact_positive_units_are_refused(text):
     with pytest.raises(ValidationFailed):
         parse_credits(text, "amount")
+
+
+@given(st.integers(min_value=-10**18, max_value=10**18))  # within Decimal's 28 digits, so the oracle is exact
+def test_units_format_as_the_exact_decimal_with_three_places_and_parse_back(units):
+    text = format_credits(units)
+    assert Decimal(text) * 1000 == units and text.partition(".")[2].isdigit() and len(text.partition(".")[2]) == 3
+    assert text == str(Decimal(units).scaleb(-3))  # no exponent, no rounding
+    if 0 <= units <= 1_000_000_000_000:
+        assert parse_credits(text, "amount", allow_zero=True) == units
+
+
+@pytest.mark.parametrize(("units", "text"), [(0, "0.000"), (1, "0.001"), (-5, "-0.005"), (1500, "1.500"),
+                                             (-1_000_000, "-1000.000")])
+def test_units_format_with_their_sign(units, text):
+    assert format_credits(units) == text
 
 
 @pytest.mark.parametrize("text", ["0.99999999999999999999999999999", "1.0000000000000000000000000001"])
