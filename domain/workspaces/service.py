@@ -146,6 +146,9 @@ async def update_workspace(
     async def work(session: AsyncSession) -> Workspace:
         ws, plan = await _lock_workspace(session, ws_id)
         await authorize(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
+        # Read before anything below changes the row: the audit entry's "before".
+        before = {"name": ws.name, "plan": ws.plan_id, "allocationMode": ws.allocation_mode,
+                  "poolFallback": ws.pool_fallback, "paidCreatorSeats": ws.paid_creator_seats, "timezone": ws.timezone}
         if plan_key is not None:
             # A plan change applies from the next boundary: this period's allowance, banked
             # rollover credits and purchased credits all stay as they are (see README).
@@ -155,8 +158,6 @@ async def update_workspace(
                 ws.next_daily_at = next_day(caller.clock.now())
         if paid_creator_seats is not None:
             ws.paid_creator_seats = paid_creator_seats
-        before = {"name": ws.name, "plan": ws.plan_id, "allocationMode": ws.allocation_mode,
-                  "poolFallback": ws.pool_fallback, "paidCreatorSeats": ws.paid_creator_seats, "timezone": ws.timezone}
         if timezone is not None and check_timezone(timezone) != ws.timezone:
             ws.timezone = timezone
             await automation.follow_timezone(session, ws_id, timezone, caller.clock.now())
