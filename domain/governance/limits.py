@@ -266,6 +266,9 @@ async def remove_spend_limit(db: Database, caller: Caller, *, limit_id: str) -> 
         audit.record(session, limit.workspace_id, caller.actor.user_id, "limit.removed", "spend_limit", limit.id,
                      before=_limit_json(limit), at=limit.removed_at)
         await session.flush()
+        from domain.governance.overages import lapse_requests_on  # overages imports this module
+
+        await lapse_requests_on(session, limit, limit.removed_at)
         return limit
 
     return await db.transaction(work)

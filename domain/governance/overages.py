@@ -111,7 +111,8 @@ async def decide_overage(
         limit = await session.get_one(SpendLimit, request.limit_id)
         ends = await period_ends(session, limit.id, limit.period, request.period_start, ws.timezone)
         gone = requester.removed_at is not None
-        dead = overage_lapsed(now, lapses_at=request.lapses_at, period_end=ends, requester_removed=gone)
+        dead = overage_lapsed(now, lapses_at=request.lapses_at, period_end=ends, requester_removed=gone,
+                              limit_removed=limit.removed_at is not None)
         if request.status is OverageStatus.PENDING and dead:
             # Recorded here as the scheduler would (alert resolved), not only reported: the
             # approver is told it lapsed, and every list must say so from now on. (A removal
@@ -120,7 +121,10 @@ async def decide_overage(
             set_committed_value(request, "status", OverageStatus.LAPSED)
         if request.status is not OverageStatus.PENDING:
             # Returned, not raised: a raise would roll back the lapse just recorded.
-            why = "its requester has left the workspace" if gone and request.status is OverageStatus.LAPSED else None
+            why = None
+            if request.status is OverageStatus.LAPSED:
+                why = "its requester has left the workspace" if gone else \
+                    "its spend limit was removed" if limit.removed_at is not None else None
             return OverageNotPending(request.status.value, why)
         before = {"status": request.status}
         if approve:
@@ -189,7 +193,7 @@ async def list_overages(
 
 def lapsed_by(now: datetime):
     """`rules.overage_lapsed` in SQL, for a PENDING request: past its deadline, its period over,
-    or its requester removed. The period's end is the one stored on the request's usage row
+    its requester removed, or its limit removed. The period's end is the one stored on the request's usage row
     (opened when the request was made, moved with a change of timezone), never recomputed."""
     period_over = select(LimitUsage.limit_id).where(
         LimitUsage.limit_id == OverageRequest.limit_id, LimitUsage.period_start == OverageRequest.period_start,
@@ -197,7 +201,9 @@ def lapsed_by(now: datetime):
     ).exists()
     requester_gone = select(Member.id).where(Member.id == OverageRequest.member_id,
                                              Member.removed_at.is_not(None)).exists()
-    return or_(OverageRequest.lapses_at <= now, period_over, requester_gone)
+    limit_gone = select(SpendLimit.id).where(SpendLimit.id == OverageRequest.limit_id,
+                                             SpendLimit.removed_at.is_not(None)).exists()
+    return or_(OverageRequest.lapses_at <= now, period_over, requester_gone, limit_gone)
 
 
 async def lapse_pending(session: AsyncSession, now: datetime) -> int:
@@ -213,6 +219,14 @@ async def lapse_requests_of(session: AsyncSession, member: Member, now: datetime
     the approvers' alerts would call them to decide it."""
     return await _lapse(session, now, OverageRequest.workspace_id == member.workspace_id,
                         OverageRequest.member_id == member.id)
+
+
+async def lapse_requests_on(session: AsyncSession, limit: SpendLimit, now: datetime) -> int:
+    """A removed limit's pending requests lapse with the removal (in its transaction, under its
+    lock on the limit row): an approval would raise a limit that no longer counts, and the
+    approvers' alerts would call them to decide it."""
+    return await _lapse(session, now, OverageRequest.workspace_id == limit.workspace_id,
+                        OverageRequest.limit_id == limit.id)
 
 
 async def _lapse(session: AsyncSession, now: datetime, *where) -> int:

@@ -98,10 +98,13 @@ def moved_by_change(period: LimitPeriod, latest: Period, timezone: str, now: dat
     return new if new != latest and (latest.end > now or new.end > now) else None
 
 
-def overage_lapsed(now: datetime, *, lapses_at: datetime, period_end: datetime, requester_removed: bool) -> bool:
+def overage_lapsed(now: datetime, *, lapses_at: datetime, period_end: datetime, requester_removed: bool,
+                   limit_removed: bool = False) -> bool:
     """Is a PENDING overage request dead at `now`? At its own deadline; with the period it was
     made in (`period_end` as stored with the period): an approval could raise nothing once that
-    period is over; and when its requester has left the workspace: nobody is left to spend it,
-    and a member added back is a new member, whose limits it never was about.
+    period is over; when its requester has left the workspace: nobody is left to spend it,
+    and a member added back is a new member, whose limits it never was about; and when its limit
+    was removed: an approval would raise a limit that no longer counts (a limit set again on the
+    same target is a new one, which starts afresh).
     `overages.lapsed_by` is the same rule in SQL."""
-    return lapses_at <= now or period_end <= now or requester_removed
+    return lapses_at <= now or period_end <= now or requester_removed or limit_removed
