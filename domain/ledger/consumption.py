@@ -6,7 +6,9 @@ A pure rule, no database. The order is deterministic and explainable:
 2. priority: lower number first;
 3. expiry: soonest first, never-expiring last, so credits that would lapse are spent before they
    are lost, and bought credits (which never expire) are kept for last;
-4. age: oldest grant first;
+4. age: oldest grant first; among grants created together (a period close issues the rollover
+   and the next allowance in one transaction, with the same expiry for a one-period rollover),
+   rolled-over credits first: they are the older credits, and cannot roll over again;
 5. grant id: a final tiebreak, so the order is total and the same for any input order.
 
 Only grants that may pay *now* take part: effective (effective_at <= now), not expired
@@ -44,6 +46,7 @@ class Bucket:
     expires_at: datetime | None  # None: never expires
     created_at: datetime
     available: int  # spendable now: the grant's `remaining` (held credits excluded), >= 0
+    rolled_over: bool = False  # a ROLLOVER grant: credits carried from an earlier period
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +68,9 @@ def consumption_key(bucket: Bucket) -> tuple:
     """Sort key for the consumption order; the last item, the grant id, makes it total."""
     # (0, when) sorts before (1,): any expiry comes before never expiring.
     expiry = (1,) if bucket.expires_at is None else (0, bucket.expires_at)
-    return (SCOPE_RANK[bucket.scope], bucket.priority, expiry, bucket.created_at, bucket.grant_id)
+    # `not rolled_over`: False sorts first, so rolled-over credits come before what was created with them.
+    return (SCOPE_RANK[bucket.scope], bucket.priority, expiry, bucket.created_at, not bucket.rolled_over,
+            bucket.grant_id)
 
 
 def _can_pay(bucket: Bucket, now: datetime) -> bool:

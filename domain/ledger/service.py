@@ -249,6 +249,7 @@ def _bucket(row: Any) -> Bucket:
     return Bucket(
         grant_id=row["id"], scope=Scope(row["scope"]), priority=row["priority"], effective_at=row["effective_at"],
         expires_at=row["expires_at"], created_at=row["created_at"], available=row["remaining"],
+        rolled_over=row["source"] == GrantSource.ROLLOVER.value,
     )
 
 
