@@ -237,9 +237,15 @@ class Transfer:
 @strawberry.type
 class ScopeBalance:
     scope: Scope
-    member_id: strawberry.ID | None
+    member_id: strawberry.ID | None = strawberry.field(description="A SEAT's member.")
+    billing_group_id: strawberry.ID | None = strawberry.field(description="A GROUP's billing group.")
     available: str
     held: str
+
+    @classmethod
+    def of(cls, s: queries.ScopeBalance) -> ScopeBalance:
+        return cls(scope=s.scope, member_id=_id(s.member_id), billing_group_id=_id(s.billing_group_id),
+                   available=format_credits(s.available), held=format_credits(s.held))
 
 
 @strawberry.type
@@ -413,8 +419,7 @@ def _balance(b: queries.Balance, days: int) -> Balance:
     return Balance(
         workspace_id=strawberry.ID(str(b.workspace_id)), allocation_mode=b.allocation_mode.value,
         pool_fallback=b.pool_fallback, available=format_credits(b.available), held=format_credits(b.held),
-        scopes=[ScopeBalance(scope=s.scope, member_id=_id(s.member_id), available=format_credits(s.available),
-                             held=format_credits(s.held)) for s in b.scopes],
+        scopes=[ScopeBalance.of(s) for s in b.scopes],
         viewer_spendable=format_credits(b.viewer_spendable), grants=[Grant.from_model(g) for g in b.grants],
         expiring_soon=ExpiringCredits(within_days=days, credits=format_credits(b.expiring_units),
                                       grants=[Grant.from_model(g) for g in b.expiring]),

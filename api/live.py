@@ -32,7 +32,7 @@ from strawberry.scalars import JSON
 from strawberry.types import Info
 
 from api.context import Context
-from api.ledger import Scope
+from api.ledger import ScopeBalance
 from domain import events, identity
 from domain.access import Caller, authorize, parse_id
 from domain.clock import Clock
@@ -264,11 +264,9 @@ class LiveHub:
 # --- GraphQL -----------------------------------------------------------------------------------
 
 @strawberry.type
-class LiveScopeBalance:
-    scope: Scope
-    member_id: strawberry.ID | None
-    available: str
-    held: str
+class LiveScopeBalance(ScopeBalance):
+    """The same figures as the `balance` query's `ScopeBalance`, under the name subscriptions
+    have always used."""
 
 
 @strawberry.type
@@ -285,9 +283,7 @@ class BalanceUpdate:
         return cls(
             workspace_id=strawberry.ID(str(v.workspace_id)), available=format_credits(v.available),
             held=format_credits(v.held), viewer_spendable=format_credits(v.viewer_spendable),
-            scopes=[LiveScopeBalance(scope=s.scope, member_id=strawberry.ID(str(s.member_id)) if s.member_id else None,
-                                     available=format_credits(s.available), held=format_credits(s.held))
-                    for s in v.scopes],
+            scopes=[LiveScopeBalance.of(s) for s in v.scopes],
             as_of=v.as_of,
         )
 

@@ -41,6 +41,30 @@ async def last_balance(agen, expected: dict, seconds: float = 10) -> dict:
     raise AssertionError(f"never saw {expected}, last {seen}")
 
 
+async def test_each_billing_group_has_its_own_scope_in_the_balance_and_the_stream(db, live_server, client):
+    # Two groups' credits used to be summed into one GROUP row with no group named: a team could
+    # not tell how much each client project had left.
+    from tests.test_periods import GROUP, TO_GROUP
+
+    team = await make_team(db, client, creators=0)
+    await grant(client, team, "100")
+    async with client(team.owner) as api:
+        groups = [(await api(GROUP, ws=team.ws))["createBillingGroup"]["id"] for _ in range(2)]
+        for g, amount in zip(groups, ("30", "5")):
+            assert (await api(TO_GROUP, ws=team.ws, g=g, a=amount, k=key()))["transferCredits"] == {"__typename": "Transfer"}
+        scopes = (await api("query($ws: ID!) { balance(workspaceId: $ws) { scopes { scope memberId billingGroupId "
+                            "available } } }", ws=team.ws))["balance"]["scopes"]
+    expected = {("WORKSPACE", None, None, "65.000"), ("GROUP", None, groups[0], "30.000"),
+                ("GROUP", None, groups[1], "5.000")}
+    assert {(s["scope"], s["memberId"], s["billingGroupId"], s["available"]) for s in scopes} == expected
+    async with ws_client(live_server, team.owner) as ws:
+        stream = ws.subscribe("subscription($ws: ID!) { balanceChanged(workspaceId: $ws) { scopes { scope memberId "
+                              "billingGroupId available } } }", ws=team.ws)
+        live = (await next_within(stream, 5))["balanceChanged"]["scopes"]
+        await stream.aclose()
+    assert {(s["scope"], s["memberId"], s["billingGroupId"], s["available"]) for s in live} == expected
+
+
 async def test_a_subscriber_sees_the_balance_now_and_after_each_change(db, live_server, client):
     team = await make_team(db, client, creators=1)
     await grant(client, team, "100")

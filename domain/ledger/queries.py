@@ -33,7 +33,8 @@ MAX_EXPIRY_WINDOW_DAYS = 3660
 @dataclass(frozen=True, slots=True)
 class ScopeBalance:
     scope: Scope
-    member_id: uuid.UUID | None
+    member_id: uuid.UUID | None  # a SEAT's member
+    billing_group_id: uuid.UUID | None  # a GROUP's billing group
     available: int
     held: int
 
@@ -58,13 +59,14 @@ def _spendable_now(g, now: datetime) -> bool:
 
 
 def scope_totals(grants, now: datetime) -> list[ScopeBalance]:
-    """Available (spendable now) and held credits per scope, from grant rows or snapshots."""
-    per_scope: dict[tuple[Scope, uuid.UUID | None], list[int]] = {}
+    """Available (spendable now) and held credits per scope: the pool, each seat, each billing
+    group; from grant rows or snapshots."""
+    per_scope: dict[tuple[Scope, uuid.UUID | None, uuid.UUID | None], list[int]] = {}
     for g in grants:
-        figures = per_scope.setdefault((g.scope, g.member_id), [0, 0])
+        figures = per_scope.setdefault((g.scope, g.member_id, g.billing_group_id), [0, 0])
         figures[0] += g.remaining if _spendable_now(g, now) else 0
         figures[1] += g.held
-    return [ScopeBalance(s, m, f[0], f[1]) for (s, m), f in per_scope.items()]
+    return [ScopeBalance(s, m, b, f[0], f[1]) for (s, m, b), f in per_scope.items()]
 
 
 async def workspace_balance(db: Database, caller: Caller, *, workspace_id: str, expiring_within_days: int = 7) -> Balance:
