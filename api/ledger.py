@@ -51,7 +51,7 @@ class CreditPack:
     id: strawberry.ID
     name: str
     credits: str
-    price_minor: int = strawberry.field(description="Price in currency minor units (cents).")
+    price_minor: int = strawberry.field(description="Price in the currency's minor units (ISO 4217: cents for USD, yen for JPY).")
     currency: str
     price_per_credit: str = strawberry.field(description="Price of one credit in major units, e.g. \"0.0900\".")
     expires_after_days: int | None = strawberry.field(description="Null: purchased credits never expire.")
@@ -59,12 +59,9 @@ class CreditPack:
 
     @classmethod
     def from_model(cls, p: lm.CreditPack) -> CreditPack:
-        from decimal import Decimal
-
-        per_credit = (Decimal(p.price_minor) / 100) / (Decimal(p.units) / 1000)
         return cls(
             id=strawberry.ID(str(p.id)), name=p.name, credits=format_credits(p.units), price_minor=p.price_minor,
-            currency=p.currency, price_per_credit=str(per_credit.quantize(Decimal("0.0001"))),
+            currency=p.currency, price_per_credit=str(packs.price_per_credit(p)),
             expires_after_days=p.expires_after_days, is_active=p.is_active,
         )
 

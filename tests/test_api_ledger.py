@@ -320,6 +320,18 @@ async def test_a_member_of_a_cannot_read_or_move_anything_in_b(db, client):
 
 # --- purchases, grants, transfers ---------------------------------------------------------------
 
+@pytest.mark.parametrize(("currency", "price_minor", "per_credit"), [
+    ("USD", 4500, "0.0900"), ("jpy", 1000, "2.0000"), ("KWD", 5000, "0.0100"), ("EUR", 1, "0.0000")])
+async def test_a_packs_price_per_credit_follows_its_currencys_minor_units(db, client, currency, price_minor, per_credit):
+    # 500 credits: 45.00 USD, 1000 JPY (no minor unit), 5.000 KWD (three decimal places).
+    team = await make_team(db, client, creators=0)
+    async with client(team.operator) as api:
+        out = (await api('mutation($c: String!, $p: Int!) { createCreditPack(input: {name: "P", credits: "500", '
+                         'priceMinor: $p, currency: $c}) { __typename ... on CreditPack { pricePerCredit priceMinor } } }',
+                         c=currency, p=price_minor))["createCreditPack"]
+    assert out == {"__typename": "CreditPack", "pricePerCredit": per_credit, "priceMinor": price_minor}
+
+
 async def _a_pack(client, operator: str, *, expires_after_days: int | None = None) -> str:
     async with client(operator) as api:
         out = (await api(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -11,10 +12,25 @@ from domain.db import Database
 from domain.errors import NotFound, ValidationFailed
 from domain.identity import clean_name
 from domain.ledger.models import CreditPack
-from domain.money import parse_credits
+from domain.money import UNITS_PER_CREDIT, parse_credits
 from domain.pricing.service import require_catalog_manager
 
 CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
+# ISO 4217's minor units where they are not 2: a pack's price is stored in minor units, and 500
+# minor units are 5.00 USD but 500 JPY and 0.500 KWD.
+MINOR_DIGITS = {
+    **dict.fromkeys(("BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND",
+                     "VUV", "XAF", "XOF", "XPF"), 0),
+    **dict.fromkeys(("BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"), 3),
+    "CLF": 4, "UYW": 4,
+}
+
+
+def price_per_credit(pack: CreditPack) -> Decimal:
+    """What one credit costs, in the currency's major units, to four places: 45.00 USD for 500
+    credits is 0.0900; 1000 JPY for 500 credits is 2.0000. For display: charges use `price_minor`."""
+    major = Decimal(pack.price_minor).scaleb(-MINOR_DIGITS.get(pack.currency, 2))
+    return (major * UNITS_PER_CREDIT / pack.units).quantize(Decimal("0.0001"))
 
 
 async def create_pack(
