@@ -5,6 +5,7 @@ and injected), and the caller, authenticated lazily from the request or the webs
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,13 @@ class Context:
     connection_params: dict[str, Any] | None = None
     loaders: dict[str, Any] = field(default_factory=dict)
     _actor: Any = _UNSET
+
+    def for_operation(self) -> Context:
+        """The context of one operation over a websocket. Strawberry shares one context per
+        connection; each operation gets its own copy, so the token is checked again (a token revoked
+        while the socket is open stops working on it at the next operation, as on HTTP) and nothing
+        one operation cached is served to another."""
+        return dataclasses.replace(self, loaders={}, _actor=_UNSET)
 
     def secret(self) -> str | None:
         if self.connection_params is not None:

@@ -19,6 +19,7 @@ from strawberry.extensions import (
 from strawberry.tools import merge_types
 
 from api.catalog import CatalogMutation, CatalogQuery
+from api.context import Context
 from api.identity import IdentityMutation, IdentityQuery
 from api.ledger import LedgerMutation, LedgerQuery
 from api.governance import GovernanceMutation, GovernanceQuery
@@ -58,6 +59,9 @@ class RequestRules(SchemaExtension):
 
     def on_operation(self) -> Iterator[None]:
         context = self.execution_context
+        if isinstance(context.context, Context) and context.context.connection_params is not None:
+            # Over a websocket, one context lives as long as the connection: authenticate anew.
+            context.context = context.context.for_operation()
         context.parse_options["max_tokens"] = self.max_tokens
         # The same tuple for the same rules: the validation cache's key.
         context.validation_rules = context.validation_rules + self.rules
