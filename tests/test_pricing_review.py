@@ -28,3 +28,36 @@ async def test_a_token_revoked_while_its_websocket_is_open_stops_working_on_it(d
             await api(START, ws=team.ws, model="sdxl", key=key())
         assert spend.value.errors[0]["extensions"]["code"] == "UNAUTHENTICATED"
     assert (await balance(client, team.owner, team.ws))["held"] == "0.000"
+
+
+USAGE = """
+mutation($g: ID!, $key: String!, $usage: JSON) {
+  completeGeneration(input: {generationId: $g, idempotencyKey: $key, usage: $usage}) {
+    __typename
+    ... on Generation { captured released shortfall }
+    ... on Error { code message }
+  }
+}"""
+
+
+async def test_a_usage_figure_reported_as_null_keeps_the_started_value_not_the_default(db, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    token, _ = team.creators[0]
+    async with client(token) as api:
+        gen = (await api(START, ws=team.ws, model="test-text", key=key(),
+                         params={"input_tokens": 3000, "output_tokens": 2000}))["startGeneration"]
+        files = (await api(START, ws=team.ws, model="test-files", key=key(),
+                           params={"file_mb": 10}))["startGeneration"]
+    assert (gen["cost"], files["cost"]) == ("11.000", "1.000")  # 3 + 2,000 x 4 / 1,000; 10 MB x 0.1
+    async with client(team.worker) as api:
+        refused = (await api(USAGE, g=gen["id"], key=key(), usage={"steps": None}))["completeGeneration"]
+        assert refused["__typename"] == "ValidationError"  # a key the model does not meter, even null
+        # A worker that measured the output but not the input says so with null (as absent):
+        # the input is what the generation started with (3,000 tokens), not the model's default
+        # (1,000), and a file size not reported is the one held, not 0 MB (a free generation).
+        done = (await api(USAGE, g=gen["id"], key=key(),
+                          usage={"input_tokens": None, "output_tokens": 500}))["completeGeneration"]
+        other = (await api(USAGE, g=files["id"], key=key(), usage={"file_mb": None}))["completeGeneration"]
+    assert (done["captured"], done["released"]) == ("5.000", "6.000")  # 3 + 500 x 4 / 1,000
+    assert (other["captured"], other["released"]) == ("1.000", "0.000")

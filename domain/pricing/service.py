@@ -263,10 +263,15 @@ async def reprice_usage(
     usage: Mapping[str, Any],
 ) -> rules.Quote:
     """The actual cost of a finished generation: its start parameters overlaid with the reported
-    usage, under its own price list version, time window and plan multiplier."""
+    usage, under its own price list version, time window and plan multiplier. A usage figure
+    given as null is absent (as in every request), so the started value stands: overlaid, it
+    would erase that value and price the model's default (or nothing) instead."""
     catalog = await catalog_by_id(tx, price_list_id, active_only=False)
     model = _find(catalog, model_key)
-    parameters = {**stored.get("parameters", {}), **usage}
+    started = stored.get("parameters", {})  # every parameter the model meters
+    # (A null for a key the model does not meter is still refused, as in a quote.)
+    reported = {k: v for k, v in usage.items() if v is not None or k not in started}
+    parameters = {**started, **reported}
     return rules.quote(model.spec, parameters, at=datetime.fromisoformat(stored["at"]), windows=catalog.windows,
                        plan_multiplier=Decimal(stored["plan_multiplier"]))
 
