@@ -3,10 +3,14 @@ what a generation is quoted, held and charged (regressions found in review)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 from gql.transport.exceptions import TransportQueryError
 
-from tests.conftest import ws_client
+from domain.pricing import rules
+from domain.pricing import service as prices
+from tests.conftest import publish_test_catalog, ws_client
 from tests.test_api_ledger import START, balance, grant, key, make_team
 
 REVOKE = "mutation($id: ID!) { revokeApiToken(input: {tokenId: $id}) { __typename } }"
@@ -61,3 +65,40 @@ async def test_a_usage_figure_reported_as_null_keeps_the_started_value_not_the_d
         other = (await api(USAGE, g=files["id"], key=key(), usage={"file_mb": None}))["completeGeneration"]
     assert (done["captured"], done["released"]) == ("5.000", "6.000")  # 3 + 500 x 4 / 1,000
     assert (other["captured"], other["released"]) == ("1.000", "0.000")
+
+
+@pytest.fixture
+async def restore_catalog(db):
+    """Tests that publish unusual versions leave the plain test catalog in force afterwards."""
+    yield
+    await publish_test_catalog(db)
+
+
+PUBLISH = """
+mutation($input: PublishPriceListInput!) {
+  publishPriceList(input: $input) {
+    __typename
+    ... on PriceList { version timeWindows { name start end } }
+    ... on ValidationError { field message }
+  }
+}"""
+
+
+async def test_a_time_window_is_stored_to_the_second_it_was_published_with(db, client, restore_catalog):
+    team = await make_team(db, client, creators=0)
+    later = (datetime.now(UTC) + timedelta(hours=12)).replace(second=30, microsecond=0)  # surely not in force now
+    start, end = later.time(), (later + timedelta(minutes=1, seconds=15)).time()
+    model = {"modelKey": "window-image", "displayName": "Window image", "vendor": "test", "modality": "IMAGE",
+             "base": "10"}
+    async with client(team.operator) as api:
+        out = (await api(PUBLISH, input={"models": [model], "timeWindows": [
+            {"name": "surge", "start": start.isoformat(), "end": end.isoformat(), "multiplier": "2",
+             "timezone": "UTC"}]}))["publishPriceList"]
+    assert out["__typename"] == "PriceList"
+    # Accepted to the second, so stored and priced to the second: not cut to 18:00 when given 18:00:30.
+    assert out["timeWindows"] == [{"name": "surge", "start": start.isoformat(), "end": end.isoformat()}]
+    catalog = await db.read(lambda s: prices.catalog_at(s, datetime.now(UTC)))
+    [model_price] = catalog.models
+    before = rules.quote(model_price.spec, {}, at=later - timedelta(seconds=20), windows=catalog.windows)
+    inside = rules.quote(model_price.spec, {}, at=later + timedelta(seconds=10), windows=catalog.windows)
+    assert (before.total, inside.total) == (10, 20)

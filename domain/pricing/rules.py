@@ -97,6 +97,7 @@ __all__ = [
     "PriceSpec",
     "Quote",
     "TimeWindow",
+    "clock_text",
     "generations_covered",
     "metered_parameters",
     "normalize",
@@ -597,8 +598,14 @@ def _band_label(lower: Decimal, upper: Decimal | None, mbs: Decimal, rate: Decim
     return f"files above {_num(lower)} MB{change}: {priced}"
 
 
+def clock_text(t: time) -> str:
+    """"18:00", or "18:00:30" (and any fraction) when the time has them: a window's times exactly
+    as published, so they are stored, shown and priced as accepted (never cut to the minute)."""
+    return t.strftime("%H:%M") if not (t.second or t.microsecond) else t.isoformat()
+
+
 def _window_label(window: TimeWindow) -> str:
-    label = f"{window.name} {window.start:%H:%M}-{window.end:%H:%M} {window.timezone}"
+    label = f"{window.name} {clock_text(window.start)}-{clock_text(window.end)} {window.timezone}"
     if window.weekdays is not None and len(window.weekdays) < 7:
         label += " " + ",".join(("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")[d] for d in sorted(window.weekdays))
     return f"{label} x{_num(window.multiplier)}"

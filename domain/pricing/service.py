@@ -65,7 +65,7 @@ def spec_from_json(model_key: str, data: Mapping[str, Any]) -> rules.PriceSpec:
 
 
 def window_to_json(w: rules.TimeWindow) -> dict[str, Any]:
-    return {"name": w.name, "start": w.start.strftime("%H:%M"), "end": w.end.strftime("%H:%M"),
+    return {"name": w.name, "start": rules.clock_text(w.start), "end": rules.clock_text(w.end),
             "multiplier": str(w.multiplier), "timezone": w.timezone,
             "weekdays": sorted(w.weekdays) if w.weekdays is not None else None}
 
