@@ -4,6 +4,7 @@ what a generation is quoted, held and charged (regressions found in review)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 from gql.transport.exceptions import TransportQueryError
@@ -102,3 +103,18 @@ async def test_a_time_window_is_stored_to_the_second_it_was_published_with(db, c
     before = rules.quote(model_price.spec, {}, at=later - timedelta(seconds=20), windows=catalog.windows)
     inside = rules.quote(model_price.spec, {}, at=later + timedelta(seconds=10), windows=catalog.windows)
     assert (before.total, inside.total) == (10, 20)
+
+
+async def test_a_limit_given_as_a_json_number_or_boolean_is_validated_not_an_internal_error(db, client, restore_catalog):
+    team = await make_team(db, client, creators=0)
+    model = {"modelKey": "limit-video", "displayName": "Limit video", "vendor": "test", "modality": "VIDEO",
+             "perSecond": "2"}
+    async with client(team.operator) as api:
+        # A limit is a quantity, read like every quantity: a JSON 7.5 is the number as typed.
+        ok = (await api(PUBLISH, input={"models": [{**model, "limits": {"seconds": 7.5}}]}))["publishPriceList"]
+        bad = (await api(PUBLISH, input={"models": [{**model, "limits": {"seconds": True}}]}))["publishPriceList"]
+    assert ok["__typename"] == "PriceList"
+    assert bad["__typename"] == "ValidationError" and bad["field"] == "models.limit-video.limits.seconds"
+    catalog = await db.read(lambda s: prices.catalog_at(s, datetime.now(UTC)))
+    [video] = catalog.models
+    assert video.spec.limits == {"seconds": Decimal("7.5")}

@@ -239,7 +239,8 @@ class PriceSpec:
 
     Validated on construction (a price list that cannot be priced is refused when published, not
     when a creator quotes): every figure a non-negative finite Decimal (int and decimal strings are
-    accepted, float is a TypeError), at most 10^9 and 9 decimal places; `limits` and `defaults`
+    accepted, float is a TypeError; `limits` are quantities, so a float there is read as typed), at
+    most 10^9 and 9 decimal places; `limits` and `defaults`
     only name parameters the model meters, and defaults respect the limits; a model with
     resolution tiers or input types must name a default for them (so the "generations covered"
     answer is always defined); file tiers need per_mb. Mappings are copied, and `file_tiers`
@@ -293,7 +294,11 @@ class PriceSpec:
             if key not in NUMERIC_PARAMETERS or key not in metered:
                 raise ValidationFailed(f"limits.{key}", f"not a numeric parameter {self.model_key} meters; "
                                        f"metered: {_listing(p for p in metered if p in NUMERIC_PARAMETERS)}")
-            limit = _spec_figure(value, f"limits.{key}")
+            # A limit is a quantity (a parameter's maximum), read like one: a JSON number is the
+            # number as typed, true/false is refused (ValidationFailed, not a TypeError).
+            if isinstance(value, bool):
+                raise ValidationFailed(f"limits.{key}", "must be a number, not true/false")
+            limit = _spec_figure(Decimal(str(value)) if isinstance(value, float) else value, f"limits.{key}")
             if key in WHOLE_PARAMETERS and limit != limit.to_integral_value():
                 raise ValidationFailed(f"limits.{key}", "must be a whole number")
             limits[key] = _canon(limit)
