@@ -62,7 +62,8 @@ class CreditpoolGraphQL(GraphQL):
         )
 
     async def on_ws_connect(self, context: Context) -> None:
-        # Websockets authenticate once, from the connection_init payload.
+        # A websocket's credentials come in the connection_init payload, checked here; each
+        # operation on it checks them again (`RequestRules`), so a revoked token stops working.
         if not isinstance(context.connection_params, dict) or await context.actor() is None:
             raise ConnectionRejectionError({"code": "UNAUTHENTICATED"})
 

@@ -47,6 +47,8 @@ class RequestRules(SchemaExtension):
 
     - Limits: the parser stops at `max_tokens` (as `MaxTokensLimiter` does), and validation adds
       the depth and alias rules (as `AddValidationRules` does).
+    - Over a websocket, each operation runs on its own copy of the connection's context, which
+      authenticates the token again: a token revoked while the socket is open stops working.
     - Public errors: authentication and authorization failures, an overloaded service, and
       expected domain failures raised where a field has no result union (a bad cursor in a
       query), become top-level errors with a `code` extension; any other exception from a
