@@ -899,9 +899,10 @@ async def reserve_at_once(sql: Sql, who: Who, req: StartRequest,
     (nothing was written)."""
     now = who.clock.now()
     caller, ws = await _SPENDER.fetchrow(sql, who, req.ws_id, req.target_id, now)
-    member_id, group_id = _spender(caller, req.ws_id, ws, req.target_id)
-    if ws["has_limits"]:
-        return None
+    spender = _spender(caller, req.ws_id, ws, req.target_id, refuse=False)
+    if spender is None or ws["has_limits"]:
+        return None  # a member paid for who may not generate: a replay, or refused after the claim
+    member_id, group_id = spender
     r = await _reservation(sql, ws, member_id, group_id, req.model_key, req.parameters, now, refuse=False)
     if r is None:
         return None
@@ -936,9 +937,10 @@ async def reserve_at_once(sql: Sql, who: Who, req: StartRequest,
 async def _reserve_in_transaction(sql: Sql, caller: Caller, req: StartRequest, optimistic: Optimistic) -> Started:
     now = caller.clock.now()
     ws = await sql.fetchrow(_SPENDER.known, req.ws_id, req.target_id, now, caller.actor.user_id)
-    member_id, group_id = _spender(caller, req.ws_id, ws, req.target_id)
+    spender = _spender(caller, req.ws_id, ws, req.target_id, refuse=False)
     # Claimed before pricing: a replay returns the first generation even if the model has been
-    # retired since (its hold exists; saying "unknown model" would hide it).
+    # retired since (its hold exists; saying "unknown model" would hide it), or the member it
+    # paid for has left or lost the creator seat since.
     generation_id = time_ordered_id()
     first = await idempotency.claim(
         sql, workspace_id=req.ws_id, actor_id=caller.actor.user_id, key=req.key, operation="startGeneration",
@@ -946,6 +948,7 @@ async def _reserve_in_transaction(sql: Sql, caller: Caller, req: StartRequest, o
     )
     if first is not None:
         return Started(await generation_result(sql, first), False, [])
+    member_id, group_id = spender or _spender(caller, req.ws_id, ws, req.target_id)  # a new start: refused
     r = await _reservation(sql, ws, member_id, group_id, req.model_key, req.parameters, now, refuse=True,
                            generation_id=generation_id)
     # Spend limits first (their usage rows, then the grants: one lock order everywhere).
@@ -1018,8 +1021,13 @@ def _check_parameters(parameters: dict[str, Any], field: str = "parameters") -> 
     return text
 
 
-def _spender(caller: Caller, ws_id: uuid.UUID, ws: Any, target_id: uuid.UUID | None) -> tuple[uuid.UUID, Any]:
-    """The member whose credits pay (id, billing group), authorized to generate (creator seat)."""
+def _spender(caller: Caller, ws_id: uuid.UUID, ws: Any, target_id: uuid.UUID | None, *,
+             refuse: bool = True) -> tuple[uuid.UUID, Any] | None:
+    """The member whose credits pay (id, billing group), authorized to generate (creator seat).
+    The caller's own right is always checked here. A member paid for who is gone or may not
+    generate any more is refused when `refuse`, else None: a start names its key before that
+    check (money rule 3: a replay answers with the first generation even after the member left
+    or lost the creator seat; only a new start is refused)."""
     caller_roles = role_set(ws["caller_role"], ws["caller_seat"]) if ws and ws["caller_member_id"] else set()
     is_member = bool(caller_roles)
     if target_id is None:
@@ -1031,9 +1039,13 @@ def _spender(caller: Caller, ws_id: uuid.UUID, ws: Any, target_id: uuid.UUID | N
     decide(caller, ws_id, Action.START_FOR_MEMBER, "workspace", caller_roles, is_member=is_member,
            workspace_exists=ws is not None)
     if ws["target_id"] is None:
+        if not refuse:
+            return None
         raise NotFound("member")
     if not caller.authorizer.allows(str(ws["target_user_id"]), role_set(ws["target_role"], ws["target_seat"]),
                                     str(ws_id), Action.GENERATE):
+        if not refuse:
+            return None
         raise Forbidden(Action.GENERATE.value)
     return ws["target_id"], ws["target_group_id"]
 
