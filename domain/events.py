@@ -93,6 +93,31 @@ def encode(events: list[Event]) -> str:
     return json.dumps([e.as_json() for e in events], default=str, separators=(",", ":"))
 
 
+# PostgreSQL refuses a NOTIFY payload of 8000 bytes or more ("payload string too long"), and the
+# refusal fails the transaction raising the events: a batch of 100 hold timeouts or expiries in
+# one workspace would never commit.
+NOTIFY_PAYLOAD_BYTES = 7999
+
+
+def encode_chunks(events: list[Event], limit: int = NOTIFY_PAYLOAD_BYTES) -> list[str]:
+    """`events` as few messages as fit `limit` bytes each, in order (each decodes like `encode`'s).
+    An event too large on its own still gets a message of its own."""
+    out: list[str] = []
+    chunk: list[str] = []
+    size = 2  # the brackets
+    for e in events:
+        item = json.dumps(e.as_json(), default=str, separators=(",", ":"))
+        grow = len(item.encode()) + (1 if chunk else 0)
+        if chunk and size + grow > limit:
+            out.append("[" + ",".join(chunk) + "]")
+            chunk, size, grow = [], 2, len(item.encode())
+        chunk.append(item)
+        size += grow
+    if chunk:
+        out.append("[" + ",".join(chunk) + "]")
+    return out
+
+
 def decode(message: str) -> list[dict[str, Any]]:
     return json.loads(message)
 
@@ -110,11 +135,13 @@ class EventOutlet(Protocol):
 
 
 class NotifyOutlet:
-    """PostgreSQL NOTIFY inside the transaction: delivered on commit, never for a rollback."""
+    """PostgreSQL NOTIFY inside the transaction: delivered on commit, never for a rollback, in the
+    order sent (a workspace's events split into as many notifications as its payload limit asks)."""
 
     async def before_commit(self, sql: Any, events: list[Event]) -> None:
         for ws, batch in by_workspace(events).items():
-            await sql.execute("SELECT pg_notify($1, $2)", channel(ws), encode(batch))
+            for message in encode_chunks(batch):
+                await sql.execute("SELECT pg_notify($1, $2)", channel(ws), message)
 
     async def after_commit(self, events: list[Event]) -> None:
         return None
