@@ -18,6 +18,7 @@ is gone, so a removed member's or a revoked token's streams stop within seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -28,6 +29,7 @@ from typing import Any
 
 import strawberry
 from broadcaster import Broadcast
+from broadcaster._base import Subscriber
 from strawberry.scalars import JSON
 from strawberry.types import Info
 
@@ -56,9 +58,43 @@ def broadcast_url(setting: str, database_url: str, workers: int) -> str:
     return setting
 
 
+class _Broadcast(Broadcast):
+    """broadcaster 0.3's `subscribe` asks "is anyone here listening to this channel?", awaits the
+    backend's subscribe, and only then records its listener. Two streams opening at once (a
+    dashboard's balance and events, or two workspaces' streams) both subscribed the backend:
+    PostgreSQL's one listening connection refuses a second LISTEN while one is in progress
+    (asyncpg: "another operation is in progress"), and for one channel the second listener
+    replaced the first, which then heard nothing. Here the backend's (un)subscribing is
+    serialized, and a channel is unsubscribed only if nobody subscribed to it again meanwhile."""
+
+    def __init__(self, url: str | None = None, *, backend=None) -> None:
+        super().__init__(url, backend=backend)
+        self._changing = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[Subscriber]:
+        queue: asyncio.Queue = asyncio.Queue()
+        async with self._changing:
+            if not self._subscribers.get(channel):
+                await self._backend.subscribe(channel)
+            self._subscribers.setdefault(channel, set()).add(queue)
+        try:
+            yield Subscriber(queue)
+        finally:
+            # Off the table at once (no await: a second cancellation cannot leave it there).
+            listeners = self._subscribers.get(channel, set())
+            listeners.discard(queue)
+            if not listeners:
+                self._subscribers.pop(channel, None)
+                async with self._changing:
+                    if not self._subscribers.get(channel):  # nobody came back while we waited
+                        await self._backend.unsubscribe(channel)
+            queue.put_nowait(None)
+
+
 def _broadcast(url: str) -> Broadcast:
     if not url.startswith(("redis://", "rediss://")):
-        return Broadcast(url)
+        return _Broadcast(url)
     from broadcaster._backends.redis import RedisBackend  # redis is an optional dependency
 
     class SubscribedFirst(RedisBackend):
@@ -70,7 +106,7 @@ def _broadcast(url: str) -> Broadcast:
             await self._pubsub.subscribe(channel)
             self._ready.set()
 
-    return Broadcast(backend=SubscribedFirst(url))
+    return _Broadcast(backend=SubscribedFirst(url))
 
 
 @dataclass(eq=False)

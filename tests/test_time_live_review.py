@@ -60,3 +60,43 @@ def test_a_workspaces_events_are_split_into_notifications_postgresql_accepts_in_
     assert all(len(m.encode()) < 8000 for m in messages)
     assert [e for m in messages for e in events.decode(m)] == events.decode(events.encode(batch))
     assert events.encode_chunks(batch[:3]) == [events.encode(batch[:3])]
+
+
+BALANCES = "subscription($ws: ID!) { balanceChanged(workspaceId: $ws) { available } }"
+GRANT_PROMO = ('mutation($ws: ID!, $k: String!) { grantCredits(input: {workspaceId: $ws, amount: "7", '
+               'source: PROMOTION, reason: "live", idempotencyKey: $k}) { __typename } }')
+
+
+async def test_dashboards_opening_their_streams_at_once_each_get_their_balance_and_events(world):  # noqa: F811
+    """With PostgreSQL LISTEN/NOTIFY, every stream of a process subscribes through one listening
+    connection. broadcaster 0.3 subscribes with an await between "is anyone listening to this
+    channel?" and recording the new listener, and asyncpg refuses a second LISTEN on a
+    connection while one is in progress: dashboards opening their balance and their event
+    streams at the same moment failed (an event stream with an internal error) or, worse, left a
+    workspace's balance watcher dead before it listened, so its balance streams never sent a
+    first value, never re-checked their token, and never ended."""
+    key_ = await plan(world, includedCredits="10")
+    spaces = [await workspace(world, key_) for _ in range(2)]
+
+    async def dashboard(owner: str, ws: str, before: int) -> tuple[str, str]:
+        async with ws_client(world.server, owner) as live:
+            balances = live.subscribe(BALANCES, ws=ws)
+            events = live.subscribe(EVENTS, ws=ws)
+            first_balance = asyncio.ensure_future(asyncio.wait_for(balances.__anext__(), 10))
+            first_event = asyncio.ensure_future(asyncio.wait_for(events.__anext__(), 10))
+            assert (await first_balance)["balanceChanged"]["available"] == f"{before}.000"
+            await asyncio.sleep(0.5)  # the event stream is listening by now
+            async with world.client(world.operator) as api:
+                assert (await api(GRANT_PROMO, ws=ws, k=key()))["grantCredits"]["__typename"] == "Grant"
+            kind = (await first_event)["workspaceEvents"]["kind"]
+            b = None
+            while b != f"{before + 7}.000":  # coalescing may skip intermediate balances
+                b = (await asyncio.wait_for(balances.__anext__(), 10))["balanceChanged"]["available"]
+            await balances.aclose()
+            await events.aclose()
+            return kind, b
+
+    for round_ in range(6):  # each round opens every stream afresh (the last one closed unlistens)
+        got = await asyncio.gather(*(dashboard(owner, ws, 10 + 7 * round_) for owner, ws in spaces),
+                                   return_exceptions=True)
+        assert got == [("CREDITS_ADDED", f"{17 + 7 * round_}.000")] * len(spaces), (round_, got)
