@@ -13,14 +13,17 @@ from strawberry.types import Info
 from api.context import Context
 from api.errors import NotFoundError, ValidationError, result
 from domain import pricing
+from domain.money import decimal_text
 from domain.pricing import rules
 from domain.pricing import service as prices
 
 Modality = strawberry.enum(pricing.Modality, name="Modality")
 
 
-def _dec(value: Decimal | None) -> str | None:
-    return None if value is None else str(value)
+def _dec(value: Decimal | str | None) -> str | None:
+    """Plain decimal text; a stored string goes through Decimal too, so a document written before
+    `decimal_text` (with str()'s "5E-12") reads out plain as well."""
+    return None if value is None else decimal_text(Decimal(value))
 
 
 @strawberry.type(description="One step of a price: a metered dimension, a multiplier, the minimum or the rounding.")
@@ -34,11 +37,12 @@ class LineItem:
     @classmethod
     def of(cls, item: rules.LineItem) -> LineItem:
         return cls(kind=str(item.kind), label=item.label, quantity=_dec(item.quantity), rate=_dec(item.rate),
-                   amount=str(item.amount))
+                   amount=_dec(item.amount))
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> LineItem:
-        return cls(kind=d["kind"], label=d["label"], quantity=d["quantity"], rate=d["rate"], amount=d["amount"])
+        return cls(kind=d["kind"], label=d["label"], quantity=_dec(d["quantity"]), rate=_dec(d["rate"]),
+                   amount=_dec(d["amount"]))
 
 
 @strawberry.type
@@ -86,7 +90,7 @@ class ModelPrice:
         default = default or rules.quote(m.spec, {}, at=at)
         return cls(
             model_key=m.row.model_key, display_name=m.row.display_name, vendor=m.row.vendor, modality=m.row.modality,
-            active=m.row.is_active, price=m.row.spec, metered_parameters=list(rules.metered_parameters(m.spec)),
+            active=m.row.is_active, price=prices.spec_to_json(m.spec), metered_parameters=list(rules.metered_parameters(m.spec)),
             default_cost=str(default.total.quantize(Decimal("0.001"))), generations_covered=covered,
         )
 
@@ -134,7 +138,7 @@ class Quote:
         return cls(
             model_key=v.priced.model.row.model_key, price_list_version=v.priced.catalog.price_list.version,
             total=str(q.total.quantize(Decimal("0.001"))), line_items=[LineItem.of(i) for i in q.line_items],
-            parameters={k: str(x) if isinstance(x, Decimal) else x for k, x in q.parameters.items()},
+            parameters={k: _dec(x) if isinstance(x, Decimal) else x for k, x in q.parameters.items()},
             multiplier=MultiplierInForce(window=TimeWindow.of(q.window), ends_at=q.window_ends_at) if q.window else None,
             spendable=format_credits(v.spendable), can_afford=v.can_afford,
         )

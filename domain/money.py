@@ -15,6 +15,14 @@ def format_credits(units: int) -> str:
     whole, part = divmod(abs(units), UNITS_PER_CREDIT)
     return f"{'-' if units < 0 else ''}{whole}.{part:03d}"
 
+
+def decimal_text(d: Decimal) -> str:
+    """A Decimal as a plain decimal string: 0.000000005, never str()'s "5E-9" (which str() writes
+    for any figure below 10^-6), and 1000, never "1E+3". Prices, quantities and line items go out
+    as these, in the API and in the documents stored for a generation."""
+    return format(d, "f")
+
+
 MAX_CREDITS = Decimal("1000000000")  # one billion credits in one movement is surely a typo
 # Plain decimal notation with ASCII digits only: no exponent, no separators, no other scripts.
 # Parsed by hand into integer units, so no Decimal context can round anything.

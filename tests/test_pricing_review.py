@@ -118,3 +118,42 @@ async def test_a_limit_given_as_a_json_number_or_boolean_is_validated_not_an_int
     catalog = await db.read(lambda s: prices.catalog_at(s, datetime.now(UTC)))
     [video] = catalog.models
     assert video.spec.limits == {"seconds": Decimal("7.5")}
+
+
+QUOTE_ITEMS = """
+query($ws: ID!, $model: String!, $params: JSON) {
+  quote(workspaceId: $ws, modelKey: $model, parameters: $params) { ... on Quote { lineItems { kind label quantity rate amount } } }
+}"""
+GENERATION_QUOTE = """
+query($ws: ID!) { generations(workspaceId: $ws, first: 1) { edges { node {
+  quote { kind quantity rate amount } } } } }"""
+
+
+async def test_tiny_figures_are_plain_decimal_strings_never_exponent_notation(db, client, restore_catalog):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    # A rate with nine places (the most a price may have), for one token: the line item is
+    # 0.001 x 0.000000005 = 0.000000000005 credits. Python's str(Decimal) writes that "5E-12",
+    # which a client parsing decimal strings (or a spreadsheet) does not read as a number.
+    model = {"modelKey": "tiny-text", "displayName": "Tiny text", "vendor": "test", "modality": "TEXT",
+             "base": "1", "per1kInputTokens": "0.000000005", "defaults": {"input_tokens": 1}}
+    async with client(team.operator) as api:
+        published = (await api(PUBLISH, input={"models": [model]}))["publishPriceList"]
+        assert published["__typename"] == "PriceList", published
+        price = (await api("{ modelPrices { models { modelKey price } } }"))["modelPrices"]["models"]
+    [tiny] = [m for m in price if m["modelKey"] == "tiny-text"]
+    assert tiny["price"]["per_1k_input_tokens"] == "0.000000005"
+    token, _ = team.creators[0]
+    async with client(token) as api:
+        quoted = (await api(QUOTE_ITEMS, ws=team.ws, model="tiny-text", params={"input_tokens": 1}))["quote"]
+        started = (await api(START, ws=team.ws, model="tiny-text", key=key(), params={"input_tokens": 1}))
+    assert started["startGeneration"]["cost"] == "1.001"  # rounded up once, to 0.001
+    tokens = [i for i in quoted["lineItems"] if i["kind"] == "INPUT_TOKENS"]
+    assert tokens == [{"kind": "INPUT_TOKENS", "label": "1 input tokens x 0.000000005 credits per 1k",
+                       "quantity": "0.001", "rate": "0.000000005", "amount": "0.000000000005"}]
+    async with client(team.owner) as api:
+        stored = (await api(GENERATION_QUOTE, ws=team.ws))["generations"]["edges"][0]["node"]["quote"]
+    assert {"kind": "INPUT_TOKENS", "quantity": "0.001", "rate": "0.000000005", "amount": "0.000000000005"} in stored
+    for item in quoted["lineItems"] + stored:
+        for figure in (item["quantity"], item["rate"], item["amount"]):
+            assert figure is None or "E" not in figure.upper(), item

@@ -17,6 +17,7 @@ from domain.access import Caller, authorize, parse_id
 from domain.db import Database, Sql, as_sql
 from domain.errors import Forbidden, NotFound, ValidationFailed
 from domain.identity import clean_name
+from domain.money import decimal_text
 from domain.plans import Plan
 from domain.pricing import rules
 from domain.pricing.catalog import Modality, ModelPrice, PriceList, price_list_in_force
@@ -35,19 +36,19 @@ _RATES = ("base", "minimum", "per_1k_input_tokens", "per_1k_output_tokens", "per
 
 def spec_to_json(spec: rules.PriceSpec) -> dict[str, Any]:
     """Decimal strings only, so the stored document reads back exactly."""
-    out: dict[str, Any] = {name: str(getattr(spec, name)) for name in _RATES if getattr(spec, name) is not None}
+    out: dict[str, Any] = {name: decimal_text(getattr(spec, name)) for name in _RATES if getattr(spec, name) is not None}
     if spec.included_steps:
         out["included_steps"] = spec.included_steps
     if spec.resolution_tiers is not None:
-        out["resolution_tiers"] = {k: str(v) for k, v in spec.resolution_tiers.items()}
+        out["resolution_tiers"] = {k: decimal_text(v) for k, v in spec.resolution_tiers.items()}
     if spec.input_type_multipliers is not None:
-        out["input_type_multipliers"] = {k: str(v) for k, v in spec.input_type_multipliers.items()}
+        out["input_type_multipliers"] = {k: decimal_text(v) for k, v in spec.input_type_multipliers.items()}
     if spec.file_tiers:
-        out["file_tiers"] = [{"above_mb": str(t.above_mb), "rate_factor": str(t.rate_factor)} for t in spec.file_tiers]
+        out["file_tiers"] = [{"above_mb": decimal_text(t.above_mb), "rate_factor": decimal_text(t.rate_factor)} for t in spec.file_tiers]
     if spec.defaults:
-        out["defaults"] = {k: str(v) if isinstance(v, Decimal) else v for k, v in spec.defaults.items()}
+        out["defaults"] = {k: decimal_text(v) if isinstance(v, Decimal) else v for k, v in spec.defaults.items()}
     if spec.limits:
-        out["limits"] = {k: str(v) for k, v in spec.limits.items()}
+        out["limits"] = {k: decimal_text(v) for k, v in spec.limits.items()}
     return out
 
 
@@ -66,7 +67,7 @@ def spec_from_json(model_key: str, data: Mapping[str, Any]) -> rules.PriceSpec:
 
 def window_to_json(w: rules.TimeWindow) -> dict[str, Any]:
     return {"name": w.name, "start": rules.clock_text(w.start), "end": rules.clock_text(w.end),
-            "multiplier": str(w.multiplier), "timezone": w.timezone,
+            "multiplier": decimal_text(w.multiplier), "timezone": w.timezone,
             "weekdays": sorted(w.weekdays) if w.weekdays is not None else None}
 
 
@@ -199,13 +200,13 @@ class PricedRequest:
         q = self.quote
         return {
             "version": self.catalog.price_list.version, "at": self.at.isoformat(),
-            "plan_multiplier": str(self.plan_multiplier), "total": str(q.total), "units": q.units,
-            "parameters": {k: str(v) if isinstance(v, Decimal) else v for k, v in q.parameters.items()},
+            "plan_multiplier": decimal_text(self.plan_multiplier), "total": decimal_text(q.total), "units": q.units,
+            "parameters": {k: decimal_text(v) if isinstance(v, Decimal) else v for k, v in q.parameters.items()},
             "window": window_to_json(q.window) if q.window else None,
             "line_items": [
-                {"kind": str(i.kind), "label": i.label, "amount": str(i.amount),
-                 "quantity": None if i.quantity is None else str(i.quantity),
-                 "rate": None if i.rate is None else str(i.rate)}
+                {"kind": str(i.kind), "label": i.label, "amount": decimal_text(i.amount),
+                 "quantity": None if i.quantity is None else decimal_text(i.quantity),
+                 "rate": None if i.rate is None else decimal_text(i.rate)}
                 for i in q.line_items
             ],
         }
@@ -417,7 +418,7 @@ async def insert_price_list(
             if model_key != "*" and model_key not in keys:
                 raise ValidationFailed("planMultipliers", f"unknown model {model_key!r} for plan {plan_key!r}")
             multiplier = rules.spec_figure(value, "planMultipliers.multiplier")
-            clean_multipliers.setdefault(plan_key, {})[model_key] = str(multiplier)
+            clean_multipliers.setdefault(plan_key, {})[model_key] = decimal_text(multiplier)
     # Versions are numbered in publication order; the lock makes concurrent publishes queue.
     await session.execute(text("SELECT pg_advisory_xact_lock(hashtext('creditpool.price_lists'))"))
     version = ((await session.execute(select(func.max(PriceList.version)))).scalar_one() or 0) + 1
