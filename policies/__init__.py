@@ -75,9 +75,14 @@ class _RequestRoleManager(RoleManager):
         return [subject] if name in roles and (not domain or domain[0] == dom) else []
 
 
+# What a membership holds: one role and one seat (`domain.workspaces.models.Role` and `Seat`).
+MEMBER_ROLES = ("owner", "admin", "billing_manager", "member")
+MEMBER_SEATS = ("creator", "standard")
+
 SUBJECTS = frozenset(
-    {f"role:{r}" for r in ("owner", "admin", "billing_manager", "member")}
-    | {"seat:creator", "seat:standard", "platform:operator", "platform:service"}
+    {f"role:{r}" for r in MEMBER_ROLES}
+    | {f"seat:{s}" for s in MEMBER_SEATS}
+    | {"platform:operator", "platform:service"}
 )
 
 
@@ -98,8 +103,13 @@ class Authorizer:
         self._enforcer = casbin.Enforcer(str(model_path), str(policy_path))
         self._enforcer.set_role_manager(_RequestRoleManager())
         self._enforcer.build_role_links()
-        _check_policy(self._enforcer.get_policy())
+        rules = self._enforcer.get_policy()
+        _check_policy(rules)
+        # Workspaces the policy names in a rule of their own; every other workspace is governed
+        # by the "*" rules alone, so a question about it has one answer for all of them.
+        self._named_workspaces = frozenset(rule[1] for rule in rules) - {PLATFORM_DOMAIN}
         self._decide = functools.lru_cache(maxsize=65_536)(self._evaluate)
+        self._memberships = functools.lru_cache(maxsize=4_096)(self._evaluate_memberships)
 
     def allows(self, subject: str, roles: Iterable[str], workspace: str, action: Action) -> bool:
         """May `subject`, holding `roles` in `workspace`, do `action` there?
@@ -108,6 +118,21 @@ class Authorizer:
         for the life of the process, and the subject matters only through its roles), so it is
         memoized: the hot path asks the same few questions on every request."""
         return self._decide(frozenset(roles), workspace, action)
+
+    def memberships_allowed(self, workspace: str, action: Action) -> frozenset[tuple[str, str]]:
+        """Every (role, seat) a membership can hold that may do `action` in `workspace`.
+
+        Each pair is asked exactly as `allows` asks for a member holding it (so an explicit deny
+        on a seat counts), once per process: for a workspace the policy does not name, the
+        answer is the one for every such workspace. For who must hear about something only
+        a permission's holders may act on (overage approvers), without a check per member row."""
+        return self._memberships(workspace if workspace in self._named_workspaces else PLATFORM_DOMAIN, action)
+
+    def _evaluate_memberships(self, workspace: str, action: Action) -> frozenset[tuple[str, str]]:
+        return frozenset(
+            (role, seat) for role in MEMBER_ROLES for seat in MEMBER_SEATS
+            if self._decide(frozenset({f"role:{role}", f"seat:{seat}"}), workspace, action)
+        )
 
     def _evaluate(self, roles: frozenset[str], workspace: str, action: Action) -> bool:
         token = _subject_roles.set(("subject", workspace, roles))

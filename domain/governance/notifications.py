@@ -6,13 +6,14 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, false, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.access import Caller
 from domain.db import Database
 from domain.governance.models import Notification
-from domain.workspaces.models import Member, Role
+from domain.workspaces.models import Member, Role, Seat
+from policies import Action, Authorizer
 
 
 def notify(session: AsyncSession, workspace_id: uuid.UUID, user_ids: set[uuid.UUID], kind: str, **payload: Any) -> None:
@@ -20,11 +21,15 @@ def notify(session: AsyncSession, workspace_id: uuid.UUID, user_ids: set[uuid.UU
         session.add(Notification(workspace_id=workspace_id, user_id=user_id, kind=kind, payload=payload))
 
 
-async def approvers(session: AsyncSession, workspace_id: uuid.UUID) -> set[uuid.UUID]:
-    """Active owners and admins (who may approve overages under the default policy)."""
+async def approvers(session: AsyncSession, workspace_id: uuid.UUID, authorizer: Authorizer) -> set[uuid.UUID]:
+    """The active members who may approve overages here: those whose role and seat the policy
+    lets do what `decideOverage` checks (owners and admins under the default policy). The pairs
+    come from the policy once per process (`Authorizer.memberships_allowed`), not per member."""
+    allowed = authorizer.memberships_allowed(str(workspace_id), Action.APPROVE_OVERAGES)
+    holds = or_(false(), *(and_(Member.role == Role(role), Member.seat == Seat(seat))
+                           for role, seat in sorted(allowed)))
     rows = await session.execute(
-        select(Member.user_id).where(Member.workspace_id == workspace_id, Member.removed_at.is_(None),
-                                     Member.role.in_([Role.OWNER, Role.ADMIN]))
+        select(Member.user_id).where(Member.workspace_id == workspace_id, Member.removed_at.is_(None), holds)
     )
     return set(rows.scalars())
 

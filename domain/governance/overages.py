@@ -74,8 +74,9 @@ async def request_overage(
         )
         session.add(request)
         await session.flush()
-        notify(session, ws_id, await approvers(session, ws_id) - {caller.actor.user_id}, "OVERAGE_REQUESTED",
-               requestId=str(request.id), memberId=str(me.id), amount=format_credits(units), reason=reason)
+        others = await approvers(session, ws_id, caller.authorizer) - {caller.actor.user_id}
+        notify(session, ws_id, others, "OVERAGE_REQUESTED", requestId=str(request.id), memberId=str(me.id),
+               amount=format_credits(units), reason=reason)
         events.emit(session, ws_id, events.OVERAGE_REQUESTED, requestId=str(request.id), memberId=str(me.id),
                     amount=format_credits(units))
         await alerts.fire(session, ws_id, alerts.OVERAGE_REQUESTED, str(request.id), now, memberId=str(me.id),
