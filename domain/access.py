@@ -138,25 +138,30 @@ def role_set(role: str, seat: str) -> set[str]:
     return {f"role:{role}", f"seat:{seat}"}
 
 
-async def active_membership(session: AsyncSession, user_id: uuid.UUID, workspace_id: uuid.UUID) -> Member | None:
-    return (
-        await session.execute(
-            select(Member).where(
-                Member.workspace_id == workspace_id, Member.user_id == user_id, Member.removed_at.is_(None)
-            )
-        )
-    ).scalar_one_or_none()
+async def active_membership(
+    session: AsyncSession, user_id: uuid.UUID, workspace_id: uuid.UUID, *, fresh: bool = False
+) -> Member | None:
+    """`fresh`: overwrite a membership the session already holds with the row as it is now (the
+    identity map would otherwise keep the role and seat it read first)."""
+    query = select(Member).where(
+        Member.workspace_id == workspace_id, Member.user_id == user_id, Member.removed_at.is_(None)
+    )
+    if fresh:
+        query = query.execution_options(populate_existing=True)
+    return (await session.execute(query)).scalar_one_or_none()
 
 
 async def authorize(
-    session: AsyncSession, caller: Caller, workspace_id: uuid.UUID, action: Action, *, what: str
+    session: AsyncSession, caller: Caller, workspace_id: uuid.UUID, action: Action, *, what: str,
+    fresh: bool = False,
 ) -> Member | None:
     """Check `action` in `workspace_id` (read from the row) and return the caller's membership.
 
     `what` names the thing the client asked for, so that an outsider's error reads exactly like
-    the one for an id that does not exist.
+    the one for an id that does not exist. `fresh` checks again a caller this session has already
+    checked, against their membership as it is now (after waiting on a lock, say).
     """
-    member = await active_membership(session, caller.actor.user_id, workspace_id)
+    member = await active_membership(session, caller.actor.user_id, workspace_id, fresh=fresh)
     # Only a platform identity (no membership) needs the workspace looked up.
     exists = member is not None or not caller.platform_roles() or await session.get(Workspace, workspace_id) is not None
     decide(caller, workspace_id, action, what, member_roles(member), is_member=member is not None,

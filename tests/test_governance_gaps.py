@@ -5,17 +5,20 @@ written against."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
+import asyncpg
 import pytest
+from gql.transport.exceptions import TransportQueryError
 
 from domain import identity
 from domain.access import Caller
 from domain.governance import overages
 from domain.workspaces.models import Role, Seat
 from policies import MEMBER_ROLES, MEMBER_SEATS, MODEL_PATH, POLICY_PATH, Action, Authorizer
-from tests.conftest import new_user
+from tests.conftest import asyncpg_dsn, new_user
 from tests.test_api_governance import REQUEST, SET_LIMIT
 from tests.test_api_ledger import ADD, grant, make_team
 
@@ -123,3 +126,133 @@ async def test_a_changed_policy_changes_who_hears_of_an_overage_request(db, clie
     decided = await overages.decide_overage(db, await caller(people["bm_creator"]), request_id=str(request.id),
                                             approve=True)
     assert decided.status.value == "APPROVED"
+
+
+# --- 2. an outsider never waits on a workspace's member lock ----------------------------------
+
+PROMPT = 5  # seconds: far more than an answer takes, far less than the lock is held
+
+MEMBER_CHANGES = {
+    "addMember": ('mutation($ws: ID!, $id: String!) { addMember(input: {workspaceId: $ws, email: $id, role: MEMBER, '
+                  'seat: STANDARD}) { __typename ... on Error { code message } } }', "ws"),
+    "changeMemberRole": ('mutation($m: ID!) { changeMemberRole(input: {memberId: $m, role: ADMIN}) '
+                         '{ __typename ... on Error { code message } } }', "member"),
+    "changeMemberSeat": ('mutation($m: ID!, $seat: Seat!) { changeMemberSeat(input: {memberId: $m, seat: $seat}) '
+                         '{ __typename ... on Error { code message } } }', "member"),
+    "removeMember": ('mutation($m: ID!) { removeMember(input: {memberId: $m}) '
+                     '{ __typename ... on Error { code message } } }', "member"),
+    "updateWorkspace": ('mutation($ws: ID!) { updateWorkspace(input: {workspaceId: $ws, name: "Mine now"}) '
+                        '{ __typename ... on Error { code message } } }', "ws"),
+    "cancelSubscription": ('mutation($ws: ID!) { cancelSubscription(input: {workspaceId: $ws}) '
+                           '{ __typename ... on Error { code message } } }', "ws"),
+}
+
+
+def change_args(name: str, ws: str, member: str) -> dict:
+    _, target = MEMBER_CHANGES[name]
+    if target == "member":
+        return {"m": member, "seat": "STANDARD"} if name == "changeMemberSeat" else {"m": member}
+    return {"ws": ws, "id": f"new-{uuid.uuid4().hex[:8]}@example.test"} if name == "addMember" else {"ws": ws}
+
+
+async def answer(client, token: str, name: str, **variables) -> dict:
+    """What the caller hears, however it is told (a result union member, or a top-level error),
+    within PROMPT seconds."""
+    async with client(token) as api:
+        try:
+            out = await asyncio.wait_for(api(MEMBER_CHANGES[name][0], **variables), PROMPT)
+        except TransportQueryError as err:
+            return {"error": err.errors[0]["extensions"]["code"], "message": err.errors[0]["message"]}
+        except TimeoutError:
+            pytest.fail(f"{name} waited on another transaction's lock of a workspace it may not change")
+    return out[name]
+
+
+class WorkspaceLock:
+    """Another transaction holding a workspace's row lock (FOR UPDATE), as a member change in
+    flight does, on its own connection."""
+
+    def __init__(self, database_url: str, ws: str) -> None:
+        self.database_url, self.ws = database_url, uuid.UUID(ws)
+
+    async def __aenter__(self) -> WorkspaceLock:
+        self.conn = await asyncpg.connect(asyncpg_dsn(self.database_url))
+        self.tx = self.conn.transaction()
+        await self.tx.start()
+        await self.conn.execute("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE", self.ws)
+        return self
+
+    async def commit(self) -> None:
+        await self.tx.commit()
+        self.tx = None
+
+    async def __aexit__(self, *exc) -> None:
+        if self.tx is not None:
+            await self.tx.rollback()
+        await self.conn.close()
+
+    async def waited_on(self) -> None:
+        """Until some other session waits for a lock on a workspaces row."""
+        watcher = await asyncpg.connect(asyncpg_dsn(self.database_url))
+        try:
+            async with asyncio.timeout(PROMPT):
+                while not await watcher.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database() AND query ILIKE '%FROM workspaces%FOR UPDATE%'"
+                ):
+                    await asyncio.sleep(0.02)
+        finally:
+            await watcher.close()
+
+
+async def test_an_outsider_is_refused_at_once_while_the_workspace_is_locked(db, client, database_url):
+    team = await make_team(db, client, creators=1)
+    outsider = await make_team(db, client, creators=0)  # an owner, of another workspace
+    member = team.creators[0][1]
+    unknown_ws, unknown_member = str(uuid.uuid4()), str(uuid.uuid4())
+    async with WorkspaceLock(database_url, team.ws):
+        for name in MEMBER_CHANGES:
+            foreign = await answer(client, outsider.owner, name, **change_args(name, team.ws, member))
+            random = await answer(client, outsider.owner, name, **change_args(name, unknown_ws, unknown_member))
+            # Exactly as for an id that does not exist: nothing says the workspace or member is there.
+            assert foreign == random, name
+            assert foreign["__typename"] == "NotFoundError", (name, foreign)
+            # A member without the right is refused at once too.
+            denied = await answer(client, team.creators[0][0], name, **change_args(name, team.ws, member))
+            assert denied["error"] == "FORBIDDEN", (name, denied)
+    async with client(team.owner) as api:  # and nothing changed
+        ws = (await api("query($ws: ID!) { workspace(id: $ws) { name cancelledAt members { id role seat } } }",
+                        ws=team.ws))["workspace"]
+    assert ws["name"] == "Team" and ws["cancelledAt"] is None
+    assert {(m["id"], m["role"], m["seat"]) for m in ws["members"]} >= {(member, "MEMBER", "CREATOR")}
+    assert len(ws["members"]) == 3
+
+
+@pytest.mark.parametrize("change", ["addMember", "changeMemberSeat"])
+async def test_a_role_revoked_while_an_admin_waited_on_the_lock_is_seen(db, client, database_url, change):
+    """The lock still serializes the people allowed to change the workspace, and the check made
+    before queueing is made again under the lock, against the membership as it is then (also
+    when the member being changed is the caller's own membership, which the session already
+    holds: it is read afresh, not taken from the session)."""
+    team = await make_team(db, client, creators=0)
+    email, admin = await new_user(db, prefix="admin")
+    async with client(team.owner) as api:
+        admin_member = (await api(ADD, ws=team.ws, email=email, role="ADMIN", seat="STANDARD"))["addMember"]["id"]
+    async with WorkspaceLock(database_url, team.ws) as lock:
+        # What a concurrent removal of the admin's rights, holding the lock, has done.
+        await lock.conn.execute("UPDATE members SET role = 'member' WHERE id = $1", uuid.UUID(admin_member))
+        args = change_args(change, team.ws, admin_member)
+        if change == "changeMemberSeat":
+            args["seat"] = "CREATOR"  # their own membership's seat
+        waiting = asyncio.ensure_future(answer(client, admin, change, **args))
+        await lock.waited_on()  # the admin, allowed when they asked, queues on the lock
+        assert not waiting.done()
+        await lock.commit()
+        heard = await waiting
+        assert heard.get("error") == "FORBIDDEN", heard
+    async with client(team.owner) as api:
+        ws = (await api("query($ws: ID!) { workspace(id: $ws) { members { id role seat } } }",
+                        ws=team.ws))["workspace"]
+    # The owner, the standard seat, the former admin: nobody added, nothing else changed.
+    assert len(ws["members"]) == 3
+    assert {(m["role"], m["seat"]) for m in ws["members"] if m["id"] == admin_member} == {("MEMBER", "STANDARD")}

@@ -210,8 +210,8 @@ async def set_spend_limit(
         # the loser would hit uq_spend_limits_active_target. Under this lock the second one waits,
         # then finds the first one's limit and changes it in place. NO KEY UPDATE: it does not
         # conflict with the KEY SHARE lock every spend under limits takes, so starts never wait
-        # for it. (Taken before authorizing, as for member changes: a concurrent revoke is seen;
-        # an unknown id locks nothing and gets NotFound from `authorize`.)
+        # for it. (Taken before authorizing: a concurrent revoke is seen; an unknown id locks
+        # nothing and gets NotFound from `authorize`.)
         await session.execute(select(Workspace.id).where(Workspace.id == ws_id).with_for_update(key_share=True))
         await authorize(session, caller, ws_id, Action.SET_SPEND_LIMITS, what="workspace")
         member = group = None

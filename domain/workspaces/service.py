@@ -4,6 +4,12 @@ Seat caps and the last-owner rule are checked while holding the workspace row lo
 (`SELECT ... FOR UPDATE`), so two concurrent adds can never both take the last seat and two
 owners demoting each other can never leave the workspace ownerless. Lock order everywhere:
 workspace row first, then member rows.
+
+Only a caller allowed to change the workspace ever queues on that lock (`_authorized_lock`): the
+caller is authorized first, without a lock, so an outsider holding a foreign id hears the same
+NotFound as for an unknown id at once, and cannot make the workspace's own changes wait behind
+theirs. Once the lock is held, the caller's membership is read again, and everything the lock
+protects (seats, owners, the target member) is read under it.
 """
 
 from __future__ import annotations
@@ -55,13 +61,33 @@ class Membership:
 
 async def _lock_workspace(session: AsyncSession, workspace_id: uuid.UUID) -> tuple[Workspace, Plan]:
     # Serializes every seat- and owner-changing transaction of one workspace (see module doc).
-    # Callers authorize *after* taking it, so a role revoked by a concurrent transaction is seen.
+    # populate_existing: the row as the lock found it, not as an earlier read of this session did.
     ws = (
-        await session.execute(select(Workspace).where(Workspace.id == workspace_id).with_for_update())
+        await session.execute(
+            select(Workspace).where(Workspace.id == workspace_id).with_for_update()
+            .execution_options(populate_existing=True)
+        )
     ).scalar_one_or_none()
     if ws is None:
         raise NotFound("workspace")
     return ws, await session.get_one(Plan, ws.plan_id)
+
+
+async def _authorized_lock(
+    session: AsyncSession, caller: Caller, workspace_id: uuid.UUID, action: Action, *, what: str
+) -> tuple[Workspace, Plan, Member | None]:
+    """Authorize, lock the workspace row, authorize again; returns the caller's membership as
+    the second check read it.
+
+    The first check takes no lock: a caller who may not do `action` there (an outsider with a
+    foreign or unknown id gets NotFound, a member without the right Forbidden) is answered at
+    once instead of waiting behind the workspace's own changes. The second one, under the lock,
+    reads the membership afresh: a role revoked or a member removed by the transaction we
+    waited for is seen, as when the lock came first."""
+    await authorize(session, caller, workspace_id, action, what=what)
+    ws, plan = await _lock_workspace(session, workspace_id)
+    me = await authorize(session, caller, workspace_id, action, what=what, fresh=True)
+    return ws, plan, me
 
 
 async def _usage(session: AsyncSession, workspace_id: uuid.UUID) -> SeatUsage:
@@ -144,8 +170,7 @@ async def update_workspace(
         raise ValidationFailed("paidCreatorSeats", "must be between 0 and 100000")
 
     async def work(session: AsyncSession) -> Workspace:
-        ws, plan = await _lock_workspace(session, ws_id)
-        await authorize(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
+        ws, plan, _ = await _authorized_lock(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
         # Read before anything below changes the row: the audit entry's "before".
         before = {"name": ws.name, "plan": ws.plan_id, "allocationMode": ws.allocation_mode,
                   "poolFallback": ws.pool_fallback, "paidCreatorSeats": ws.paid_creator_seats, "timezone": ws.timezone}
@@ -192,8 +217,7 @@ async def cancel_subscription(db: Database, caller: Caller, *, workspace_id: str
     ws_id = parse_id(workspace_id, "workspace")
 
     async def work(session: AsyncSession) -> Workspace:
-        ws, _ = await _lock_workspace(session, ws_id)
-        await authorize(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
+        ws, _, _ = await _authorized_lock(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
         if ws.cancelled_at is None:
             ws.cancelled_at = caller.clock.now()
             audit.record(session, ws_id, caller.actor.user_id, "workspace.cancelled", "workspace", ws_id,
@@ -210,8 +234,7 @@ async def add_member(
     ws_id = parse_id(workspace_id, "workspace")
 
     async def work(session: AsyncSession) -> Member:
-        ws, plan = await _lock_workspace(session, ws_id)
-        me = await authorize(session, caller, ws_id, Action.MANAGE_MEMBERS, what="workspace")
+        ws, plan, me = await _authorized_lock(session, caller, ws_id, Action.MANAGE_MEMBERS, what="workspace")
         if role is Role.OWNER:
             _require_owner_powers(caller, ws_id, me)
         user = await get_or_create_user(session, email)
@@ -251,13 +274,15 @@ def _member_event(session: AsyncSession, member: Member, change: str, caller: Ca
 async def _locked_target(
     session: AsyncSession, caller: Caller, member_id: str
 ) -> tuple[Workspace, Plan, Member, Member | None]:
-    """The member to change, locked, and authorized against the member row's own workspace."""
+    """The member to change, authorized against the member row's own workspace, then locked.
+    A foreign member id reads like an unknown one ("member not found"), and is answered without
+    waiting on that workspace's lock."""
     mid = parse_id(member_id, "member")
     found = await session.get(Member, mid)
     if found is None or found.removed_at is not None:
         raise NotFound("member")
-    ws, plan = await _lock_workspace(session, found.workspace_id)
-    me = await authorize(session, caller, ws.id, Action.MANAGE_MEMBERS, what="member")
+    ws, plan, me = await _authorized_lock(session, caller, found.workspace_id, Action.MANAGE_MEMBERS, what="member")
+    # Read again under the lock: a removal or change committed while we waited is seen.
     target = (
         await session.execute(
             select(Member).where(Member.id == mid).with_for_update().execution_options(populate_existing=True)
