@@ -19,8 +19,8 @@ from domain.governance import overages
 from domain.workspaces.models import Role, Seat
 from policies import MEMBER_ROLES, MEMBER_SEATS, MODEL_PATH, POLICY_PATH, Action, Authorizer
 from tests.conftest import asyncpg_dsn, new_user
+from tests.test_api_ledger import ADD, TRANSFER, grant, key, make_team
 from tests.test_api_governance import REQUEST, SET_LIMIT
-from tests.test_api_ledger import ADD, grant, make_team
 
 # --- 1. overage approvers come from the policy --------------------------------------------------
 
@@ -256,3 +256,64 @@ async def test_a_role_revoked_while_an_admin_waited_on_the_lock_is_seen(db, clie
     # The owner, the standard seat, the former admin: nobody added, nothing else changed.
     assert len(ws["members"]) == 3
     assert {(m["role"], m["seat"]) for m in ws["members"] if m["id"] == admin_member} == {("MEMBER", "STANDARD")}
+
+
+# --- 3. creating a workspace and transferring credits are audited -----------------------------
+
+AUDIT_LOG = """
+query($ws: ID!, $action: String) {
+  auditLog(workspaceId: $ws, action: $action) {
+    edges { node { action actorId targetType targetId before after occurredAt } }
+  }
+}"""
+CREATE = """
+mutation($name: String!) {
+  createWorkspace(input: {name: $name, planKey: "team", allocationMode: PER_SEAT}) {
+    __typename ... on Workspace { id members { id } } ... on Error { code message }
+  }
+}"""
+
+
+async def audit_entries(api, ws: str, action: str) -> list[dict]:
+    return [e["node"] for e in (await api(AUDIT_LOG, ws=ws, action=action))["auditLog"]["edges"]]
+
+
+async def test_creating_a_workspace_is_audited(db, client):
+    _, owner = await new_user(db)
+    async with client(owner) as api:
+        me = (await api("{ viewer { id } }"))["viewer"]["id"]
+        ws = (await api(CREATE, name="Studio North"))["createWorkspace"]
+        assert ws["__typename"] == "Workspace", ws
+        [entry] = await audit_entries(api, ws["id"], "workspace.created")
+    assert (entry["action"], entry["actorId"], entry["targetType"], entry["targetId"]) == (
+        "workspace.created", me, "workspace", ws["id"])
+    assert entry["before"] is None
+    after = entry["after"]  # the settings an update's entry shows, and who became the owner
+    assert (after["name"], after["allocationMode"], after["owner"], after["ownerSeat"]) == (
+        "Studio North", "PER_SEAT", ws["members"][0]["id"], "creator")
+    assert uuid.UUID(after["plan"])  # the plan's id, as in workspace.updated
+    assert {"poolFallback", "paidCreatorSeats", "timezone"} <= after.keys()
+
+
+async def test_a_transfer_is_audited_once_with_who_moved_what_where(db, client):
+    team = await make_team(db, client, mode="PER_SEAT", creators=1)
+    await grant(client, team, "100")
+    _, seat = team.creators[0]
+    async with client(team.owner) as api:
+        me = (await api("{ viewer { id } }"))["viewer"]["id"]
+        k = key()
+        to_seat = (await api(TRANSFER, ws=team.ws, amount="30", key=k, to=seat))["transferCredits"]
+        assert to_seat["__typename"] == "Transfer", to_seat
+        assert (await api(TRANSFER, ws=team.ws, amount="30", key=k, to=seat))["transferCredits"] == to_seat  # replay
+        back = (await api(TRANSFER, ws=team.ws, amount="12.5", key=key(), **{"from": seat}))["transferCredits"]
+        assert back["__typename"] == "Transfer", back
+        refused = (await api(TRANSFER, ws=team.ws, amount="1000", key=key(), to=seat))["transferCredits"]
+        assert refused["__typename"] == "InsufficientCredits"  # moved nothing, so recorded nothing
+        entries = await audit_entries(api, team.ws, "credits.")
+    transfers = [e for e in entries if e["action"] == "credits.transferred"]
+    assert [(e["targetType"], e["targetId"], e["actorId"]) for e in transfers] == [
+        ("transfer", back["id"], me), ("transfer", to_seat["id"], me)]  # newest first, the replay not again
+    assert [e["after"] for e in transfers] == [
+        {"amount": 12500, "fromMember": seat, "fromGroup": None, "toMember": None, "toGroup": None},
+        {"amount": 30000, "fromMember": None, "fromGroup": None, "toMember": seat, "toGroup": None},
+    ]

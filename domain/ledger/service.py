@@ -572,6 +572,10 @@ async def transfer_credits(
             posting.add(new.id, EntryKind.GRANT, draw.units)
         await session.flush()
         await post_movements(session, posting)
+        # Not written for a replay (answered above): one transfer, one entry.
+        audit.record(session, ws_id, caller.actor.user_id, "credits.transferred", "transfer", transfer_id,
+                     after={"amount": wanted, "fromMember": source.id if source else None, "fromGroup": source_group,
+                            "toMember": target.id if target else None, "toGroup": target_group}, at=now)
         return await _transfer_result(session, ws_id, transfer_id)
 
     return await db.transaction(work)

@@ -123,6 +123,12 @@ def _require_owner_powers(caller: Caller, workspace_id: uuid.UUID, member: Membe
         raise Forbidden(Action.MANAGE_OWNERS.value)
 
 
+def _settings(ws: Workspace) -> dict:
+    """A workspace's settings as its audit entries show them (created, and before/after updates)."""
+    return {"name": ws.name, "plan": ws.plan_id, "allocationMode": ws.allocation_mode,
+            "poolFallback": ws.pool_fallback, "paidCreatorSeats": ws.paid_creator_seats, "timezone": ws.timezone}
+
+
 async def create_workspace(
     db: Database, caller: Caller, *, name: str, plan_key: str, allocation_mode: AllocationMode
 ) -> Membership:
@@ -144,6 +150,8 @@ async def create_workspace(
         await open_workspace(session, ws, plan, now)  # first period, allowance, trial, daily credits
         await session.refresh(ws)
         await session.refresh(owner)
+        audit.record(session, ws.id, caller.actor.user_id, "workspace.created", "workspace", ws.id,
+                     after={**_settings(ws), "owner": owner.id, "ownerSeat": owner.seat}, at=now)
         return Membership(ws, plan, owner)
 
     return await db.transaction(work)
@@ -171,9 +179,7 @@ async def update_workspace(
 
     async def work(session: AsyncSession) -> Workspace:
         ws, plan, _ = await _authorized_lock(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
-        # Read before anything below changes the row: the audit entry's "before".
-        before = {"name": ws.name, "plan": ws.plan_id, "allocationMode": ws.allocation_mode,
-                  "poolFallback": ws.pool_fallback, "paidCreatorSeats": ws.paid_creator_seats, "timezone": ws.timezone}
+        before = _settings(ws)  # read before anything below changes the row
         if plan_key is not None:
             # A plan change applies from the next boundary: this period's allowance, banked
             # rollover credits and purchased credits all stay as they are (see README).
@@ -201,10 +207,8 @@ async def update_workspace(
             seat_cap=plan.seat_cap,
             creator_limit=ws.creator_seat_limit(plan),
         )
-        after = {"name": ws.name, "plan": ws.plan_id, "allocationMode": ws.allocation_mode,
-                 "poolFallback": ws.pool_fallback, "paidCreatorSeats": ws.paid_creator_seats, "timezone": ws.timezone}
         audit.record(session, ws_id, caller.actor.user_id, "workspace.updated", "workspace", ws_id,
-                     before=before, after=after, at=caller.clock.now())
+                     before=before, after=_settings(ws), at=caller.clock.now())
         await session.flush()
         return ws
 
