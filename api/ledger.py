@@ -245,11 +245,22 @@ class ScopeBalance:
                    available=format_credits(s.available), held=format_credits(s.held))
 
 
+@strawberry.type(description="What one grant loses to expiry within the window.")
+class ExpiringGrant:
+    grant: Grant
+    credits: str = strawberry.field(
+        description="Its remaining credits, less what a ROLLOVER plan's period close rolls over into a grant that "
+                    "outlives the window.")
+
+
 @strawberry.type
 class ExpiringCredits:
     within_days: int
-    credits: str
-    grants: list[Grant]
+    credits: str = strawberry.field(
+        description="Credits lost to expiry within the window if nothing is spent: what a ROLLOVER plan's period "
+                    "close rolls over is not lost (the same figures as creditSchedule).")
+    grants: list[Grant] = strawberry.field(description="The grants that lose credits within the window.")
+    by_grant: list[ExpiringGrant] = strawberry.field(description="What each of those grants loses.")
 
 
 @strawberry.type
@@ -418,8 +429,11 @@ def _balance(b: queries.Balance, days: int) -> Balance:
         pool_fallback=b.pool_fallback, available=format_credits(b.available), held=format_credits(b.held),
         scopes=[ScopeBalance.of(s) for s in b.scopes],
         viewer_spendable=format_credits(b.viewer_spendable), grants=[Grant.from_model(g) for g in b.grants],
-        expiring_soon=ExpiringCredits(within_days=days, credits=format_credits(b.expiring_units),
-                                      grants=[Grant.from_model(g) for g in b.expiring]),
+        expiring_soon=ExpiringCredits(
+            within_days=days, credits=format_credits(b.expiring_units),
+            grants=[Grant.from_model(e.grant) for e in b.expiring],
+            by_grant=[ExpiringGrant(grant=Grant.from_model(e.grant), credits=format_credits(e.expires))
+                      for e in b.expiring]),
         as_of=b.as_of,
     )
 

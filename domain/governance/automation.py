@@ -47,9 +47,12 @@ from domain.governance import limits
 from domain.governance.limits import approved_extra, period_ends
 from domain.governance.models import Alert, AlertStatus, AutoTopUp, LimitPeriod, LimitUsage
 from domain.governance.rules import Period, in_progress, moved_by_change
-from domain.ledger.models import CreditPack, Grant, Purchase, Scope
+from domain.ledger.models import CreditPack, Grant, GrantSource, Purchase, Scope
 from domain.ledger.payments import PaymentOutcome, PaymentProvider, PaymentRequest, auto_top_up_reference
 from domain.money import format_credits, parse_credits
+from domain.periods.renewal import allowance_pieces, is_period_allowance, renewal
+from domain.periods.rules import NOTHING_ROLLS_OVER, Renewal
+from domain.plans import Plan
 from domain.workspaces.models import Workspace
 from policies import Action
 
@@ -509,16 +512,32 @@ async def refresh_alerts(session: AsyncSession, now: datetime) -> int:
     its threshold) resolve."""
     changed = 0
     ws_t = Workspace.__table__
+    renewals: dict[uuid.UUID, Renewal] = {}
+
+    async def renewal_of(ws: Workspace) -> Renewal:
+        """What the workspace's next close does to its allowance: the close's own rule."""
+        if ws.id not in renewals:
+            plan = await session.get_one(Plan, ws.plan_id)
+            renewals[ws.id] = renewal(ws, plan, await allowance_pieces(session, ws))
+        return renewals[ws.id]
+
     due = (await session.execute(
-        select(GRANTS.c.id, GRANTS.c.workspace_id, GRANTS.c.remaining, GRANTS.c.expires_at)
+        select(GRANTS.c.id, GRANTS.c.workspace_id, GRANTS.c.remaining, GRANTS.c.expires_at, GRANTS.c.source,
+               GRANTS.c.effective_at, ws_t.c.period_start, ws_t.c.expiry_alert_days)
         .join(ws_t, ws_t.c.id == GRANTS.c.workspace_id)
         .where(GRANTS.c.live, GRANTS.c.remaining > 0, GRANTS.c.expires_at > now,
                GRANTS.c.expires_at <= now + func.make_interval(0, 0, 0, ws_t.c.expiry_alert_days))
     )).all()
     for g in due:
-        changed += await alerts.fire(session, g.workspace_id, alerts.GRANT_EXPIRING, str(g.id), now,
-                                     grantId=str(g.id), credits=format_credits(g.remaining),
-                                     expiresAt=g.expires_at.isoformat())
+        # Only what is really lost: a ROLLOVER plan's close carries part of the allowance over.
+        r = NOTHING_ROLLS_OVER
+        if is_period_allowance(g, g.period_start):
+            r = await renewal_of(await session.get_one(Workspace, g.workspace_id))
+        lost = r.lost_by(g.id, g.remaining, g.expires_at, now + timedelta(days=g.expiry_alert_days))
+        if lost:
+            changed += await alerts.fire(session, g.workspace_id, alerts.GRANT_EXPIRING, str(g.id), now,
+                                         grantId=str(g.id), credits=format_credits(lost),
+                                         expiresAt=g.expires_at.isoformat())
     open_alerts = (await session.execute(select(Alert).where(
         Alert.status == AlertStatus.OPEN,
         Alert.kind.in_([alerts.GRANT_EXPIRING, alerts.LIMIT_80, alerts.LIMIT_100, alerts.LOW_BALANCE])))).scalars().all()
@@ -527,6 +546,11 @@ async def refresh_alerts(session: AsyncSession, now: datetime) -> int:
         if a.kind == alerts.GRANT_EXPIRING:
             g = await session.get(Grant, uuid.UUID(a.subject))
             clear = g is None or g.remaining == 0 or (g.expires_at is not None and g.expires_at <= now)
+            if not clear and g.expires_at is not None and g.source == GrantSource.PLAN_ALLOWANCE:
+                ws = await session.get_one(Workspace, g.workspace_id)
+                if is_period_allowance(g, ws.period_start):  # nothing of it is lost any more: it all rolls over
+                    horizon = max(now + timedelta(days=ws.expiry_alert_days), g.expires_at)
+                    clear = (await renewal_of(ws)).lost_by(g.id, g.remaining, g.expires_at, horizon) == 0
         elif a.kind in (alerts.LIMIT_80, alerts.LIMIT_100):
             from domain.governance.models import SpendLimit
 

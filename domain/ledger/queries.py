@@ -24,6 +24,8 @@ from domain.ledger.models import (
 )
 from domain.ledger.service import SPENDABLE, GenerationResult, generation_result, spend_scope
 from domain.pages import Page, decode_cursor, encode_cursor, page_size
+from domain.periods.renewal import lost_by, renewal_seen_from
+from domain.plans import Plan
 from domain.workspaces.models import AllocationMode, Member, Workspace
 from policies import Action
 
@@ -40,6 +42,12 @@ class ScopeBalance:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpiringGrant:
+    grant: Grant
+    expires: int  # what of its remaining credits is lost (the rest rolls over at the period's close)
+
+
+@dataclass(frozen=True, slots=True)
 class Balance:
     workspace_id: uuid.UUID
     allocation_mode: AllocationMode
@@ -49,8 +57,8 @@ class Balance:
     scopes: list[ScopeBalance]
     viewer_spendable: int  # what the viewer could spend now (0 without a creator seat)
     grants: list[Grant]  # live grants: with credits remaining or held, or not yet effective
-    expiring: list[Grant]  # grants with credits that expire within the window
-    expiring_units: int
+    expiring: list[ExpiringGrant]  # grants that lose credits to expiry within the window
+    expiring_units: int  # what they lose
     as_of: datetime
 
 
@@ -78,22 +86,30 @@ async def workspace_balance(db: Database, caller: Caller, *, workspace_id: str, 
         me = await authorize(session, caller, ws_id, Action.VIEW_BALANCE, what="workspace")
         ws = await session.get_one(Workspace, ws_id)
         now = caller.clock.now()
+        # The plan (its rollover rule says what of the allowance is really lost at the period's
+        # end) rides along with the grants: one statement, outer-joined so it comes with none.
         # The partial index ix_grants_live keeps this proportional to live grants, not history.
-        grants = list((await session.execute(
-            select(Grant).where(Grant.workspace_id == ws_id, Grant.live)
+        rows = (await session.execute(
+            select(Plan, Grant).outerjoin(Grant, and_(Grant.workspace_id == ws_id, Grant.live))
+            .where(Plan.id == ws.plan_id)
             .order_by(Grant.scope, Grant.member_id, Grant.priority, Grant.expires_at.nulls_last(), Grant.created_at)
-        )).scalars())
+        )).all()
+        plan = rows[0][0]
+        grants = [g for _, g in rows if g is not None]
         scopes = scope_totals(grants, now)
         horizon = now + timedelta(days=expiring_within_days)
-        expiring = [g for g in grants if g.remaining > 0 and g.expires_at is not None and now < g.expires_at <= horizon]
+        # What will really be lost by the horizon: a ROLLOVER plan's close keeps part of the
+        # allowance (the close's own rule: `renewal`), so only the rest of it expires.
+        soon = [g for g in grants if g.remaining > 0 and g.expires_at is not None and now < g.expires_at <= horizon]
+        lost = lost_by(soon, await renewal_seen_from(session, ws, plan, grants, horizon), horizon)
         # From the grants just read (every grant with credits is live), as a live balance does:
         # no statement of its own.
         viewer = spendable_in(grants, ws.allocation_mode, ws.pool_fallback, spender_of(caller, ws.id, me), now)
         return Balance(
             workspace_id=ws_id, allocation_mode=ws.allocation_mode, pool_fallback=ws.pool_fallback,
             available=sum(s.available for s in scopes), held=sum(s.held for s in scopes), scopes=scopes,
-            viewer_spendable=viewer, grants=grants, expiring=expiring,
-            expiring_units=sum(g.remaining for g in expiring), as_of=now,
+            viewer_spendable=viewer, grants=grants, expiring=[ExpiringGrant(g, lost[g.id]) for g in soon if g.id in lost],
+            expiring_units=sum(lost.values()), as_of=now,
         )
 
     return await db.read(work)

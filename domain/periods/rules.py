@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import calendar
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -26,6 +26,11 @@ def boundary_index(anchor: datetime, boundary: datetime) -> int:
         if add_months(anchor, candidate) == boundary:
             return candidate
     raise ValueError(f"{boundary} is not a boundary of {anchor}")
+
+
+def rollover_expiry(anchor: datetime, boundary: datetime, periods: int) -> datetime:
+    """When credits rolled over at `boundary` expire: `periods` boundaries later."""
+    return add_months(anchor, boundary_index(anchor, boundary) + periods)
 
 
 def rollover_units(remaining: int, allowance: int, cap_units: int | None, cap_percent: int | None) -> int:
@@ -80,6 +85,36 @@ def allowance_rollover(
             left[root(p).id] -= keep
         out[p.id] = keep
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What the next period close does to the period's allowance, as the close computes it:
+    how much of each piece rolls over (`keeps`, from `allowance_rollover`; the rest of an
+    expiring piece expires) and when the rollover grants it issues expire (`rolled_until`; None
+    when nothing rolls over). The close applies it; the credit schedule, the balance's
+    `expiringSoon` and the expiry alert read it, so what they show is what happens."""
+
+    keeps: Mapping[uuid.UUID, int]
+    rolled_until: datetime | None
+
+    def rolls_over(self, grant_id: uuid.UUID) -> int:
+        """What of a bucket rolls over at the boundary: only pieces of this period's allowance do."""
+        return self.keeps.get(grant_id, 0)
+
+    def lost_by(self, grant_id: uuid.UUID, remaining: int, expires_at: datetime | None, horizon: datetime) -> int:
+        """What of a bucket's `remaining` credits is lost to expiry by `horizon` if nothing is
+        spent: all of them when it expires by then, except what the close rolls over into a grant
+        that outlives the horizon."""
+        if expires_at is None or expires_at > horizon:
+            return 0
+        keep = min(self.rolls_over(grant_id), remaining)
+        if keep and self.rolled_until is not None and self.rolled_until <= horizon:
+            keep = 0  # rolled over, then lost within the horizon as well
+        return remaining - keep
+
+
+NOTHING_ROLLS_OVER = Renewal({}, None)  # for buckets that are no period's allowance
 
 
 def day_start(at: datetime) -> datetime:

@@ -38,14 +38,8 @@ from domain.ledger.models import (
 from domain.ledger.payments import PaymentProvider
 from domain.ledger.service import Posting, post_movements, time_out
 from domain.money import format_credits
-from domain.periods.rules import (
-    AllowancePiece,
-    add_months,
-    allowance_rollover,
-    boundary_index,
-    day_start,
-    next_day,
-)
+from domain.periods.renewal import allowance_pieces, renewal
+from domain.periods.rules import add_months, boundary_index, day_start, next_day
 from domain.plans import Plan, RolloverPolicy
 from domain.workspaces.models import AllocationMode, Member, Seat, Workspace
 from policies import Action
@@ -122,24 +116,6 @@ async def open_workspace(session: AsyncSession, ws: Workspace, plan: Plan, now: 
     await post_movements(session, posting)
 
 
-async def _allowance_pieces(session: AsyncSession, ws: Workspace, *, lock: bool = False) -> list[Grant]:
-    """Every piece of the allowance of the workspace's current period, spent or not: an allowance
-    split by transfers (to a seat, a billing group) leaves pieces that keep its source and start
-    time and point at their parent, and a spent middle piece still links a piece to its root."""
-    query = select(Grant).where(Grant.workspace_id == ws.id, Grant.source == GrantSource.PLAN_ALLOWANCE,
-                                Grant.effective_at == ws.period_start).order_by(Grant.id)
-    return list((await session.execute(query.with_for_update() if lock else query)).scalars())
-
-
-def _rollover(pieces: list[Grant], plan: Plan) -> dict[uuid.UUID, int]:
-    """What of each piece rolls over under the plan (the close applies it, the schedule shows it)."""
-    if plan.rollover_policy is not RolloverPolicy.ROLLOVER:
-        return {g.id: 0 for g in pieces}
-    return allowance_rollover(
-        [AllowancePiece(g.id, g.parent_grant_id, g.amount, g.remaining, g.expires_at is not None) for g in pieces],
-        plan.rollover_cap_units, plan.rollover_cap_percent)
-
-
 async def close_period(session: AsyncSession, ws: Workspace, plan: Plan) -> PeriodClose:
     """Close the period ending at `ws.next_renewal_at` (the workspace row is locked): apply the
     plan's rule to that period's allowance (expire it, or roll the capped part over and expire
@@ -148,19 +124,19 @@ async def close_period(session: AsyncSession, ws: Workspace, plan: Plan) -> Peri
     start, boundary = ws.period_start, ws.next_renewal_at
     k = boundary_index(ws.billing_anchor, boundary)
     following = add_months(ws.billing_anchor, k + 1)
-    pieces = await _allowance_pieces(session, ws, lock=True)
-    keeps = _rollover(pieces, plan)
+    pieces = await allowance_pieces(session, ws, lock=True)
+    outlook = renewal(ws, plan, pieces)
     rolls = Posting(ws.id, Cause.TRANSFER, None, None, occurred_at=boundary)
     expiry = Posting(ws.id, Cause.EXPIRY, None, None, occurred_at=boundary)
     rolled = expired = 0
     for g in pieces:
         if g.expires_at is None or g.remaining == 0:  # NEVER_EXPIRE stays; spent pieces have nothing
             continue
-        keep = keeps[g.id]
+        keep = outlook.rolls_over(g.id)
         if keep:
             member = await session.get(Member, g.member_id) if g.member_id else None
             await _issue(session, ws, rolls, source=GrantSource.ROLLOVER, units=keep, effective_at=boundary,
-                         expires_at=add_months(ws.billing_anchor, k + plan.rollover_periods), member=member,
+                         expires_at=outlook.rolled_until, member=member,
                          group=g.billing_group_id, parent=g.id,
                          reason=f"rollover from the period from {start.date()}")
             rolls.add(g.id, EntryKind.TRANSFER_OUT, keep)
@@ -352,12 +328,12 @@ async def schedule(db: Database, caller: Caller, *, workspace_id: str, periods: 
         )).scalars())
         # The close's own rule over the whole allowance, not a cap per piece: a split allowance
         # shares one cap, and the schedule must not promise more than the close will roll over.
-        keeps = _rollover(await _allowance_pieces(session, ws), plan)
+        outlook = renewal(ws, plan, await allowance_pieces(session, ws))
         buckets = []
         for g in grants:
             rolls = expires = 0
             if g.expires_at is not None and g.expires_at <= boundary:
-                rolls = keeps.get(g.id, 0)  # only this period's allowance rolls over
+                rolls = outlook.rolls_over(g.id)  # only this period's allowance rolls over
                 expires = g.remaining - rolls
             buckets.append(BucketOutlook(g, rolls, expires, g.remaining - rolls - expires))
         closes = list((await session.execute(
