@@ -91,6 +91,7 @@ def create_app(
     live = LiveHub(
         db, broadcast_url(settings.broadcast_url, db.url, settings.workers), clock,
         debounce=settings.balance_debounce_ms / 1000, recheck=settings.live_recheck_seconds,
+        probe=settings.live_probe_seconds,
     )
     db.events = live.outlet()
     payments = payments or TrustedReferenceProvider()

@@ -13,6 +13,14 @@ Redis. Inside a process, `LiveHub` keeps one watcher per watched workspace:
 
 Every stream re-checks its token and membership every `recheck` seconds and ends when either
 is gone, so a removed member's or a revoked token's streams stop within seconds.
+
+A process listens through ONE connection (PostgreSQL's LISTEN, or Redis's SUBSCRIBE). When it is
+lost (the server restarted, the backend was terminated, a network failure), `_Broadcast` notices
+(PostgreSQL: the connection's termination callback, a LISTEN that fails, or a probe that goes
+unanswered; Redis: its reader task ending), reconnects with backoff, listens again on every
+channel that still has subscribers, and calls `LiveHub._resync`. What was committed meanwhile
+was never delivered and is not replayed, so balance streams re-read the committed balance and
+event streams end with `LIVE_INTERRUPTED` (see `LiveHub.workspace_events`).
 """
 
 from __future__ import annotations
@@ -20,18 +28,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import strawberry
 from broadcaster import Broadcast
+from broadcaster._backends.postgres import PostgresBackend
 from broadcaster._base import Subscriber
 from strawberry.scalars import JSON
 from strawberry.types import Info
+from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
 from api.context import Context
 from api.ledger import ScopeBalance
@@ -39,7 +51,7 @@ from domain import events, identity
 from domain.access import Caller, authorize, parse_id
 from domain.clock import Clock
 from domain.db import Database
-from domain.errors import Unauthenticated
+from domain.errors import LiveInterrupted, Unauthenticated
 from domain.events import EventOutlet, NotifyOutlet, PublishOutlet
 from domain.ledger import queries
 from domain.money import format_credits
@@ -58,6 +70,72 @@ def broadcast_url(setting: str, database_url: str, workers: int) -> str:
     return setting
 
 
+def listener_name() -> str:
+    """How this process's listening connection names itself (PostgreSQL's `application_name`,
+    Redis's client name), so operators and tests can tell it from the pool's connections."""
+    return f"creditpool-live-{os.getpid()}"
+
+
+class _Reconnecting:
+    """What `_Broadcast` needs of a backend to survive the loss of its listening connection."""
+
+    lost: asyncio.Event  # set when the listening connection is gone
+
+    def alive(self) -> bool:
+        return True
+
+    async def probe(self) -> None:
+        """Returns if the listening connection answers (the caller bounds how long it may take)."""
+
+    def abort(self) -> None:
+        """Drop a listening connection that no longer answers; its loss is reported as any other."""
+
+    async def reconnect(self) -> None:
+        """Replace the listening connection with a new one, subscribed to nothing yet."""
+        raise NotImplementedError
+
+
+class _Postgres(PostgresBackend, _Reconnecting):
+    """broadcaster 0.3's LISTEN/NOTIFY backend, whose one connection reports its own loss (asyncpg
+    calls termination listeners when the server closes it) and can be replaced. The queue the
+    broadcast's reader waits on stays the same across connections."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.lost = asyncio.Event()
+
+    async def connect(self) -> None:
+        self._listen_queue = asyncio.Queue()
+        self._conn = await self._open()
+
+    async def _open(self) -> asyncpg.Connection:
+        conn = await asyncpg.connect(self._url, server_settings={"application_name": listener_name()})
+        conn.add_termination_listener(self._terminated)
+        return conn
+
+    def _terminated(self, _conn: asyncpg.Connection) -> None:
+        self.lost.set()
+
+    async def disconnect(self) -> None:
+        self._conn.remove_termination_listener(self._terminated)  # a close we asked for is no loss
+        await self._conn.close()
+
+    def alive(self) -> bool:
+        return not self._conn.is_closed()
+
+    async def probe(self) -> None:
+        await self._conn.fetchval("SELECT 1")
+
+    def abort(self) -> None:
+        self._conn.terminate()
+
+    async def reconnect(self) -> None:
+        self.lost.clear()
+        old, self._conn = self._conn, await self._open()
+        old.remove_termination_listener(self._terminated)
+        old.terminate()
+
+
 class _Broadcast(Broadcast):
     """broadcaster 0.3's `subscribe` asks "is anyone here listening to this channel?", awaits the
     backend's subscribe, and only then records its listener. Two streams opening at once (a
@@ -65,18 +143,49 @@ class _Broadcast(Broadcast):
     PostgreSQL's one listening connection refuses a second LISTEN while one is in progress
     (asyncpg: "another operation is in progress"), and for one channel the second listener
     replaced the first, which then heard nothing. Here the backend's (un)subscribing is
-    serialized, and a channel is unsubscribed only if nobody subscribed to it again meanwhile."""
+    serialized, and a channel is unsubscribed only if nobody subscribed to it again meanwhile.
 
-    def __init__(self, url: str | None = None, *, backend=None) -> None:
+    broadcaster 0.3 also never reconnects: once its listening connection was lost, every stream
+    heard nothing more, silently, until the process restarted. With a `_Reconnecting` backend a
+    supervisor task waits for the loss (and probes the connection every `probe_every` seconds, for
+    a peer that vanished without closing it), then, holding the same lock, reconnects with
+    backoff, listens again on every channel that has subscribers, counts the loss in `losses` and
+    calls `on_reconnect`. Subscribing meanwhile waits for the new connection."""
+
+    def __init__(self, url: str | None = None, *, backend=None, probe_every: float = 15.0) -> None:
         super().__init__(url, backend=backend)
         self._changing = asyncio.Lock()
+        self.probe_every = probe_every
+        self.losses = 0  # listening connections lost so far
+        self.on_reconnect: Callable[[], None] = lambda: None
+        self._supervisor: asyncio.Task | None = None
+
+    async def connect(self) -> None:
+        await super().connect()
+        if isinstance(self._backend, _Reconnecting):
+            self._supervisor = asyncio.create_task(self._supervise())
+
+    async def disconnect(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        await super().disconnect()
 
     @contextlib.asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[Subscriber]:
         queue: asyncio.Queue = asyncio.Queue()
         async with self._changing:
             if not self._subscribers.get(channel):
-                await self._backend.subscribe(channel)
+                try:
+                    await self._backend.subscribe(channel)
+                except Exception:
+                    if not isinstance(self._backend, _Reconnecting) or self._backend.alive():
+                        raise
+                    # The connection died before anyone noticed: the reconnect listens on this
+                    # channel with the others.
+                    log.warning("live: could not listen on %s, the listening connection is gone", channel)
+                    self._backend.lost.set()
             self._subscribers.setdefault(channel, set()).add(queue)
         try:
             yield Subscriber(queue)
@@ -88,25 +197,115 @@ class _Broadcast(Broadcast):
                 self._subscribers.pop(channel, None)
                 async with self._changing:
                     if not self._subscribers.get(channel):  # nobody came back while we waited
-                        await self._backend.unsubscribe(channel)
+                        await self._unsubscribe(channel)
             queue.put_nowait(None)
 
+    async def _unsubscribe(self, channel: str) -> None:
+        try:
+            await self._backend.unsubscribe(channel)
+        except Exception:
+            # A dead connection listens to nothing, and the reconnect skips channels nobody wants.
+            if not isinstance(self._backend, _Reconnecting) or self._backend.alive():
+                raise
 
-def _broadcast(url: str) -> Broadcast:
+    async def _supervise(self) -> None:
+        backend = self._backend
+        while True:
+            try:
+                await asyncio.wait_for(backend.lost.wait(), timeout=self.probe_every)
+            except TimeoutError:
+                if not await self._answers():
+                    backend.abort()  # its termination reports the loss
+                continue
+            self.losses += 1
+            lost_at = time.monotonic()
+            log.warning("live: lost the listening connection; no changes reach this process's %d channel(s) "
+                        "until it is back", len(self._subscribers))
+            async with self._changing:
+                async for attempt in AsyncRetrying(wait=wait_random_exponential(multiplier=0.2, max=10),
+                                                   before_sleep=self._retrying):
+                    with attempt:
+                        await backend.reconnect()
+                        for channel in list(self._subscribers):
+                            await backend.subscribe(channel)
+            log.warning("live: listening again on %d channel(s) after %.1f s; balances are re-read, event "
+                        "streams end with LIVE_INTERRUPTED", len(self._subscribers), time.monotonic() - lost_at)
+            self.on_reconnect()
+
+    async def _answers(self) -> bool:
+        try:
+            async with asyncio.timeout(self.probe_every):
+                async with self._changing:  # one operation at a time on the connection
+                    await self._backend.probe()
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure means: replace it
+            log.warning("live: the listening connection did not answer a probe (%r)", exc)
+            return False
+
+    @staticmethod
+    def _retrying(state: RetryCallState) -> None:
+        log.warning("live: reconnecting failed (%r); next attempt in %.1f s",
+                    state.outcome.exception() if state.outcome else None,
+                    state.next_action.sleep if state.next_action else 0)
+
+
+def _broadcast(url: str, probe_every: float) -> _Broadcast:
+    if url.startswith(("postgres://", "postgresql://")):
+        return _Broadcast(backend=_Postgres(url), probe_every=probe_every)
     if not url.startswith(("redis://", "rediss://")):
         return _Broadcast(url)
     from broadcaster._backends.redis import RedisBackend  # redis is an optional dependency
+    from redis import asyncio as redis
 
-    class SubscribedFirst(RedisBackend):
+    class SubscribedFirst(RedisBackend, _Reconnecting):
         """broadcaster 0.3's Redis backend wakes its listener before SUBSCRIBE completes; redis-py
         then sees no subscription and stops listening, so no message ever arrives. Subscribing
-        first, then waking the listener, closes that race."""
+        first, then waking the listener, closes that race.
+
+        The pub/sub connection is lost when its reader task ends (redis-py raises once its own
+        retries are spent) or when redis-py reconnects it inside (it subscribes again, but what
+        was published in between is gone all the same): either way `reconnect` starts a fresh
+        pub/sub connection and reader. No probe: the reply to a PING would reach the reader."""
+
+        def __init__(self, url: str) -> None:
+            super().__init__(url)
+            self._conn = redis.Redis.from_url(url, client_name=listener_name())
+            self._pubsub = self._conn.pubsub()
+            self.lost = asyncio.Event()
+
+        async def connect(self) -> None:
+            await super().connect()
+            self._listener.add_done_callback(self._ended)
+            self._pubsub.connection.register_connect_callback(self._reconnected)
+
+        def _ended(self, task: asyncio.Task) -> None:
+            if not task.cancelled():
+                self.lost.set()
+
+        def _reconnected(self, _conn) -> None:
+            self.lost.set()
 
         async def subscribe(self, channel: str) -> None:
             await self._pubsub.subscribe(channel)
             self._ready.set()
 
-    return _Broadcast(backend=SubscribedFirst(url))
+        def alive(self) -> bool:
+            conn = self._pubsub.connection
+            return conn is not None and conn.is_connected and not self._listener.done()
+
+        async def reconnect(self) -> None:
+            self._listener.remove_done_callback(self._ended)
+            self._listener.cancel()
+            if self._pubsub.connection is not None:  # it goes back to the pool, for publishing
+                self._pubsub.connection.deregister_connect_callback(self._reconnected)
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+            self.lost.clear()  # after the old connection's last word
+            self._pubsub = self._conn.pubsub()
+            self._ready.clear()
+            await self.connect()
+
+    return _Broadcast(backend=SubscribedFirst(url), probe_every=probe_every)
 
 
 @dataclass(eq=False)
@@ -128,13 +327,15 @@ class _Watcher:
 
 
 class LiveHub:
-    def __init__(self, db: Database, url: str, clock: Clock, *, debounce: float = 0.05, recheck: float = 2.0):
+    def __init__(self, db: Database, url: str, clock: Clock, *, debounce: float = 0.05, recheck: float = 2.0,
+                 probe: float = 15.0):
         self.db = db
         self.url = url
         self.clock = clock
         self.debounce = debounce
         self.recheck = recheck
-        self.broadcast = _broadcast(url)
+        self.broadcast = _broadcast(url, probe)
+        self.broadcast.on_reconnect = self._resync
         self._watchers: dict[uuid.UUID, _Watcher] = {}
 
     def outlet(self) -> EventOutlet:
@@ -255,6 +456,13 @@ class LiveHub:
                 sub.members_changed |= members_changed
                 sub.wake.set()
 
+    def _resync(self) -> None:
+        """Listening again after a lost connection: the signals committed meanwhile never came, so
+        every watcher re-reads the balance (and its subscribers their membership) as after one."""
+        for watcher in self._watchers.values():
+            watcher.members_changed = True
+            watcher.dirty.set()
+
     # --- workspace events -------------------------------------------------------------------
 
     async def workspace_events(self, caller: Caller, workspace_id: str, secret: str | None) -> AsyncIterator[dict]:
@@ -262,9 +470,16 @@ class LiveHub:
         subscriber now (`events.visible`): a plain member sees their own generations and overage
         requests, not another member's, and no alerts. Their rights are re-read when an event
         says their membership changed (so a demotion applies from the next event, not from the
-        next re-check) and at every re-check."""
+        next re-check) and at every re-check.
+
+        If the process loses its listening connection, the events committed until it is back are
+        never delivered, and nothing can replay them (NOTIFY and Redis pub/sub keep no history).
+        Rather than go on with a silent gap, the stream ends with `LIVE_INTERRUPTED` (within
+        `recheck` seconds of the loss): the client re-reads what it shows through the queries and
+        subscribes again, and the new stream starts once this process listens again."""
         ws_id = parse_id(workspace_id, "workspace")
         member = await self._member(caller, ws_id)
+        losses = self.broadcast.losses
         async with self.broadcast.subscribe(events.channel(ws_id)) as subscriber:
             checked = time.monotonic()
             while True:
@@ -272,6 +487,8 @@ class LiveHub:
                     message = await asyncio.wait_for(subscriber.get(), timeout=self.recheck)
                 except TimeoutError:
                     message = None
+                if self.broadcast.losses != losses:
+                    raise LiveInterrupted()
                 if time.monotonic() - checked >= self.recheck:
                     member = await self._still_allowed(caller, ws_id, secret)
                     checked = time.monotonic()
@@ -353,7 +570,9 @@ class Subscription:
                                          "closes, member and seat changes, overage requests and decisions, alerts: "
                                          "each only if your queries would show it to you (without ledger.view, your "
                                          "own generations; without overages.approve, your own requests; alerts "
-                                         "need ledger.view).")
+                                         "need ledger.view). Ends with the error LIVE_INTERRUPTED when events "
+                                         "may have been missed (the server lost its listening connection): "
+                                         "re-read what you show and subscribe again.")
     async def workspace_events(self, info: Info[Context, None], workspace_id: strawberry.ID) -> AsyncIterator[WorkspaceEvent]:
         ctx = info.context
         caller = await ctx.caller()

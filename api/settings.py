@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # for several), memory://, postgres (the service's own database), or redis://host:port.
     broadcast_url: str = "auto"
     live_recheck_seconds: float = Field(default=2.0, gt=0, le=60)
+    # How often the listening connection (PostgreSQL) must answer a probe; one that does not is
+    # replaced, as one that closed is.
+    live_probe_seconds: float = Field(default=15.0, gt=0, le=300)
     balance_debounce_ms: int = Field(default=50, ge=0, le=5000)
 
     @field_validator("broadcast_url")

@@ -79,6 +79,17 @@ class Unavailable(TopLevelError):
         super().__init__("the service is busy: try again")
 
 
+class LiveInterrupted(TopLevelError):
+    """A `workspaceEvents` stream missed events: the process lost its listening connection, and
+    what was committed until it was back was never delivered (nothing replays it)."""
+
+    code = "LIVE_INTERRUPTED"
+
+    def __init__(self) -> None:
+        super().__init__("the live connection was interrupted and events may have been missed: "
+                         "re-read what you show and subscribe again")
+
+
 class Unauthenticated(AuthError):
     code = "UNAUTHENTICATED"
 
