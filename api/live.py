@@ -308,6 +308,21 @@ def _broadcast(url: str, probe_every: float) -> _Broadcast:
     return _Broadcast(backend=SubscribedFirst(url), probe_every=probe_every)
 
 
+def _decoded(message: str) -> list[dict[str, Any]] | None:
+    """A channel's message as events, or None when it is not ours to read: anyone who may connect
+    to the database can NOTIFY a channel, and a process of another version may write another
+    format. Logged, so that it is seen; never a reason for a watcher or a stream to die."""
+    try:
+        decoded = events.decode(message)
+        if isinstance(decoded, list) and all(isinstance(e, dict) and isinstance(e.get("kind"), str)
+                                             for e in decoded):
+            return decoded
+    except (TypeError, ValueError):
+        pass
+    log.warning("live: a message that is no list of events was ignored: %.200r", message)
+    return None
+
+
 @dataclass(eq=False)
 class _Subscriber:
     latest: queries.Snapshot | None = None
@@ -324,6 +339,7 @@ class _Watcher:
     members_changed: bool = False  # a MEMBER_CHANGED came with the signals of the next read
     listening: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task] = field(default_factory=list)
+    failed: bool = False  # its listening or reading stopped: its streams end (`_watcher_stopped`)
 
 
 class LiveHub:
@@ -378,6 +394,8 @@ class LiveHub:
         watcher = self._join(ws_id, sub)
         try:
             await watcher.listening.wait()  # listening first, then read: no commit falls between
+            if watcher.failed:
+                raise LiveInterrupted()
             snapshot = await queries.balance_snapshot(self.db, ws_id, self.clock.now())
             yield queries.view_of(snapshot, queries.spender_of(caller, ws_id, member))
             checked = time.monotonic()
@@ -386,6 +404,8 @@ class LiveHub:
                     await asyncio.wait_for(sub.wake.wait(), timeout=self.recheck)
                 except TimeoutError:
                     pass
+                if watcher.failed:
+                    raise LiveInterrupted()  # no later change would reach this stream
                 if sub.wake.is_set():
                     sub.wake.clear()
                     snapshot = sub.latest
@@ -404,7 +424,7 @@ class LiveHub:
                         # the stream's last word must still be what the `balance` query says.
                         yield queries.view_of(snapshot, queries.spender_of(caller, ws_id, member))
         finally:
-            self._leave(ws_id, sub)
+            self._leave(ws_id, watcher, sub)
 
     def _join(self, ws_id: uuid.UUID, sub: _Subscriber) -> _Watcher:
         watcher = self._watchers.get(ws_id)
@@ -412,18 +432,35 @@ class LiveHub:
             watcher = self._watchers[ws_id] = _Watcher()
             watcher.tasks = [asyncio.create_task(self._listen(ws_id, watcher)),
                              asyncio.create_task(self._refresh(ws_id, watcher))]
+            for task in watcher.tasks:
+                task.add_done_callback(lambda t, w=watcher: self._watcher_stopped(ws_id, w, t))
         watcher.subscribers.add(sub)
         return watcher
 
-    def _leave(self, ws_id: uuid.UUID, sub: _Subscriber) -> None:
-        watcher = self._watchers.get(ws_id)
-        if watcher is None:
-            return
+    def _leave(self, ws_id: uuid.UUID, watcher: _Watcher, sub: _Subscriber) -> None:
         watcher.subscribers.discard(sub)
-        if not watcher.subscribers:
+        if not watcher.subscribers and self._watchers.get(ws_id) is watcher:
             del self._watchers[ws_id]
             for t in watcher.tasks:
                 t.cancel()
+
+    def _watcher_stopped(self, ws_id: uuid.UUID, watcher: _Watcher, task: asyncio.Task) -> None:
+        """A watcher's task ended on its own (cancelling is how watchers are meant to end): no
+        change would reach its streams any more, and a stream that waits for its first value
+        would wait forever. They end with LIVE_INTERRUPTED instead (the client subscribes again,
+        and gets a new watcher), rather than show a stale balance as live."""
+        if task.cancelled() or watcher.failed:
+            return
+        log.error("live: watching workspace %s stopped; its balance streams end with LIVE_INTERRUPTED", ws_id,
+                  exc_info=task.exception())
+        watcher.failed = True
+        if self._watchers.get(ws_id) is watcher:
+            del self._watchers[ws_id]
+        for t in watcher.tasks:
+            t.cancel()
+        watcher.listening.set()
+        for sub in watcher.subscribers:
+            sub.wake.set()
 
     async def _listen(self, ws_id: uuid.UUID, watcher: _Watcher) -> None:
         async with self.broadcast.subscribe(events.channel(ws_id)) as subscriber:
@@ -431,7 +468,10 @@ class LiveHub:
             async for message in subscriber:
                 if message is None:
                     return
-                kinds = {e["kind"] for e in events.decode(message.message)}
+                decoded = _decoded(message.message)
+                # A message we cannot read may have said anything: re-read all of it.
+                kinds = {events.MEMBER_CHANGED, events.BALANCE_CHANGED} if decoded is None else {
+                    e["kind"] for e in decoded}
                 if events.MEMBER_CHANGED in kinds:
                     watcher.members_changed = True  # before `dirty`: the read it triggers hands it on
                 if events.BALANCE_CHANGED in kinds:
@@ -494,7 +534,10 @@ class LiveHub:
                     checked = time.monotonic()
                 if message is None:
                     continue
-                for e in events.decode(message.message):
+                decoded = _decoded(message.message)
+                if decoded is None:
+                    raise LiveInterrupted()  # what it said is lost: as after a lost connection
+                for e in decoded:
                     if e["kind"] == events.BALANCE_CHANGED:
                         continue
                     if events.visible(e, member.id if member else None, self._allows(caller, ws_id, member)):

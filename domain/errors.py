@@ -80,8 +80,10 @@ class Unavailable(TopLevelError):
 
 
 class LiveInterrupted(TopLevelError):
-    """A `workspaceEvents` stream missed events: the process lost its listening connection, and
-    what was committed until it was back was never delivered (nothing replays it)."""
+    """A live stream can no longer be trusted to be complete: the process lost its listening
+    connection (what was committed until it was back was never delivered, and nothing replays
+    it: `workspaceEvents` ends), a message on the channel could not be read, or a workspace's
+    balance watcher stopped (its `balanceChanged` streams would hear nothing more)."""
 
     code = "LIVE_INTERRUPTED"
 

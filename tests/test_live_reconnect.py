@@ -13,12 +13,18 @@ import contextlib
 import os
 import signal
 import time
+import uuid
 
 import asyncpg
 import pytest
 from gql.transport.exceptions import TransportQueryError
 
-from api.live import listener_name
+from api.live import LiveHub, listener_name
+from domain import events, identity
+from domain.access import Caller
+from domain.clock import SystemClock
+from domain.errors import LiveInterrupted
+from policies import Authorizer
 from tests.conftest import LiveServer, asyncpg_dsn, http_client, ws_client
 from tests.test_api_ledger import START, grant, key, make_team
 from tests.test_api_live import BALANCES, EVENTS, REDIS_ENV, last_balance, next_within
@@ -226,3 +232,75 @@ async def test_a_balance_stream_goes_on_after_its_redis_connection_is_killed(db,
                 await api(START, ws=team.ws, model="dalle-3", key=key())
             await last_balance(stream, {"available": "140.000", "held": "10.000"})
             await stream.aclose()
+
+
+# --- a message nobody can read, a watcher that stops ---------------------------------------------
+
+async def notify(database_url: str, ws: str, payload: str) -> None:
+    """What anyone who may connect to the database can do (or a process of another version)."""
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute("SELECT pg_notify($1, $2)", events.channel(uuid.UUID(ws)), payload)
+    finally:
+        await conn.close()
+
+
+async def test_a_message_that_is_no_list_of_events_does_not_stop_the_balance_stream(db, database_url, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    token, _ = team.creators[0]
+    with serving(database_url) as server:
+        async with ws_client(server, team.owner) as ws:
+            stream = ws.subscribe(BALANCES, ws=team.ws)
+            assert (await next_within(stream, 5))["balanceChanged"]["available"] == "100.000"
+            for payload in ("not json", '{"kind": "BALANCE_CHANGED"}', "[1]"):
+                await notify(database_url, team.ws, payload)
+            # It used to kill the workspace's watcher (a JSON error in its reading task): the
+            # stream then heard nothing more, and a new one never got its first value.
+            async with http_client(server, token) as api:
+                await api(START, ws=team.ws, model="dalle-3", key=key())
+            await last_balance(stream, {"available": "90.000", "held": "10.000"})
+            another = ws.subscribe(BALANCES, ws=team.ws)
+            assert (await next_within(another, 5))["balanceChanged"]["available"] == "90.000"
+            for s in (stream, another):
+                await s.aclose()
+
+
+async def test_an_event_stream_ends_with_live_interrupted_on_a_message_it_cannot_read(db, database_url, client):
+    team = await make_team(db, client, creators=0)
+    with serving(database_url) as server:
+        async with ws_client(server, team.owner) as ws:
+            stream = ws.subscribe(EVENTS, ws=team.ws)
+            pending = asyncio.ensure_future(next_within(stream, 10))
+            await asyncio.sleep(0.3)  # listening
+            await notify(database_url, team.ws, "not json")
+            with pytest.raises(TransportQueryError) as err:
+                await pending  # was INTERNAL: what the message said is lost, as after a lost connection
+    assert err.value.errors[0]["extensions"]["code"] == "LIVE_INTERRUPTED"
+
+
+async def test_balance_streams_of_a_watcher_that_stopped_end_instead_of_waiting_forever(db, client):
+    team = await make_team(db, client, creators=0)
+    await grant(client, team, "100")
+    caller = Caller(await identity.authenticate_secret(db, team.owner), Authorizer())
+    hub = LiveHub(db, "memory://", SystemClock(), recheck=60)
+    await hub.start()
+    try:
+        # A fault in the broadcast (here: listening refused for any reason but a lost connection)
+        # kills the workspace's watcher before it listens.
+        backend = hub.broadcast._backend
+
+        async def refused(channel: str) -> None:
+            raise RuntimeError("refused")
+
+        backend.subscribe = refused
+        stream = hub.balances(caller, team.ws, team.owner)
+        with pytest.raises(LiveInterrupted):
+            await asyncio.wait_for(stream.__anext__(), 5)  # used to wait for its first value forever
+        assert uuid.UUID(team.ws) not in hub._watchers
+        del backend.subscribe  # the fault is gone: a new stream gets a new watcher
+        again = hub.balances(caller, team.ws, team.owner)
+        assert (await asyncio.wait_for(again.__anext__(), 5)).available == 100_000
+        await again.aclose()
+    finally:
+        await hub.stop()
