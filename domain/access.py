@@ -4,12 +4,16 @@ being touched, the caller's roles in it from the members table, and the policy d
 A caller with no relation to the workspace gets `NotFound`, exactly as for an unknown id, so a
 member of workspace A learns nothing about workspace B. A caller who can see the workspace but
 may not do the action gets `Forbidden`.
+
+A change that locks what it authorizes against checks the caller before taking the lock and
+again under it (`authorized_lock`, `authorized_row`), so only callers who may make the change
+ever queue on it.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -167,6 +171,52 @@ async def authorize(
     decide(caller, workspace_id, action, what, member_roles(member), is_member=member is not None,
            workspace_exists=exists)
     return member
+
+
+async def authorized_lock(
+    session: AsyncSession, caller: Caller, workspace_id: uuid.UUID, action: Action, *, what: str,
+    lock: Callable[[], Awaitable[T]],
+) -> tuple[T, Member | None]:
+    """Authorize, `lock()`, authorize again; returns what `lock` returned and the caller's
+    membership as the second check read it.
+
+    Only a caller allowed to do `action` in the workspace ever queues on a lock of it: the first
+    check takes no lock, so an outsider holding a foreign id hears the same NotFound as for an
+    unknown id (and a member without the right Forbidden) at once, and never makes the
+    workspace's own changes, or the spends they conflict with, wait behind theirs. The second
+    check, once `lock()` holds the lock, reads the membership afresh: a role revoked or a member
+    removed by the transaction we waited for is seen, as when the lock came first. `lock()`
+    re-reads under the lock whatever the lock protects (and raises NotFound if it is gone)."""
+    await authorize(session, caller, workspace_id, action, what=what)
+    locked = await lock()
+    member = await authorize(session, caller, workspace_id, action, what=what, fresh=True)
+    return locked, member
+
+
+R = TypeVar("R")
+
+
+async def authorized_row(
+    session: AsyncSession, caller: Caller, model: type[R], row_id: uuid.UUID, action: Action, *, what: str,
+    gone: Callable[[R], bool] = lambda row: False,
+) -> tuple[R, Member | None]:
+    """The row `row_id` of `model` (a table with a `workspace_id`, which a row never changes),
+    authorized against its own workspace, then locked FOR UPDATE, then authorized again
+    (`authorized_lock`). An unknown id, a row `gone` says reads as unknown (removed, say), and a
+    foreign id all get NotFound(`what`), without waiting on any lock. Under the lock the row is
+    read afresh (populate_existing): what a transaction we waited for changed is seen, and a row
+    that went meanwhile is NotFound too."""
+    found = await session.get(model, row_id)
+    if found is None or gone(found):
+        raise NotFound(what)
+
+    async def lock() -> R:
+        row = await session.get(model, row_id, with_for_update=True, populate_existing=True)
+        if row is None or gone(row):
+            raise NotFound(what)
+        return row
+
+    return await authorized_lock(session, caller, found.workspace_id, action, what=what, lock=lock)
 
 
 def decide(

@@ -13,9 +13,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain import events
-from domain.access import Caller, authorize, parse_id
+from domain.access import Caller, authorize, authorized_row, parse_id
 from domain.db import Database
-from domain.errors import NotFound
 from domain.governance.models import Alert, AlertStatus
 from policies import Action
 
@@ -80,10 +79,9 @@ async def acknowledge(db: Database, caller: Caller, *, alert_id: str) -> Alert:
     aid = parse_id(alert_id, "alert")
 
     async def work(session: AsyncSession) -> Alert:
-        alert = await session.get(Alert, aid, with_for_update=True)
-        if alert is None:
-            raise NotFound("alert")
-        await authorize(session, caller, alert.workspace_id, Action.VIEW_LEDGER, what="alert")
+        # Locked once authorized (an outsider never waits on it) and read again: of two
+        # acknowledgements, the first one's time and person stay.
+        alert, _ = await authorized_row(session, caller, Alert, aid, Action.VIEW_LEDGER, what="alert")
         if alert.acknowledged_at is None:
             alert.acknowledged_at, alert.acknowledged_by = caller.clock.now(), caller.actor.user_id
         await session.flush()

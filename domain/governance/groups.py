@@ -7,7 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain import events
-from domain.access import Caller, authorize, parse_id
+from domain.access import Caller, authorize, authorized_row, parse_id
 from domain.db import Database
 from domain.errors import NotFound, ValidationFailed
 from domain.governance import audit
@@ -56,10 +56,11 @@ async def create_group(db: Database, caller: Caller, *, workspace_id: str, name:
 
 
 async def _locked(session: AsyncSession, caller: Caller, group_id: str) -> BillingGroup:
-    group = await session.get(BillingGroup, parse_id(group_id, "billing group"), with_for_update=True)
-    if group is None:
-        raise NotFound("billing group")
-    await authorize(session, caller, group.workspace_id, Action.MANAGE_BILLING_GROUPS, what="billing group")
+    """The group, authorized against its own workspace, then locked FOR UPDATE and read again
+    (`authorized_row`): an outsider with a foreign id hears NotFound at once and never queues
+    behind (or holds up) the reservations and assignments in flight on it."""
+    group, _ = await authorized_row(session, caller, BillingGroup, parse_id(group_id, "billing group"),
+                                    Action.MANAGE_BILLING_GROUPS, what="billing group")
     return group
 
 
@@ -100,10 +101,13 @@ async def assign_member(db: Database, caller: Caller, *, member_id: str, group_i
     """Put a member in a group (or none): their spend then draws that group's grants first."""
 
     async def work(session: AsyncSession) -> Member:
-        member = await session.get(Member, parse_id(member_id, "member"), with_for_update=True)
-        if member is None or member.removed_at is not None:
-            raise NotFound("member")
-        await authorize(session, caller, member.workspace_id, Action.MANAGE_BILLING_GROUPS, what="member")
+        # The member row FOR UPDATE, which waits for the spends in flight (their KEY SHARE lock,
+        # from the foreign keys to the member): taken only once the caller is authorized
+        # (`authorized_row`), so an outsider with a foreign id hears NotFound at once and never
+        # queues there, where the member's next starts would queue behind them.
+        member, _ = await authorized_row(session, caller, Member, parse_id(member_id, "member"),
+                                         Action.MANAGE_BILLING_GROUPS, what="member",
+                                         gone=lambda member: member.removed_at is not None)
         group = await group_in(session, member.workspace_id, group_id, field="groupId", live=True) \
             if group_id is not None else None
         before = {"group": member.billing_group_id}

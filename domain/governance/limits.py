@@ -15,7 +15,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from domain.access import Caller, authorize, parse_id
+from domain.access import Caller, authorize, authorized_lock, authorized_row, parse_id
 from domain.db import Database, Sql, as_sql
 from domain.errors import NotFound, SpendLimitExceeded, ValidationFailed
 from domain.governance import audit
@@ -210,10 +210,14 @@ async def set_spend_limit(
         # the loser would hit uq_spend_limits_active_target. Under this lock the second one waits,
         # then finds the first one's limit and changes it in place. NO KEY UPDATE: it does not
         # conflict with the KEY SHARE lock every spend under limits takes, so starts never wait
-        # for it. (Taken before authorizing: a concurrent revoke is seen; an unknown id locks
-        # nothing and gets NotFound from `authorize`.)
-        await session.execute(select(Workspace.id).where(Workspace.id == ws_id).with_for_update(key_share=True))
-        await authorize(session, caller, ws_id, Action.SET_SPEND_LIMITS, what="workspace")
+        # for it. Only a caller allowed to set limits there queues on it (`authorized_lock`): an
+        # outsider with a foreign id hears NotFound at once, as for an unknown one, and never
+        # holds up the workspace's own limit changes; the check made again under the lock sees
+        # a revoke committed while we waited.
+        async def lock() -> None:
+            await session.execute(select(Workspace.id).where(Workspace.id == ws_id).with_for_update(key_share=True))
+
+        await authorized_lock(session, caller, ws_id, Action.SET_SPEND_LIMITS, what="workspace", lock=lock)
         member = group = None
         if member_id is not None:
             member = await session.get(Member, parse_id(member_id, "member"))
@@ -258,10 +262,10 @@ async def remove_spend_limit(db: Database, caller: Caller, *, limit_id: str) -> 
     lid = parse_id(limit_id, "spend limit")
 
     async def work(session: AsyncSession) -> SpendLimit:
-        limit = await session.get(SpendLimit, lid, with_for_update=True)
-        if limit is None or limit.removed_at is not None:
-            raise NotFound("spend limit")
-        await authorize(session, caller, limit.workspace_id, Action.SET_SPEND_LIMITS, what="spend limit")
+        # Locked (after authorizing: an outsider never waits on it) and read again under the
+        # lock: of two removals, the second waits for the first and then finds it removed.
+        limit, _ = await authorized_row(session, caller, SpendLimit, lid, Action.SET_SPEND_LIMITS,
+                                        what="spend limit", gone=lambda limit: limit.removed_at is not None)
         limit.removed_at = caller.clock.now()
         audit.record(session, limit.workspace_id, caller.actor.user_id, "limit.removed", "spend_limit", limit.id,
                      before=_limit_json(limit), at=limit.removed_at)

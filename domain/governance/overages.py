@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
 from domain import events
-from domain.access import Caller, authorize, parse_id
+from domain.access import Caller, authorize, authorized_row, parse_id
 from domain.db import Database
 from domain.errors import Forbidden, NotFound, OverageNotPending, ValidationFailed
 from domain.governance import alerts, audit
@@ -100,10 +100,10 @@ async def decide_overage(
         raise ValidationFailed("reason", "a denial says why")
 
     async def work(session: AsyncSession) -> OverageRequest | OverageNotPending:
-        request = await session.get(OverageRequest, rid, with_for_update=True)
-        if request is None:
-            raise NotFound("overage request")
-        await authorize(session, caller, request.workspace_id, Action.APPROVE_OVERAGES, what="overage request")
+        # Locked once authorized (an outsider never waits on it, nor holds up a decision) and
+        # read again under the lock: of two decisions, the second sees the first one's status.
+        request, _ = await authorized_row(session, caller, OverageRequest, rid, Action.APPROVE_OVERAGES,
+                                          what="overage request")
         requester = await session.get_one(Member, request.member_id)
         if requester.user_id == caller.actor.user_id:
             raise Forbidden("nobody approves their own overage request")

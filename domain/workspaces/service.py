@@ -24,7 +24,7 @@ from sqlalchemy.orm import selectinload
 from domain import events
 from domain.governance import audit, automation, overages
 from domain.governance.rules import check_timezone
-from domain.access import Caller, authorize, member_roles, parse_id
+from domain.access import Caller, authorize, authorized_lock, member_roles, parse_id
 from domain.db import Database
 from domain.errors import AlreadyMember, Forbidden, NotFound, ValidationFailed
 from domain.identity import clean_name, get_or_create_user
@@ -76,17 +76,16 @@ async def _lock_workspace(session: AsyncSession, workspace_id: uuid.UUID) -> tup
 async def _authorized_lock(
     session: AsyncSession, caller: Caller, workspace_id: uuid.UUID, action: Action, *, what: str
 ) -> tuple[Workspace, Plan, Member | None]:
-    """Authorize, lock the workspace row, authorize again; returns the caller's membership as
-    the second check read it.
+    """Authorize, lock the workspace row, authorize again (`access.authorized_lock`); returns
+    the caller's membership as the second check read it.
 
     The first check takes no lock: a caller who may not do `action` there (an outsider with a
     foreign or unknown id gets NotFound, a member without the right Forbidden) is answered at
     once instead of waiting behind the workspace's own changes. The second one, under the lock,
     reads the membership afresh: a role revoked or a member removed by the transaction we
     waited for is seen, as when the lock came first."""
-    await authorize(session, caller, workspace_id, action, what=what)
-    ws, plan = await _lock_workspace(session, workspace_id)
-    me = await authorize(session, caller, workspace_id, action, what=what, fresh=True)
+    (ws, plan), me = await authorized_lock(session, caller, workspace_id, action, what=what,
+                                           lock=lambda: _lock_workspace(session, workspace_id))
     return ws, plan, me
 
 
