@@ -231,17 +231,23 @@ class DeduplicatingProvider:
     """A provider that deduplicates by reference, as real ones do with an idempotency key: a
     reference it has charged is answered "paid" again and never charged twice. `die_before` /
     `die_after`: the next calls kill the process before it charges / after it charged;
-    `decline`: every payment is declined."""
+    `unanswered`: the next calls charge but never answer (a timeout); `decline`: every payment
+    is declined. With `workspace` set, only that workspace's requests follow the script (a tick
+    serves every workspace in the database); the others are answered "paid"."""
 
     name = "deduplicating"
 
-    def __init__(self, *, die_before: int = 0, die_after: int = 0, decline: bool = False) -> None:
+    def __init__(self, *, die_before: int = 0, die_after: int = 0, unanswered: int = 0, decline: bool = False) -> None:
         self.die_before, self.die_after, self.decline = die_before, die_after, decline
+        self.unanswered = unanswered
+        self.workspace: str | None = None
         self.seen: list[PaymentRequest] = []
         self.charged: list[str] = []
 
     async def confirm(self, request: PaymentRequest) -> PaymentOutcome:
         self.seen.append(request)
+        if self.workspace is not None and not request.reference.startswith(f"auto-topup:{self.workspace}:"):
+            return PaymentOutcome(ok=True)
         if self.die_before > 0:
             self.die_before -= 1
             raise Crash()
@@ -252,6 +258,9 @@ class DeduplicatingProvider:
         if self.die_after > 0:
             self.die_after -= 1
             raise Crash()
+        if self.unanswered > 0:
+            self.unanswered -= 1
+            raise TimeoutError("the payment provider did not answer")
         return PaymentOutcome(ok=True)
 
     def asked(self, ws: str) -> list[tuple[str, int]]:
@@ -449,14 +458,18 @@ async def test_concurrent_take_overs_of_one_abandoned_claim_buy_once(db, live_se
     await assert_ledger_clean(db, team.ws)
 
 
-async def test_two_take_overs_that_both_saw_the_claim_abandoned_cannot_both_win(db, live_server, client):
+@pytest.mark.parametrize("turned_off", [False, True], ids=["on", "turned-off"])
+async def test_two_take_overs_that_both_saw_the_claim_abandoned_cannot_both_win(db, live_server, client, turned_off):
     # Deterministic: both racers read the abandoned claim, then wait on its row (held here) with
     # their take-over UPDATE; released, they run one after the other and only the first may win.
+    # Turned off since the claim was made, it is taken over all the same (by the scheduler).
     from domain.governance.automation import claim_top_up, run_top_up
     from domain.workspaces.models import Workspace
 
     provider = DeduplicatingProvider(die_before=1)
     team, _, clock, first = await abandoned_claim(db, client, provider)
+    if turned_off:
+        await configure(client, team, await configured_pack(db, team.ws), enabled=False)
     clock.offset = CLAIM_TIMEOUT + timedelta(seconds=5)
     now = clock.now()
 
@@ -464,7 +477,8 @@ async def test_two_take_overs_that_both_saw_the_claim_abandoned_cannot_both_win(
         return await claim_top_up(session, await session.get_one(Workspace, team.ws), now)
 
     # (Waiting on a lock is all these two can do: their reads take none. The query text shown
-    # may still be the read before the UPDATE.)
+    # may still be the read before the UPDATE. A transaction sees pg_stat_activity as it was at
+    # its first look, so each look is a transaction of its own.)
     waiting = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                    "AND wait_event_type = 'Lock'")
     async with db.engine.connect() as holder, db.engine.connect() as watcher:
@@ -472,7 +486,9 @@ async def test_two_take_overs_that_both_saw_the_claim_abandoned_cannot_both_win(
                              {"ws": team.ws})
         racers = [asyncio.ensure_future(db.transaction(take_over)) for _ in range(2)]
         for _ in range(500):
-            if (await watcher.execute(waiting)).scalar_one() == 2:
+            met = (await watcher.execute(waiting)).scalar_one() == 2
+            await watcher.rollback()
+            if met:
                 break
             await asyncio.sleep(0.01)
         else:
@@ -483,3 +499,215 @@ async def test_two_take_overs_that_both_saw_the_claim_abandoned_cannot_both_win(
     assert claim.reference == first[0]
     await run_top_up(db, provider, claim, now)
     assert await pool_credits(db, team.ws) == [20_000]
+
+
+# --- an abandoned claim after auto top-up was turned off ------------------------------------------
+
+SETTINGS = """
+mutation($ws: ID!, $pack: ID!, $enabled: Boolean!, $threshold: String!, $purchases: Int!, $credits: String!,
+         $failures: Int!) {
+  setAutoTopUp(input: {workspaceId: $ws, enabled: $enabled, threshold: $threshold, packId: $pack,
+                       monthlyMaxPurchases: $purchases, monthlyMaxCredits: $credits, failureLimit: $failures}) {
+    __typename ... on AutoTopUp { enabled } ... on Error { code message }
+  }
+}"""
+
+
+async def configured_pack(db, ws: str) -> str:
+    async def work(session):
+        return str((await session.execute(text(
+            "SELECT pack_id FROM auto_topups WHERE workspace_id = CAST(:ws AS uuid)"), {"ws": ws})).scalar_one())
+
+    return await db.read(work)
+
+
+async def configure(client, team, pack: str, *, enabled: bool = True, threshold: str = "95", purchases: int = 5,
+                    credits: str = "5000", failures: int = 3) -> None:
+    """Auto top-up settings as the owner sets them (`under_auto_top_up`'s by default)."""
+    async with client(team.owner) as api:
+        out = (await api(SETTINGS, ws=team.ws, pack=pack, enabled=enabled, threshold=threshold, purchases=purchases,
+                         credits=credits, failures=failures))["setAutoTopUp"]
+    assert out == {"__typename": "AutoTopUp", "enabled": enabled}, out
+
+
+async def test_a_payment_taken_before_the_process_died_is_granted_after_auto_top_up_was_turned_off(
+        db, live_server, client):
+    # Charged, then the process died; the owner turns auto top-up off before anyone took the
+    # claim over. Off means no NEW purchase: this one was started, and may have been paid.
+    provider = DeduplicatingProvider(die_after=1)
+    team, spend, clock, first = await abandoned_claim(db, client, provider)
+    provider.workspace = team.ws
+    pack = await configured_pack(db, team.ws)
+    await configure(client, team, pack, enabled=False)
+
+    async def a_tick():
+        return await tick(db, clock, hold_ttl=timedelta(hours=1), payments=provider)
+
+    clock.offset = CLAIM_TIMEOUT - timedelta(seconds=5)
+    await a_tick()  # not abandoned yet
+    assert provider.asked(team.ws) == [first]
+    clock.offset = CLAIM_TIMEOUT + timedelta(seconds=5)
+    assert (await a_tick()).top_ups_taken_over >= 1
+    assert provider.asked(team.ws) == [first, first] and provider.charged_for(team.ws) == [first[0]]
+    assert await pool_credits(db, team.ws) == [20_000]
+    async with client(team.owner) as api:
+        assert (await api(STATE, ws=team.ws))["autoTopUp"] == {
+            "enabled": False, "purchasesThisMonth": 1, "creditsThisMonth": "20.000"}
+        alerts = [(a["kind"], a["status"]) for a in (await api(ALERTS_FULL, ws=team.ws))["alerts"]]
+    assert alerts == [("TOPUP_DONE", "RESOLVED")]  # the same notification as any recorded top-up
+    # Settled, and still off: nothing new is bought, however low the pool and however often asked.
+    for _ in range(9):
+        await spend()  # 110 -> 20, under the threshold at each spend
+    await a_tick()
+    assert provider.asked(team.ws) == [first, first] and await purchases_of(db, team.ws) == 1
+    await assert_ledger_clean(db, team.ws)
+
+
+async def latch(db, ws: str) -> tuple:
+    """(armed, claimed, sequence, retrying an unanswered payment) of the workspace's auto top-up."""
+    async def work(session):
+        return tuple((await session.execute(text(
+            "SELECT armed, claimed_at IS NOT NULL, sequence, unanswered_pack_id IS NOT NULL FROM auto_topups "
+            "WHERE workspace_id = CAST(:ws AS uuid)"), {"ws": ws})).one())
+
+    return await db.read(work)
+
+
+async def open_alerts(client, team) -> list[str]:
+    async with client(team.owner) as api:
+        return sorted(a["kind"] for a in (await api(ALERTS_FULL, ws=team.ws))["alerts"] if a["status"] == "OPEN")
+
+
+async def test_an_abandoned_claim_declined_after_auto_top_up_was_turned_off_is_closed_as_failed(
+        db, live_server, client):
+    provider = DeduplicatingProvider(die_before=1)
+    team, spend, clock, first = await abandoned_claim(db, client, provider)
+    provider.workspace = team.ws
+    pack = await configured_pack(db, team.ws)
+    await configure(client, team, pack, enabled=False)
+    provider.decline = True
+    clock.offset = CLAIM_TIMEOUT + timedelta(seconds=5)
+    assert (await tick(db, clock, hold_ttl=timedelta(hours=1), payments=provider)).top_ups_taken_over >= 1
+    assert provider.asked(team.ws) == [first, first] and await purchases_of(db, team.ws) == 0
+    # Closed: no claim in flight, and the next purchase (once back on) asks under a new reference.
+    assert await latch(db, team.ws) == (True, False, 1, False)
+    assert await open_alerts(client, team) == ["TOPUP_FAILED"]  # off by its owner: no "turned off" alert
+    await tick(db, clock, hold_ttl=timedelta(hours=1), payments=provider)
+    assert provider.asked(team.ws) == [first, first]
+    provider.decline = False
+    await configure(client, team, pack)  # on again
+    await spend()  # 90 -> 80: under the threshold
+    assert provider.asked(team.ws)[2] == (f"auto-topup:{team.ws}:2", 500)
+    assert await pool_credits(db, team.ws) == [20_000]
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_concurrent_schedulers_finish_an_abandoned_claim_once_after_auto_top_up_was_turned_off(
+        db, live_server, client):
+    provider = DeduplicatingProvider(die_after=1)
+    team, spend, clock, first = await abandoned_claim(db, client, provider)
+    provider.workspace = team.ws
+    await configure(client, team, await configured_pack(db, team.ws), enabled=False)
+    clock.offset = CLAIM_TIMEOUT + timedelta(seconds=5)
+    reports = await asyncio.gather(*(tick(db, clock, hold_ttl=timedelta(hours=1), payments=provider)
+                                     for _ in range(4)), *(spend() for _ in range(4)))
+    assert sum(r.top_ups_taken_over for r in reports[:4]) >= 1
+    assert provider.asked(team.ws) == [first, first] and provider.charged_for(team.ws) == [first[0]]
+    assert await pool_credits(db, team.ws) == [20_000]
+    async with client(team.owner) as api:
+        assert (await api(STATE, ws=team.ws))["autoTopUp"]["purchasesThisMonth"] == 1
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_payment_unanswered_when_its_failures_turn_auto_top_up_off_is_asked_again_by_the_scheduler(
+        db, live_server, client):
+    # The failure limit reached by a payment the provider took but never confirmed: off, so no
+    # spend would ever ask again under its reference.
+    team, token, pack = await under_auto_top_up(db, client, "95")
+    await configure(client, team, pack, failures=1)
+    provider, clock = DeduplicatingProvider(unanswered=1), OffsetClock()
+    provider.workspace = team.ws
+    spend = spender(db, token, team.ws, clock, provider)
+    await spend()  # under the threshold: charged, no answer, and auto top-up turns itself off
+    [first] = provider.asked(team.ws)
+    assert provider.charged_for(team.ws) == [first[0]] and await purchases_of(db, team.ws) == 0
+    assert await open_alerts(client, team) == ["TOPUP_DISABLED", "TOPUP_FAILED"]
+    assert await latch(db, team.ws) == (False, True, 1, False)  # still in flight
+
+    async def a_tick():
+        return await tick(db, clock, hold_ttl=timedelta(hours=1), payments=provider)
+
+    await a_tick()  # not abandoned yet
+    assert provider.asked(team.ws) == [first]
+    clock.offset = CLAIM_TIMEOUT + timedelta(seconds=5)
+    assert (await a_tick()).top_ups_taken_over >= 1
+    assert provider.asked(team.ws) == [first, first] and provider.charged_for(team.ws) == [first[0]]
+    assert await pool_credits(db, team.ws) == [20_000]
+    assert await open_alerts(client, team) == ["TOPUP_DISABLED"]  # the payment went through; still off
+    async with client(team.owner) as api:
+        assert (await api(STATE, ws=team.ws))["autoTopUp"] == {
+            "enabled": False, "purchasesThisMonth": 1, "creditsThisMonth": "20.000"}
+    await spend()
+    await a_tick()
+    assert len(provider.asked(team.ws)) == 2  # off: nothing new
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_payment_left_unanswered_before_auto_top_up_was_turned_off_is_asked_again_by_the_scheduler(
+        db, live_server, client):
+    team, token, pack = await under_auto_top_up(db, client, "95")
+    provider, clock = DeduplicatingProvider(unanswered=1), OffsetClock()
+    provider.workspace = team.ws
+    spend = spender(db, token, team.ws, clock, provider)
+    await spend()  # charged, no answer: a failed attempt whose retry the next spend would make
+    [first] = provider.asked(team.ws)
+    assert await latch(db, team.ws) == (True, False, 0, True)
+    await configure(client, team, pack, enabled=False)  # ... but no spend looks any more
+
+    async def a_tick():
+        return await tick(db, clock, hold_ttl=timedelta(hours=1), payments=provider)
+
+    provider.unanswered = 1  # the provider is still down at the scheduler's next round
+    assert (await a_tick()).top_ups_taken_over >= 1
+    assert provider.asked(team.ws) == [first, first]
+    assert await latch(db, team.ws) == (False, True, 1, True)  # in flight: asked again after the timeout
+    await a_tick()
+    assert provider.asked(team.ws) == [first, first]
+    clock.offset = CLAIM_TIMEOUT + timedelta(seconds=5)
+    assert (await a_tick()).top_ups_taken_over >= 1
+    assert provider.asked(team.ws) == [first] * 3 and provider.charged_for(team.ws) == [first[0]]
+    assert await pool_credits(db, team.ws) == [20_000]
+    assert await latch(db, team.ws) == (True, False, 1, False)
+    assert await open_alerts(client, team) == []
+    await a_tick()
+    assert len(provider.asked(team.ws)) == 3
+    await assert_ledger_clean(db, team.ws)
+
+
+@pytest.mark.parametrize("stopped_by", ["threshold", "caps"])
+@pytest.mark.parametrize("pending", ["abandoned", "unanswered"])
+async def test_lowering_the_threshold_or_the_caps_does_not_strand_a_payment_that_may_have_been_taken(
+        db, live_server, client, stopped_by, pending):
+    # Auto top-up stays on, but its owner stops it buying another way: a threshold of 0 (the pool
+    # is never under it) or caps of 0. The settings stop NEW purchases; this one has started.
+    provider = DeduplicatingProvider(die_after=1) if pending == "abandoned" else DeduplicatingProvider(unanswered=1)
+    team, token, pack = await under_auto_top_up(db, client, "95")
+    clock = OffsetClock()
+    provider.workspace = team.ws
+    spend = spender(db, token, team.ws, clock, provider)
+    if pending == "abandoned":
+        with pytest.raises(Crash):
+            await spend()
+        clock.offset = CLAIM_TIMEOUT + timedelta(seconds=5)
+    else:
+        await spend()
+    [first] = provider.asked(team.ws)
+    await configure(client, team, pack, **({"threshold": "0"} if stopped_by == "threshold"
+                                            else {"purchases": 0, "credits": "0"}))
+    await spend()  # the next spend asks again under the same reference
+    assert provider.asked(team.ws) == [first, first] and provider.charged_for(team.ws) == [first[0]]
+    assert await pool_credits(db, team.ws) == [20_000]
+    await spend()
+    await tick(db, clock, hold_ttl=timedelta(hours=1), payments=provider)
+    assert len(provider.asked(team.ws)) == 2  # and nothing new is bought
+    await assert_ledger_clean(db, team.ws)

@@ -19,13 +19,20 @@ the pool seen back over the threshold, not turning auto top-up back on): re-arme
 claim would ask under a new reference while the first may still be paid. What makes that safe is
 that a claim whose outcome never comes (the process died while the provider was asked, or the
 outcome's transaction failed after the provider confirmed) is not left in flight for good: after
-`CLAIM_TIMEOUT`, the next spend under the threshold, or the scheduler's tick for a workspace
-that no longer spends, takes it over with a conditional UPDATE that one of them wins, and asks
-again under the SAME reference for the SAME pack. A provider that took the first payment answers
-that reference "paid" without charging again, and the purchase is recorded, and counted in the
-month, once per reference whoever records it (`run_top_up`). A provider that does not answer
-counts as a failed attempt, and the next attempt likewise asks under the same reference, for the
-same pack (`unanswered_pack_id`).
+`CLAIM_TIMEOUT`, the next spend, or the scheduler's tick for a workspace that no longer spends,
+takes it over with a conditional UPDATE that one of them wins, and asks again under the SAME
+reference for the SAME pack. A provider that took the first payment answers that reference "paid"
+without charging again, and the purchase is recorded, and counted in the month, once per
+reference whoever records it (`run_top_up`). A provider that does not answer counts as a failed
+attempt, and the next attempt likewise asks under the same reference, for the same pack
+(`unanswered_pack_id`).
+
+The settings (on or off, threshold, caps, pack) decide whether a NEW purchase starts; a purchase
+that has started and may have been paid is finished whatever they say by then. Auto top-up turned
+off (by its owner, or after repeated failures) while a claim was abandoned, or after a payment
+went unanswered, no longer leaves a charge the ledger never shows: the scheduler takes the claim
+over (or asks the unanswered payment again) for a workspace whose auto top-up is off, where no
+spend looks; the provider's answer records the credits, or closes the claim as failed.
 """
 
 from __future__ import annotations
@@ -94,6 +101,7 @@ class TopUpClaim:
     actor_id: uuid.UUID
     claimed_at: datetime  # with the sequence, tells this attempt from a later take-over of it
     taken_over: bool = False  # continues an abandoned claim (same sequence, same pack)
+    retry: bool = False  # asks again for an unanswered payment (same reference, same pack)
 
     @property
     def reference(self) -> str:
@@ -137,62 +145,81 @@ async def _evaluate(session: AsyncSession, ws_id: uuid.UUID, charges: list[dict]
 
 
 async def claim_top_up(session: AsyncSession, ws: Workspace, now: datetime) -> TopUpClaim | None:
-    """Claim the purchase the pool needs now, if any: the pool under the threshold, no claim in
-    flight (or only an abandoned one), the monthly caps not reached. The claim is one conditional
-    UPDATE, so of concurrent spends, refusals and schedulers exactly one gets it; it commits with
-    the caller's transaction, before the provider is asked (`run_top_up`)."""
+    """Claim the purchase the pool needs now, if any. The claim is one conditional UPDATE, so of
+    concurrent spends, refusals and schedulers exactly one gets it; it commits with the caller's
+    transaction, before the provider is asked (`run_top_up`).
+
+    Two kinds of purchase are claimed. One already started that may have been paid and whose
+    outcome is not recorded (a claim abandoned in flight, or an attempt the provider did not
+    answer) is finished under its own reference, for its own pack, whatever the settings say by
+    now: auto top-up turned off, the threshold or the caps lowered, the pool back over the
+    threshold. The settings decide whether a purchase starts, and this one has: the customer
+    may have been charged for it. A NEW purchase is claimed only while auto top-up is on, the
+    pool under the threshold, the pack on sale and the monthly caps not reached."""
     topup = await session.get(AutoTopUp, ws.id)
-    if topup is None or not topup.enabled:
+    if topup is None:
         return None
-    abandoned = False
     if not topup.armed:  # a claim is in flight
         if topup.claimed_at > now - CLAIM_TIMEOUT:
             return None  # its outcome will settle it and re-arm the latch
-        abandoned = True  # no outcome in time: its process died, or recording the outcome failed
-    # An abandoned claim waits while the pool is over the threshold, like an unanswered retry:
-    # never re-armed to buy under a new reference before its own is settled (it may be paid).
-    if await available_units(session, ws.id, now, pool_only=True) >= topup.threshold_units:
-        return None
-    if abandoned:
-        # Its reference is asked again, so its pack is too, whatever is configured or on sale now.
-        pack = await session.get_one(CreditPack, topup.claimed_pack_id)
+        # No outcome in time: its process died, or recording the outcome failed.
+        return await _take_over(session, topup, now)
+    if topup.unanswered_pack_id is not None:
+        # The retry of an unanswered payment asks under the same reference for the pack it asked
+        # for, even one taken off sale since: the first attempt may have been paid, and this
+        # completes that purchase. While auto top-up is on, the next spend asks (`_due` leaves
+        # retries to spends); while it is off, no spend looks, and the scheduler asks.
+        pack = await session.get_one(CreditPack, topup.unanswered_pack_id)
+        condition = AutoTopUp.unanswered_pack_id == pack.id
     else:
-        # The retry of an unanswered payment asks for the pack it asked for, even one taken off
-        # sale since: the first attempt may have been paid, and this completes that purchase.
-        retry = topup.unanswered_pack_id is not None
-        pack = await session.get_one(CreditPack, topup.unanswered_pack_id if retry else topup.pack_id)
-        if not retry and not pack.is_active:  # never buy what is no longer on sale
+        if not topup.enabled or await _pool_over_threshold(session, topup, now):
+            return None
+        pack = await session.get_one(CreditPack, topup.pack_id)
+        if not pack.is_active:  # never buy what is no longer on sale
             await alerts.fire(session, ws.id, alerts.TOPUP_FAILED, "auto-topup", now, reason="the pack is off sale")
             return None
-    # A claim's purchase is counted when it is recorded, once per reference (`run_top_up`), so
-    # a take-over needs the same room as the claim it continues.
-    month = topup_month(now, ws.timezone, topup).start
-    purchases, units = this_month(topup, now, ws.timezone)
-    if purchases + 1 > topup.monthly_max_purchases or units + pack.units > topup.monthly_max_units:
-        await alerts.fire(session, ws.id, alerts.TOPUP_CAP_REACHED, month.isoformat(), now,
-                          purchases=purchases, credits=format_credits(units))
-        return None
-    if abandoned:
-        # Same sequence (so the same payment reference), same pack; only the claim's time moves,
-        # which is what makes this conditional: of two take-overs racing, the second waits on the
-        # row, then finds `claimed_at` changed and takes nothing.
-        claimed = (await session.execute(
-            update(AutoTopUp).where(AutoTopUp.workspace_id == ws.id, AutoTopUp.enabled, ~AutoTopUp.armed,
-                                    AutoTopUp.sequence == topup.sequence, AutoTopUp.claimed_at == topup.claimed_at)
-            .values(claimed_at=now).returning(AutoTopUp.sequence, AutoTopUp.claimed_at)
-        )).first()
-        if claimed is not None:
-            log.warning("auto top-up auto-topup:%s:%s claimed at %s had no outcome: taken over under the same "
-                        "reference", ws.id, topup.sequence, topup.claimed_at.isoformat())
-    else:
-        claimed = (await session.execute(
-            update(AutoTopUp).where(AutoTopUp.workspace_id == ws.id, AutoTopUp.armed, AutoTopUp.enabled)
-            .values(armed=False, sequence=AutoTopUp.sequence + 1, claimed_at=now, claimed_pack_id=pack.id)
-            .returning(AutoTopUp.sequence, AutoTopUp.claimed_at)
-        )).first()
+        # A claim's purchase is counted when it is recorded, once per reference (`run_top_up`).
+        month = topup_month(now, ws.timezone, topup).start
+        purchases, units = this_month(topup, now, ws.timezone)
+        if purchases + 1 > topup.monthly_max_purchases or units + pack.units > topup.monthly_max_units:
+            await alerts.fire(session, ws.id, alerts.TOPUP_CAP_REACHED, month.isoformat(), now,
+                              purchases=purchases, credits=format_credits(units))
+            return None
+        condition = and_(AutoTopUp.enabled, AutoTopUp.unanswered_pack_id.is_(None))
+    claimed = (await session.execute(
+        update(AutoTopUp).where(AutoTopUp.workspace_id == ws.id, AutoTopUp.armed, condition)
+        .values(armed=False, sequence=AutoTopUp.sequence + 1, claimed_at=now, claimed_pack_id=pack.id)
+        .returning(AutoTopUp.sequence, AutoTopUp.claimed_at)
+    )).first()
     if claimed is None:
         return None  # a concurrent spend (or scheduler) claimed this purchase
-    return TopUpClaim(ws.id, claimed.sequence, pack.id, topup.enabled_by, claimed.claimed_at, abandoned)
+    return TopUpClaim(ws.id, claimed.sequence, pack.id, topup.enabled_by, claimed.claimed_at,
+                      retry=topup.unanswered_pack_id is not None)
+
+
+async def _pool_over_threshold(session: AsyncSession, topup: AutoTopUp, now: datetime) -> bool:
+    return await available_units(session, topup.workspace_id, now, pool_only=True) >= topup.threshold_units
+
+
+async def _take_over(session: AsyncSession, topup: AutoTopUp, now: datetime) -> TopUpClaim | None:
+    """Continue an abandoned claim: same sequence (so the same payment reference), same pack,
+    whatever is configured or on sale now, and whether or not auto top-up is still on, the pool
+    still under the threshold or the caps still open (`claim_top_up`): the first attempt may have
+    been paid. Its purchase still counts in the month once, when it is recorded (`run_top_up`).
+    Only the claim's time moves, which is what makes this conditional: of two take-overs racing,
+    the second waits on the row, then finds `claimed_at` changed and takes nothing."""
+    claimed = (await session.execute(
+        update(AutoTopUp).where(AutoTopUp.workspace_id == topup.workspace_id, ~AutoTopUp.armed,
+                                AutoTopUp.sequence == topup.sequence, AutoTopUp.claimed_at == topup.claimed_at)
+        .values(claimed_at=now).returning(AutoTopUp.sequence, AutoTopUp.claimed_at)
+    )).first()
+    if claimed is None:
+        return None  # a concurrent spend (or scheduler) took it over, or its outcome came
+    log.warning("auto top-up auto-topup:%s:%s claimed at %s has no recorded outcome: taken over under the same "
+                "reference%s", topup.workspace_id, topup.sequence, topup.claimed_at.isoformat(),
+                "" if topup.enabled else " (auto top-up is off: this purchase was started before)")
+    return TopUpClaim(topup.workspace_id, claimed.sequence, topup.claimed_pack_id, topup.enabled_by,
+                      claimed.claimed_at, taken_over=True)
 
 
 def topup_month(now: datetime, timezone: str, topup: AutoTopUp) -> Period:
@@ -326,7 +353,21 @@ async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim,
                         reference, outcome.reason)
             return False
         topup.consecutive_failures += 1
-        topup.armed, topup.claimed_at, topup.claimed_pack_id = True, None, None  # the next spend under it tries again
+        await alerts.fire(session, claim.workspace_id, alerts.TOPUP_FAILED, "auto-topup", now,
+                          reason=outcome.reason, failures=topup.consecutive_failures)
+        if topup.enabled and topup.consecutive_failures >= topup.failure_limit:
+            topup.enabled = False
+            ws = await session.get_one(Workspace, claim.workspace_id)
+            ws.auto_topup_enabled = False
+            await alerts.fire(session, claim.workspace_id, alerts.TOPUP_DISABLED, "auto-topup", now,
+                              failures=topup.consecutive_failures)
+        if unanswered and not topup.enabled:
+            # Off (turned off meanwhile, or just now after its failures): no spend will ask again
+            # under this reference, and the payment may have gone through. The claim stays in
+            # flight, so the scheduler takes it over after `CLAIM_TIMEOUT` (`claim_top_up`): asked
+            # again at that pace, not at every round, until the provider answers.
+            return False
+        topup.armed, topup.claimed_at, topup.claimed_pack_id = True, None, None  # a later spend tries again
         if unanswered:
             # Nobody has claimed since (the claim is still ours): the next claim takes this
             # sequence again, and with it the same payment reference, for the same pack.
@@ -334,14 +375,6 @@ async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim,
             topup.unanswered_pack_id = claim.pack_id
         else:  # answered: the next claim asks under a new reference
             topup.unanswered_pack_id = None
-        await alerts.fire(session, claim.workspace_id, alerts.TOPUP_FAILED, "auto-topup", now,
-                          reason=outcome.reason, failures=topup.consecutive_failures)
-        if topup.consecutive_failures >= topup.failure_limit:
-            topup.enabled = False
-            ws = await session.get_one(Workspace, claim.workspace_id)
-            ws.auto_topup_enabled = False
-            await alerts.fire(session, claim.workspace_id, alerts.TOPUP_DISABLED, "auto-topup", now,
-                              failures=topup.consecutive_failures)
         return False
 
     try:
@@ -451,7 +484,8 @@ async def set_alert_settings(db: Database, caller: Caller, *, workspace_id: str,
 @dataclass(frozen=True, slots=True)
 class DueTopUps:
     started: int = 0  # new purchases
-    taken_over: int = 0  # abandoned claims asked again under their own reference
+    taken_over: int = 0  # purchases already started asked again under their own reference: abandoned
+    # claims, and (with auto top-up off, when no spend retries them) unanswered payments
 
 
 async def buy_due_top_ups(db: Database, provider: PaymentProvider, clock: Clock, *, batch: int = 100) -> DueTopUps:
@@ -475,7 +509,7 @@ async def buy_due_top_ups(db: Database, provider: PaymentProvider, clock: Clock,
                 now = clock.now()
                 claim = await db.transaction(lambda s, ws_id=ws_id, now=now: _claim(s, ws_id, now))
                 if claim is not None:
-                    if claim.taken_over:
+                    if claim.taken_over or claim.retry:
                         taken += 1
                     else:
                         started += 1
@@ -492,11 +526,15 @@ async def _due(session: AsyncSession, now: datetime, after: uuid.UUID | None, ba
     # caps reached, the pack off sale) must not be read again in this round. After a failed
     # payment the retries are left to spends, as before: a round every interval would use up the
     # failure limit of a workspace nobody uses during a short provider outage, and turn it off.
+    # A purchase already started is finished whatever the settings (`claim_top_up`): a claim
+    # abandoned in flight, and, with auto top-up off (no spend retries it then), an unanswered
+    # payment; one unanswered again while off stays in flight, and is asked after the timeout.
+    new_purchase = and_(
+        AutoTopUp.enabled, AutoTopUp.armed, AutoTopUp.consecutive_failures == 0,
+        _spendable(AutoTopUp.workspace_id, now, pool_only=True).scalar_subquery() < AutoTopUp.threshold_units)
+    unanswered_while_off = and_(~AutoTopUp.enabled, AutoTopUp.armed, AutoTopUp.unanswered_pack_id.is_not(None))
     query = select(AutoTopUp.workspace_id).where(
-        AutoTopUp.enabled,
-        or_(and_(AutoTopUp.armed, AutoTopUp.consecutive_failures == 0), AutoTopUp.claimed_at <= now - CLAIM_TIMEOUT),
-        _spendable(AutoTopUp.workspace_id, now, pool_only=True).scalar_subquery() < AutoTopUp.threshold_units,
-    )
+        or_(new_purchase, AutoTopUp.claimed_at <= now - CLAIM_TIMEOUT, unanswered_while_off))
     if after is not None:
         query = query.where(AutoTopUp.workspace_id > after)
     return list((await session.execute(query.order_by(AutoTopUp.workspace_id).limit(batch))).scalars())
