@@ -37,6 +37,11 @@ from domain.db import Database
 from domain.ledger.payments import ScriptedProvider
 
 TEST_DB_ENV = "CREDITPOOL_TEST_DATABASE_URL"
+# The embedded test server's connection limit (PostgreSQL's default: 100). The suite's pools
+# keep up to about 50 connections open at once (`DB_POOL_SIZE`), so a test that opens many
+# more never meets "too many clients". A server named by TEST_DB_ENV keeps its own setting:
+# what keeps the suite within the default 100 there is the modest pools.
+EMBEDDED_MAX_CONNECTIONS = 300
 
 
 def with_database(url: str, name: str) -> str:
@@ -80,7 +85,7 @@ async def pg_server() -> AsyncIterator[PgServer]:
     tmp = None
     if not url:
         tmp = tempfile.mkdtemp(prefix="creditpool-test-")
-        url = start_embedded_postgres(Path(tmp))
+        url = start_embedded_postgres(Path(tmp), max_connections=EMBEDDED_MAX_CONNECTIONS)
     server = PgServer(url)
     yield server
     await server.drop_all()
@@ -138,9 +143,18 @@ async def database_url(pg_server: PgServer) -> str:
     return url
 
 
+# Pool sizes. A `Database` keeps two pools of `pool_size` (the ORM's, which may overflow by 20
+# for a burst and closes those after it, and the hot path's asyncpg pool), and each keeps what
+# it opened: what the suite holds open is about twice the sum of the pool sizes alive at once
+# (this one and the live server's for the whole session, a module's own server and database for
+# some), not what a test needs. Kept to the service's default (`db_pool_size` 10): a burst of
+# concurrent requests waits a moment for a connection, as it would in production.
+DB_POOL_SIZE = 10
+
+
 @pytest.fixture(scope="session")
 async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url, pool_size=20)
+    database = Database(database_url, pool_size=DB_POOL_SIZE)
     yield database
     await database.dispose()
 
@@ -165,7 +179,7 @@ class LiveServer:
         self.base_url = f"http://127.0.0.1:{port}"
         # Streams re-check access every half second, so revocation tests stay short. The
         # scheduler is off: tests that move time run `tick` themselves, at the time they choose.
-        settings = {"db_pool_size": 30, "live_recheck_seconds": 0.5, "balance_debounce_ms": 20,
+        settings = {"db_pool_size": DB_POOL_SIZE, "live_recheck_seconds": 0.5, "balance_debounce_ms": 20,
                     "scheduler_interval_seconds": 0, **settings}
         app = create_app(Settings(database_url=url, **settings), database_url=url, clock=self.clock,
                          payments=self.payments)

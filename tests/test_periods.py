@@ -57,7 +57,7 @@ class World:
 async def world(pg_server):
     url = await pg_server.create_database("creditpool_periods")
     await asyncio.to_thread(migrations.upgrade, url)
-    db = Database(url, pool_size=10)
+    db = Database(url, pool_size=5)  # small: this module's pools come on top of the session's
     from datetime import UTC, datetime
     await db.transaction(lambda s: prices.insert_price_list(
         s, models=catalog_models(), windows=(), plan_multipliers={}, note="test", published_by=None,
@@ -65,7 +65,7 @@ async def world(pg_server):
     # The scheduler runs in this test process, like `creditpool tick` beside a server: its events
     # reach the server's subscribers through PostgreSQL NOTIFY.
     db.events = NotifyOutlet()
-    server = LiveServer(url, broadcast_url="postgres")
+    server = LiveServer(url, broadcast_url="postgres", db_pool_size=5)
     server.start()
     _, operator = await new_user(db, operator=True)
     yield World(db, server, operator)
