@@ -27,7 +27,8 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from domain.access import Caller, CallerRead, Who, authenticate, authorize, decide, parse_id, role_set, validated
+from domain.access import (Caller, CallerRead, Who, authenticate, authorize, authorized_lock, decide, parse_id, role_set,
+                           validated)
 from domain.coalescing import BatchFailed, Coalescer
 from domain.db import Contended, Database, RawSql, Sql, as_sql
 from domain.errors import (
@@ -519,14 +520,16 @@ async def transfer_credits(
     request = {"workspace": str(ws_id), "amount": units, "from": list(source_side), "to": list(target_side)}
 
     async def work(session: AsyncSession) -> TransferResult:
-        await authorize(session, caller, ws_id, Action.TRANSFER_CREDITS, what="workspace")
         # A transfer may split the allowance a period close is reading (a piece for a seat or a
         # group): the close must see every piece or none, or a piece it missed expires instead of
         # rolling over under the shared cap. The close claims the workspace row FOR NO KEY UPDATE
         # (not FOR UPDATE, so spends' key-share locks do not hide it), which FOR SHARE conflicts
         # with while transfers still run side by side. Taken first: the workspace row, then
-        # grants, the close's lock order.
-        await as_sql(session).execute(_SHARE_WORKSPACE, ws_id)
+        # grants, the close's lock order. Member changes hold that row FOR UPDATE, so the caller
+        # is checked again once the lock is held: a demotion (or a removal) committed while the
+        # transfer waited is seen (`authorized_lock`).
+        await authorized_lock(session, caller, ws_id, Action.TRANSFER_CREDITS, what="workspace",
+                              lock=lambda: as_sql(session).execute(_SHARE_WORKSPACE, ws_id))
         # The key first (money rule 3): a replay answers with the transfer that happened, even
         # after its seat was removed or made STANDARD or its group archived. Only a new transfer
         # is checked against the seats and groups as they are now; a refusal rolls the claim back.
