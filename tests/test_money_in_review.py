@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import datetime, timedelta
 
 import asyncpg
 from gql.transport.exceptions import TransportQueryError
 
 from tests.conftest import asyncpg_dsn, new_user
-from tests.test_api_ledger import ADD, TRANSFER, assert_ledger_clean, balance, grant, key, make_team
+from tests.test_api_ledger import GRANT, ADD, TRANSFER, assert_ledger_clean, balance, grant, key, make_team
+from tests.test_periods import clean, month, plan, schedule, workspace, world  # noqa: F401 - the periods database
+from tests.test_periods import balance as period_balance
 
 PROMPT = 10  # seconds: far more than an answer takes
 
@@ -102,3 +105,34 @@ async def test_a_transfer_to_your_own_seat_made_standard_while_it_waited_is_refu
     b = await balance(client, team.owner, team.ws)
     assert [(s["scope"], s["available"]) for s in b["scopes"]] == [("WORKSPACE", "40.000")], b["scopes"]
     await assert_ledger_clean(db, team.ws)
+
+
+async def test_an_operator_allowance_effective_at_the_period_start_keeps_its_own_later_expiry(world):  # noqa: F811
+    # An operator re-issues a period's allowance by hand (source PLAN_ALLOWANCE, effective at the
+    # workspace's periodStart) and lets it last two months past the period end. The close treats
+    # the period's allowance pieces by their source and start, but may only expire what expires
+    # at the close: a credit shown as lasting two more months must not vanish at the boundary.
+    try:
+        for policy in ("RESET", "ROLLOVER"):
+            key_ = await plan(world, includedCredits="100", rolloverPolicy=policy,
+                              **({"rolloverCapCredits": "30", "rolloverPeriods": 1} if policy == "ROLLOVER" else {}))
+            owner, ws = await workspace(world, key_)
+            before = await schedule(world, owner, ws)
+            expires = datetime.fromisoformat(before["nextRenewalAt"]) + timedelta(days=60)
+            async with world.client(world.operator) as api:
+                extra = (await api(GRANT, ws=ws, amount="40", key=key(), source="PLAN_ALLOWANCE", member=None,
+                                   expires=expires.isoformat(), effective=before["periodStart"], priority=100))
+            extra = extra["grantCredits"]
+            assert extra["__typename"] == "Grant", extra
+            # creditSchedule promised it stays (expiring only what expires by the boundary)...
+            outlook = {o["grant"]["expiresAt"]: (o["rollsOver"], o["expires"])
+                       for o in (await schedule(world, owner, ws))["atNextRenewal"]}
+            assert outlook.get(extra["expiresAt"], ("0.000", "0.000")) == ("0.000", "0.000"), (policy, outlook)
+            await world.tick(month(1))  # ...and the close expired it all the same
+            b = await period_balance(world, owner, ws)
+            [kept] = [g for g in b["grants"] if g["id"] == extra["id"]]
+            assert (kept["remaining"], kept["expired"]) == ("40.000", "0.000"), (policy, kept)
+            await clean(world, ws)
+            world.clock.offset = timedelta(0)
+    finally:
+        world.clock.offset = timedelta(0)

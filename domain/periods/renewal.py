@@ -37,6 +37,14 @@ async def allowance_pieces(session: AsyncSession, ws: Workspace, *, lock: bool =
     return list((await session.execute(query.with_for_update() if lock else query)).scalars())
 
 
+def expires_at_close(g: Grant, boundary: datetime) -> bool:
+    """Whether the close at `boundary` expires (or rolls over) what is left of the allowance piece
+    `g`. An allowance issued by the plan expires exactly then (NEVER_EXPIRE: never); a piece an
+    operator granted by hand (source PLAN_ALLOWANCE, effective at the period start) may be given a
+    later expiry, and keeps it: the close never takes a credit before the expiry it was shown with."""
+    return g.expires_at is not None and g.expires_at <= boundary
+
+
 def has_every_piece(pieces: Iterable[Grant]) -> bool:
     """Whether `pieces` (say, the live ones) hold every piece the rollover of those pieces depends
     on: each piece's parent, up to its root, whose amount is what was issued. A spent piece no
@@ -54,7 +62,8 @@ def renewal(ws: Workspace, plan: Plan, pieces: Iterable[Grant]) -> Renewal:
     if plan.rollover_policy is not RolloverPolicy.ROLLOVER:
         return Renewal({g.id: 0 for g in pieces}, None)
     keeps = allowance_rollover(
-        [AllowancePiece(g.id, g.parent_grant_id, g.amount, g.remaining, g.expires_at is not None) for g in pieces],
+        [AllowancePiece(g.id, g.parent_grant_id, g.amount, g.remaining, expires_at_close(g, ws.next_renewal_at))
+         for g in pieces],
         plan.rollover_cap_units, plan.rollover_cap_percent)
     until = rollover_expiry(ws.billing_anchor, ws.next_renewal_at, plan.rollover_periods) if any(keeps.values()) else None
     return Renewal(keeps, until)

@@ -38,7 +38,7 @@ from domain.ledger.models import (
 from domain.ledger.payments import PaymentProvider
 from domain.ledger.service import Posting, post_movements, time_out
 from domain.money import format_credits
-from domain.periods.renewal import allowance_pieces, renewal
+from domain.periods.renewal import allowance_pieces, expires_at_close, renewal
 from domain.periods.rules import add_months, boundary_index, day_start, next_day
 from domain.plans import Plan, RolloverPolicy
 from domain.workspaces.models import AllocationMode, Member, Seat, Workspace
@@ -130,7 +130,9 @@ async def close_period(session: AsyncSession, ws: Workspace, plan: Plan) -> Peri
     expiry = Posting(ws.id, Cause.EXPIRY, None, None, occurred_at=boundary)
     rolled = expired = 0
     for g in pieces:
-        if g.expires_at is None or g.remaining == 0:  # NEVER_EXPIRE stays; spent pieces have nothing
+        # NEVER_EXPIRE stays, and so does a piece granted by hand to expire later; spent pieces
+        # have nothing.
+        if not expires_at_close(g, boundary) or g.remaining == 0:
             continue
         keep = outlook.rolls_over(g.id)
         if keep:
