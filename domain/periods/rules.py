@@ -117,6 +117,13 @@ class Renewal:
 NOTHING_ROLLS_OVER = Renewal({}, None)  # for buckets that are no period's allowance
 
 
+def subscribed_at(cancelled_at: datetime | None, at: datetime) -> bool:
+    """Whether a subscription cancelled at `cancelled_at` (None: not cancelled) still runs at
+    `at`, the time a period or a day of free credits starts: a period that began before the
+    cancellation is one the workspace had, however late the scheduler issues its credits."""
+    return cancelled_at is None or at < cancelled_at
+
+
 def day_start(at: datetime) -> datetime:
     """Midnight UTC of `at`'s day: daily free credits reset at 00:00 UTC."""
     at = at.astimezone(UTC)

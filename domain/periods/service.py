@@ -39,7 +39,7 @@ from domain.ledger.payments import PaymentProvider
 from domain.ledger.service import Posting, post_movements, time_out
 from domain.money import format_credits
 from domain.periods.renewal import allowance_pieces, expires_at_close, renewal
-from domain.periods.rules import add_months, boundary_index, day_start, next_day
+from domain.periods.rules import add_months, boundary_index, day_start, next_day, subscribed_at
 from domain.plans import Plan, RolloverPolicy
 from domain.workspaces.models import AllocationMode, Member, Seat, Workspace
 from policies import Action
@@ -85,7 +85,7 @@ def _allowance_expiry(plan: Plan, ws: Workspace, period_end: datetime) -> dateti
 async def _issue_allowance(
     session: AsyncSession, ws: Workspace, plan: Plan, posting: Posting, start: datetime, end: datetime
 ) -> int:
-    if ws.cancelled_at is not None or plan.included_units <= 0:
+    if not subscribed_at(ws.cancelled_at, start) or plan.included_units <= 0:
         return 0
     issued = 0
     for member in await _recipients(session, ws):
@@ -241,7 +241,7 @@ async def _issue_one_due_day(session: AsyncSession, now: datetime) -> bool:
         return False
     plan = await session.get_one(Plan, ws.plan_id)
     today = day_start(now)
-    if plan.daily_free_units > 0 and ws.cancelled_at is None:
+    if plan.daily_free_units > 0 and subscribed_at(ws.cancelled_at, today):
         posting = Posting(ws.id, Cause.GRANT, None, None, occurred_at=today)
         for member in await _recipients(session, ws):
             await _issue(session, ws, posting, source=GrantSource.DAILY_FREE, units=plan.daily_free_units,

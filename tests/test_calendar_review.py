@@ -1,0 +1,42 @@
+"""Review of how credits follow the calendar: period closes, plan changes and cancellation, the
+scheduler running late. Each test here first demonstrated a real bug (since fixed)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from tests.test_periods import (  # noqa: F401 - the periods database and its clock reset
+    balance,
+    clean,
+    closes_of,
+    month,
+    plan,
+    real_time,
+    workspace,
+    world,
+)
+
+CANCEL = 'mutation($ws: ID!) { cancelSubscription(input: {workspaceId: $ws}) { __typename } }'
+
+
+def allowances(b: dict) -> list[str]:
+    return sorted(g["remaining"] for g in b["grants"] if g["source"] == "PLAN_ALLOWANCE")
+
+
+# --- a change that comes after a boundary the scheduler has not closed yet ------------------------
+
+async def test_a_cancellation_after_a_boundary_the_tick_has_not_reached_keeps_that_periods_allowance(world):  # noqa: F811
+    """The period starting at a boundary began before a cancellation made ten minutes after it,
+    so it has its allowance however late the tick closes the boundary (a tick on time would
+    have issued it); the period after it, wholly after the cancellation, has none."""
+    key_ = await plan(world, includedCredits="100")
+    owner, ws = await workspace(world, key_)
+    world.clock.offset = month(1, timedelta(minutes=10))
+    async with world.client(owner) as api:
+        assert (await api(CANCEL, ws=ws))["cancelSubscription"]["__typename"] == "Workspace"
+    [closed] = closes_of(await world.tick(month(1, timedelta(minutes=30))), ws)
+    assert (closed.expired_units, closed.issued_units) == (100_000, 100_000)
+    assert allowances(await balance(world, owner, ws)) == ["100.000"]
+    [closed] = closes_of(await world.tick(month(2)), ws)
+    assert (closed.expired_units, closed.issued_units) == (100_000, 0)
+    await clean(world, ws)
