@@ -17,6 +17,10 @@ from tests.test_periods import (  # noqa: F401 - the periods database and its cl
 )
 
 CANCEL = 'mutation($ws: ID!) { cancelSubscription(input: {workspaceId: $ws}) { __typename } }'
+MODE = ('mutation($ws: ID!, $m: AllocationMode!) { updateWorkspace(input: {workspaceId: $ws, allocationMode: $m}) '
+        '{ __typename } }')
+CHANGE_PLAN = ('mutation($ws: ID!, $p: String!) { updateWorkspace(input: {workspaceId: $ws, planKey: $p}) '
+               '{ __typename } }')
 
 
 def allowances(b: dict) -> list[str]:
@@ -39,4 +43,37 @@ async def test_a_cancellation_after_a_boundary_the_tick_has_not_reached_keeps_th
     assert allowances(await balance(world, owner, ws)) == ["100.000"]
     [closed] = closes_of(await world.tick(month(2)), ws)
     assert (closed.expired_units, closed.issued_units) == (100_000, 0)
+    await clean(world, ws)
+
+
+async def test_a_plan_change_after_a_boundary_the_tick_has_not_reached_applies_from_the_next_one(world):  # noqa: F811
+    """A downgrade ten minutes after a boundary comes in the period that boundary started: that
+    period keeps the old plan's allowance (a tick on time issued it), the new plan's allowance
+    comes at the next boundary, however late the scheduler runs."""
+    rich, poor = await plan(world, includedCredits="100"), await plan(world, includedCredits="10")
+    owner, ws = await workspace(world, rich)
+    world.clock.offset = month(1, timedelta(minutes=10))
+    async with world.client(owner) as api:
+        assert (await api(CHANGE_PLAN, ws=ws, p=poor))["updateWorkspace"]["__typename"] == "Workspace"
+    closes_of(await world.tick(month(1, timedelta(minutes=30))), ws)
+    assert allowances(await balance(world, owner, ws)) == ["100.000"]
+    [closed] = closes_of(await world.tick(month(2)), ws)
+    assert (closed.expired_units, closed.issued_units) == (100_000, 10_000)
+    await clean(world, ws)
+
+
+async def test_a_mode_change_after_a_boundary_the_tick_has_not_reached_applies_from_the_next_one(world):  # noqa: F811
+    """The same for the allocation mode: the period a boundary started before the switch to
+    PER_SEAT has its allowance in the pool, where a tick on time put it."""
+    key_ = await plan(world, includedCredits="100")
+    owner, ws = await workspace(world, key_)
+    world.clock.offset = month(1, timedelta(minutes=10))
+    async with world.client(owner) as api:
+        assert (await api(MODE, ws=ws, m="PER_SEAT"))["updateWorkspace"]["__typename"] == "Workspace"
+    await world.tick(month(1, timedelta(minutes=30)))
+    b = await balance(world, owner, ws)
+    assert [(g["scope"], g["remaining"]) for g in b["grants"]] == [("WORKSPACE", "100.000")]
+    await world.tick(month(2))
+    b = await balance(world, owner, ws)
+    assert [(g["scope"], g["remaining"]) for g in b["grants"]] == [("SEAT", "100.000")]
     await clean(world, ws)

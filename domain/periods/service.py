@@ -225,6 +225,28 @@ async def _close_one_due_period(session: AsyncSession, now: datetime) -> PeriodC
     ws = await _claim_workspace(session, Workspace.next_renewal_at <= now)
     if ws is None:
         return None
+    return await _close_and_announce(session, ws)
+
+
+async def close_due_periods(session: AsyncSession, workspace_id: uuid.UUID, now: datetime) -> list[PeriodClose]:
+    """Close every boundary of a workspace due by `now`, in order, in this transaction. A change
+    to what a close reads (the plan, the allocation mode) runs it first, in a transaction of its
+    own: made after a boundary the scheduler has not reached yet, it would otherwise apply to
+    the period that boundary started (a late tick closing it under the new plan) and not from
+    the next boundary, as it does when the tick is on time. The row is claimed as the tick
+    claims it (FOR NO KEY UPDATE: spends in flight go on), but waiting, not skipping: a tick
+    closing it now is waited for, and then nothing is due any more."""
+    ws = (await session.execute(
+        select(Workspace).where(Workspace.id == workspace_id).with_for_update(key_share=True)
+        .execution_options(populate_existing=True)
+    )).scalar_one()
+    closes = []
+    while ws.next_renewal_at <= now:
+        closes.append(await _close_and_announce(session, ws))
+    return closes
+
+
+async def _close_and_announce(session: AsyncSession, ws: Workspace) -> PeriodClose:
     plan = await session.get_one(Plan, ws.plan_id)
     closed = await close_period(session, ws, plan)
     events.emit(session, ws.id, events.PERIOD_CLOSED, periodStart=closed.period_start.isoformat(),

@@ -29,7 +29,7 @@ from domain.db import Database
 from domain.errors import AlreadyMember, Forbidden, NotFound, ValidationFailed
 from domain.identity import clean_name, get_or_create_user
 from domain.periods.rules import next_day
-from domain.periods.service import open_workspace
+from domain.periods.service import close_due_periods, open_workspace
 from domain.plans import Plan, plan_by_key
 from domain.workspaces.models import AllocationMode, Member, Role, Seat, Workspace
 from domain.workspaces.rules import SeatUsage, check_owner_kept, check_seats
@@ -211,6 +211,14 @@ async def update_workspace(
         await session.flush()
         return ws
 
+    if plan_key is not None or allocation_mode is not None:
+        # The plan and the mode decide what a close issues, and to whom: the boundaries already
+        # due close first, under what held when they came (`close_due_periods`).
+        async def catch_up(session: AsyncSession) -> None:
+            await authorize(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
+            await close_due_periods(session, ws_id, caller.clock.now())
+
+        await db.transaction(catch_up)
     return await db.transaction(work)
 
 
