@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from domain.periods.rules import next_day
+
 from tests.test_periods import (  # noqa: F401 - the periods database and its clock reset
     balance,
     clean,
@@ -76,4 +78,21 @@ async def test_a_mode_change_after_a_boundary_the_tick_has_not_reached_applies_f
     await world.tick(month(2))
     b = await balance(world, owner, ws)
     assert [(g["scope"], g["remaining"]) for g in b["grants"]] == [("SEAT", "100.000")]
+    await clean(world, ws)
+
+
+async def test_a_plan_change_after_midnight_the_tick_has_not_reached_keeps_that_days_free_credits(world):  # noqa: F811
+    """Daily free credits follow the same rule: the day began under the old plan."""
+    daily, none = await plan(world, dailyFreeCredits="5"), await plan(world)
+    owner, ws = await workspace(world, daily)
+    now = world.clock.now()
+    after_midnight = next_day(now) - now + timedelta(minutes=10)
+    world.clock.offset = after_midnight
+    async with world.client(owner) as api:
+        assert (await api(CHANGE_PLAN, ws=ws, p=none))["updateWorkspace"]["__typename"] == "Workspace"
+    await world.tick(after_midnight + timedelta(minutes=20))
+    b = await balance(world, owner, ws)
+    assert [(g["source"], g["remaining"]) for g in b["grants"]] == [("DAILY_FREE", "5.000")]
+    await world.tick(after_midnight + timedelta(days=1))
+    assert (await balance(world, owner, ws))["grants"] == []
     await clean(world, ws)

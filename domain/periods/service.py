@@ -229,11 +229,11 @@ async def _close_one_due_period(session: AsyncSession, now: datetime) -> PeriodC
 
 
 async def close_due_periods(session: AsyncSession, workspace_id: uuid.UUID, now: datetime) -> list[PeriodClose]:
-    """Close every boundary of a workspace due by `now`, in order, in this transaction. A change
-    to what a close reads (the plan, the allocation mode) runs it first, in a transaction of its
-    own: made after a boundary the scheduler has not reached yet, it would otherwise apply to
-    the period that boundary started (a late tick closing it under the new plan) and not from
-    the next boundary, as it does when the tick is on time. The row is claimed as the tick
+    """Close every boundary of a workspace due by `now`, in order, and issue the day's free
+    credits if they are due, in this transaction. A change to what they read (the plan, the
+    allocation mode) runs it first, in a transaction of its own: made after a boundary (or
+    midnight) the scheduler has not reached yet, it would otherwise apply to the period (or day)
+    that boundary started, and not from the next one as it does when the tick is on time. The row is claimed as the tick
     claims it (FOR NO KEY UPDATE: spends in flight go on), but waiting, not skipping: a tick
     closing it now is waited for, and then nothing is due any more."""
     ws = (await session.execute(
@@ -243,6 +243,8 @@ async def close_due_periods(session: AsyncSession, workspace_id: uuid.UUID, now:
     closes = []
     while ws.next_renewal_at <= now:
         closes.append(await _close_and_announce(session, ws))
+    if _day_due(ws, now):  # the day's free credits too: their amount and recipients are the plan's and mode's
+        await _issue_day(session, ws, now)
     return closes
 
 
@@ -261,6 +263,15 @@ async def _issue_one_due_day(session: AsyncSession, now: datetime) -> bool:
     ws = await _claim_workspace(session, and_(Workspace.next_daily_at.is_not(None), Workspace.next_daily_at <= now))
     if ws is None:
         return False
+    await _issue_day(session, ws, now)
+    return True
+
+
+def _day_due(ws: Workspace, now: datetime) -> bool:
+    return ws.next_daily_at is not None and ws.next_daily_at <= now
+
+
+async def _issue_day(session: AsyncSession, ws: Workspace, now: datetime) -> None:
     plan = await session.get_one(Plan, ws.plan_id)
     today = day_start(now)
     if plan.daily_free_units > 0 and subscribed_at(ws.cancelled_at, today):
@@ -273,7 +284,6 @@ async def _issue_one_due_day(session: AsyncSession, now: datetime) -> bool:
         ws.next_daily_at = next_day(today)
     else:
         ws.next_daily_at = None
-    return True
 
 
 async def _expire_due_grants(session: AsyncSession, now: datetime, batch: int) -> int:
