@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from domain.periods.rules import next_day
 
+from tests.test_api_ledger import ADD, key
 from tests.test_periods import (  # noqa: F401 - the periods database and its clock reset
     balance,
     clean,
@@ -14,6 +15,7 @@ from tests.test_periods import (  # noqa: F401 - the periods database and its cl
     month,
     plan,
     real_time,
+    schedule,
     workspace,
     world,
 )
@@ -95,4 +97,26 @@ async def test_a_plan_change_after_midnight_the_tick_has_not_reached_keeps_that_
     assert [(g["source"], g["remaining"]) for g in b["grants"]] == [("DAILY_FREE", "5.000")]
     await world.tick(after_midnight + timedelta(days=1))
     assert (await balance(world, owner, ws))["grants"] == []
+    await clean(world, ws)
+
+
+async def test_a_creator_seat_added_after_a_boundary_the_tick_has_not_reached_waits_for_the_next_one(world):  # noqa: F811
+    """PER_SEAT: a creator seat added ten minutes after a boundary is added mid-period, so its
+    allowance comes at the next boundary (a tick on time had issued this period's before the
+    seat existed), and a creator removed then had its allowance for this period issued."""
+    key_ = await plan(world, includedCredits="100")
+    owner, ws = await workspace(world, key_, mode="PER_SEAT")
+    async with world.client(owner) as api:
+        leaving = (await api(ADD, ws=ws, email=f"l-{key()}@example.test", role="MEMBER", seat="CREATOR"))["addMember"]
+    world.clock.offset = month(1, timedelta(minutes=10))
+    async with world.client(owner) as api:
+        added = (await api(ADD, ws=ws, email=f"c-{key()}@example.test", role="MEMBER", seat="CREATOR"))["addMember"]
+        await api('mutation($m: ID!) { removeMember(input: {memberId: $m}) { __typename } }', m=leaving["id"])
+    await world.tick(month(1, timedelta(minutes=30)))
+    # The owner's seat and the one removed after the boundary.
+    assert (await schedule(world, owner, ws))["breakage"][0]["issued"] == "200.000"
+    b = await balance(world, owner, ws)
+    assert added["id"] not in {g["memberId"] for g in b["grants"]}
+    [closed] = closes_of(await world.tick(month(2)), ws)
+    assert closed.issued_units == 200_000  # the owner's seat and the one added
     await clean(world, ws)

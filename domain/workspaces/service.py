@@ -89,6 +89,28 @@ async def _authorized_lock(
     return ws, plan, me
 
 
+async def _close_due_periods(db: Database, caller: Caller, workspace_id: uuid.UUID, action: Action, *,
+                             what: str) -> None:
+    """Before a change to what a period close (or the day's free credits) reads: the plan, the
+    allocation mode, who holds a creator seat. The boundaries already due close first, under
+    what held when they came, in a transaction of their own (`periods.close_due_periods`), so
+    the change applies from the next boundary however late the scheduler runs. Authorized
+    first: an outsider triggers nothing and waits on nothing."""
+    async def work(session: AsyncSession) -> None:
+        await authorize(session, caller, workspace_id, action, what=what)
+        await close_due_periods(session, workspace_id, caller.clock.now())
+
+    await db.transaction(work)
+
+
+async def _close_due_periods_of_member(db: Database, caller: Caller, member_id: str) -> None:
+    """`_close_due_periods` before a change to a member's seat or their removal."""
+    mid = parse_id(member_id, "member")
+    found = await db.read(lambda session: session.get(Member, mid))
+    if found is not None and found.removed_at is None:
+        await _close_due_periods(db, caller, found.workspace_id, Action.MANAGE_MEMBERS, what="member")
+
+
 async def _usage(session: AsyncSession, workspace_id: uuid.UUID) -> SeatUsage:
     row = (
         await session.execute(
@@ -211,14 +233,8 @@ async def update_workspace(
         await session.flush()
         return ws
 
-    if plan_key is not None or allocation_mode is not None:
-        # The plan and the mode decide what a close issues, and to whom: the boundaries already
-        # due close first, under what held when they came (`close_due_periods`).
-        async def catch_up(session: AsyncSession) -> None:
-            await authorize(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
-            await close_due_periods(session, ws_id, caller.clock.now())
-
-        await db.transaction(catch_up)
+    if plan_key is not None or allocation_mode is not None:  # what a close issues, and to whom
+        await _close_due_periods(db, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
     return await db.transaction(work)
 
 
@@ -266,6 +282,8 @@ async def add_member(
         member.user = user
         return member
 
+    if seat is Seat.CREATOR:  # a creator seat receives allowances (PER_SEAT) from the next boundary
+        await _close_due_periods(db, caller, ws_id, Action.MANAGE_MEMBERS, what="workspace")
     return await db.transaction(work)
 
 
@@ -331,6 +349,7 @@ async def change_member_seat(db: Database, caller: Caller, *, member_id: str, se
         _member_event(session, target, "SEAT_CHANGED", caller, before)
         return await _with_user(session, target)
 
+    await _close_due_periods_of_member(db, caller, member_id)
     return await db.transaction(work)
 
 
@@ -349,6 +368,7 @@ async def remove_member(db: Database, caller: Caller, *, member_id: str) -> Memb
         await session.refresh(target)
         return await _with_user(session, target)
 
+    await _close_due_periods_of_member(db, caller, member_id)
     return await db.transaction(work)
 
 
