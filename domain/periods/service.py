@@ -235,7 +235,12 @@ async def close_due_periods(session: AsyncSession, workspace_id: uuid.UUID, now:
     midnight) the scheduler has not reached yet, it would otherwise apply to the period (or day)
     that boundary started, and not from the next one as it does when the tick is on time. The row is claimed as the tick
     claims it (FOR NO KEY UPDATE: spends in flight go on), but waiting, not skipping: a tick
-    closing it now is waited for, and then nothing is due any more."""
+    closing it now is waited for, and then nothing is due any more. Nothing due (nearly always),
+    it locks nothing."""
+    renews, daily = (await session.execute(
+        select(Workspace.next_renewal_at, Workspace.next_daily_at).where(Workspace.id == workspace_id))).one()
+    if renews > now and (daily is None or daily > now):
+        return []
     ws = (await session.execute(
         select(Workspace).where(Workspace.id == workspace_id).with_for_update(key_share=True)
         .execution_options(populate_existing=True)
