@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import strawberry
-from graphql import GraphQLError
-from graphql.validation import ASTValidationRule
+from graphql import ExecutionResult, GraphQLError, StringValueNode
+from graphql.validation import ASTValidationRule, ValidationRule
 from strawberry.extensions import (
     MaxAliasesLimiter,
     ParserCache,
@@ -40,6 +42,40 @@ Mutation = merge_types(
 )
 
 
+# What no text column can hold: PostgreSQL refuses NUL in text (and \u0000 in jsonb), and an
+# unpaired surrogate is no Unicode character at all (asyncpg cannot even encode it).
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+_UNSTORABLE_MESSAGE = "text may not contain NUL characters or unpaired surrogates"
+
+
+def unstorable_text(variables: dict[str, Any] | None) -> str | None:
+    """The path of the first string in the variables (at any depth, JSON values and their keys
+    included) that no text column can store, or None."""
+    stack: list[tuple[str, Any]] = [(f"${name}", value) for name, value in (variables or {}).items()]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if _UNSTORABLE.search(value):
+                return path
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(k, str) and _UNSTORABLE.search(k):
+                    return path
+                stack.append((f"{path}.{k}", v))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+    return None
+
+
+class StorableTextLiterals(ValidationRule):
+    """The same refusal for string literals written in the document itself."""
+
+    def enter_string_value(self, node: StringValueNode, *_args: Any) -> None:
+        if _UNSTORABLE.search(node.value):
+            self.report_error(GraphQLError(f"string literal: {_UNSTORABLE_MESSAGE}", node,
+                                           extensions={"code": "VALIDATION"}))
+
+
 class RequestRules(SchemaExtension):
     """What every operation gets besides the two caches, in one extension: Strawberry sets up
     every extension's hooks per request, which cost more than the work they do here (measured:
@@ -53,7 +89,10 @@ class RequestRules(SchemaExtension):
       expected domain failures raised where a field has no result union (a bad cursor in a
       query), become top-level errors with a `code` extension; any other exception from a
       resolver is masked (no SQL or stack text reaches a client) and logged. Request errors
-      (syntax, validation, limits) pass through unchanged."""
+      (syntax, validation, limits) pass through unchanged.
+    - Text that no column can store (a NUL character, an unpaired surrogate), in a variable or a
+      literal, refuses the whole operation before anything runs (code VALIDATION, HTTP 400):
+      PostgreSQL would refuse it halfway through a transaction, which surfaced as INTERNAL."""
 
     def __init__(self, max_tokens: int, rules: tuple[type[ASTValidationRule], ...]) -> None:
         self.max_tokens = max_tokens
@@ -67,6 +106,11 @@ class RequestRules(SchemaExtension):
         context.parse_options["max_tokens"] = self.max_tokens
         # The same tuple for the same rules: the validation cache's key.
         context.validation_rules = context.validation_rules + self.rules
+        where = unstorable_text(context.variables)
+        if where is not None:
+            # A result already set is what Strawberry returns instead of executing.
+            context.result = ExecutionResult(data=None, errors=[GraphQLError(
+                f"{where}: {_UNSTORABLE_MESSAGE}", extensions={"code": "VALIDATION", "field": where})])
         yield
         self._rewrite(context.result)
 
@@ -108,6 +152,7 @@ def build_schema(*, max_depth: int = 12, max_aliases: int = 15, max_tokens: int 
     limit_rules = (
         *QueryDepthLimiter(max_depth=max_depth).validation_rules,
         *MaxAliasesLimiter(max_alias_count=max_aliases).validation_rules,
+        StorableTextLiterals,
     )
     return CreditpoolSchema(
         query=Query,
