@@ -11,7 +11,7 @@ from strawberry.scalars import JSON
 from strawberry.types import Info
 
 from api.context import Context
-from api.errors import NotFoundError, ValidationError, result
+from api.errors import NotFoundError, ValidationError, optional_id, result
 from domain import pricing
 from domain.money import decimal_text
 from domain.pricing import rules
@@ -252,7 +252,7 @@ class CatalogQuery:
     async def model_prices(self, info: Info[Context, None], workspace_id: strawberry.ID | None = None) -> PriceList:
         caller = await info.context.caller()
         view = await prices.current_catalog(info.context.db, caller,
-                                            workspace_id=str(workspace_id) if workspace_id else None)
+                                            workspace_id=optional_id(workspace_id))
         return PriceList.of(view.catalog, view)
 
     @strawberry.field(description="Every price list version, newest first (old versions stay readable).")

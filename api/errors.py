@@ -128,6 +128,13 @@ def to_graphql_error(exc: de.DomainError) -> Error:
     raise TypeError(f"no GraphQL type for {type(exc).__name__}")  # a bug: masked as unexpected
 
 
+def optional_id(value: str | None) -> str | None:
+    """An optional id argument as the domain takes it: absent only when it is null. An empty
+    string is a (malformed, so unknown) id, never "no id": read as absent, an empty memberId
+    granted to the pool instead of a seat and an empty groupId took a member out of its group."""
+    return None if value is None else str(value)
+
+
 async def result(call: Awaitable[T], to_type: Callable[[T], R]) -> R | Any:
     """Run one domain call; map its value to the success type or its expected failure to the
     error type. Anything else propagates (auth errors become top-level, the rest is masked)."""

@@ -10,7 +10,7 @@ from strawberry.scalars import JSON
 from strawberry.types import Info
 
 from api.context import Context
-from api.errors import NotFoundError, OverageNotPending, ValidationError, result
+from api.errors import NotFoundError, OverageNotPending, ValidationError, optional_id, result
 from api.ledger import PageInfo
 from api.workspaces import Member, Workspace
 from domain.errors import NotFound
@@ -357,7 +357,7 @@ class GovernanceQuery:
         caller = await info.context.caller()
         try:
             page = await audit.audit_page(info.context.db, caller, workspace_id=str(workspace_id), first=first,
-                                          after=after, action=action, actor_id=str(actor_id) if actor_id else None,
+                                          after=after, action=action, actor_id=optional_id(actor_id),
                                           since=since, until=until)
         except NotFound:
             return None
@@ -391,7 +391,7 @@ class GovernanceMutation:
     async def assign_billing_group(self, info: Info[Context, None], input: AssignBillingGroupInput) -> AssignBillingGroupResult:
         caller = await info.context.caller()
         call = groups.assign_member(info.context.db, caller, member_id=str(input.member_id),
-                                    group_id=str(input.group_id) if input.group_id else None)
+                                    group_id=optional_id(input.group_id))
         return await result(call, Member.from_model)
 
     @strawberry.mutation(description="Owners and admins: set (or replace) a spend limit.")
@@ -399,8 +399,8 @@ class GovernanceMutation:
         caller = await info.context.caller()
         call = limits.set_spend_limit(
             info.context.db, caller, workspace_id=str(input.workspace_id), scope=input.scope, period=input.period,
-            amount=input.amount, action=input.action, member_id=str(input.member_id) if input.member_id else None,
-            billing_group_id=str(input.billing_group_id) if input.billing_group_id else None,
+            amount=input.amount, action=input.action, member_id=optional_id(input.member_id),
+            billing_group_id=optional_id(input.billing_group_id),
         )
         return await result(call, SpendLimit.of)
 
@@ -416,7 +416,7 @@ class GovernanceMutation:
         caller = await ctx.caller()
         call = overages.request_overage(
             ctx.db, caller, workspace_id=str(input.workspace_id), amount=input.amount, reason=input.reason,
-            limit_id=str(input.limit_id) if input.limit_id else None, model_key=input.model_key,
+            limit_id=optional_id(input.limit_id), model_key=input.model_key,
             ttl=ctx.overage_ttl,
         )
         return await result(call, OverageRequest.of)

@@ -23,6 +23,7 @@ from api.errors import (
     PaymentReferenceUsed,
     SpendLimitExceeded,
     ValidationError,
+    optional_id,
     result,
 )
 from domain.errors import NotFound
@@ -465,8 +466,8 @@ class LedgerQuery:
                 info.context.db, caller, workspace_id=str(workspace_id), first=first, after=after,
                 filter=queries.LedgerFilter(
                     kinds=list(f.kinds) if f.kinds else None,
-                    member_id=str(f.member_id) if f.member_id else None,
-                    generation_id=str(f.generation_id) if f.generation_id else None,
+                    member_id=optional_id(f.member_id),
+                    generation_id=optional_id(f.generation_id),
                     since=f.since, until=f.until,
                 ),
             )
@@ -486,7 +487,7 @@ class LedgerQuery:
         try:
             page = await queries.generations_page(
                 info.context.db, caller, workspace_id=str(workspace_id), first=first, after=after, status=status,
-                member_id=str(member_id) if member_id else None,
+                member_id=optional_id(member_id),
             )
         except NotFound:
             return None
@@ -528,7 +529,7 @@ class LedgerMutation:
         call = ledger.grant_credits(
             ctx.db, caller, workspace_id=str(input.workspace_id), amount=input.amount, source=input.source,
             reason=input.reason, idempotency_key=input.idempotency_key,
-            member_id=str(input.member_id) if input.member_id else None, expires_at=input.expires_at,
+            member_id=optional_id(input.member_id), expires_at=input.expires_at,
             effective_at=input.effective_at, priority=input.priority, external_ref=input.external_reference,
         )
         return await result(call, Grant.from_model)
@@ -540,10 +541,10 @@ class LedgerMutation:
         call = ledger.transfer_credits(
             ctx.db, caller, workspace_id=str(input.workspace_id), amount=input.amount,
             idempotency_key=input.idempotency_key,
-            from_member_id=str(input.from_member_id) if input.from_member_id else None,
-            to_member_id=str(input.to_member_id) if input.to_member_id else None,
-            from_group_id=str(input.from_billing_group_id) if input.from_billing_group_id else None,
-            to_group_id=str(input.to_billing_group_id) if input.to_billing_group_id else None,
+            from_member_id=optional_id(input.from_member_id),
+            to_member_id=optional_id(input.to_member_id),
+            from_group_id=optional_id(input.from_billing_group_id),
+            to_group_id=optional_id(input.to_billing_group_id),
         )
         return await result(call, Transfer.from_result)
 
@@ -553,7 +554,7 @@ class LedgerMutation:
         call = ledger.start_generation(
             ctx.db, await ctx.who(), workspace_id=str(input.workspace_id), model_key=input.model_key,
             idempotency_key=input.idempotency_key, parameters=input.parameters,
-            on_behalf_of_member_id=str(input.on_behalf_of_member_id) if input.on_behalf_of_member_id else None,
+            on_behalf_of_member_id=optional_id(input.on_behalf_of_member_id),
             payments=ctx.payments,
         )
         return await result(call, Generation.from_result)

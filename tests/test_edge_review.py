@@ -50,3 +50,47 @@ async def test_a_nul_written_into_the_document_is_refused_too(db, client):
     async with client(team.owner) as api:
         error = await _refused(api, 'mutation { createWorkspace(input: {name: "a\\u0000b"}) { __typename } }')
     assert error["extensions"]["code"] == "VALIDATION", error
+
+
+ASSIGN = """
+mutation($m: ID!, $g: ID) {
+  assignBillingGroup(input: {memberId: $m, groupId: $g}) { __typename ... on Member { billingGroupId } ... on Error { code message } }
+}"""
+
+
+async def test_an_empty_id_is_an_unknown_id_never_a_missing_one(db, client):
+    # Optional ids were passed on only when truthy: "" (a client's unset text field) read as
+    # null. A grant meant for a seat landed in the pool, an assignment took the member out of
+    # its group, a creator's start "on behalf of" someone started for themselves.
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    creator, member = team.creators[0]
+    async with client(team.operator) as api:
+        out = (await api(GRANT, ws=team.ws, amount="5", key=key(), source="PROMOTION", priority=100,
+                         member=""))["grantCredits"]
+    assert (out["__typename"], out["message"]) == ("NotFoundError", "member not found"), out
+    async with client(team.owner) as api:
+        group = (await api('mutation($ws: ID!) { createBillingGroup(input: {workspaceId: $ws, name: "G"}) '
+                           '{ ... on BillingGroup { id } } }', ws=team.ws))["createBillingGroup"]["id"]
+        assert (await api(ASSIGN, m=member, g=group))["assignBillingGroup"]["billingGroupId"] == group
+        out = (await api(ASSIGN, m=member, g=""))["assignBillingGroup"]
+        assert (out["__typename"], out["message"]) == ("NotFoundError", "billing group not found"), out
+        out = (await api(TRANSFER_TO, ws=team.ws, amount="1", key=key(), to=""))["transferCredits"]
+        assert (out["__typename"], out["message"]) == ("NotFoundError", "member not found"), out
+    async with client(creator) as api:
+        out = (await api(START, ws=team.ws, model="sdxl", key=key(), **{"for": ""}))["startGeneration"]
+    assert (out["__typename"], out["message"]) == ("NotFoundError", "member not found"), out
+    async with client(team.owner) as api:
+        members = (await api('query($ws: ID!) { workspace(id: $ws) { members { id billingGroupId } } }',
+                             ws=team.ws))["workspace"]["members"]
+    assert {m["id"]: m["billingGroupId"] for m in members}[member] == group
+    b = await balance(client, team.owner, team.ws)
+    assert (b["available"], b["held"], len(b["grants"])) == ("100.000", "0.000", 1)
+
+
+TRANSFER_TO = """
+mutation($ws: ID!, $amount: String!, $key: String!, $to: ID) {
+  transferCredits(input: {workspaceId: $ws, amount: $amount, idempotencyKey: $key, toMemberId: $to}) {
+    __typename ... on Error { message code }
+  }
+}"""

@@ -53,7 +53,7 @@ async def audit_page(
             conds.append(AuditEntry.id < int(after_id))
         if action:
             conds.append(AuditEntry.action.startswith(action, autoescape=True))
-        if actor_id:
+        if actor_id is not None:
             conds.append(AuditEntry.actor_id == parse_id(actor_id, "actor"))
         if since:
             conds.append(AuditEntry.occurred_at >= since)

@@ -236,9 +236,9 @@ async def ledger_page(
             conds.append(LedgerEntry.id < int(after_id))
         if f.kinds:
             conds.append(LedgerEntry.kind.in_(f.kinds))
-        if f.member_id:
+        if f.member_id is not None:
             conds.append(LedgerEntry.member_id == parse_id(f.member_id, "member"))
-        if f.generation_id:
+        if f.generation_id is not None:
             conds.append(LedgerEntry.generation_id == parse_id(f.generation_id, "generation"))
         if f.since:
             conds.append(LedgerEntry.created_at >= f.since)
@@ -273,7 +273,7 @@ async def generations_page(
             conds.append(Generation.member_id == (me.id if me else None))
         if status is not None:
             conds.append(Generation.status == status)
-        if member_id:
+        if member_id is not None:
             conds.append(Generation.member_id == parse_id(member_id, "member"))
         if after_value is not None:
             ts, _, gid = after_value.partition("|")

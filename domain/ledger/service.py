@@ -431,7 +431,7 @@ async def grant_credits(
         if value is not None and value.tzinfo is None:
             raise ValidationFailed(name, "must include a time zone")
     request = {"workspace": str(ws_id), "amount": units, "source": source.value, "reason": reason,
-               "member": str(parse_id(member_id, "member")) if member_id else None, "expires": expires_at, "effective": effective_at, "priority": priority,
+               "member": str(parse_id(member_id, "member")) if member_id is not None else None, "expires": expires_at, "effective": effective_at, "priority": priority,
                "ref": external_ref}
 
     async def work(session: AsyncSession) -> Grant:
@@ -447,7 +447,7 @@ async def grant_credits(
         starts = effective_at or now
         if expires_at is not None and expires_at <= max(starts, now):
             raise ValidationFailed("expiresAt", "must be after the grant becomes effective and in the future")
-        member = await _seat_member(session, ws_id, member_id, "memberId") if member_id else None
+        member = await _seat_member(session, ws_id, member_id, "memberId") if member_id is not None else None
         grant = Grant(
             id=grant_id, workspace_id=ws_id, scope=Scope.SEAT if member else Scope.WORKSPACE,
             member_id=member.id if member else None, source=source, priority=priority, effective_at=starts,
@@ -506,15 +506,16 @@ async def transfer_credits(
     when the source is a group) everything spendable there moves."""
     ws_id = parse_id(workspace_id, "workspace")
     key = idempotency.check_key(idempotency_key)
-    if from_member_id and from_group_id or to_member_id and to_group_id:
+    # An empty id is an unknown id, not an absent one (parse_id refuses it below).
+    if from_member_id is not None and from_group_id is not None or to_member_id is not None and to_group_id is not None:
         raise ValidationFailed("toMemberId", "a side is a seat, a group or the pool, not two of them")
-    if amount is None and not from_group_id:
+    if amount is None and from_group_id is None:
         raise ValidationFailed("amount", "required unless releasing a group's reservation")
     units = parse_credits(amount, "amount") if amount is not None else None
-    source_side = ("member", str(parse_id(from_member_id, "member"))) if from_member_id else \
-        ("group", str(parse_id(from_group_id, "billing group"))) if from_group_id else ("pool", None)
-    target_side = ("member", str(parse_id(to_member_id, "member"))) if to_member_id else \
-        ("group", str(parse_id(to_group_id, "billing group"))) if to_group_id else ("pool", None)
+    source_side = ("member", str(parse_id(from_member_id, "member"))) if from_member_id is not None else \
+        ("group", str(parse_id(from_group_id, "billing group"))) if from_group_id is not None else ("pool", None)
+    target_side = ("member", str(parse_id(to_member_id, "member"))) if to_member_id is not None else \
+        ("group", str(parse_id(to_group_id, "billing group"))) if to_group_id is not None else ("pool", None)
     if source_side == target_side:
         raise ValidationFailed("toMemberId", "source and destination are the same")
     request = {"workspace": str(ws_id), "amount": units, "from": list(source_side), "to": list(target_side)}
@@ -877,7 +878,7 @@ async def start_generation(
     req = await validated(db, who, lambda: StartRequest(
         ws_id=parse_id(workspace_id, "workspace"), key=idempotency.check_key(idempotency_key), model_key=model_key,
         parameters=parameters, parameters_json=_check_parameters(parameters),
-        target_id=parse_id(on_behalf_of_member_id, "member") if on_behalf_of_member_id else None,
+        target_id=parse_id(on_behalf_of_member_id, "member") if on_behalf_of_member_id is not None else None,
     ))
     holds = db.coalescer("holds", write_holds)
     started = await db.autocommit(lambda sql: reserve_at_once(sql, who, req, holds))
