@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from domain.errors import ValidationFailed
@@ -25,6 +27,37 @@ def decode_cursor(cursor: str | None, kind: str) -> str | None:
     if prefix != kind or not value:
         raise ValidationFailed("after", "not a cursor from this list")
     return value
+
+
+def _not_ours() -> ValidationFailed:
+    return ValidationFailed("after", "not a cursor from this list")
+
+
+def decode_id_cursor(cursor: str | None, kind: str) -> int | None:
+    """A cursor over a bigint id. Decoded before any query: a tampered value (not a number, or
+    past bigint) is the same refusal as a foreign cursor, not an error from the database."""
+    value = decode_cursor(cursor, kind)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()) or int(value) > 2**63 - 1:
+        raise _not_ours()
+    return int(value)
+
+
+def decode_time_cursor(cursor: str | None, kind: str) -> tuple[datetime, uuid.UUID] | None:
+    """A cursor over (an aware time, a uuid), as `encode_cursor(kind, f"{at.isoformat()}|{id}")`."""
+    value = decode_cursor(cursor, kind)
+    if value is None:
+        return None
+    at_text, _, id_text = value.partition("|")
+    try:
+        at, row_id = datetime.fromisoformat(at_text), uuid.UUID(id_text)
+        if at.tzinfo is None:
+            raise ValueError("naive")
+        at.astimezone(UTC)  # an instant outside the years PostgreSQL and Python share
+    except (ValueError, OverflowError):
+        raise _not_ours() from None
+    return at, row_id
 
 
 def page_size(first: int) -> int:

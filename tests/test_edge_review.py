@@ -4,6 +4,8 @@ was quietly read as something else)."""
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from gql.transport.exceptions import TransportQueryError
 
@@ -94,3 +96,25 @@ mutation($ws: ID!, $amount: String!, $key: String!, $to: ID) {
     __typename ... on Error { message code }
   }
 }"""
+
+
+def _cursor(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize(("field", "cursor"), [
+    ("auditLog", "audit:xyz"),
+    ("auditLog", "audit:1e3"),
+    ("ledger", "entry:99999999999999999999"),
+    ("generations", "generation:0001-01-01T00:00:00+14:00|00000000-0000-0000-0000-000000000000"),
+    ("generations", "generation:2025-01-01T00:00:00|00000000-0000-0000-0000-000000000000"),
+])
+async def test_a_tampered_cursor_is_refused_like_a_foreign_one(db, client, field, cursor):
+    # A cursor is base64 the client can rewrite: its value went into int() or fromisoformat()
+    # inside the query, and what slipped past (a word in an audit cursor, a number past bigint,
+    # a time outside the years PostgreSQL shares with Python) answered INTERNAL.
+    team = await make_team(db, client, creators=0)
+    async with client(team.owner) as api:
+        error = await _refused(api, f'query($ws: ID!, $after: String) {{ {field}(workspaceId: $ws, after: $after) '
+                                    '{ pageInfo { hasNextPage } } }', ws=team.ws, after=_cursor(cursor))
+    assert (error["extensions"]["code"], error["message"]) == ("VALIDATION", "after: not a cursor from this list")

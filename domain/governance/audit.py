@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from domain.access import Caller, authorize, parse_id
 from domain.db import Database
 from domain.governance.models import AuditEntry
-from domain.pages import Page, decode_cursor, encode_cursor, page_size
+from domain.pages import Page, decode_id_cursor, encode_cursor, page_size
 from policies import Action
 
 
@@ -44,13 +44,13 @@ async def audit_page(
     """Newest first; filter by action (prefix match: "member." lists every member change), actor, time."""
     ws_id = parse_id(workspace_id, "workspace")
     size = page_size(first)
-    after_id = decode_cursor(after, "audit")
+    after_id = decode_id_cursor(after, "audit")
 
     async def work(session: AsyncSession) -> Page:
         await authorize(session, caller, ws_id, Action.VIEW_AUDIT_LOG, what="workspace")
         conds = [AuditEntry.workspace_id == ws_id]
         if after_id is not None:
-            conds.append(AuditEntry.id < int(after_id))
+            conds.append(AuditEntry.id < after_id)
         if action:
             conds.append(AuditEntry.action.startswith(action, autoescape=True))
         if actor_id is not None:
