@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import dateutil.parser
 import strawberry
 from graphql import ExecutionResult, GraphQLError, StringValueNode
 from graphql.validation import ASTValidationRule, ValidationRule
@@ -18,6 +20,8 @@ from strawberry.extensions import (
     SchemaExtension,
     ValidationCache,
 )
+from strawberry.schema.types.base_scalars import wrap_parser
+from strawberry.types.scalar import ScalarDefinition
 from strawberry.tools import merge_types
 
 from api.catalog import CatalogMutation, CatalogQuery
@@ -39,6 +43,26 @@ Query = merge_types(
 Mutation = merge_types(
     "Mutation",
     (IdentityMutation, WorkspaceMutation, LedgerMutation, CatalogMutation, PeriodsMutation, GovernanceMutation),
+)
+
+
+def _instant(value: str) -> datetime:
+    at = dateutil.parser.isoparse(value)
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError("it needs a time zone: Z or an offset such as +02:00")
+    at.astimezone(UTC)  # OverflowError: outside the years Python (and so the driver) can hold in UTC
+    return at
+
+
+# Every DateTime input is an instant. A value without a zone was read in the server's own zone
+# by the driver (a ledger or audit filter moved with the host's TZ), and one whose UTC time falls
+# outside year 1..9999 (0001-01-01T00:00+14:00) failed in the driver as INTERNAL: both are refused
+# where the value is parsed, like any other value that is no DateTime.
+AWARE_DATETIME = ScalarDefinition(
+    name="DateTime", description="Date with time (isoformat), with a time zone (Z or an offset).",
+    specified_by_url=None, serialize=datetime.isoformat,
+    parse_value=wrap_parser(_instant, "DateTime", exceptions=(ValueError, OverflowError)), parse_literal=None,
+    origin=datetime,
 )
 
 
@@ -155,6 +179,7 @@ def build_schema(*, max_depth: int = 12, max_aliases: int = 15, max_tokens: int 
         StorableTextLiterals,
     )
     return CreditpoolSchema(
+        scalar_overrides={datetime: AWARE_DATETIME},
         query=Query,
         mutation=Mutation,
         subscription=Subscription,

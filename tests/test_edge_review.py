@@ -118,3 +118,26 @@ async def test_a_tampered_cursor_is_refused_like_a_foreign_one(db, client, field
         error = await _refused(api, f'query($ws: ID!, $after: String) {{ {field}(workspaceId: $ws, after: $after) '
                                     '{ pageInfo { hasNextPage } } }', ws=team.ws, after=_cursor(cursor))
     assert (error["extensions"]["code"], error["message"]) == ("VALIDATION", "after: not a cursor from this list")
+
+
+@pytest.mark.parametrize(("at", "why"), [
+    ("0001-01-01T00:00:00+14:00", "year"), ("9999-12-31T23:59:59-14:00", "year"),
+    ("2030-01-01T00:00:00", "time zone"), ("2030-01-01", "time zone"),
+])
+async def test_a_datetime_without_a_zone_or_outside_the_years_is_refused_where_it_is_parsed(db, client, at, why):
+    # A DateTime whose UTC time falls outside year 1..9999 failed in the driver (INTERNAL, for
+    # grantCredits, publishPriceList, and the ledger and audit filters); one without a zone was
+    # read by the driver in the server's own time zone (a filter moved with the host's TZ).
+    team = await make_team(db, client, creators=0)
+    async with client(team.owner) as api:
+        error = await _refused(api, 'query($ws: ID!, $at: DateTime) { ledger(workspaceId: $ws, filter: {since: $at}) '
+                                    '{ pageInfo { hasNextPage } } }', ws=team.ws, at=at)
+        assert "Value cannot represent a DateTime" in error["message"], error
+        error = await _refused(api, 'query($ws: ID!, $at: DateTime) { auditLog(workspaceId: $ws, until: $at) '
+                                    '{ pageInfo { hasNextPage } } }', ws=team.ws, at=at)
+        assert "Value cannot represent a DateTime" in error["message"], error
+    async with client(team.operator) as api:
+        error = await _refused(api, GRANT, ws=team.ws, amount="5", key=key(), source="PROMOTION", priority=100,
+                               expires=at)
+        assert "Value cannot represent a DateTime" in error["message"], error
+    assert (await balance(client, team.owner, team.ws))["grants"] == []
