@@ -193,9 +193,9 @@ class ModelPriceInput:
             spec["input_type_multipliers"] = {t.name: t.multiplier for t in self.input_type_multipliers}
         if self.file_tiers:
             spec["file_tiers"] = [{"above_mb": t.above_mb, "rate_factor": t.rate_factor} for t in self.file_tiers]
-        if self.defaults:
+        if self.defaults is not None:
             spec["defaults"] = self.defaults
-        if self.limits:
+        if self.limits is not None:
             spec["limits"] = self.limits
         return spec
 

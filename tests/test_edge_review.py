@@ -141,3 +141,46 @@ async def test_a_datetime_without_a_zone_or_outside_the_years_is_refused_where_i
                                expires=at)
         assert "Value cannot represent a DateTime" in error["message"], error
     assert (await balance(client, team.owner, team.ws))["grants"] == []
+
+
+PUBLISH = """
+mutation($input: PublishPriceListInput!) {
+  publishPriceList(input: $input) { __typename ... on PriceList { version } ... on ValidationError { field message } }
+}"""
+PRICE_LISTS = "{ priceLists { version } }"
+
+
+@pytest.mark.parametrize("spec", [{"limits": [1, 2]}, {"limits": "seconds"}, {"defaults": 5}, {"defaults": [0]},
+                                  {"defaults": ""}],
+                         ids=["list", "text", "number", "list-defaults", "empty-text"])
+async def test_price_list_defaults_and_limits_that_are_no_object_are_refused(db, client, spec):
+    # A model's defaults and limits are JSON: a list, a string or a number answered INTERNAL
+    # (dict() of it), and a falsy one ("", 0, []) was silently dropped.
+    team = await make_team(db, client, creators=0)
+    model = {"modelKey": "edge-test", "displayName": "Edge", "vendor": "t", "modality": "VIDEO", "perSecond": "1",
+             "defaults": {"seconds": 5}, "limits": {"seconds": 10}, **spec}
+    async with client(team.operator) as api:
+        before = (await api(PRICE_LISTS))["priceLists"][0]
+        out = (await api(PUBLISH, input={"models": [model]}))["publishPriceList"]
+        assert out["__typename"] == "ValidationError", out
+        assert out["field"] == f"models.edge-test.{next(iter(spec))}", out
+        assert (await api(PRICE_LISTS))["priceLists"][0] == before
+
+
+@pytest.mark.parametrize("where", ["workspace", "time window"])
+async def test_a_timezone_name_too_long_for_a_file_is_an_unknown_timezone(db, client, where):
+    # zoneinfo looks the name up as a file: one longer than a file name raised OSError, which
+    # neither check caught (INTERNAL).
+    team = await make_team(db, client, creators=0)
+    zone = "Europe/" + "x" * 300
+    if where == "workspace":
+        async with client(team.owner) as api:
+            out = (await api('mutation($ws: ID!, $tz: String) { updateWorkspace(input: {workspaceId: $ws, timezone: $tz}) '
+                             '{ __typename ... on ValidationError { field message } } }', ws=team.ws, tz=zone))
+        out = out["updateWorkspace"]
+    else:
+        window = {"name": "w", "start": "09:00", "end": "17:00", "multiplier": "2", "timezone": zone}
+        model = {"modelKey": "edge-tz", "displayName": "Edge", "vendor": "t", "modality": "IMAGE", "base": "1"}
+        async with client(team.operator) as api:
+            out = (await api(PUBLISH, input={"models": [model], "timeWindows": [window]}))["publishPriceList"]
+    assert (out["__typename"], out["field"]) == ("ValidationError", "timezone"), out

@@ -14,7 +14,7 @@ from domain.governance.models import LimitPeriod
 def check_timezone(name: str) -> str:
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
+    except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):  # OSError: a name too long for a file name
         raise ValidationFailed("timezone", f"unknown IANA timezone {name!r}") from None
     return name
 

@@ -288,6 +288,9 @@ class PriceSpec:
             raise ValidationFailed("file_tiers", "two tiers start at the same size")
         put(self, "file_tiers", tiers)
 
+        for name in ("limits", "defaults"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise ValidationFailed(name, "must be an object of parameter names")
         metered = metered_parameters(self)
         limits: dict[str, Decimal] = {}
         for key, value in dict(self.limits).items():
@@ -331,7 +334,7 @@ class TimeWindow:
         object.__setattr__(self, "multiplier", _spec_figure(self.multiplier, "multiplier"))
         try:
             ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError, TypeError):
+        except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):  # OSError: a name too long for a file name
             raise ValidationFailed("timezone", f"unknown IANA timezone {self.timezone!r}") from None
         if self.weekdays is not None:
             days = frozenset(self.weekdays)
