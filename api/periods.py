@@ -99,7 +99,7 @@ class PeriodsQuery:
         caller = await info.context.caller()
         try:
             s = await periods.schedule(info.context.db, caller, workspace_id=str(workspace_id),
-                                       periods=max(1, min(periods_back, 120)))
+                                       periods=periods_back)
         except NotFound:
             return None
         return CreditSchedule.of(s)

@@ -47,6 +47,8 @@ Mutation = merge_types(
 
 
 def _instant(value: str) -> datetime:
+    # The parser Strawberry's own DateTime scalar uses (python-dateutil is its dependency, and
+    # Strawberry is pinned), so every value it accepted with a zone is read the same.
     at = dateutil.parser.isoparse(value)
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError("it needs a time zone: Z or an offset such as +02:00")

@@ -184,3 +184,16 @@ async def test_a_timezone_name_too_long_for_a_file_is_an_unknown_timezone(db, cl
         async with client(team.operator) as api:
             out = (await api(PUBLISH, input={"models": [model], "timeWindows": [window]}))["publishPriceList"]
     assert (out["__typename"], out["field"]) == ("ValidationError", "timezone"), out
+
+
+@pytest.mark.parametrize("periods_back", [0, -1, 121])
+async def test_a_schedule_asked_for_periods_out_of_range_is_refused_not_clamped(db, client, periods_back):
+    # It was answered as 1 (or 120) periods without a word, unlike every other range argument.
+    team = await make_team(db, client, creators=0)
+    async with client(team.owner) as api:
+        error = await _refused(api, 'query($ws: ID!, $n: Int!) { creditSchedule(workspaceId: $ws, periodsBack: $n) '
+                                    '{ nextRenewalAt } }', ws=team.ws, n=periods_back)
+        ok = await api('query($ws: ID!) { creditSchedule(workspaceId: $ws, periodsBack: 120) { breakage { expired } } }',
+                       ws=team.ws)
+    assert (error["extensions"]["code"], error["message"]) == ("VALIDATION", "periodsBack: must be between 1 and 120")
+    assert ok["creditSchedule"]["breakage"] == []

@@ -22,6 +22,7 @@ from domain import events
 from domain.access import Caller, authorize, parse_id
 from domain.clock import Clock
 from domain.db import Database
+from domain.errors import ValidationFailed
 from domain.governance.automation import buy_due_top_ups, refresh_alerts
 from domain.governance.overages import lapse_pending
 from domain.ledger.consumption import Scope
@@ -351,10 +352,15 @@ class Schedule:
     breakage: list[Breakage]
 
 
+MAX_PERIODS_BACK = 120  # ten years of monthly breakage
+
+
 async def schedule(db: Database, caller: Caller, *, workspace_id: str, periods: int = 12) -> Schedule:
     """The next renewal, what each live bucket will do at it ("120 roll over, 30 expire"), and
     the breakage (credits lost to expiry) of the last closed periods."""
     ws_id = parse_id(workspace_id, "workspace")
+    if not 1 <= periods <= MAX_PERIODS_BACK:  # refused like any bad argument, never quietly clamped
+        raise ValidationFailed("periodsBack", f"must be between 1 and {MAX_PERIODS_BACK}")
 
     async def work(session: AsyncSession) -> Schedule:
         await authorize(session, caller, ws_id, Action.VIEW_BALANCE, what="workspace")
