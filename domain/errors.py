@@ -110,8 +110,8 @@ class Forbidden(AuthError):
 class InsufficientCredits(DomainError):
     code = "INSUFFICIENT_CREDITS"
 
-    def __init__(self, needed: int, available: int) -> None:
-        super().__init__("not enough credits for this generation")
+    def __init__(self, needed: int, available: int, *, what: str = "this generation") -> None:
+        super().__init__(f"not enough credits for {what}")
         self.needed = needed  # units
         self.available = available  # units
 

@@ -484,6 +484,7 @@ async def test_transfers_move_credits_with_entries_on_both_sides_and_keep_expiry
         assert new["expiresAt"] == src["expiresAt"]
         back = (await api(TRANSFER, ws=team.ws, amount="100", key=key(), **{"from": seat}))["transferCredits"]
         assert back["__typename"] == "InsufficientCredits" and back["available"] == "15.000"
+        assert back["message"] == "not enough credits for this transfer"  # not "for this generation"
         entries = (await api(
             'query($ws: ID!) { ledger(workspaceId: $ws, filter: {kinds: [TRANSFER_OUT, GRANT]}) '
             '{ edges { node { kind amount grantId transferId cause } } } }', ws=team.ws))["ledger"]["edges"]

@@ -555,11 +555,12 @@ async def transfer_credits(
         buckets = _spendable_buckets(rows)
         wanted = units if units is not None else sum(b.available for b in buckets)
         if wanted == 0:
-            raise InsufficientCredits(0, 0) if units is None else ValidationFailed("amount", "nothing to move")
+            raise InsufficientCredits(0, 0, what="this transfer") if units is None else \
+                ValidationFailed("amount", "nothing to move")
         try:
             draws = plan_draws(buckets, wanted, now)
         except NotEnough as short:
-            raise InsufficientCredits(short.needed, short.available) from None
+            raise InsufficientCredits(short.needed, short.available, what="this transfer") from None
         posting = Posting(ws_id, Cause.TRANSFER, caller.actor.user_id, key, transfer_id=transfer_id, occurred_at=now)
         new_scope = Scope.SEAT if target else Scope.GROUP if target_group else Scope.WORKSPACE
         for draw in draws:
@@ -599,6 +600,7 @@ async def _transfer_result(session: AsyncSession, ws_id: uuid.UUID, transfer_id:
     entries = (
         await session.execute(
             select(LedgerEntry).where(LedgerEntry.workspace_id == ws_id, LedgerEntry.transfer_id == transfer_id)
+            .order_by(LedgerEntry.id)  # the order they were written: a replay lists the grants alike
         )
     ).scalars().all()
     outs = [e for e in entries if e.kind is EntryKind.TRANSFER_OUT]
