@@ -53,6 +53,47 @@ def asyncpg_dsn(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
+class HeldLock:
+    """Another transaction, on a connection of its own, holding a row lock (`mode`) as concurrent
+    work does (a member change holds its workspace row FOR UPDATE, a spend in flight its member
+    row FOR KEY SHARE...): for tests of who must wait on it, who must not, and what is seen once
+    it commits. `conn` is that transaction's connection, to change rows under the lock."""
+
+    def __init__(self, database_url: str, table: str, row_id: str | uuid.UUID, mode: str = "FOR UPDATE",
+                 *, timeout: float = 10) -> None:
+        self.database_url, self.table, self.mode, self.timeout = database_url, table, mode, timeout
+        self.row = row_id if isinstance(row_id, uuid.UUID) else uuid.UUID(row_id)
+
+    async def __aenter__(self) -> HeldLock:
+        self.conn = await asyncpg.connect(asyncpg_dsn(self.database_url))
+        self.tx = self.conn.transaction()
+        await self.tx.start()
+        assert await self.conn.fetchval(f"SELECT 1 FROM {self.table} WHERE id = $1 {self.mode}", self.row)
+        return self
+
+    async def waited_on(self) -> None:
+        """Until another session waits for a lock this transaction holds."""
+        watcher = await asyncpg.connect(asyncpg_dsn(self.database_url))
+        try:
+            async with asyncio.timeout(self.timeout):
+                while not await watcher.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                    self.conn.get_server_pid(),
+                ):
+                    await asyncio.sleep(0.02)
+        finally:
+            await watcher.close()
+
+    async def commit(self) -> None:
+        await self.tx.commit()
+        self.tx = None
+
+    async def __aexit__(self, *exc) -> None:
+        if self.tx is not None:
+            await self.tx.rollback()
+        await self.conn.close()
+
+
 class PgServer:
     """A PostgreSQL server the tests may create databases on."""
 

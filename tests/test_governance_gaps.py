@@ -9,7 +9,6 @@ import asyncio
 import uuid
 from pathlib import Path
 
-import asyncpg
 import pytest
 from gql.transport.exceptions import TransportQueryError
 
@@ -18,7 +17,7 @@ from domain.access import Caller
 from domain.governance import overages
 from domain.workspaces.models import Role, Seat
 from policies import MEMBER_ROLES, MEMBER_SEATS, MODEL_PATH, POLICY_PATH, Action, Authorizer
-from tests.conftest import asyncpg_dsn, new_user
+from tests.conftest import HeldLock, new_user
 from tests.test_api_ledger import ADD, TRANSFER, grant, key, make_team
 from tests.test_api_governance import REQUEST, SET_LIMIT
 
@@ -168,49 +167,12 @@ async def answer(client, token: str, name: str, **variables) -> dict:
     return out[name]
 
 
-class WorkspaceLock:
-    """Another transaction holding a workspace's row lock (FOR UPDATE), as a member change in
-    flight does, on its own connection."""
-
-    def __init__(self, database_url: str, ws: str) -> None:
-        self.database_url, self.ws = database_url, uuid.UUID(ws)
-
-    async def __aenter__(self) -> WorkspaceLock:
-        self.conn = await asyncpg.connect(asyncpg_dsn(self.database_url))
-        self.tx = self.conn.transaction()
-        await self.tx.start()
-        await self.conn.execute("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE", self.ws)
-        return self
-
-    async def commit(self) -> None:
-        await self.tx.commit()
-        self.tx = None
-
-    async def __aexit__(self, *exc) -> None:
-        if self.tx is not None:
-            await self.tx.rollback()
-        await self.conn.close()
-
-    async def waited_on(self) -> None:
-        """Until some other session waits for a lock on a workspaces row."""
-        watcher = await asyncpg.connect(asyncpg_dsn(self.database_url))
-        try:
-            async with asyncio.timeout(PROMPT):
-                while not await watcher.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND datname = current_database() AND query ILIKE '%FROM workspaces%FOR UPDATE%'"
-                ):
-                    await asyncio.sleep(0.02)
-        finally:
-            await watcher.close()
-
-
 async def test_an_outsider_is_refused_at_once_while_the_workspace_is_locked(db, client, database_url):
     team = await make_team(db, client, creators=1)
     outsider = await make_team(db, client, creators=0)  # an owner, of another workspace
     member = team.creators[0][1]
     unknown_ws, unknown_member = str(uuid.uuid4()), str(uuid.uuid4())
-    async with WorkspaceLock(database_url, team.ws):
+    async with HeldLock(database_url, "workspaces", team.ws):
         for name in MEMBER_CHANGES:
             foreign = await answer(client, outsider.owner, name, **change_args(name, team.ws, member))
             random = await answer(client, outsider.owner, name, **change_args(name, unknown_ws, unknown_member))
@@ -238,7 +200,7 @@ async def test_a_role_revoked_while_an_admin_waited_on_the_lock_is_seen(db, clie
     email, admin = await new_user(db, prefix="admin")
     async with client(team.owner) as api:
         admin_member = (await api(ADD, ws=team.ws, email=email, role="ADMIN", seat="STANDARD"))["addMember"]["id"]
-    async with WorkspaceLock(database_url, team.ws) as lock:
+    async with HeldLock(database_url, "workspaces", team.ws) as lock:
         # What a concurrent removal of the admin's rights, holding the lock, has done.
         await lock.conn.execute("UPDATE members SET role = 'member' WHERE id = $1", uuid.UUID(admin_member))
         args = change_args(change, team.ws, admin_member)

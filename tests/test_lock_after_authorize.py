@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 from gql.transport.exceptions import TransportQueryError
 
-from tests.conftest import asyncpg_dsn, new_user
+from tests.conftest import HeldLock, asyncpg_dsn, new_user
 from tests.test_api_governance import REQUEST, SET_LIMIT
 from tests.test_api_ledger import ADD, Team, make_team
 
@@ -120,44 +120,6 @@ async def answer(client, token: str, name: str, **variables) -> dict:
     return out[name]
 
 
-class RowLock:
-    """Another transaction holding a row lock, on its own connection, as the concurrent work
-    named in MUTATIONS does."""
-
-    def __init__(self, database_url: str, name: str, row: str) -> None:
-        _, self.table, self.mode = MUTATIONS[name]
-        self.database_url, self.row = database_url, uuid.UUID(row)
-
-    async def __aenter__(self) -> RowLock:
-        self.conn = await asyncpg.connect(asyncpg_dsn(self.database_url))
-        self.tx = self.conn.transaction()
-        await self.tx.start()
-        assert await self.conn.fetchval(f"SELECT 1 FROM {self.table} WHERE id = $1 {self.mode}", self.row)
-        return self
-
-    async def commit(self) -> None:
-        await self.tx.commit()
-        self.tx = None
-
-    async def __aexit__(self, *exc) -> None:
-        if self.tx is not None:
-            await self.tx.rollback()
-        await self.conn.close()
-
-    async def waited_on(self) -> None:
-        """Until another session waits for a lock this transaction holds."""
-        watcher = await asyncpg.connect(asyncpg_dsn(self.database_url))
-        try:
-            async with asyncio.timeout(PROMPT):
-                while not await watcher.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
-                    self.conn.get_server_pid(),
-                ):
-                    await asyncio.sleep(0.02)
-        finally:
-            await watcher.close()
-
-
 async def state(database_url: str, scene: Scene, name: str) -> tuple:
     """The locked row as it is, and how many limits and audit entries the workspace has: what
     any of the mutations would change."""
@@ -173,13 +135,19 @@ async def state(database_url: str, scene: Scene, name: str) -> tuple:
         await conn.close()
 
 
+def row_lock(database_url: str, name: str, row: str) -> HeldLock:
+    """The lock the concurrent work named in MUTATIONS holds on the row `name` changes."""
+    _, table, mode = MUTATIONS[name]
+    return HeldLock(database_url, table, row, mode)
+
+
 @pytest.mark.parametrize("name", list(MUTATIONS))
 async def test_an_outsider_is_refused_at_once_while_the_row_is_locked(db, client, database_url, name):
     scene = await make_scene(db, client)
     outsider = await make_team(db, client, creators=0)  # an owner, of another workspace
     creator_token = scene.team.creators[0][0]
     before = await state(database_url, scene, name)
-    async with RowLock(database_url, name, scene.target(name)):
+    async with row_lock(database_url, name, scene.target(name)):
         foreign = await answer(client, outsider.owner, name, **scene.args(name))
         unknown = await answer(client, outsider.owner, name, **unknown_args(name))
         # Exactly as for an id that does not exist: nothing says the row is there.
@@ -205,7 +173,7 @@ async def test_a_role_revoked_while_an_admin_waited_on_the_row_lock_is_seen(db, 
     if own:  # the admin puts themselves in the group
         scene.creator = admin_member
     before = await state(database_url, scene, name)
-    async with RowLock(database_url, name, scene.target(name)) as lock:
+    async with row_lock(database_url, name, scene.target(name)) as lock:
         # What a concurrent demotion of the admin, committed while they wait, has done.
         await lock.conn.execute("UPDATE members SET role = 'member' WHERE id = $1", uuid.UUID(admin_member))
         waiting = asyncio.ensure_future(answer(client, admin, name, **scene.args(name)))
@@ -244,7 +212,7 @@ async def test_the_row_is_read_again_under_the_lock(db, client, database_url, na
     scene = await make_scene(db, client)
     change, heard_as, kept = CHANGED_MEANWHILE[name]
     row = uuid.UUID(scene.target(name))
-    async with RowLock(database_url, name, scene.target(name)) as lock:
+    async with row_lock(database_url, name, scene.target(name)) as lock:
         await lock.conn.execute(change, row)
         waiting = asyncio.ensure_future(answer(client, scene.team.owner, name, **scene.args(name)))
         await lock.waited_on()

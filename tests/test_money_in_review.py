@@ -8,51 +8,14 @@ import asyncio
 import uuid
 from datetime import datetime, timedelta
 
-import asyncpg
 from gql.transport.exceptions import TransportQueryError
 
-from tests.conftest import asyncpg_dsn, new_user
+from tests.conftest import HeldLock, new_user
 from tests.test_api_ledger import GRANT, ADD, TRANSFER, assert_ledger_clean, balance, grant, key, make_team
 from tests.test_periods import clean, month, plan, schedule, workspace, world  # noqa: F401 - the periods database
 from tests.test_periods import balance as period_balance
 
 PROMPT = 10  # seconds: far more than an answer takes
-
-
-class WorkspaceChange:
-    """A member change in flight on its own connection: it holds the workspace row FOR UPDATE,
-    as changeMemberRole, changeMemberSeat and removeMember do, and has changed a member."""
-
-    def __init__(self, database_url: str, ws: str) -> None:
-        self.database_url, self.ws = database_url, uuid.UUID(ws)
-
-    async def __aenter__(self) -> WorkspaceChange:
-        self.conn = await asyncpg.connect(asyncpg_dsn(self.database_url))
-        self.tx = self.conn.transaction()
-        await self.tx.start()
-        assert await self.conn.fetchval("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE", self.ws)
-        return self
-
-    async def waited_on(self) -> None:
-        watcher = await asyncpg.connect(asyncpg_dsn(self.database_url))
-        try:
-            async with asyncio.timeout(PROMPT):
-                while not await watcher.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
-                    self.conn.get_server_pid(),
-                ):
-                    await asyncio.sleep(0.02)
-        finally:
-            await watcher.close()
-
-    async def commit(self) -> None:
-        await self.tx.commit()
-        self.tx = None
-
-    async def __aexit__(self, *exc) -> None:
-        if self.tx is not None:
-            await self.tx.rollback()
-        await self.conn.close()
 
 
 async def _transfer(client, token: str, **variables) -> dict:
@@ -76,7 +39,7 @@ async def test_a_transfer_by_an_admin_demoted_while_it_waited_on_the_workspace_i
     email, admin = await new_user(db, prefix="admin")
     async with client(team.owner) as api:
         admin_member = (await api(ADD, ws=team.ws, email=email, role="ADMIN", seat="STANDARD"))["addMember"]["id"]
-    async with WorkspaceChange(database_url, team.ws) as change:
+    async with HeldLock(database_url, "workspaces", team.ws) as change:
         await change.conn.execute("UPDATE members SET role = 'member' WHERE id = $1", uuid.UUID(admin_member))
         waiting = asyncio.ensure_future(_transfer(client, admin, ws=team.ws, amount="15", key=key(), to=seat))
         await change.waited_on()
@@ -94,7 +57,7 @@ async def test_a_transfer_to_your_own_seat_made_standard_while_it_waited_is_refu
     # the caller was checked, and must be read again once the transfer holds its lock.
     team = await make_team(db, client, mode="PER_SEAT", creators=0)
     await grant(client, team, "40")
-    async with WorkspaceChange(database_url, team.ws) as change:
+    async with HeldLock(database_url, "workspaces", team.ws) as change:
         await change.conn.execute("UPDATE members SET seat = 'standard' WHERE id = $1", uuid.UUID(team.owner_member))
         waiting = asyncio.ensure_future(
             _transfer(client, team.owner, ws=team.ws, amount="15", key=key(), to=team.owner_member))
