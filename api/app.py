@@ -126,6 +126,9 @@ def create_app(
                 if any((report.periods_closed, report.daily_issued, report.grants_expired, report.holds_timed_out,
                         report.top_ups_started, report.top_ups_taken_over)):
                     log.info("scheduler: %s", report)
+                if report.failures:  # each was logged with its exception; the next round retries them
+                    log.warning("scheduler: %d unit(s) failed this round: %s", len(report.failures),
+                                "; ".join(map(str, report.failures)))
             except Exception:  # noqa: BLE001 - keep the process serving; the next round retries
                 log.warning("scheduler round failed", exc_info=True)
             await asyncio.sleep(settings.scheduler_interval_seconds)

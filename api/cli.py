@@ -211,6 +211,11 @@ def cmd_tick(args: argparse.Namespace) -> None:
     report = asyncio.run(_with_db(url, run))
     print(f"periods closed: {report.periods_closed}, daily grants: {report.daily_issued}, "
           f"grants expired: {report.grants_expired}, holds timed out: {report.holds_timed_out}")
+    if report.failures:
+        # The rest was done; what failed was rolled back and is due again at the next tick.
+        for failure in report.failures:
+            print(f"failed: {failure}", file=sys.stderr)
+        raise SystemExit(f"{len(report.failures)} unit(s) failed; the next tick retries them")
 
 
 def cmd_check_ledger(args: argparse.Namespace) -> None:

@@ -486,6 +486,7 @@ class DueTopUps:
     started: int = 0  # new purchases
     taken_over: int = 0  # purchases already started asked again under their own reference: abandoned
     # claims, and (with auto top-up off, when no spend retries them) unanswered payments
+    failed: tuple[tuple[uuid.UUID, Exception], ...] = ()  # workspaces whose purchase failed, with why
 
 
 async def buy_due_top_ups(db: Database, provider: PaymentProvider, clock: Clock, *, batch: int = 100) -> DueTopUps:
@@ -495,12 +496,13 @@ async def buy_due_top_ups(db: Database, provider: PaymentProvider, clock: Clock,
     and a claim abandoned by a process that died may see no spend for a long while. Each goes
     through `claim_top_up`, whose conditional UPDATE lets one of any number of schedulers and
     spends claim it, and which checks the pool, the caps and the pack again; a workspace that
-    fails is logged and left to the next round.
+    fails is returned in `failed` (the scheduler logs and reports it) and left to the next round.
 
     Each claim is made at the time it is made, not the round's: a purchase that a spend recorded
     meanwhile is effective from that spend's time, and an older time would not count it in the
     pool, and buy again."""
     started = taken = 0
+    failed: list[tuple[uuid.UUID, Exception]] = []
     after = None
     while True:
         page = await db.read(lambda s: _due(s, clock.now(), after, batch))
@@ -514,10 +516,10 @@ async def buy_due_top_ups(db: Database, provider: PaymentProvider, clock: Clock,
                     else:
                         started += 1
                     await run_top_up(db, provider, claim, now)
-            except Exception:
-                log.exception("the due auto top-up of workspace %s failed", ws_id)
+            except Exception as exc:  # noqa: BLE001 - the others go on; the next round retries it
+                failed.append((ws_id, exc))  # logged by the caller (`periods.tick`), with the workspace
         if len(page) < batch:
-            return DueTopUps(started, taken)
+            return DueTopUps(started, taken, tuple(failed))
         after = page[-1]
 
 
@@ -544,10 +546,30 @@ async def _claim(session: AsyncSession, ws_id: uuid.UUID, now: datetime) -> TopU
     return await claim_top_up(session, await session.get_one(Workspace, ws_id), now)
 
 
-async def refresh_alerts(session: AsyncSession, now: datetime) -> int:
-    """Time-driven alert conditions: grants expiring soon fire; alerts whose condition has
-    cleared with time (an expired or spent grant, a limit period that ended, a balance back above
-    its threshold) resolve."""
+def _expiring_soon(now: datetime):
+    """Live grants with credits left that expire within their workspace's alert horizon."""
+    ws_t = Workspace.__table__
+    return and_(GRANTS.c.live, GRANTS.c.remaining > 0, GRANTS.c.expires_at > now,
+                GRANTS.c.expires_at <= now + func.make_interval(0, 0, 0, ws_t.c.expiry_alert_days))
+
+
+_TIMED_ALERTS = (alerts.GRANT_EXPIRING, alerts.LIMIT_80, alerts.LIMIT_100, alerts.LOW_BALANCE)
+
+
+async def alert_workspaces(session: AsyncSession, now: datetime) -> list[uuid.UUID]:
+    """The workspaces `refresh_alerts` may change something in: a grant expiring soon, or an open
+    alert that time may clear (the scheduler runs them one by one when refreshing all at once
+    failed)."""
+    ws_t = Workspace.__table__
+    expiring = select(GRANTS.c.workspace_id).join(ws_t, ws_t.c.id == GRANTS.c.workspace_id).where(_expiring_soon(now))
+    open_ = select(Alert.workspace_id).where(Alert.status == AlertStatus.OPEN, Alert.kind.in_(_TIMED_ALERTS))
+    return sorted(set((await session.execute(expiring.union(open_))).scalars()))
+
+
+async def refresh_alerts(session: AsyncSession, now: datetime, workspace_id: uuid.UUID | None = None) -> int:
+    """Time-driven alert conditions, in every workspace or in `workspace_id`: grants expiring
+    soon fire; alerts whose condition has cleared with time (an expired or spent grant, a limit
+    period that ended, a balance back above its threshold) resolve."""
     changed = 0
     ws_t = Workspace.__table__
     renewals: dict[uuid.UUID, Renewal] = {}
@@ -559,12 +581,12 @@ async def refresh_alerts(session: AsyncSession, now: datetime) -> int:
             renewals[ws.id] = renewal(ws, plan, await allowance_pieces(session, ws))
         return renewals[ws.id]
 
+    in_scope = [] if workspace_id is None else [GRANTS.c.workspace_id == workspace_id]
     due = (await session.execute(
         select(GRANTS.c.id, GRANTS.c.workspace_id, GRANTS.c.remaining, GRANTS.c.expires_at, GRANTS.c.source,
                GRANTS.c.effective_at, ws_t.c.period_start, ws_t.c.expiry_alert_days)
         .join(ws_t, ws_t.c.id == GRANTS.c.workspace_id)
-        .where(GRANTS.c.live, GRANTS.c.remaining > 0, GRANTS.c.expires_at > now,
-               GRANTS.c.expires_at <= now + func.make_interval(0, 0, 0, ws_t.c.expiry_alert_days))
+        .where(_expiring_soon(now), *in_scope)
     )).all()
     for g in due:
         # Only what is really lost: a ROLLOVER plan's close carries part of the allowance over.
@@ -577,8 +599,8 @@ async def refresh_alerts(session: AsyncSession, now: datetime) -> int:
                                          grantId=str(g.id), credits=format_credits(lost),
                                          expiresAt=g.expires_at.isoformat())
     open_alerts = (await session.execute(select(Alert).where(
-        Alert.status == AlertStatus.OPEN,
-        Alert.kind.in_([alerts.GRANT_EXPIRING, alerts.LIMIT_80, alerts.LIMIT_100, alerts.LOW_BALANCE])))).scalars().all()
+        Alert.status == AlertStatus.OPEN, Alert.kind.in_(_TIMED_ALERTS),
+        *([] if workspace_id is None else [Alert.workspace_id == workspace_id])))).scalars().all()
     for a in open_alerts:
         clear = False
         if a.kind == alerts.GRANT_EXPIRING:

@@ -4,6 +4,7 @@ that limit for the request's period by the approved amount. Pending requests lap
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
@@ -207,11 +208,23 @@ def lapsed_by(now: datetime):
     return or_(OverageRequest.lapses_at <= now, period_over, requester_gone, limit_gone)
 
 
-async def lapse_pending(session: AsyncSession, now: datetime) -> int:
+async def lapse_pending(session: AsyncSession, now: datetime, workspace_id: uuid.UUID | None = None) -> int:
     """Scheduler step: pending requests that are dead (`lapsed_by`; `decide_overage` refuses
-    them alike) are marked LAPSED. Concurrent schedulers lapse each request once (the second
-    UPDATE waits on the row and then no longer sees it PENDING)."""
-    return await _lapse(session, now, lapsed_by(now))
+    them alike) are marked LAPSED, in every workspace or in `workspace_id`'s. Concurrent
+    schedulers lapse each request once (the second UPDATE waits on the row and then no longer
+    sees it PENDING)."""
+    where = [lapsed_by(now)]
+    if workspace_id is not None:
+        where.append(OverageRequest.workspace_id == workspace_id)
+    return await _lapse(session, now, *where)
+
+
+async def lapsing_workspaces(session: AsyncSession, now: datetime) -> list[uuid.UUID]:
+    """The workspaces with a pending request that `lapse_pending` would lapse (the scheduler
+    runs them one by one when lapsing all at once failed)."""
+    return list((await session.execute(
+        select(OverageRequest.workspace_id).where(OverageRequest.status == OverageStatus.PENDING, lapsed_by(now))
+        .distinct().order_by(OverageRequest.workspace_id))).scalars())
 
 
 async def lapse_requests_of(session: AsyncSession, member: Member, now: datetime) -> int:

@@ -11,7 +11,9 @@ breakage per period is exact however late the tick runs.
 
 from __future__ import annotations
 
+import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -23,8 +25,8 @@ from domain.access import Caller, authorize, parse_id
 from domain.clock import Clock
 from domain.db import Database
 from domain.errors import ValidationFailed
-from domain.governance.automation import buy_due_top_ups, refresh_alerts
-from domain.governance.overages import lapse_pending
+from domain.governance.automation import alert_workspaces, buy_due_top_ups, refresh_alerts
+from domain.governance.overages import lapse_pending, lapsing_workspaces
 from domain.ledger.consumption import Scope
 from domain.ledger.models import (
     Cause,
@@ -46,6 +48,7 @@ from domain.workspaces.models import AllocationMode, Member, Seat, Workspace
 from policies import Action
 
 GRANTS = Grant.__table__
+log = logging.getLogger("creditpool.scheduler")
 
 
 # --- issuing -------------------------------------------------------------------------------------
@@ -161,6 +164,22 @@ async def close_period(session: AsyncSession, ws: Workspace, plan: Plan) -> Peri
 
 # --- the scheduler -----------------------------------------------------------------------------
 
+@dataclass(frozen=True, slots=True)
+class TickFailure:
+    """One unit of a round that failed and was rolled back: the phase, the workspace (None when
+    the phase could not run at all, e.g. the database is unreachable), the grant or generation
+    of a batch unit, and the exception."""
+    phase: str
+    workspace_id: uuid.UUID | None
+    subject: uuid.UUID | None
+    error: str
+
+    def __str__(self) -> str:
+        where = f"workspace {self.workspace_id}" if self.workspace_id else "the whole phase"
+        of = f" ({self.subject})" if self.subject else ""
+        return f"{self.phase} of {where}{of}: {self.error}"
+
+
 @dataclass
 class TickReport:
     periods_closed: int = 0
@@ -172,6 +191,18 @@ class TickReport:
     top_ups_started: int = 0
     top_ups_taken_over: int = 0
     closes: list[PeriodClose] = field(default_factory=list)
+    failures: list[TickFailure] = field(default_factory=list)
+
+    def fail(self, phase: str, workspace_id: uuid.UUID | None, subject: uuid.UUID | None,
+             exc: BaseException) -> None:
+        failure = TickFailure(phase, workspace_id, subject, f"{type(exc).__name__}: {exc}")
+        self.failures.append(failure)
+        log.error("scheduler: %s failed; rolled back, retried next round", failure, exc_info=exc)
+
+
+# The phases of a round, as named in `TickFailure.phase`.
+HOLD_TIMEOUT, PERIOD_CLOSE, DAILY_CREDITS, EXPIRY = "hold timeout", "period close", "daily credits", "expiry"
+OVERAGE_LAPSE, ALERTS, AUTO_TOP_UP = "overage lapse", "alerts", "auto top-up"
 
 
 async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 100,
@@ -179,6 +210,12 @@ async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 
     """Run everything that is due at `clock.now()`, once, then return. Safe to run in any number
     of processes at once: each unit is claimed with SKIP LOCKED and moved forward in the same
     transaction, so a unit another process holds is skipped, and a done unit is no longer due.
+
+    A unit that fails (bad data, a bug, a constraint) is rolled back with its transaction,
+    logged and listed in `TickReport.failures`, and left out for the rest of the round (the claim
+    queries skip it: still due, it would be claimed again at once); the other workspaces and the
+    later phases go on, and the next round tries it again. One broken workspace must not stop
+    period closes and expiries for every other.
 
     With `payments` (the server's provider), it also buys the auto top-ups that are due with no
     spend to start them: pools under their threshold (after the expiries above, say), and claims
@@ -190,24 +227,124 @@ async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 
     # Hold timeouts first: a hold that timed out before a boundary was back on its grant at that
     # boundary (a tick on time released it then), so a late tick releases it before closing the
     # period, for the close to roll it over. Released after its grant expired, it expires then.
-    while timed_out := await db.transaction(lambda s: _time_out_holds(s, now, hold_ttl, batch)):
-        report.holds_timed_out += timed_out
-    while closed := await db.transaction(lambda s: _close_one_due_period(s, now)):
-        report.periods_closed += 1
-        report.closes.append(closed)
-    while await db.transaction(lambda s: _issue_one_due_day(s, now)):
-        report.daily_issued += 1
-    while expired := await db.transaction(lambda s: _expire_due_grants(s, now, batch)):
-        report.grants_expired += expired
-    report.overages_lapsed = await db.transaction(lambda s: lapse_pending(s, now))
-    report.alerts_changed = await db.transaction(lambda s: refresh_alerts(s, now))
+    report.holds_timed_out = await _in_batches(
+        db, report, HOLD_TIMEOUT,
+        lambda s, skip, only, claimed: _time_out_holds(s, now, hold_ttl, batch, skip, only, claimed))
+    closes = await _each_workspace(
+        db, report, PERIOD_CLOSE, lambda s, skip, claimed: _close_one_due_period(s, now, skip, claimed))
+    report.periods_closed, report.closes = len(closes), closes
+    report.daily_issued = len(await _each_workspace(
+        db, report, DAILY_CREDITS, lambda s, skip, claimed: _issue_one_due_day(s, now, skip, claimed)))
+    report.grants_expired = await _in_batches(
+        db, report, EXPIRY, lambda s, skip, only, claimed: _expire_due_grants(s, now, batch, skip, only, claimed))
+    report.overages_lapsed = await _all_or_each(db, report, OVERAGE_LAPSE, lambda s, ws: lapse_pending(s, now, ws),
+                                                lambda s: lapsing_workspaces(s, now))
+    report.alerts_changed = await _all_or_each(db, report, ALERTS, lambda s, ws: refresh_alerts(s, now, ws),
+                                               lambda s: alert_workspaces(s, now))
     if payments is not None:
-        due = await buy_due_top_ups(db, payments, clock, batch=batch)
-        report.top_ups_started, report.top_ups_taken_over = due.started, due.taken_over
+        try:
+            due = await buy_due_top_ups(db, payments, clock, batch=batch)
+        except Exception as exc:  # noqa: BLE001 - reading what is due failed: the next round reads again
+            report.fail(AUTO_TOP_UP, None, None, exc)
+        else:
+            report.top_ups_started, report.top_ups_taken_over = due.started, due.taken_over
+            for ws_id, exc in due.failed:
+                report.fail(AUTO_TOP_UP, ws_id, None, exc)
     return report
 
 
-async def _claim_workspace(session: AsyncSession, due) -> Workspace | None:
+async def _each_workspace(
+    db: Database, report: TickReport, phase: str,
+    unit: Callable[[AsyncSession, set[uuid.UUID], list[uuid.UUID]], Awaitable[PeriodClose | bool | None]],
+) -> list:
+    """Run `unit` (claim one due workspace, not in the skip set, and move it forward) in a
+    transaction of its own until nothing is due; what each returned that was not None or False.
+    The unit names the workspace it claimed in `claimed`: if it fails after that, that workspace
+    is left out for the rest of the round. A failure before any claim (the claim itself failed)
+    ends the phase: running it again would fail alike, in a tight loop."""
+    failed: set[uuid.UUID] = set()
+    done = []
+    while True:
+        claimed: list[uuid.UUID] = []
+        try:
+            result = await db.transaction(lambda s: unit(s, failed, claimed))
+        except Exception as exc:  # noqa: BLE001 - isolated: the others go on, the next round retries it
+            if not claimed:
+                report.fail(phase, None, None, exc)
+                return done
+            failed.add(claimed[-1])
+            report.fail(phase, claimed[-1], None, exc)
+            continue
+        if result is None or result is False:
+            return done
+        done.append(result)
+
+
+async def _in_batches(
+    db: Database, report: TickReport, phase: str,
+    unit: Callable[[AsyncSession, set[uuid.UUID], uuid.UUID | None, list[tuple[uuid.UUID, uuid.UUID]]], Awaitable[int]],
+) -> int:
+    """Run `unit` (claim a batch of due rows, not in the skip set, or only the one named, and
+    move them forward) in a transaction of its own until nothing is due; the rows it moved. A
+    batch that fails does not say which row failed: each row it claimed (`claimed`: row id,
+    workspace id) is then run on its own, and the ones that fail alone are left out for the rest
+    of the round."""
+    failed: set[uuid.UUID] = set()
+    total = 0
+    while True:
+        claimed: list[tuple[uuid.UUID, uuid.UUID]] = []
+        try:
+            moved = await db.transaction(lambda s: unit(s, failed, None, claimed))
+        except Exception as exc:  # noqa: BLE001 - isolated: the others go on, the next round retries it
+            if not claimed:
+                report.fail(phase, None, None, exc)
+                return total
+            if len(claimed) == 1:
+                failed.add(claimed[0][0])
+                report.fail(phase, claimed[0][1], claimed[0][0], exc)
+                continue
+            log.warning("scheduler: a batch of %d for %s failed; running each on its own", len(claimed), phase,
+                        exc_info=exc)
+            for row_id, ws_id in claimed:
+                try:
+                    total += await db.transaction(lambda s, row_id=row_id: unit(s, failed, row_id, []))
+                except Exception as exc:  # noqa: BLE001 - as above
+                    failed.add(row_id)
+                    report.fail(phase, ws_id, row_id, exc)
+            continue
+        if not moved:
+            return total
+        total += moved
+
+
+async def _all_or_each(
+    db: Database, report: TickReport, phase: str,
+    unit: Callable[[AsyncSession, uuid.UUID | None], Awaitable[int]],
+    candidates: Callable[[AsyncSession], Awaitable[list[uuid.UUID]]],
+) -> int:
+    """Run `unit` for every workspace in one transaction (the usual case: little to do); if that
+    fails, for each workspace that has something to do (`candidates`) in a transaction of its
+    own, so one that fails does not hold up the others."""
+    try:
+        return await db.transaction(lambda s: unit(s, None))
+    except Exception as exc:  # noqa: BLE001 - isolated below
+        log.warning("scheduler: %s failed for all workspaces at once; running each on its own", phase, exc_info=exc)
+    try:
+        workspaces = await db.read(candidates)
+    except Exception as exc:  # noqa: BLE001 - the phase cannot run: the next round tries again
+        report.fail(phase, None, None, exc)
+        return 0
+    total = 0
+    for ws_id in workspaces:
+        try:
+            total += await db.transaction(lambda s, ws_id=ws_id: unit(s, ws_id))
+        except Exception as exc:  # noqa: BLE001 - isolated: the others go on, the next round retries it
+            report.fail(phase, ws_id, None, exc)
+    return total
+
+
+async def _claim_workspace(session: AsyncSession, due, skip: set[uuid.UUID] = frozenset(),
+                           claimed: list[uuid.UUID] | None = None) -> Workspace | None:
     # FOR NO KEY UPDATE, not FOR UPDATE: every spend in flight holds a KEY SHARE lock on its
     # workspace row (the foreign keys of the rows it writes, and the timezone read under limits),
     # which FOR UPDATE conflicts with, so SKIP LOCKED skipped any workspace with a spend in
@@ -216,14 +353,21 @@ async def _claim_workspace(session: AsyncSession, due) -> Workspace | None:
     # timezone, mode, seats and members take FOR UPDATE) and transfers, which may split the
     # allowance being closed and so take FOR SHARE (`ledger.service.transfer_credits`).
     # Spends only touch grant rows, which the close locks itself.
-    return (await session.execute(
-        select(Workspace).where(due).order_by(Workspace.id).limit(1)
-        .with_for_update(skip_locked=True, key_share=True)
+    # `skip`: the workspaces whose unit failed earlier in this round (`tick`).
+    query = select(Workspace).where(due)
+    if skip:
+        query = query.where(Workspace.id.not_in(skip))
+    ws = (await session.execute(
+        query.order_by(Workspace.id).limit(1).with_for_update(skip_locked=True, key_share=True)
     )).scalar_one_or_none()
+    if ws is not None and claimed is not None:
+        claimed.append(ws.id)
+    return ws
 
 
-async def _close_one_due_period(session: AsyncSession, now: datetime) -> PeriodClose | None:
-    ws = await _claim_workspace(session, Workspace.next_renewal_at <= now)
+async def _close_one_due_period(session: AsyncSession, now: datetime, skip: set[uuid.UUID] = frozenset(),
+                                claimed: list[uuid.UUID] | None = None) -> PeriodClose | None:
+    ws = await _claim_workspace(session, Workspace.next_renewal_at <= now, skip, claimed)
     if ws is None:
         return None
     return await _close_and_announce(session, ws)
@@ -263,10 +407,12 @@ async def _close_and_announce(session: AsyncSession, ws: Workspace) -> PeriodClo
     return closed
 
 
-async def _issue_one_due_day(session: AsyncSession, now: datetime) -> bool:
+async def _issue_one_due_day(session: AsyncSession, now: datetime, skip: set[uuid.UUID] = frozenset(),
+                             claimed: list[uuid.UUID] | None = None) -> bool:
     """Daily free credits: today's grant, once. Days missed during downtime are skipped, not
     back-issued: their credits would have expired already."""
-    ws = await _claim_workspace(session, and_(Workspace.next_daily_at.is_not(None), Workspace.next_daily_at <= now))
+    ws = await _claim_workspace(session, and_(Workspace.next_daily_at.is_not(None), Workspace.next_daily_at <= now),
+                                skip, claimed)
     if ws is None:
         return False
     await _issue_day(session, ws, now)
@@ -292,19 +438,27 @@ async def _issue_day(session: AsyncSession, ws: Workspace, now: datetime) -> Non
         ws.next_daily_at = None
 
 
-async def _expire_due_grants(session: AsyncSession, now: datetime, batch: int) -> int:
-    """An expiry entry for the remaining credits of every grant past its expiry. Held credits
-    stay held (a hold placed before expiry may be captured; released later, they expire then).
-    Allowances of a period not yet closed wait for the close, which may roll part of them over."""
+async def _expire_due_grants(session: AsyncSession, now: datetime, batch: int, skip: set[uuid.UUID] = frozenset(),
+                             only: uuid.UUID | None = None,
+                             claimed: list[tuple[uuid.UUID, uuid.UUID]] | None = None) -> int:
+    """An expiry entry for the remaining credits of every grant past its expiry (a batch of
+    them, or `only` that one, never one in `skip`). Held credits stay held (a hold placed before
+    expiry may be captured; released later, they expire then). Allowances of a period not yet
+    closed wait for the close, which may roll part of them over."""
     ws = Workspace.__table__
     unclosed_allowance = and_(GRANTS.c.source == GrantSource.PLAN_ALLOWANCE.value,
                               GRANTS.c.expires_at >= ws.c.next_renewal_at)
+    query = (select(GRANTS.c.id, GRANTS.c.workspace_id, GRANTS.c.remaining, GRANTS.c.expires_at)
+             .join(ws, ws.c.id == GRANTS.c.workspace_id)
+             .where(GRANTS.c.live, GRANTS.c.remaining > 0, GRANTS.c.expires_at <= now, not_(unclosed_allowance)))
+    if skip:
+        query = query.where(GRANTS.c.id.not_in(skip))
+    if only is not None:
+        query = query.where(GRANTS.c.id == only)
     rows = (await session.execute(
-        select(GRANTS.c.id, GRANTS.c.workspace_id, GRANTS.c.remaining, GRANTS.c.expires_at)
-        .join(ws, ws.c.id == GRANTS.c.workspace_id)
-        .where(GRANTS.c.live, GRANTS.c.remaining > 0, GRANTS.c.expires_at <= now, not_(unclosed_allowance))
-        .order_by(GRANTS.c.id).limit(batch).with_for_update(of=GRANTS, skip_locked=True)
-    )).all()
+        query.order_by(GRANTS.c.id).limit(batch).with_for_update(of=GRANTS, skip_locked=True))).all()
+    if claimed is not None:
+        claimed[:] = [(r.id, r.workspace_id) for r in rows]  # [:]: a retried transaction claims again
     for r in rows:
         posting = Posting(r.workspace_id, Cause.EXPIRY, None, None, occurred_at=r.expires_at)
         posting.add(r.id, EntryKind.EXPIRE, r.remaining)
@@ -314,11 +468,21 @@ async def _expire_due_grants(session: AsyncSession, now: datetime, batch: int) -
     return len(rows)
 
 
-async def _time_out_holds(session: AsyncSession, now: datetime, ttl: timedelta, batch: int) -> int:
+async def _time_out_holds(session: AsyncSession, now: datetime, ttl: timedelta, batch: int,
+                          skip: set[uuid.UUID] = frozenset(), only: uuid.UUID | None = None,
+                          claimed: list[tuple[uuid.UUID, uuid.UUID]] | None = None) -> int:
+    """Release the holds of a batch of generations past their deadline (or `only` that one,
+    never one in `skip`)."""
+    query = select(Generation).where(Generation.status == GenerationStatus.STARTED,
+                                     Generation.started_at <= now - ttl)
+    if skip:
+        query = query.where(Generation.id.not_in(skip))
+    if only is not None:
+        query = query.where(Generation.id == only)
     gens = list((await session.execute(
-        select(Generation).where(Generation.status == GenerationStatus.STARTED, Generation.started_at <= now - ttl)
-        .order_by(Generation.id).limit(batch).with_for_update(skip_locked=True)
-    )).scalars())
+        query.order_by(Generation.id).limit(batch).with_for_update(skip_locked=True))).scalars())
+    if claimed is not None:
+        claimed[:] = [(g.id, g.workspace_id) for g in gens]  # [:]: a retried transaction claims again
     for gen in gens:
         await time_out(session, gen, gen.started_at + ttl)  # it timed out at its deadline, however late we run
     return len(gens)
