@@ -247,7 +247,7 @@ class TopUpView:
 
 async def follow_timezone(session: AsyncSession, ws_id: uuid.UUID, timezone: str, now: datetime) -> None:
     """The workspace's timezone changes: its limit periods and its auto top-up month in progress
-    end at the new calendar's nearest boundary (`rules.rebased`)."""
+    end at the new calendar's nearest boundary, unless it is already behind (`rules.moved_by_change`)."""
     await limits.follow_timezone(session, ws_id, timezone, now)
     # Locked: a top-up recording its purchase may be starting a new month at this moment.
     topup = await session.get(AutoTopUp, ws_id, with_for_update=True)

@@ -41,7 +41,7 @@ def period_end(period: LimitPeriod, start: datetime, timezone: str) -> datetime:
     if period is LimitPeriod.DAY:
         day += timedelta(days=1)
     elif period is LimitPeriod.WEEK:
-        day += timedelta(days=7)
+        day += timedelta(days=7 - day.weekday())  # the next Monday, also from a start after a change (`in_progress`)
     else:
         day = (day.replace(day=1) + timedelta(days=32)).replace(day=1)
     return _first_instant(day, tz)
@@ -71,10 +71,20 @@ def in_progress(period: LimitPeriod, now: datetime, timezone: str, latest: Perio
     """The period in progress at `now`, given the latest one already started (or None). A period
     keeps the bounds it has (see `rebased` for a change of timezone), so a change of the
     workspace's timezone neither forgets what the period used (a fresh limit mid-period) nor the
-    overages approved for it; after it, periods follow the local calendar of `timezone`."""
+    overages approved for it; after it, periods follow the local calendar of `timezone`.
+
+    The one after `latest` starts at the later of its end and the calendar's start: after a
+    change of timezone the calendar's period containing `now` may have started before `latest`
+    ended (an eastward change made after the new calendar's boundary, see `moved_by_change`), and
+    starting it there would overlap time whose spend `latest` already counted, so that spend would
+    count against neither bound. No overlap and no gap: it runs from `latest`'s end to the
+    calendar's next boundary."""
     if latest is not None and latest.start <= now < latest.end:
         return latest
-    return period_of(period, now, timezone)
+    calendar = period_of(period, now, timezone)
+    if latest is not None and calendar.start < latest.end <= now:
+        return Period(latest.end, calendar.end)
+    return calendar
 
 
 def rebased(period: LimitPeriod, current: Period, timezone: str) -> Period:
@@ -90,12 +100,17 @@ def rebased(period: LimitPeriod, current: Period, timezone: str) -> Period:
 
 def moved_by_change(period: LimitPeriod, latest: Period, timezone: str, now: datetime) -> Period | None:
     """What a change of timezone to `timezone` at `now` makes of a limit's (or the top-up's)
-    latest period: `rebased` if it is in progress, or if it has ended but the new calendar's
-    boundary is still ahead (a UTC month that ended at 00:00 runs on to New York's 05:00 when the
-    change comes at 02:00, rather than leave three hours of New York's old month with a fresh
-    allowance); None when the change leaves it as it is."""
+    latest period: `rebased` when the new calendar's boundary is still ahead, whether the period
+    is in progress or has ended (a UTC month that ended at 00:00 runs on to New York's 05:00 when
+    the change comes at 02:00, rather than leave three hours of New York's old month with a fresh
+    allowance); None when the change leaves it as it is.
+
+    A period never ends before the change that moves it: what it counted up to `now` belongs to
+    it. When the new boundary is already behind (Tokyo's March began at 15:00 UTC, the change comes
+    at 16:00), the period keeps its end, and the next one runs from there to the new calendar's
+    next boundary (`in_progress`): shorter than a full period, never overlapping this one."""
     new = rebased(period, latest, timezone)
-    return new if new != latest and (latest.end > now or new.end > now) else None
+    return new if new != latest and new.end > now else None
 
 
 def overage_lapsed(now: datetime, *, lapses_at: datetime, period_end: datetime, requester_removed: bool,
