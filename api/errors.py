@@ -69,6 +69,12 @@ class PaymentFailed(Error):
     reason: str
 
 
+@strawberry.type(description="The payment provider did not answer; nothing was created. Ask again with the same "
+                               "idempotency key and payment reference.")
+class PaymentUnavailable(Error):
+    pass
+
+
 @strawberry.type(description="The generation was already completed, failed or timed out.")
 class GenerationAlreadySettled(Error):
     status: str
@@ -115,6 +121,8 @@ def to_graphql_error(exc: de.DomainError) -> Error:
             return PaymentReferenceUsed(message=exc.message, code=exc.code)
         case de.PaymentFailed():
             return PaymentFailed(message=exc.message, code=exc.code, reason=exc.reason)
+        case de.PaymentUnavailable():
+            return PaymentUnavailable(message=exc.message, code=exc.code)
         case de.SpendLimitExceeded():
             return SpendLimitExceeded(
                 message=exc.message, code=exc.code, limit_id=strawberry.ID(str(exc.limit_id)), scope=exc.scope,

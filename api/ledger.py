@@ -20,6 +20,7 @@ from api.errors import (
     InsufficientCredits,
     NotFoundError,
     PaymentFailed,
+    PaymentUnavailable,
     PaymentReferenceUsed,
     SpendLimitExceeded,
     ValidationError,
@@ -402,7 +403,8 @@ class SetCreditPackActiveInput:
 
 
 PurchaseCreditsResult = Annotated[
-    Purchase | NotFoundError | ValidationError | IdempotencyKeyReused | PaymentReferenceUsed | PaymentFailed,
+    Purchase | NotFoundError | ValidationError | IdempotencyKeyReused | PaymentReferenceUsed | PaymentFailed
+    | PaymentUnavailable,
     strawberry.union("PurchaseCreditsResult"),
 ]
 GrantCreditsResult = Annotated[

@@ -138,6 +138,18 @@ class PaymentFailed(DomainError):
         self.reason = reason
 
 
+class PaymentUnavailable(DomainError):
+    """The payment provider did not answer (an error, a time-out): nothing was recorded. The
+    payment may or may not have gone through, so the client asks again with the same key and the
+    same payment reference, never a new one (the reference makes it one payment)."""
+
+    code = "PAYMENT_UNAVAILABLE"
+
+    def __init__(self) -> None:
+        super().__init__("the payment provider did not answer; nothing was recorded: "
+                         "ask again with the same idempotency key and payment reference")
+
+
 class GenerationAlreadySettled(DomainError):
     code = "GENERATION_ALREADY_SETTLED"
 

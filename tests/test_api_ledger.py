@@ -367,6 +367,22 @@ async def test_purchases_are_idempotent_and_a_payment_reference_works_once_ever(
     assert declined["__typename"] == "PaymentFailed"
     assert (await balance(client, team.owner, team.ws))["available"] == "500.000"
     assert (await balance(client, other.owner, other.ws))["available"] == "0.000"
+    # A provider that does not answer (an error, a time-out) is a typed, retryable answer, not
+    # INTERNAL: nothing is recorded, and the same key and reference then buy once.
+    unanswered_ref, unanswered_key = f"pay-{uuid.uuid4()}", key()
+    live_server.payments.unanswered = 1
+    try:
+        async with client(team.owner) as api:
+            silent = (await api(PURCHASE, ws=team.ws, pack=pack, ref=unanswered_ref, key=unanswered_key))
+    finally:
+        live_server.payments.unanswered = 0
+    assert (silent["purchaseCredits"]["__typename"], silent["purchaseCredits"]["code"]) == (
+        "PaymentUnavailable", "PAYMENT_UNAVAILABLE")
+    assert (await balance(client, team.owner, team.ws))["available"] == "500.000"
+    async with client(team.owner) as api:
+        retried = (await api(PURCHASE, ws=team.ws, pack=pack, ref=unanswered_ref, key=unanswered_key))
+    assert retried["purchaseCredits"]["__typename"] == "Purchase"
+    assert (await balance(client, team.owner, team.ws))["available"] == "1000.000"
     await assert_ledger_clean(db, team.ws)
 
 

@@ -15,6 +15,7 @@ it never overdraws a grant (money rule 2).
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from domain.errors import (
     NotFound,
     PaymentFailed,
     PaymentReferenceUsed,
+    PaymentUnavailable,
     ValidationFailed,
 )
 from domain.identity import clean_name
@@ -66,6 +68,8 @@ from domain.pricing.catalog import price_list_in_force
 from domain.pricing.service import catalog_by_id, quote_with, reprice_usage
 from domain.workspaces.models import AllocationMode, Member, Seat
 from policies import Action
+
+log = logging.getLogger("creditpool")
 
 # Sources an operator may grant by hand. Purchases only come from `purchase_credits`; rollovers
 # and plan allowances from the period close (time-based rules).
@@ -344,10 +348,16 @@ async def purchase_credits(
     if isinstance(pack, PurchaseResult):
         return pack
     # The provider is asked outside any transaction: no lock is held across its round trip.
-    outcome = await provider.confirm(
-        PaymentRequest(reference=reference, amount_minor=pack.price_minor, currency=pack.currency,
-                       description=f"{pack.name} for workspace {ws_id}")
-    )
+    try:
+        outcome = await provider.confirm(
+            PaymentRequest(reference=reference, amount_minor=pack.price_minor, currency=pack.currency,
+                           description=f"{pack.name} for workspace {ws_id}")
+        )
+    except Exception as exc:  # noqa: BLE001 - no answer is an expected failure of a remote service
+        # Logged whole (a bug in a provider shows here); the client hears a typed, retryable
+        # answer instead of INTERNAL, as auto top-up treats a payment nobody answered.
+        log.warning("payment provider %s did not answer for %s", provider.name, reference, exc_info=exc)
+        raise PaymentUnavailable() from None
     if not outcome.ok:
         raise PaymentFailed(outcome.reason or "declined")
 
