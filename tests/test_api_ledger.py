@@ -511,6 +511,32 @@ async def test_transfers_move_credits_with_entries_on_both_sides_and_keep_expiry
     await assert_ledger_clean(db, team.ws)
 
 
+async def test_the_ledger_check_finds_credits_a_transfer_made_out_of_nothing(db, client):
+    """Each grant can agree with its own entries while a transfer still made credits: the
+    receiving grant created with more than its parent passed on. `check_ledger` compares the two
+    sides (what it says is checked: tests elsewhere rely on it)."""
+    team = await make_team(db, client, mode="PER_SEAT", creators=1)
+    _, seat = team.creators[0]
+    src = await grant(client, team, "40")
+    async with client(team.owner) as api:
+        moved = (await api(TRANSFER, ws=team.ws, amount="15", key=key(), to=seat))["transferCredits"]
+    [new] = moved["grants"]
+    await assert_ledger_clean(db, team.ws)
+
+    async def forge(session):  # 5 credits more on the receiving side, entries and figures alike
+        await session.execute(text(
+            "INSERT INTO ledger_entries (workspace_id, grant_id, kind, amount, cause, transfer_id) "
+            "SELECT workspace_id, id, 'GRANT', 5000, 'TRANSFER', CAST(:t AS uuid) FROM grants WHERE id = CAST(:g AS uuid)"),
+            {"g": new["id"], "t": moved["id"]})
+        await session.execute(text("UPDATE grants SET amount = amount + 5000, remaining = remaining + 5000 "
+                                   "WHERE id = CAST(:g AS uuid)"), {"g": new["id"]})
+
+    await db.transaction(forge)
+    [violation] = await check_ledger(db, uuid.UUID(team.ws))
+    assert violation.grant_id == uuid.UUID(src["id"])
+    assert violation.detail == "transferred out 15000, but the grants created from it hold 20000"
+
+
 async def test_switching_modes_never_loses_duplicates_or_redates_a_credit(db, client):
     team = await make_team(db, client, mode="PER_SEAT", creators=1)
     _, seat = team.creators[0]

@@ -1,9 +1,11 @@
 """The invariant checker (money rule 1), for tests and operators.
 
 For every grant: amount = remaining + held + captured + expired + transferred_out, and each
-figure equals what that grant's own ledger entries add up to. One SQL statement, so it can run
-against a live database; it returns the violations instead of raising, so a caller can report
-them all.
+figure equals what that grant's own ledger entries add up to. And what a grant passed on (a
+transfer to a seat, a group or the pool, a period close's rollover) is exactly what the grants it
+passed to were created with, in its own workspace: a transfer moves credits, it never makes or
+loses any. Plain SQL statements, so they can run against a live database; the violations are
+returned instead of raised, so a caller can report them all.
 """
 
 from __future__ import annotations
@@ -50,6 +52,18 @@ WHERE (CAST(:ws AS uuid) IS NULL OR e.workspace_id = CAST(:ws AS uuid))
 """)
 
 
+# Every grant with a parent was created by a TRANSFER_OUT of that parent, of its whole amount
+# (`ledger.service.transfer_credits`, `periods.service.close_period`).
+_PASSED_ON = text("""
+SELECT p.id, p.transferred_out, coalesce(sum(c.amount), 0)::bigint AS passed_on,
+       count(*) FILTER (WHERE c.workspace_id <> p.workspace_id) AS elsewhere
+FROM grants p LEFT JOIN grants c ON c.parent_grant_id = p.id
+WHERE (CAST(:ws AS uuid) IS NULL OR p.workspace_id = CAST(:ws AS uuid))
+GROUP BY p.id, p.transferred_out
+HAVING p.transferred_out <> coalesce(sum(c.amount), 0) OR count(*) FILTER (WHERE c.workspace_id <> p.workspace_id) > 0
+""")
+
+
 @dataclass(frozen=True, slots=True)
 class Violation:
     grant_id: uuid.UUID | None
@@ -65,6 +79,10 @@ async def find_violations(session: AsyncSession, workspace_id: uuid.UUID | None 
             f"remaining={r.e_remaining} held={r.e_held} captured={r.e_captured} expired={r.e_expired} "
             f"transferred_out={r.e_transferred_out}"
         )))
+    for r in await session.execute(_PASSED_ON, {"ws": workspace_id}):
+        out.append(Violation(r.id, (
+            f"transferred out {r.transferred_out}, but the grants created from it hold {r.passed_on}"
+            + (f"; {r.elsewhere} of them in another workspace" if r.elsewhere else ""))))
     orphans = (await session.execute(_ORPHANS, {"ws": workspace_id})).scalar_one()
     if orphans:
         out.append(Violation(None, f"{orphans} ledger entries point at a missing grant or another workspace"))
