@@ -52,14 +52,20 @@ def _instant(value: str) -> datetime:
     at = dateutil.parser.isoparse(value)
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError("it needs a time zone: Z or an offset such as +02:00")
-    at.astimezone(UTC)  # OverflowError: outside the years Python (and so the driver) can hold in UTC
+    utc = at.astimezone(UTC)  # OverflowError: outside the years Python (and so the driver) can hold in UTC
+    if utc.replace(tzinfo=None) in (datetime.min, datetime.max):
+        # asyncpg writes the first and the last microsecond of those years as PostgreSQL's
+        # -infinity and infinity, and reads them back as naive datetimes.
+        raise OverflowError("the first and the last microsecond of years 1..9999 are not stored as instants")
     return at
 
 
 # Every DateTime input is an instant. A value without a zone was read in the server's own zone
 # by the driver (a ledger or audit filter moved with the host's TZ), and one whose UTC time falls
 # outside year 1..9999 (0001-01-01T00:00+14:00) failed in the driver as INTERNAL: both are refused
-# where the value is parsed, like any other value that is no DateTime.
+# where the value is parsed, like any other value that is no DateTime. So are the two ends of
+# those years (0001-01-01T00:00Z, 9999-12-31T23:59:59.999999Z): stored as -infinity/infinity and
+# read back naive, a grant expiring then made every later spend of its workspace INTERNAL.
 AWARE_DATETIME = ScalarDefinition(
     name="DateTime", description="Date with time (isoformat), with a time zone (Z or an offset).",
     specified_by_url=None, serialize=datetime.isoformat,
