@@ -172,6 +172,20 @@ async def test_price_list_defaults_and_limits_that_are_no_object_are_refused(db,
         assert (await api(PRICE_LISTS))["priceLists"][0] == before
 
 
+@pytest.mark.parametrize("limit", [None, [10], {"max": 10}], ids=["null", "list", "object"])
+async def test_a_price_list_limit_that_is_no_number_is_refused(db, client, limit):
+    # A limit of null, a list or an object reached the money path's figure check, whose
+    # TypeError (meant for a programming error) answered INTERNAL (test_edge_fuzz found it).
+    team = await make_team(db, client, creators=0)
+    model = {"modelKey": "edge-limit", "displayName": "Edge", "vendor": "t", "modality": "VIDEO", "perSecond": "1",
+             "defaults": {"seconds": 5}, "limits": {"seconds": limit}}
+    async with client(team.operator) as api:
+        before = (await api(PRICE_LISTS))["priceLists"][0]
+        out = (await api(PUBLISH, input={"models": [model]}))["publishPriceList"]
+        assert (out["__typename"], out["field"]) == ("ValidationError", "models.edge-limit.limits.seconds"), out
+        assert (await api(PRICE_LISTS))["priceLists"][0] == before
+
+
 @pytest.mark.parametrize("where", ["workspace", "time window"])
 async def test_a_timezone_name_too_long_for_a_file_is_an_unknown_timezone(db, client, where):
     # zoneinfo looks the name up as a file: one longer than a file name raised OSError, which

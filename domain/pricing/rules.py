@@ -301,6 +301,8 @@ class PriceSpec:
             # number as typed, true/false is refused (ValidationFailed, not a TypeError).
             if isinstance(value, bool):
                 raise ValidationFailed(f"limits.{key}", "must be a number, not true/false")
+            if not isinstance(value, (int, float, str, Decimal)):  # JSON null, a list, an object
+                raise ValidationFailed(f"limits.{key}", "must be a number")
             limit = _spec_figure(Decimal(str(value)) if isinstance(value, float) else value, f"limits.{key}")
             if key in WHOLE_PARAMETERS and limit != limit.to_integral_value():
                 raise ValidationFailed(f"limits.{key}", "must be a whole number")
