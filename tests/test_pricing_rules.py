@@ -432,6 +432,9 @@ def test_an_unknown_resolution_tier_lists_the_accepted_ones():
         ("seconds", "10.001", "at most 10"),
         ("seconds", "1e400", "at most 1000000000"),
         ("seconds", "0.0000000001", "decimal places"),
+        # Decimal("١٢") is 12 and Decimal("1_0") is 10: text a person wrote as something else.
+        ("seconds", "\u0661\u0662", "number"),
+        ("seconds", "1_0", "number"),
     ],
 )
 def test_bad_values_are_refused(field, value, says):
@@ -494,6 +497,15 @@ def test_float_prices_are_refused():
 def test_a_naive_moment_is_refused():
     with pytest.raises(TypeError, match="timezone-aware"):
         quote(VIDEO, {}, at=datetime(2025, 1, 15, 12))
+
+
+def test_a_price_figure_in_other_digits_or_with_underscores_is_refused_not_read_as_a_number():
+    for text in ("\u0661\u0662", "1_0", "\uff11"):  # Arabic-Indic 12, 1_0, a fullwidth 1
+        with pytest.raises(ValidationFailed, match="decimal number") as caught:
+            PriceSpec("v", per_second=text)
+        assert caught.value.field == "per_second"
+    # An exponent still reads: documents stored before money.decimal_text hold str(Decimal)'s.
+    assert PriceSpec("v", per_second="5E-9").per_second == D("0.000000005")
 
 
 def test_price_specs_that_cannot_be_priced_are_refused():
