@@ -92,12 +92,22 @@ def normalize_email(email: str) -> str:
     return email
 
 
+# Control characters (but tab and line breaks) and the bidirectional overrides and isolates: a
+# name or a reason shown in a dashboard or an audit log must read as what it is, never reorder
+# what follows it ("Trojan Source") or hide text.
+_HIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
 def clean_name(value: str, field: str = "name", *, max_len: int = MAX_NAME) -> str:
+    """A name, reason or note people will read: trimmed, not empty, bounded, and free of
+    characters that change how the text around it displays."""
     value = value.strip()
     if not value:
         raise ValidationFailed(field, "must not be empty")
     if len(value) > max_len:
         raise ValidationFailed(field, f"must be at most {max_len} characters")
+    if _HIDDEN.search(value):
+        raise ValidationFailed(field, "must not contain control characters or bidirectional overrides")
     return value
 
 

@@ -216,3 +216,32 @@ async def test_a_schedule_asked_for_periods_out_of_range_is_refused_not_clamped(
                        ws=team.ws)
     assert (error["extensions"]["code"], error["message"]) == ("VALIDATION", "periodsBack: must be between 1 and 120")
     assert ok["creditSchedule"]["breakage"] == []
+
+
+CREATE = """
+mutation($n: String!) { createWorkspace(input: {name: $n}) { __typename ... on ValidationError { field message } } }"""
+GRANT_WITH_REASON = """
+mutation($ws: ID!, $reason: String!, $key: String!) {
+  grantCredits(input: {workspaceId: $ws, amount: "5", source: PROMOTION, reason: $reason, idempotencyKey: $key}) {
+    __typename ... on Grant { reason } ... on ValidationError { field message } }
+}"""
+
+
+@pytest.mark.parametrize("hidden", ["\u202e", "\u2066", "\x1b[2J", "\x07"], ids=["rlo", "isolate", "escape", "bell"])
+async def test_a_name_or_reason_that_would_display_as_something_else_is_refused(db, client, hidden):
+    # "Invoice\u202egnp.exe" shows as "Invoiceexe.png" in a dashboard or an audit log: a name
+    # or a reason people read must not reorder or hide what follows it.
+    team = await make_team(db, client, creators=0)
+    async with client(team.owner) as api:
+        before = (await api(WORKSPACES))["viewer"]
+        refused = (await api(CREATE, n=f"Invoice{hidden}gnp.exe"))["createWorkspace"]
+        assert refused == {"__typename": "ValidationError", "field": "name",
+                           "message": "name: must not contain control characters or bidirectional overrides"}
+        assert (await api(WORKSPACES))["viewer"] == before
+    async with client(team.operator) as api:
+        refused = (await api(GRANT_WITH_REASON, ws=team.ws, reason=f"goodwill{hidden}", key=key()))["grantCredits"]
+        assert (refused["__typename"], refused["field"]) == ("ValidationError", "reason")
+        # A reason may still run over lines.
+        kept = (await api(GRANT_WITH_REASON, ws=team.ws, reason="goodwill\nticket 42", key=key()))["grantCredits"]
+        assert kept == {"__typename": "Grant", "reason": "goodwill\nticket 42"}
+    assert (await balance(client, team.owner, team.ws))["available"] == "5.000"
