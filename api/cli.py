@@ -11,11 +11,16 @@ import signal
 import sys
 from pathlib import Path
 
+import asyncpg
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
 import migrations
 from api.embedded import start_embedded_postgres
 from api.settings import ENV_NAMES, Settings, load_settings
 from domain import demo, identity
 from domain.db import Database
+from domain.errors import NotFound
 from domain.ledger.invariants import check_ledger
 
 log = logging.getLogger("creditpool")
@@ -76,15 +81,50 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _embedded(settings: Settings) -> str:
+    """Start (or reuse) the embedded PostgreSQL in the data directory; one line naming the
+    directory, not a traceback, when it cannot be used (a file, no permission, a full disk)."""
+    try:
+        url = start_embedded_postgres(settings.data_dir)
+    except OSError as exc:
+        raise SystemExit(f"error: cannot use the data directory {settings.data_dir} "
+                         f"(CREDITPOOL_DATA_DIR / --data-dir): {exc}") from None
+    log.info("embedded PostgreSQL: data in %s", (settings.data_dir / "pgdata").resolve())
+    return url
+
+
+# What connecting to a bad DATABASE_URL raises: refused, no such host, no such database or role,
+# a wrong password (OSError, asyncpg's errors wrapped by SQLAlchemy), or a URL asyncpg cannot
+# use (a port that is no number: ValueError; an unknown query option: TypeError).
+_UNREACHABLE = (OSError, SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, TypeError)
+
+
+def _reachable_revision(url: str) -> str | None:
+    """The external database's schema revision; one line naming the database (never its
+    password) and why, not a traceback, when it cannot be reached."""
+    try:
+        return asyncio.run(_current_revision(url))
+    except _UNREACHABLE as exc:
+        reason = getattr(exc, "orig", None) or exc
+        raise SystemExit(f"error: cannot use the database {_shown(url)} (DATABASE_URL / --database-url): "
+                         f"{str(reason).splitlines()[0] if str(reason) else type(reason).__name__}") from None
+
+
+def _shown(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ValueError, TypeError, ArgumentError):
+        return "(unparsable URL)"
+
+
 def _database(settings: Settings) -> str:
     """The embedded server is started and upgraded to head; an external one must already be at
     head (`creditpool migrate`), so an old process never runs on a schema it does not know."""
     if settings.database_url is None:
-        url = start_embedded_postgres(settings.data_dir)
-        log.info("embedded PostgreSQL: data in %s", (settings.data_dir / "pgdata").resolve())
+        url = _embedded(settings)
         migrations.upgrade(url)
         return url
-    current = asyncio.run(_current_revision(settings.database_url))
+    current = _reachable_revision(settings.database_url)
     head = migrations.head_revision()
     if current != head:
         raise SystemExit(
@@ -166,7 +206,11 @@ def _load_demo(settings: Settings, url: str, graphql_url: str) -> None:
 
 def cmd_migrate(args: argparse.Namespace) -> None:
     settings = _settings(args)
-    url = settings.database_url or start_embedded_postgres(settings.data_dir)
+    if settings.database_url is None:
+        url = _embedded(settings)
+    else:
+        url = settings.database_url
+        _reachable_revision(url)  # a bad URL is named in one line before Alembic runs
     migrations.upgrade(url)
     print(f"database schema at {migrations.head_revision()}")
 
@@ -222,9 +266,15 @@ def cmd_check_ledger(args: argparse.Namespace) -> None:
     import uuid
 
     settings = _settings(args)
+    try:
+        ws = uuid.UUID(args.workspace) if args.workspace else None
+    except ValueError:
+        raise SystemExit(f"error: --workspace: {args.workspace!r} is not a workspace id") from None
     url = _database(settings)
-    ws = uuid.UUID(args.workspace) if args.workspace else None
-    violations = asyncio.run(_with_db(url, lambda db: check_ledger(db, ws)))
+    try:
+        violations = asyncio.run(_with_db(url, lambda db: check_ledger(db, ws)))
+    except NotFound as exc:  # an id naming no workspace proves nothing: never "consistent"
+        raise SystemExit(f"error: {exc.message}: {ws}") from None
     for v in violations:
         print(f"grant {v.grant_id}: {v.detail}")
     if violations:

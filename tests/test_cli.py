@@ -26,7 +26,7 @@ import migrations
 from domain import demo
 from domain.db import Database
 from domain.identity import Actor, UserKind, authenticate_secret
-from tests.conftest import free_port
+from tests.conftest import free_port, with_database
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_KEYS = ["owner", "admin", "creator1", "creator2", "standard", "operator", "worker"]
@@ -455,3 +455,45 @@ async def test_tick_runs_what_is_due_once_and_exits(pg_server):
     assert "periods closed: 0," in second.stdout
     check = await cli("check-ledger", "--database-url", url)
     assert check.returncode == 0, check.stdout
+
+
+# --- 5. bad arguments and an unusable environment: one line naming it, no traceback ----------
+
+def assert_refused(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode != 0, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+async def test_check_ledger_refuses_a_malformed_or_unknown_workspace(pg_server):
+    url = await pg_server.create_database("creditpool_check_ws")
+    await asyncio.to_thread(migrations.upgrade, url)
+    assert_refused(await cli("check-ledger", "--workspace", "garbage", "--database-url", url), "--workspace")
+    # An id naming no workspace proves nothing: it must not pass as "ledger consistent".
+    unknown = await cli("check-ledger", "--workspace", str(uuid.uuid4()), "--database-url", url)
+    assert_refused(unknown, "workspace not found")
+    assert "ledger consistent" not in unknown.stdout
+
+
+@pytest.mark.parametrize("command", [
+    ["create-user", "--email", "someone@example.test"], ["create-service-token", "--name", "w"],
+    ["migrate"], ["tick"], ["check-ledger"], ["serve"],
+])
+async def test_commands_name_a_database_they_cannot_reach(pg_server, tmp_path, command):
+    refused = "postgresql://creditpool:s3cret@127.0.0.1:1/nowhere"  # nothing listens on port 1
+    missing = with_database(pg_server.admin_url, f"nosuch_{uuid.uuid4().hex[:8]}")  # a server, no such database
+    for url in (refused, missing):
+        result = await cli(*command, "--database-url", url, "--data-dir", str(tmp_path))
+        assert_refused(result, "cannot use the database")
+        assert "s3cret" not in result.stderr  # the password is never printed
+    assert not (tmp_path / "pgdata").exists()
+
+
+async def test_a_data_dir_that_is_a_file_is_named(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    for command in (["create-user", "--email", "someone@example.test"], ["serve"]):
+        assert_refused(await cli(*command, "--data-dir", str(not_a_dir)), "data directory", str(not_a_dir))

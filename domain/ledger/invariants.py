@@ -17,6 +17,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.db import Database
+from domain.errors import NotFound
+from domain.workspaces.models import Workspace
 
 _CHECK = text("""
 WITH sums AS (
@@ -90,4 +92,12 @@ async def find_violations(session: AsyncSession, workspace_id: uuid.UUID | None 
 
 
 async def check_ledger(db: Database, workspace_id: uuid.UUID | None = None) -> list[Violation]:
-    return await db.read(lambda s: find_violations(s, workspace_id))
+    """Every violation, in `workspace_id` alone when given; NotFound when it names no workspace
+    (nothing checked must never read as a consistent ledger)."""
+
+    async def work(session: AsyncSession) -> list[Violation]:
+        if workspace_id is not None and await session.get(Workspace, workspace_id) is None:
+            raise NotFound("workspace")
+        return await find_violations(session, workspace_id)
+
+    return await db.read(work)
