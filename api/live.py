@@ -50,7 +50,7 @@ from api.ledger import ScopeBalance
 from domain import events, identity
 from domain.access import Caller, authorize, parse_id
 from domain.clock import Clock
-from domain.db import Database
+from domain.db import Database, dsn_url
 from domain.errors import LiveInterrupted, Unauthenticated
 from domain.events import EventOutlet, NotifyOutlet, PublishOutlet
 from domain.ledger import queries
@@ -66,7 +66,7 @@ def broadcast_url(setting: str, database_url: str, workers: int) -> str:
     if setting == "auto":
         setting = "memory://" if workers == 1 else "postgres"
     if setting == "postgres":
-        return database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        return dsn_url(database_url)  # asyncpg's own DSN: libpq's `sslmode`, not SQLAlchemy's `ssl`
     return setting
 
 

@@ -22,6 +22,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 from sqlalchemy.engine import make_url
@@ -150,12 +151,36 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+_PREFIXES = ("postgresql+asyncpg://", "postgresql://", "postgres://")
+
+
 def async_url(url: str) -> str:
-    """Accept the usual `postgresql://` and `postgres://` spellings; SQLAlchemy needs the driver."""
-    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+    """Accept the usual `postgresql://` and `postgres://` spellings; SQLAlchemy needs the driver.
+    Its asyncpg dialect passes the URL's options to `asyncpg.connect()` as keyword arguments,
+    which takes `ssl` but not libpq's `sslmode` (what managed PostgreSQL hands out): renamed."""
+    for prefix in _PREFIXES:
         if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url[len(prefix):]
+            return _renamed_option("postgresql+asyncpg://" + url[len(prefix):], "sslmode", "ssl")
     raise ValueError("DATABASE_URL must be a postgresql:// URL")
+
+
+def dsn_url(url: str) -> str:
+    """The same database as a DSN for `asyncpg.connect(dsn)` (the LISTEN connection), which reads
+    libpq's spelling: `ssl` there would be sent as a server setting, which PostgreSQL refuses."""
+    for prefix in _PREFIXES:
+        if url.startswith(prefix):
+            return _renamed_option("postgresql://" + url[len(prefix):], "ssl", "sslmode")
+    raise ValueError("DATABASE_URL must be a postgresql:// URL")
+
+
+def _renamed_option(url: str, old: str, new: str) -> str:
+    parts = urlsplit(url)
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    if old not in (k for k, _ in options):
+        return url  # untouched, byte for byte
+    has_new = new in (k for k, _ in options)
+    options = [(new if k == old else k, v) for k, v in options if not (k == old and has_new)]
+    return urlunsplit(parts._replace(query=urlencode(options)))
 
 
 @contextlib.contextmanager

@@ -164,3 +164,29 @@ async def test_the_walkthrough_runs_as_written_on_the_demo_data(demo_world):
         first = await asyncio.wait_for(anext(aiter(ws.subscribe(balances))), 15)
     assert first["balanceChanged"]["available"] == seen["balance"]["available"]
     assert "workspaceEvents" in events
+
+
+# --- DATABASE_URL ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("option", ["sslmode=disable", "ssl=disable"])
+async def test_a_database_url_with_a_tls_mode_works_for_every_connection(pg_server, option):
+    """Managed PostgreSQL hands out libpq URLs (`?sslmode=require`); SQLAlchemy's asyncpg dialect
+    wants `?ssl=require`. Either spelling must reach every connection the service opens: Alembic,
+    the ORM pool, the hot path's asyncpg pool, and the LISTEN connection of several workers."""
+    from sqlalchemy import text
+
+    from api.live import _Postgres, broadcast_url
+
+    url = await pg_server.create_database("creditpool_tls")
+    url += ("&" if "?" in url else "?") + option
+    await asyncio.to_thread(migrations.upgrade, url)
+    db = Database(url, pool_size=1)
+    try:
+        assert await db.read(lambda s: s.scalar(text("SELECT version_num FROM alembic_version"))) == \
+            migrations.head_revision()
+        assert (await db.fetchrow("SELECT 1 AS one"))["one"] == 1
+        listener = _Postgres(broadcast_url("postgres", db.url, workers=2))
+        await listener.connect()
+        await listener.disconnect()
+    finally:
+        await db.dispose()

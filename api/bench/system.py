@@ -19,6 +19,8 @@ from pathlib import Path
 
 import psutil  # a dependency of pgserver
 
+from domain.db import dsn_url
+
 # --- the served app ---------------------------------------------------------------------------------
 
 
@@ -201,7 +203,8 @@ def find_pgbench(prefer_embedded: bool) -> str | None:
 
 
 def libpq_url(url: str) -> str:
-    return re.sub(r"^postgres(ql)?(\+asyncpg)?://", "postgresql://", url)
+    """For asyncpg.connect() and pgbench: libpq's spelling (`sslmode`, not SQLAlchemy's `ssl`)."""
+    return dsn_url(url)
 
 
 # The minimum SQL of one reservation, on scratch tables: the conditional balance update and the
