@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -171,8 +172,35 @@ def cmd_serve(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     uvicorn.run(
         "api.app:app_from_env", factory=True, host=settings.host, port=settings.port,
-        workers=settings.workers, log_level=settings.log_level, ws="websockets-sansio",
+        workers=settings.workers, log_level=settings.log_level, ws="websockets-sansio", log_config=_log_config(),
     )
+
+
+class RedactSecrets(logging.Filter):
+    """Blanks API token secrets in access log lines: a browser user may put the token in
+    GraphiQL's URL (`/graphql?headers={"Authorization": "Bearer cp_..."}`), and the request line
+    would otherwise keep it in the log. (A secret's characters are URL-safe: encoding leaves them.)"""
+
+    SECRET = re.compile(re.escape(identity.TOKEN_PREFIX) + r"[A-Za-z0-9_-]{8,}")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.SECRET.sub(identity.TOKEN_PREFIX + "[redacted]", a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
+
+
+def _log_config() -> dict:
+    """uvicorn's own logging configuration with `RedactSecrets` on the access log. Passed to
+    uvicorn (not installed here), so that every worker process applies it as it starts."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact_secrets"] = {"()": "api.cli.RedactSecrets"}
+    config["handlers"]["access"]["filters"] = ["redact_secrets"]
+    return config
 
 
 def _load_demo(settings: Settings, url: str, graphql_url: str) -> None:

@@ -497,3 +497,27 @@ async def test_a_data_dir_that_is_a_file_is_named(tmp_path):
     not_a_dir.write_text("")
     for command in (["create-user", "--email", "someone@example.test"], ["serve"]):
         assert_refused(await cli(*command, "--data-dir", str(not_a_dir)), "data directory", str(not_a_dir))
+
+
+async def test_a_token_in_graphiqls_url_is_not_written_to_the_access_log(pg_server, tmp_path):
+    """The README lets a browser user put the token in GraphiQL's URL (`?headers=...`); the
+    server's access log (on at the default level, `info`) must not keep the secret, with one
+    worker or several."""
+    url = await pg_server.create_database("creditpool_access_log")
+    await asyncio.to_thread(migrations.upgrade, url)
+    token = one_token(await cli("create-user", "--email", "browser@example.test", "--database-url", url))
+    headers = json.dumps({"Authorization": f"Bearer {token}"})
+    for workers in ("1", "2"):
+        async with serving("--database-url", url, "--workers", workers, logs=tmp_path / workers) as server:
+            async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+                async with http.get(server.graphql_url, params={"headers": headers},
+                                    headers={"Accept": "text/html"}) as r:
+                    assert r.status == 200
+                async with http.get(server.graphql_url, params={"query": "{ viewer { kind } }", "token": token},
+                                    headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert r.status in (200, 400)
+            await asyncio.sleep(0.5)  # the access line is written after the response
+            await stop(server.proc)
+            logged = server.stdout() + server.stderr()
+            assert "GET /graphql?" in logged, logged  # the access log is on...
+            assert token not in logged and token[3:] not in logged  # ...without the secret
