@@ -183,6 +183,12 @@ def _renamed_option(url: str, old: str, new: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(options)))
 
 
+def _report_orphaned_unit(unit: asyncio.Future) -> None:
+    # A unit whose caller was cancelled: nobody awaits it any more, so its failure is logged here.
+    if not unit.cancelled() and unit.exception() is not None:
+        log.warning("a one-statement unit whose caller was cancelled failed", exc_info=unit.exception())
+
+
 @contextlib.contextmanager
 def _refused_when_no_connection():
     # The ORM pool's checkout timeout. A session checks out its connection for its first
@@ -261,7 +267,21 @@ class Database:
         statement takes are released inside PostgreSQL, never across an event-loop turn. No
         retry here: the caller decides what a failed statement means (the generation hot path
         falls back to `sql_transaction`). Events go out after the statement, as after a commit
-        (with LISTEN/NOTIFY, a `pg_notify` of their own)."""
+        (with LISTEN/NOTIFY, a `pg_notify` of their own).
+
+        Once begun, the unit runs to its end even if its caller is cancelled (a websocket
+        client that closes, a server shutting down): its statement may be writing other
+        requests' items too (a coalesced batch, which a cancelled leader would abort for all),
+        and a write that commits must send its events, which here follow the commit (a caller
+        cancelled while its item was written left its hold committed and never announced)."""
+        unit = asyncio.ensure_future(self._autocommit(work))
+        try:
+            return await asyncio.shield(unit)
+        except asyncio.CancelledError:
+            unit.add_done_callback(_report_orphaned_unit)
+            raise
+
+    async def _autocommit(self, work: Callable[[RawSql], Awaitable[T]]) -> T:
         pool = await self._pool()
         async with self._connection(pool) as conn:
             sql = RawSql(conn)
