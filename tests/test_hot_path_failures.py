@@ -234,3 +234,31 @@ async def test_a_start_leading_a_batch_and_cancelled_does_not_abort_the_batch_fo
     assert (await db.fetchrow("SELECT count(*) AS n FROM generations WHERE workspace_id = $1",
                               uuid.UUID(team.ws)))["n"] == 3
     await assert_money_clean(db, team.ws)
+
+
+async def test_a_batch_whose_connection_dies_mid_statement_answers_every_start_exactly_once(
+        db, live_server, client, database_url):
+    # The backend writing [B, C] is terminated while the statement waits. Nothing of it was
+    # written. C (not leading) starts over through the transaction path; B, whose own
+    # connection died, does the same rather than answer INTERNAL: its key decides whether
+    # anything was written, so starting over cannot hold twice.
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "60")
+    async with BatchInFlight(db, live_server, client, database_url, team) as run:
+        [pid] = await run.claim.conn.fetchval(
+            "SELECT array_agg(pid) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+            run.claim.conn.get_server_pid())
+        assert await db.fetchrow("SELECT pg_terminate_backend($1)", pid)
+        c = await run.answer("c")
+        assert c["__typename"] == "Generation"
+        await run.release()
+        b = await run.answer("b")
+        assert b["__typename"] == "Generation"
+        for name, first in (("b", b), ("c", c)):
+            replayed = await run.replay(name)
+            assert replayed["id"] == first["id"] == await run.generation_of(name)
+    assert (await db.fetchrow("SELECT count(*) AS n FROM generations WHERE workspace_id = $1",
+                              uuid.UUID(team.ws)))["n"] == 3
+    b_ = await balance(client, team.owner, team.ws)
+    assert (b_["held"], b_["available"]) == ("18.000", "42.000")
+    await assert_money_clean(db, team.ws)
