@@ -11,11 +11,14 @@ import asyncio
 import contextlib
 import time
 import uuid
+from datetime import timedelta
 
 import asyncpg
 
-from tests.conftest import HeldLock, asyncpg_dsn, ws_client
-from tests.test_api_ledger import START, assert_ledger_clean, balance, grant, key, make_team
+from domain.clock import OffsetClock
+from domain.periods import service as periods
+from tests.conftest import HeldLock, LiveServer, asyncpg_dsn, http_client, ws_client
+from tests.test_api_ledger import COMPLETE, FAIL, START, assert_ledger_clean, balance, grant, key, make_team
 from tests.test_api_live import EVENTS
 
 
@@ -261,4 +264,110 @@ async def test_a_batch_whose_connection_dies_mid_statement_answers_every_start_e
                               uuid.UUID(team.ws)))["n"] == 3
     b_ = await balance(client, team.owner, team.ws)
     assert (b_["held"], b_["available"]) == ("18.000", "42.000")
+    await assert_money_clean(db, team.ws)
+
+
+async def test_completions_failures_and_the_hold_time_out_racing_on_the_same_generations_settle_each_once(
+        db, live_server, client):
+    # 24 generations; at once: the worker completes each and the operator fails each (under
+    # their own keys, in alternating order), the worker completes every third one again under
+    # another key, and the scheduler times every hold out (a TTL of 0), twice. Each generation settles exactly once
+    # (one capture or release entry), every success the API answered is what was recorded, every
+    # loser hears GenerationAlreadySettled, and nothing is left held.
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "200")
+    creator, _ = team.creators[0]
+    async with client(creator) as api:
+        gens = [(await api(START, ws=team.ws, model="test-six", key=key()))["startGeneration"]["id"]
+                for _ in range(24)]
+
+    async def settle(token, query, g, **kw):
+        async with client(token) as api:
+            out = await api(query, g=g, key=key(), **kw)
+        return g, next(iter(out.values()))
+
+    async def tick(delay):
+        # One generation per transaction, oldest first, while the settlements go newest first:
+        # they meet somewhere in the middle.
+        await asyncio.sleep(delay)
+        return await periods.tick(db, OffsetClock(), hold_ttl=timedelta(0), batch=1)
+
+    racing = []
+    for i, g in enumerate(gens[::-1]):
+        complete, fail = settle(team.worker, COMPLETE, g), settle(team.operator, FAIL, g, kind="TECHNICAL")
+        racing += [fail, complete] if i % 2 else [complete, fail]
+        if i % 3 == 0:
+            racing.append(settle(team.worker, COMPLETE, g))
+    *settlements, first_tick, second_tick = await asyncio.gather(*racing, tick(0.05), tick(0.1))
+    assert not first_tick.failures and not second_tick.failures
+    pool = await db._pool()
+    async with pool.acquire() as conn:
+        rows = {str(r["id"]): r for r in await conn.fetch(
+            "SELECT g.id, g.status, (SELECT array_agg(e.kind ORDER BY e.id) FROM ledger_entries e "
+            "WHERE e.generation_id = g.id) AS kinds FROM generations g WHERE g.workspace_id = $1", uuid.UUID(team.ws))}
+    won: dict[str, list] = {g: [] for g in gens}
+    for g, out in settlements:
+        if out["__typename"] == "Generation":
+            won[g].append(out["status"])
+        else:
+            assert out["__typename"] == "GenerationAlreadySettled", out
+    timed_out = 0
+    for g in gens:
+        status, kinds = rows[g]["status"], rows[g]["kinds"]
+        assert status in ("COMPLETED", "FAILED", "TIMED_OUT")
+        assert kinds == ["HOLD", "CAPTURE" if status == "COMPLETED" else "RELEASE"], (g, status, kinds)
+        assert won[g] == ([] if status == "TIMED_OUT" else [status]), (g, status, won[g])
+        timed_out += status == "TIMED_OUT"
+    assert first_tick.holds_timed_out + second_tick.holds_timed_out == timed_out
+    b = await balance(client, team.owner, team.ws)
+    assert b["held"] == "0.000"
+    await assert_money_clean(db, team.ws)
+
+
+async def test_a_graceful_shutdown_answers_the_starts_queued_in_a_batch_and_cuts_no_write_short(
+        db, client, database_url):
+    # A server of its own is told to stop while A's statement waits on a grant lock and B (HTTP)
+    # and C (a websocket operation) are queued behind it. The stop waits for the HTTP requests
+    # and answers them; C's socket is closed by the shutdown, which cancels its operation, but
+    # its start is not cut short: it is written (its key replays it on another server) and the
+    # server stops only once nothing is left writing.
+    team = await make_team(db, client, creators=1)
+    grant_id = (await grant(client, team, "60"))["id"]
+    creator, _ = team.creators[0]
+    ka, kb, kc = key(), key(), key()
+    server = LiveServer(database_url)
+    server.start()
+    stopping = None
+    try:
+        async with HeldLock(database_url, "grants", grant_id) as lock, http_client(server, creator) as http:
+            a = asyncio.ensure_future(http(START, ws=team.ws, model="test-six", key=ka))
+            await lock.waited_on()
+            b = asyncio.ensure_future(http(START, ws=team.ws, model="test-six", key=kb))
+            await queued(server, "holds", team.ws, 1)
+            async with ws_client(server, creator) as ws:
+                c = asyncio.ensure_future(ws(START, ws=team.ws, model="test-six", key=kc))
+                await queued(server, "holds", team.ws, 2)
+                stopping = asyncio.ensure_future(asyncio.to_thread(server.stop))
+                await asyncio.sleep(0.5)
+                assert not stopping.done() and not a.done() and not b.done()
+                await lock.commit()
+                answers = [(await a)["startGeneration"], (await b)["startGeneration"]]
+                assert [x["__typename"] for x in answers] == ["Generation", "Generation"]
+                await asyncio.gather(c, return_exceptions=True)  # its socket was closed by the shutdown
+        await stopping
+        assert not server.thread.is_alive()
+        written = await db.fetchrow("SELECT g.id FROM generations g JOIN idempotency_keys k ON k.result_id = g.id "
+                                    "WHERE k.key = $1", kc)
+        assert written is not None, "C's start was cut short by the shutdown"
+    finally:
+        if stopping is None:
+            server.stop()
+    async with client(creator) as api:  # the session's server
+        for k, first in ((ka, answers[0]["id"]), (kb, answers[1]["id"]), (kc, str(written["id"]))):
+            replayed = (await api(START, ws=team.ws, model="test-six", key=k))["startGeneration"]
+            assert replayed["__typename"] == "Generation" and replayed["id"] == first
+    rows = await db.fetchrow("SELECT count(*) AS n, count(*) FILTER (WHERE k.key = $2) AS c FROM generations g "
+                             "JOIN idempotency_keys k ON k.result_id = g.id WHERE g.workspace_id = $1",
+                             uuid.UUID(team.ws), kc)
+    assert (rows["n"], rows["c"]) == (3, 1)
     await assert_money_clean(db, team.ws)
