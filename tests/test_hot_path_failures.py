@@ -371,3 +371,53 @@ async def test_a_graceful_shutdown_answers_the_starts_queued_in_a_batch_and_cuts
                              uuid.UUID(team.ws), kc)
     assert (rows["n"], rows["c"]) == (3, 1)
     await assert_money_clean(db, team.ws)
+
+
+async def test_a_settlement_cancelled_while_its_batch_is_written_settles_once_replayably_and_is_announced(
+        db, live_server, client, database_url):
+    # The settlement side of the same failure: A's completion waits on A's row (locked by
+    # another connection), B's and C's queue behind it (websocket operations); A commits, and
+    # [B, C] waits on B's row. C's client goes away; then the batch commits. C is settled once
+    # (its key replays the settlement), and its GENERATION_SETTLED goes out.
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "60")
+    creator, _ = team.creators[0]
+    async with client(creator) as api:
+        ga, gb, gc = [(await api(START, ws=team.ws, model="test-six", key=key()))["startGeneration"]["id"]
+                      for _ in range(3)]
+    keys = {g: key() for g in (ga, gb, gc)}
+    events: list = []
+    async with ws_client(live_server, team.owner) as owner_ws:
+        listener = asyncio.ensure_future(collect(owner_ws.subscribe(EVENTS, ws=team.ws), events))
+        await asyncio.sleep(0.3)
+        try:
+            async with HeldLock(database_url, "generations", ga) as lock_a, \
+                    HeldLock(database_url, "generations", gb) as lock_b, client(team.worker) as http, \
+                    ws_client(live_server, team.worker) as ws_b:
+                a = asyncio.ensure_future(http(COMPLETE, g=ga, key=keys[ga]))
+                await lock_a.waited_on()
+                b = asyncio.ensure_future(ws_b(COMPLETE, g=gb, key=keys[gb]))
+                await queued(live_server, "settlements", team.ws, 1)
+                async with ws_client(live_server, team.worker) as ws_c:
+                    c = asyncio.ensure_future(ws_c(COMPLETE, g=gc, key=keys[gc]))
+                    await queued(live_server, "settlements", team.ws, 2)
+                    await lock_a.commit()
+                    assert (await a)["completeGeneration"]["status"] == "COMPLETED"
+                    await lock_b.waited_on()
+                    c.cancel()
+                await asyncio.sleep(0.3)  # C's socket is closed: the server cancels its operation
+                await lock_b.commit()
+                assert (await b)["completeGeneration"]["status"] == "COMPLETED"
+                replayed = (await http(COMPLETE, g=gc, key=keys[gc]))["completeGeneration"]
+            assert (replayed["__typename"], replayed["status"], replayed["captured"]) == ("Generation", "COMPLETED",
+                                                                                          "6.000")
+            settled = lambda: {e["payload"]["generationId"] for e in events if e["kind"] == "GENERATION_SETTLED"}  # noqa: E731
+            await until(lambda: asyncio.sleep(0, settled() >= {ga, gb, gc}), seconds=5, what="three settlements announced")
+        finally:
+            listener.cancel()
+    kinds = await db.fetchrow("SELECT array_agg(kind ORDER BY id) AS k FROM ledger_entries WHERE generation_id = $1",
+                              uuid.UUID(gc))
+    assert kinds["k"] == ["HOLD", "CAPTURE"]
+    b_ = await balance(client, team.owner, team.ws)
+    assert (b_["held"], b_["available"]) == ("0.000", "42.000")
+    await assert_money_clean(db, team.ws)
