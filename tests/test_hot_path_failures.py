@@ -11,13 +11,17 @@ import asyncio
 import contextlib
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import pytest
 
+import migrations
 from domain.clock import OffsetClock
+from domain.db import Database
 from domain.periods import service as periods
-from tests.conftest import HeldLock, LiveServer, asyncpg_dsn, http_client, ws_client
+from domain.pricing import service as pricing
+from tests.conftest import HeldLock, LiveServer, asyncpg_dsn, catalog_models, http_client, ws_client
 from tests.test_api_ledger import COMPLETE, FAIL, START, assert_ledger_clean, balance, grant, key, make_team
 from tests.test_api_live import EVENTS
 
@@ -267,8 +271,28 @@ async def test_a_batch_whose_connection_dies_mid_statement_answers_every_start_e
     await assert_money_clean(db, team.ws)
 
 
+@pytest.fixture
+async def own_server(pg_server):
+    """A database and server of the test's own: its scheduler tick (a TTL of 0) times out every
+    open hold in the database, which must not be other tests' holds."""
+    url = await pg_server.create_database("creditpool_hot_failures")
+    await asyncio.to_thread(migrations.upgrade, url)
+    db = Database(url, pool_size=5)
+    await db.transaction(lambda s: pricing.insert_price_list(
+        s, models=catalog_models(), windows=(), plan_multipliers={}, note="test catalog", published_by=None,
+        effective_at=datetime.now(UTC) - timedelta(days=1)))
+    server = LiveServer(url, db_pool_size=5)
+    server.start()
+    try:
+        yield db, (lambda token: http_client(server, token))
+    finally:
+        server.stop()
+        await db.dispose()
+
+
 async def test_completions_failures_and_the_hold_time_out_racing_on_the_same_generations_settle_each_once(
-        db, live_server, client):
+        own_server):
+    db, client = own_server
     # 24 generations; at once: the worker completes each and the operator fails each (under
     # their own keys, in alternating order), the worker completes every third one again under
     # another key, and the scheduler times every hold out (a TTL of 0), twice. Each generation settles exactly once
