@@ -88,7 +88,9 @@ class IdentityQuery:
 
 @strawberry.type
 class IdentityMutation:
-    @strawberry.mutation(description="Create an API token for yourself; the secret is returned once.")
+    @strawberry.mutation(description="Create an API token for yourself; the secret is returned once. Service "
+                                     "accounts are refused (FORBIDDEN): their tokens come from the operator's "
+                                     "`creditpool create-service-token`.")
     async def create_api_token(self, info: Info[Context, None], input: CreateApiTokenInput) -> CreateApiTokenResult:
         caller = await info.context.caller()
         call = identity.create_own_token(info.context.db, caller.actor, input.name)

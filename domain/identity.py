@@ -20,7 +20,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from domain.base import Base, created_at, str_enum, uuid_pk
 from domain.db import SessionSql
-from domain.errors import NotFound, ValidationFailed
+from domain.errors import Forbidden, NotFound, ValidationFailed
 
 TOKEN_PREFIX = "cp_"
 # Refresh `last_used_at` at most this often per token, so authenticating stays a read.
@@ -219,6 +219,12 @@ async def get_user(session: AsyncSession, user_id: uuid.UUID) -> User:
 # --- services (one transaction each) -------------------------------------------------------
 
 async def create_own_token(db, actor: Actor, name: str) -> tuple[ApiToken, str]:
+    """`createApiToken`: a human's new token. A service account's tokens come only from the
+    operator (`creditpool create-service-token`): a leaked worker token must not be able to issue
+    itself successors that outlive its revocation."""
+    if actor.is_service:
+        raise Forbidden("createApiToken: a service account's tokens are issued by an operator "
+                        "(creditpool create-service-token)")
     return await db.transaction(lambda s: issue_token(s, actor.user_id, name))
 
 

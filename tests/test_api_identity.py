@@ -131,6 +131,21 @@ async def test_service_accounts_are_identified_as_such(db, client):
         assert err.value.errors[0]["extensions"]["code"] == "FORBIDDEN"
 
 
+async def test_a_service_account_cannot_mint_itself_tokens_through_the_api(db, client):
+    # A leaked worker token must not be able to issue itself successors that outlive its
+    # revocation: a service account's tokens come from the operator (`create-service-token`).
+    token = await new_service_token(db)
+    actor = await identity.authenticate_secret(db, token)
+    async with client(token) as api:
+        with pytest.raises(TransportQueryError) as err:
+            await api(CREATE_TOKEN, name="successor")
+    [error] = err.value.errors
+    assert error["extensions"] == {"code": "FORBIDDEN"}
+    assert "createApiToken" in error["message"] and "create-service-token" in error["message"], error["message"]
+    tokens = await db.read(lambda s: identity.list_tokens(s, actor.user_id))
+    assert [t.id for t in tokens] == [actor.token_id]  # nothing was written
+
+
 def test_unexpected_errors_are_masked_and_auth_errors_keep_their_code():
     @strawberry.type
     class Query:
