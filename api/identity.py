@@ -88,8 +88,10 @@ class IdentityQuery:
 
 @strawberry.type
 class IdentityMutation:
-    @strawberry.mutation(description="Create an API token for yourself; the secret is returned once. Service "
-                                     "accounts are refused (FORBIDDEN): their tokens come from the operator's "
+    @strawberry.mutation(description="Create an API token for yourself; the secret is returned once. At most "
+                                     f"{identity.MAX_ACTIVE_TOKENS} of your tokens may be active (unrevoked) at a "
+                                     "time (a ValidationError on `apiTokens` past it). Service accounts are "
+                                     "refused (FORBIDDEN): their tokens come from the operator's "
                                      "`creditpool create-service-token`.")
     async def create_api_token(self, info: Info[Context, None], input: CreateApiTokenInput) -> CreateApiTokenResult:
         caller = await info.context.caller()

@@ -28,6 +28,11 @@ LAST_USED_GRANULARITY = timedelta(seconds=60)
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MAX_EMAIL = 254
 MAX_NAME = 100
+# The most live (unrevoked) tokens one user may hold through `createApiToken`: enough for every
+# device and script a person runs, few enough that a leaked token cannot bury its owner in
+# successors. The operator's CLI (`create-user`, `create-service-token`) is not capped: it is the
+# way back in for a user at the cap with no working secret.
+MAX_ACTIVE_TOKENS = 50
 
 
 class UserKind(enum.StrEnum):
@@ -156,6 +161,13 @@ async def revoke_token(session: AsyncSession, actor: Actor, token_id: uuid.UUID)
     return token
 
 
+async def lock_user(session: AsyncSession, user_id: uuid.UUID) -> None:
+    """Serialize changes to a user's set of tokens. Race: two creates at the cap would each count
+    49 live tokens and both insert. FOR NO KEY UPDATE, not FOR UPDATE: the key-share locks that
+    every row referencing the user takes (a token inserted, a generation started) do not wait."""
+    await session.execute(select(User.id).where(User.id == user_id).with_for_update(key_share=True))
+
+
 async def list_tokens(session: AsyncSession, user_id: uuid.UUID) -> list[ApiToken]:
     rows = await session.execute(select(ApiToken).where(ApiToken.user_id == user_id).order_by(ApiToken.created_at))
     return list(rows.scalars())
@@ -225,7 +237,20 @@ async def create_own_token(db, actor: Actor, name: str) -> tuple[ApiToken, str]:
     if actor.is_service:
         raise Forbidden("createApiToken: a service account's tokens are issued by an operator "
                         "(creditpool create-service-token)")
-    return await db.transaction(lambda s: issue_token(s, actor.user_id, name))
+    name = clean_name(name)  # refused before anything is locked
+
+    async def work(session: AsyncSession) -> tuple[ApiToken, str]:
+        await lock_user(session, actor.user_id)
+        live = (await session.execute(
+            select(func.count()).select_from(ApiToken)
+            .where(ApiToken.user_id == actor.user_id, ApiToken.revoked_at.is_(None))
+        )).scalar_one()
+        if live >= MAX_ACTIVE_TOKENS:
+            raise ValidationFailed("apiTokens", f"at most {MAX_ACTIVE_TOKENS} active tokens per user: "
+                                                "revoke one you no longer use first")
+        return await issue_token(session, actor.user_id, name)
+
+    return await db.transaction(work)
 
 
 async def revoke_own_token(db, actor: Actor, token_id: str) -> ApiToken:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
+import asyncpg
 import pytest
 import strawberry
 from sqlalchemy import select
@@ -13,7 +15,7 @@ from gql.transport.exceptions import TransportQueryError
 from api.schema import RequestRules, build_schema
 from domain import identity
 from domain.errors import Forbidden
-from tests.conftest import new_service_token, new_user
+from tests.conftest import HeldLock, asyncpg_dsn, new_service_token, new_user
 
 CREATE_TOKEN = """
 mutation($name: String!) {
@@ -21,6 +23,14 @@ mutation($name: String!) {
     __typename
     ... on CreatedApiToken { secret token { id name revokedAt } }
     ... on ValidationError { field code }
+  }
+}"""
+CREATE_TOKEN_CAPPED = """
+mutation($name: String!) {
+  createApiToken(input: {name: $name}) {
+    __typename
+    ... on CreatedApiToken { token { id } }
+    ... on ValidationError { field code message }
   }
 }"""
 REVOKE = """
@@ -144,6 +154,59 @@ async def test_a_service_account_cannot_mint_itself_tokens_through_the_api(db, c
     assert "createApiToken" in error["message"] and "create-service-token" in error["message"], error["message"]
     tokens = await db.read(lambda s: identity.list_tokens(s, actor.user_id))
     assert [t.id for t in tokens] == [actor.token_id]  # nothing was written
+
+
+async def waiting_on_locks(database_url: str, count: int) -> None:
+    """Until `count` sessions of this database wait on a lock."""
+    watcher = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        async with asyncio.timeout(20):
+            while await watcher.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                         "AND datname = current_database()") < count:
+                await asyncio.sleep(0.02)
+    finally:
+        await watcher.close()
+
+
+async def live_token_count(db, user_id) -> int:
+    return sum(t.revoked_at is None for t in await db.read(lambda s: identity.list_tokens(s, user_id)))
+
+
+async def test_creates_racing_at_the_token_cap_let_exactly_one_through(db, client, database_url):
+    _, token = await new_user(db)
+    actor = await identity.authenticate_secret(db, token)  # also sets last_used_at: no write below
+
+    async def fill(session):  # one short of the cap (the API would take 48 more round trips)
+        for i in range(identity.MAX_ACTIVE_TOKENS - 2):
+            await identity.issue_token(session, actor.user_id, f"t{i}")
+
+    await db.transaction(fill)
+    racers = 6
+    # The user's row held FOR UPDATE: no token can be written (its foreign key check waits) and
+    # no create can lock the row to count, so every racer is stopped with nothing written, the
+    # authentication done and, counting without a lock, the cap already checked. Released, only
+    # the creates that counted under the user's lock, one at a time, are told the truth.
+    async with HeldLock(database_url, "users", actor.user_id) as held, client(token) as api:
+        creates = [asyncio.ensure_future(api(CREATE_TOKEN_CAPPED, name=f"racer {i}")) for i in range(racers)]
+        await waiting_on_locks(database_url, racers)
+        await held.commit()
+        async with asyncio.timeout(20):
+            answers = [(await c)["createApiToken"] for c in creates]
+    assert sorted(a["__typename"] for a in answers) == ["CreatedApiToken"] + ["ValidationError"] * (racers - 1)
+    refused = next(a for a in answers if a["__typename"] == "ValidationError")
+    assert refused["field"] == "apiTokens" and str(identity.MAX_ACTIVE_TOKENS) in refused["message"]
+    assert await live_token_count(db, actor.user_id) == identity.MAX_ACTIVE_TOKENS
+
+    # A revoked token no longer counts; the operator's CLI (the way back in) is never capped.
+    async with client(token) as api:
+        created = (await api(CREATE_TOKEN_CAPPED, name="one more"))["createApiToken"]
+        assert created["__typename"] == "ValidationError"
+        victim = (await api("{ viewer { apiTokens { id } } }"))["viewer"]["apiTokens"][-1]["id"]
+        assert (await api(REVOKE, id=victim))["revokeApiToken"]["__typename"] == "ApiToken"
+        assert (await api(CREATE_TOKEN_CAPPED, name="one more"))["createApiToken"]["__typename"] == "CreatedApiToken"
+    email = (await identity.whoami(db, actor)).email
+    assert await identity.cli_user_token(db, email, operator=False)
+    assert await live_token_count(db, actor.user_id) == identity.MAX_ACTIVE_TOKENS + 1
 
 
 def test_unexpected_errors_are_masked_and_auth_errors_keep_their_code():
