@@ -103,3 +103,15 @@ class IdentityMutation:
         caller = await info.context.caller()
         call = identity.revoke_own_token(info.context.db, caller.actor, input.token_id)
         return await result(call, ApiTokenType.from_model)
+
+    # Incident response, as a mutation of its own rather than an `all` flag on revokeApiToken:
+    # there the token id would become optional, and one missing argument would sign out every
+    # device, which cannot be undone. "Other": the token asking stays live, so whoever is cleaning
+    # up stays signed in to finish (and may then revoke it too, with revokeApiToken).
+    @strawberry.mutation(description="Revoke every one of your API tokens except the one making this request, "
+                                     "at once: open subscriptions of the revoked tokens end within seconds, as "
+                                     "for revokeApiToken. Returns the tokens it revoked (none already revoked).")
+    async def revoke_other_api_tokens(self, info: Info[Context, None]) -> list[ApiTokenType]:
+        caller = await info.context.caller()
+        tokens = await identity.revoke_own_other_tokens(info.context.db, caller.actor)
+        return [ApiTokenType.from_model(t) for t in tokens]

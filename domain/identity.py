@@ -14,13 +14,13 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, LargeBinary, String, func, select
+from sqlalchemy import CheckConstraint, ForeignKey, Index, LargeBinary, String, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from domain.base import Base, created_at, str_enum, uuid_pk
 from domain.db import SessionSql
-from domain.errors import Forbidden, NotFound, ValidationFailed
+from domain.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
 
 TOKEN_PREFIX = "cp_"
 # Refresh `last_used_at` at most this often per token, so authenticating stays a read.
@@ -168,6 +168,32 @@ async def lock_user(session: AsyncSession, user_id: uuid.UUID) -> None:
     await session.execute(select(User.id).where(User.id == user_id).with_for_update(key_share=True))
 
 
+async def still_live(session: AsyncSession, actor: Actor) -> None:
+    """Under `lock_user`: the token the request authenticated with is still unrevoked. Race: a
+    request sent with a leaked token, waiting for the lock while the owner revokes every other
+    token, would otherwise mint a successor (or revoke the owner's token) on the strength of an
+    authentication that no longer holds. Refused as an unknown token is."""
+    live = await session.execute(
+        select(ApiToken.id).where(ApiToken.id == actor.token_id, ApiToken.revoked_at.is_(None))
+    )
+    if live.scalar_one_or_none() is None:
+        raise Unauthenticated()
+
+
+async def revoke_other_tokens(session: AsyncSession, actor: Actor) -> list[ApiToken]:
+    """Revoke every live token of the actor's but the one asking; returns those it revoked."""
+    await lock_user(session, actor.user_id)
+    await still_live(session, actor)
+    rows = await session.execute(
+        update(ApiToken)
+        .where(ApiToken.user_id == actor.user_id, ApiToken.revoked_at.is_(None), ApiToken.id != actor.token_id)
+        .values(revoked_at=func.now())
+        .returning(ApiToken)
+        .execution_options(synchronize_session=False)
+    )
+    return sorted(rows.scalars(), key=lambda t: (t.created_at, t.id))
+
+
 async def list_tokens(session: AsyncSession, user_id: uuid.UUID) -> list[ApiToken]:
     rows = await session.execute(select(ApiToken).where(ApiToken.user_id == user_id).order_by(ApiToken.created_at))
     return list(rows.scalars())
@@ -241,6 +267,7 @@ async def create_own_token(db, actor: Actor, name: str) -> tuple[ApiToken, str]:
 
     async def work(session: AsyncSession) -> tuple[ApiToken, str]:
         await lock_user(session, actor.user_id)
+        await still_live(session, actor)
         live = (await session.execute(
             select(func.count()).select_from(ApiToken)
             .where(ApiToken.user_id == actor.user_id, ApiToken.revoked_at.is_(None))
@@ -259,6 +286,10 @@ async def revoke_own_token(db, actor: Actor, token_id: str) -> ApiToken:
     except ValueError:
         raise NotFound("token") from None
     return await db.transaction(lambda s: revoke_token(s, actor, tid))
+
+
+async def revoke_own_other_tokens(db, actor: Actor) -> list[ApiToken]:
+    return await db.transaction(lambda s: revoke_other_tokens(s, actor))
 
 
 async def own_tokens(db, actor: Actor) -> list[ApiToken]:

@@ -209,6 +209,75 @@ async def test_creates_racing_at_the_token_cap_let_exactly_one_through(db, clien
     assert await live_token_count(db, actor.user_id) == identity.MAX_ACTIVE_TOKENS + 1
 
 
+REVOKE_OTHERS = "mutation { revokeOtherApiTokens { id name revokedAt } }"
+
+
+async def test_revoking_your_other_tokens_keeps_only_the_one_asking(db, client):
+    _, token = await new_user(db)
+    _, bystander = await new_user(db)
+    async with client(token) as api:
+        laptop, phone = [(await api(CREATE_TOKEN, name=n))["createApiToken"] for n in ("laptop", "phone")]
+        assert (await api(REVOKE, id=phone["token"]["id"]))["revokeApiToken"]["__typename"] == "ApiToken"
+        before = {t["id"]: t["revokedAt"] for t in (await api("{ viewer { apiTokens { id revokedAt } } }"))[
+            "viewer"]["apiTokens"]}
+        revoked = (await api(REVOKE_OTHERS))["revokeOtherApiTokens"]
+        assert [(t["id"], t["name"]) for t in revoked] == [(laptop["token"]["id"], "laptop")]  # phone was already
+        assert revoked[0]["revokedAt"]
+        after = {t["id"]: t["revokedAt"] for t in (await api("{ viewer { apiTokens { id revokedAt } } }"))[
+            "viewer"]["apiTokens"]}
+        assert after[phone["token"]["id"]] == before[phone["token"]["id"]]  # its revocation time is kept
+        assert [i for i, at in after.items() if at is None] == [i for i, at in before.items() if at is None
+                                                               and i != laptop["token"]["id"]]  # this one
+        assert (await api(REVOKE_OTHERS))["revokeOtherApiTokens"] == []  # again: nothing left to revoke
+    for secret in (laptop["secret"], phone["secret"]):
+        async with client(secret) as api:
+            with pytest.raises(TransportQueryError) as err:
+                await api("{ viewer { email } }")
+            assert err.value.errors[0]["extensions"] == {"code": "UNAUTHENTICATED"}
+    async with client(bystander) as api:  # another user's tokens are untouched
+        assert (await api("{ viewer { kind } }"))["viewer"]["kind"] == "HUMAN"
+
+
+async def test_a_token_revoked_while_its_request_waited_mints_nothing_and_revokes_nothing(db, client, database_url):
+    # Revoking every other token must leave no survivor: a create (or a revoke-all) sent with a
+    # token that another revoke-all revokes while it waits for the user's lock is refused as an
+    # unknown token would be, not let through on its authentication of a moment before.
+    _, token = await new_user(db)
+    actor = await identity.authenticate_secret(db, token)
+    async with client(token) as api:
+        leaked = (await api(CREATE_TOKEN, name="leaked"))["createApiToken"]
+    attacker = await identity.authenticate_secret(db, leaked["secret"])  # last_used_at set: no write below
+    async with HeldLock(database_url, "users", actor.user_id) as held, client(leaked["secret"]) as api:
+        create = asyncio.ensure_future(api(CREATE_TOKEN, name="successor"))
+        revoke_all = asyncio.ensure_future(api(REVOKE_OTHERS))
+        await waiting_on_locks(database_url, 2)
+        await held.conn.execute("UPDATE api_tokens SET revoked_at = now() WHERE id = $1", attacker.token_id)
+        await held.commit()
+        for call in (create, revoke_all):
+            with pytest.raises(TransportQueryError) as err:
+                await asyncio.wait_for(call, 20)
+            assert err.value.errors[0]["extensions"] == {"code": "UNAUTHENTICATED"}
+    tokens = await db.read(lambda s: identity.list_tokens(s, actor.user_id))
+    assert [(t.name, t.revoked_at is None) for t in tokens] == [("cli", True), ("leaked", False)]
+
+
+async def test_two_tokens_revoking_each_other_at_once_leave_exactly_one(db, client, database_url):
+    _, token = await new_user(db)
+    actor = await identity.authenticate_secret(db, token)
+    async with client(token) as api:
+        other = (await api(CREATE_TOKEN, name="other"))["createApiToken"]["secret"]
+    await identity.authenticate_secret(db, other)
+    async with HeldLock(database_url, "users", actor.user_id) as held, client(token) as a, client(other) as b:
+        calls = [asyncio.ensure_future(api(REVOKE_OTHERS)) for api in (a, b)]
+        await waiting_on_locks(database_url, 2)
+        await held.commit()
+        outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 20)
+    [won] = [o for o in outcomes if isinstance(o, dict)]
+    [lost] = [o for o in outcomes if isinstance(o, TransportQueryError)]
+    assert len(won["revokeOtherApiTokens"]) == 1 and lost.errors[0]["extensions"] == {"code": "UNAUTHENTICATED"}
+    assert await live_token_count(db, actor.user_id) == 1  # never both: the user is not locked out
+
+
 def test_unexpected_errors_are_masked_and_auth_errors_keep_their_code():
     @strawberry.type
     class Query:

@@ -212,6 +212,30 @@ async def test_a_revoked_tokens_stream_ends(db, live_server, client):
     assert err.value.errors[0]["extensions"]["code"] == "UNAUTHENTICATED"
 
 
+async def test_revoking_your_other_tokens_ends_their_streams_and_keeps_yours(db, live_server, client):
+    # Revoking every other token ends their streams within the recheck interval, as a single
+    # revocation does; the stream of the token that asked goes on.
+    team = await make_team(db, client, creators=0)
+    async with client(team.owner) as api:
+        leaked = (await api('mutation { createApiToken(input: {name: "leaked"}) { ... on CreatedApiToken '
+                            '{ secret } } }'))["createApiToken"]["secret"]
+    async with ws_client(live_server, leaked) as theirs, ws_client(live_server, team.owner) as mine:
+        their_stream, my_stream = theirs.subscribe(BALANCES, ws=team.ws), mine.subscribe(BALANCES, ws=team.ws)
+        await next_within(their_stream, 5)
+        await next_within(my_stream, 5)
+        revoked = (await mine("mutation { revokeOtherApiTokens { name revokedAt } }"))["revokeOtherApiTokens"]
+        assert [t["name"] for t in revoked] == ["leaked"] and revoked[0]["revokedAt"]
+        started = time.monotonic()
+        with pytest.raises(TransportQueryError) as err:
+            while True:
+                await next_within(their_stream, 5)
+        assert time.monotonic() - started < 3
+        assert err.value.errors[0]["extensions"]["code"] == "UNAUTHENTICATED"
+        await grant(client, team, "1")  # the asking token's stream goes on
+        assert (await next_within(my_stream, 5))["balanceChanged"]["available"]
+        await my_stream.aclose()
+
+
 # --- across processes ------------------------------------------------------------------------
 
 def _cli() -> list[str]:
