@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, LargeBinary, String, func, select, update
+from sqlalchemy import CheckConstraint, ForeignKey, Index, LargeBinary, String, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -45,6 +45,9 @@ class User(Base):
     __table_args__ = (
         CheckConstraint("kind = 'service' OR email IS NOT NULL", name="human_has_email"),
         CheckConstraint("email = lower(email)", name="email_lowercase"),
+        # A service account is known by its name (`create-service-token --name`): one per name
+        # (migration 0012). People are known by their email; their names may repeat.
+        Index("uq_users_service_name", "name", unique=True, postgresql_where=text("kind = 'service'")),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
@@ -130,11 +133,19 @@ async def get_or_create_user(session: AsyncSession, email: str, *, name: str | N
     return (await session.execute(select(User).where(User.email == email))).scalar_one()
 
 
-async def create_service_account(session: AsyncSession, name: str) -> User:
-    user = User(kind=UserKind.SERVICE, name=clean_name(name), email=None)
-    session.add(user)
-    await session.flush()
-    return user
+async def get_or_create_service_account(session: AsyncSession, name: str) -> User:
+    """The service account named `name`, created if there is none. Race: two runs for a new name
+    would each find none and create one; the insert waits on the unique index for the other's to
+    commit and then does nothing, and the read that follows sees the account it committed."""
+    from sqlalchemy.dialects.postgresql import insert
+
+    name = clean_name(name)
+    await session.execute(
+        insert(User)
+        .values(id=uuid.uuid4(), kind=UserKind.SERVICE, name=name, email=None)
+        .on_conflict_do_nothing(index_elements=[User.name], index_where=text("kind = 'service'"))
+    )
+    return (await session.execute(select(User).where(User.kind == UserKind.SERVICE, User.name == name))).scalar_one()
 
 
 async def issue_token(session: AsyncSession, user_id: uuid.UUID, name: str) -> tuple[ApiToken, str]:
@@ -330,12 +341,7 @@ async def cli_service_token(db, name: str) -> str:
     gets a new token; its secret is returned."""
 
     async def work(session: AsyncSession) -> str:
-        name_ = clean_name(name)
-        user = (
-            await session.execute(
-                select(User).where(User.kind == UserKind.SERVICE, User.name == name_).order_by(User.created_at).limit(1)
-            )
-        ).scalar_one_or_none() or await create_service_account(session, name_)
-        return (await issue_token(session, user.id, name_))[1]
+        user = await get_or_create_service_account(session, name)
+        return (await issue_token(session, user.id, user.name))[1]
 
     return await db.transaction(work)

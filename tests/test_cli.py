@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import psutil
 import pytest
 
@@ -26,7 +27,7 @@ import migrations
 from domain import demo
 from domain.db import Database
 from domain.identity import Actor, UserKind, authenticate_secret
-from tests.conftest import free_port, with_database
+from tests.conftest import asyncpg_dsn, free_port, with_database
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_KEYS = ["owner", "admin", "creator1", "creator2", "standard", "operator", "worker"]
@@ -369,6 +370,34 @@ async def test_create_service_token_reuses_the_service_account(database_url):
     assert a.kind is UserKind.SERVICE and not a.is_operator
     assert a.user_id == b.user_id  # same name, same service account
     assert c.user_id != a.user_id
+
+
+async def test_concurrent_create_service_token_runs_for_a_new_name_share_one_account(database_url):
+    # Two operators (or a deploy script run twice) racing on the same new name: both get a token,
+    # of one service account, never two accounts of the same name.
+    name = f"worker-race-{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    watcher = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        async with conn.transaction():
+            # No user can be written meanwhile: both runs look for the name and find none (or try
+            # to create it) before either can write, so released they race at the same point.
+            await conn.execute("LOCK TABLE users IN SHARE MODE")
+            runs = [asyncio.ensure_future(cli("create-service-token", "--name", name, "--database-url", database_url))
+                    for _ in range(2)]
+            async with asyncio.timeout(CLI_TIMEOUT):
+                while await watcher.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                             "AND datname = current_database()") < 2:
+                    assert not any(r.done() for r in runs), [r.result() for r in runs if r.done()]
+                    await asyncio.sleep(0.05)
+        first, second = [one_token(await r) for r in runs]
+        accounts = await watcher.fetch("SELECT id FROM users WHERE kind = 'service' AND name = $1", name)
+    finally:
+        await conn.close()
+        await watcher.close()
+    a, b = await authenticate(database_url, first, second)
+    assert a is not None and b is not None and first != second
+    assert [r["id"] for r in accounts] == [a.user_id] and b.user_id == a.user_id
 
 
 # --- 4. settings validation -------------------------------------------------------------------

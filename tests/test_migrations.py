@@ -129,3 +129,50 @@ async def test_0011_turns_latches_left_off_into_claims_in_flight(pg_server):
     assert (after[on].claimed_at, after[on].claimed_pack_id) == (None, None)
     assert after[off].claimed_at >= before and after[off].claimed_pack_id == configured
     assert after[off_retrying].claimed_at >= before and after[off_retrying].claimed_pack_id == unanswered
+
+
+async def test_0012_keeps_the_oldest_of_same_named_service_accounts_and_renames_the_others(pg_server):
+    """Service account names become unique. Duplicates made before (two `create-service-token`
+    runs racing) keep their ids, tokens and history; the oldest keeps the name (the one the CLI
+    picked), each other one gets its id appended, within the 100 characters a name may have."""
+    url = await pg_server.create_database("creditpool_migration_0012")
+    await asyncio.to_thread(migrations.upgrade, url, "0011")
+    db = Database(url, pool_size=1)
+    long_name = "w" * 100
+    accounts = {  # id -> (name, created_at)
+        uuid.uuid4(): ("worker", "2026-01-01T00:00:00+00:00"),
+        uuid.uuid4(): ("worker", "2026-01-02T00:00:00+00:00"),
+        uuid.uuid4(): ("worker", "2026-01-03T00:00:00+00:00"),
+        uuid.uuid4(): (long_name, "2026-01-01T00:00:00+00:00"),
+        uuid.uuid4(): (long_name, "2026-01-02T00:00:00+00:00"),
+        uuid.uuid4(): ("other", "2026-01-01T00:00:00+00:00"),
+    }
+    human = uuid.uuid4()
+    try:
+        async with db.engine.begin() as conn:
+            for user, (name, at) in accounts.items():
+                await conn.execute(text("INSERT INTO users (id, kind, name, created_at) VALUES (:id, 'service', :n, :at)"),
+                                   {"id": user, "n": name, "at": datetime.fromisoformat(at)})
+                await conn.execute(text("INSERT INTO api_tokens (id, user_id, name, token_hash) "
+                                        "VALUES (gen_random_uuid(), :id, 'cli', :hash)"), {"id": user, "hash": uuid.uuid4().bytes * 2})
+            await conn.execute(text("INSERT INTO users (id, kind, name, email) VALUES (:id, 'human', 'worker', "
+                                    "'worker@example.test')"), {"id": human})
+        await asyncio.to_thread(migrations.upgrade, url)
+        async with db.engine.begin() as conn:
+            names = dict((await conn.execute(text("SELECT id, name FROM users WHERE kind = 'service'"))).all())
+            owners = set((await conn.execute(text("SELECT user_id FROM api_tokens"))).scalars())
+            # A human may share a service account's name; two service accounts may not.
+            await conn.execute(text("INSERT INTO users (id, kind, name, email) VALUES (gen_random_uuid(), 'human', "
+                                    "'other', 'other@example.test')"))
+        async with db.engine.begin() as conn:
+            duplicate = await conn.execute(text(
+                "INSERT INTO users (id, kind, name) VALUES (gen_random_uuid(), 'service', 'other') "
+                "ON CONFLICT DO NOTHING RETURNING id"))
+            assert duplicate.all() == []
+    finally:
+        await db.dispose()
+    w1, w2, w3, l1, l2, other = accounts
+    assert names == {w1: "worker", w2: f"worker ({w2})", w3: f"worker ({w3})",
+                     l1: long_name, l2: f"{long_name[:100 - 39]} ({l2})", other: "other"}
+    assert all(len(n) <= 100 for n in names.values())
+    assert owners == set(accounts)  # every token still belongs to its account
