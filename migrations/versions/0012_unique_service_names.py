@@ -12,7 +12,7 @@ tokens. A downgrade drops the index and leaves those names as they are.
 
 Revision ID: 0012
 Revises: 0011
-Create Date: 2026-11-28
+Create Date: 2026-11-21
 """
 
 from collections.abc import Sequence
