@@ -189,6 +189,17 @@ def _report_orphaned_unit(unit: asyncio.Future) -> None:
         log.warning("a one-statement unit whose caller was cancelled failed", exc_info=unit.exception())
 
 
+def _closed(conn: asyncpg.Connection) -> bool:
+    """Whether a hot-path connection still in our hands has been closed under us. asyncpg
+    detaches a pool connection from its proxy when it closes (every method then raises
+    InterfaceError, `is_closed()` included); ours are released only once their unit is done, so
+    a detached one was closed."""
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
+
+
 @contextlib.contextmanager
 def _refused_when_no_connection():
     # The ORM pool's checkout timeout. A session checks out its connection for its first
@@ -260,7 +271,7 @@ class Database:
                     return value
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def autocommit(self, work: Callable[[RawSql], Awaitable[T]]) -> T:
+    async def autocommit(self, work: Callable[[RawSql], Awaitable[T]], *, lost: T) -> T:
         """Run `work` on a hot-path connection outside any transaction: each statement commits
         by itself. For units whose reads may see different snapshots and whose writes are ONE
         statement (atomic on its own): no BEGIN/COMMIT round trips, and the row locks that
@@ -269,23 +280,35 @@ class Database:
         falls back to `sql_transaction`). Events go out after the statement, as after a commit
         (with LISTEN/NOTIFY, a `pg_notify` of their own).
 
+        A unit whose own connection was closed under it (its backend terminated, the server
+        restarted, the socket reset) returns `lost`, whichever statement found it closed: the
+        read, or the write of a request that waited in a coalescer queue while its idle
+        connection died (asyncpg refuses it with InterfaceError before sending anything). The
+        same errors on a connection still open (an InterfaceError is also asyncpg's answer to a
+        programming error) are raised.
+
         Once begun, the unit runs to its end even if its caller is cancelled (a websocket
         client that closes, a server shutting down): its statement may be writing other
         requests' items too (a coalesced batch, which a cancelled leader would abort for all),
         and a write that commits must send its events, which here follow the commit (a caller
         cancelled while its item was written left its hold committed and never announced)."""
-        unit = asyncio.ensure_future(self._autocommit(work))
+        unit = asyncio.ensure_future(self._autocommit(work, lost))
         try:
             return await asyncio.shield(unit)
         except asyncio.CancelledError:
             unit.add_done_callback(_report_orphaned_unit)
             raise
 
-    async def _autocommit(self, work: Callable[[RawSql], Awaitable[T]]) -> T:
+    async def _autocommit(self, work: Callable[[RawSql], Awaitable[T]], lost: T) -> T:
         pool = await self._pool()
         async with self._connection(pool) as conn:
             sql = RawSql(conn)
-            value = await work(sql)
+            try:
+                value = await work(sql)
+            except (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, OSError):
+                if not _closed(conn):
+                    raise
+                return lost
             events = sql.info.pop("events", [])
             if events:
                 try:

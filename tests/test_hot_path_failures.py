@@ -445,3 +445,111 @@ async def test_a_settlement_cancelled_while_its_batch_is_written_settles_once_re
     b_ = await balance(client, team.owner, team.ws)
     assert (b_["held"], b_["available"]) == ("0.000", "42.000")
     await assert_money_clean(db, team.ws)
+
+
+
+async def kill_idle_backends_used_since(db, since: datetime) -> list[int]:
+    """Terminate the database's backends that ran a statement since `since` and are idle now
+    (neither running a statement nor in a transaction): the hot-path connections of requests
+    that have read and wait in a coalescer queue. Returns once the server has seen them go."""
+    pids = (await db.fetchrow(
+        "SELECT array_agg(pid) AS pids FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND state = 'idle' AND query_start >= $1",
+        since))["pids"] or []
+    for pid in pids:
+        assert (await db.fetchrow("SELECT pg_terminate_backend($1) AS done", pid))["done"]
+
+    async def gone():
+        row = await db.fetchrow("SELECT count(*) AS n FROM pg_stat_activity WHERE pid = ANY($1::int[])", pids)
+        return row["n"] == 0
+    await until(gone, what="the terminated backends gone")
+    await asyncio.sleep(0.2)  # the server's loop reads the end of each socket
+    return pids
+
+
+async def test_starts_and_settlements_whose_connections_die_while_queued_answer_each_once(
+        db, live_server, client, database_url):
+    # A leads alone, its statement waiting on a row lock; B and C have read and wait in the
+    # coalescer queue, each keeping its hot-path connection, and those connections are killed
+    # (pg_terminate_backend: a server restart, a failover, an idle-connection reaper). B then
+    # leads [B, C] on its dead connection: asyncpg refuses with InterfaceError before anything
+    # is sent. C (not leading) starts over on the transaction path; so must B, instead of
+    # answering INTERNAL: its key decides whether anything was written. First for starts, then
+    # for completions.
+    team = await make_team(db, client, creators=1)
+    grant_id = (await grant(client, team, "60"))["id"]
+    creator, _ = team.creators[0]
+    keys = {name: key() for name in "abc"}
+    async with HeldLock(database_url, "grants", grant_id) as lock, client(creator) as http:
+        a = asyncio.ensure_future(http(START, ws=team.ws, model="test-six", key=keys["a"]))
+        await lock.waited_on()
+        since = (await db.fetchrow("SELECT clock_timestamp() AS t"))["t"]
+        queued_ = {}
+        for n, name in enumerate("bc", start=1):
+            queued_[name] = asyncio.ensure_future(http(START, ws=team.ws, model="test-six", key=keys[name]))
+            await queued(live_server, "holds", team.ws, n)
+        assert len(await kill_idle_backends_used_since(db, since)) >= 2
+        await lock.commit()
+        started = {"a": (await a)["startGeneration"]}
+        for name in "bc":
+            started[name] = (await queued_[name])["startGeneration"]
+    assert [s["__typename"] for s in started.values()] == ["Generation"] * 3, started
+    async with client(creator) as api:
+        for name, first in started.items():
+            replayed = (await api(START, ws=team.ws, model="test-six", key=keys[name]))["startGeneration"]
+            assert replayed["id"] == first["id"]
+    gens = {name: s["id"] for name, s in started.items()}
+
+    keys = {name: key() for name in "abc"}
+    async with HeldLock(database_url, "generations", gens["a"]) as lock, client(team.worker) as http:
+        a = asyncio.ensure_future(http(COMPLETE, g=gens["a"], key=keys["a"]))
+        await lock.waited_on()
+        since = (await db.fetchrow("SELECT clock_timestamp() AS t"))["t"]
+        queued_ = {}
+        for n, name in enumerate("bc", start=1):
+            queued_[name] = asyncio.ensure_future(http(COMPLETE, g=gens[name], key=keys[name]))
+            await queued(live_server, "settlements", team.ws, n)
+        assert len(await kill_idle_backends_used_since(db, since)) >= 2
+        await lock.commit()
+        settled = {"a": (await a)["completeGeneration"]}
+        for name in "bc":
+            settled[name] = (await queued_[name])["completeGeneration"]
+    assert [(s["__typename"], s["status"]) for s in settled.values()] == [("Generation", "COMPLETED")] * 3, settled
+    async with client(team.worker) as api:
+        for name in "abc":
+            replayed = (await api(COMPLETE, g=gens[name], key=keys[name]))["completeGeneration"]
+            assert (replayed["id"], replayed["status"]) == (gens[name], "COMPLETED")
+
+    # The same for a read: a start's and a completion's first statement wait (on a table lock)
+    # when their backend is terminated. Nothing was written: each starts over.
+    async with client(creator) as api:
+        d = (await api(START, ws=team.ws, model="test-six", key=key()))["startGeneration"]["id"]
+    for token, query, variables in ((creator, START, {"ws": team.ws, "model": "test-six", "key": key()}),
+                                    (team.worker, COMPLETE, {"g": d, "key": key()})):
+        blocker = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            async with client(token) as http:
+                async with blocker.transaction():
+                    await blocker.execute("LOCK TABLE members IN ACCESS EXCLUSIVE MODE")
+                    request = asyncio.ensure_future(http(query, **variables))
+                    await until(lambda: blocker.fetchval(
+                        "SELECT count(*) = 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                        blocker.get_server_pid()), what="a read waiting on the table lock")
+                    assert await blocker.fetchval(
+                        "SELECT bool_and(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE $1 = ANY(pg_blocking_pids(pid))", blocker.get_server_pid())
+                    await asyncio.sleep(0.3)
+                answer = next(iter((await request).values()))  # the lock released
+            assert answer["__typename"] == "Generation", answer
+            async with client(token) as api:
+                assert next(iter((await api(query, **variables)).values()))["id"] == answer["id"]
+        finally:
+            await blocker.close()
+
+    kinds = await db.fetchrow(
+        "SELECT array_agg(e.kind ORDER BY e.id) AS k FROM ledger_entries e "
+        "JOIN generations g ON g.id = e.generation_id WHERE g.workspace_id = $1", uuid.UUID(team.ws))
+    assert sorted(kinds["k"]) == ["CAPTURE"] * 4 + ["HOLD"] * 5
+    b_ = await balance(client, team.owner, team.ws)
+    assert (b_["held"], b_["available"]) == ("6.000", "30.000")
+    await assert_money_clean(db, team.ws)

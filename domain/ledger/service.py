@@ -799,7 +799,9 @@ SELECT (SELECT count(*) FROM claim) AS claimed, (SELECT array_agg(row) FROM star
 # stale plan, any other constraint, a deadlock; the connection lost under the statement (its
 # backend terminated, the server shutting down, the socket gone: whether it committed is unknown,
 # and the transaction path, on another connection, finds out by claiming the same key); and, for
-# an item that did not lead its batch, any failure of the batch.
+# an item that did not lead its batch, any failure of the batch. (A connection found closed
+# before a statement is sent, as when it died while its request waited in a coalescer queue, is
+# `Database.autocommit`'s `lost`: None here too.)
 _REFUSED_AT_ONCE = (asyncpg.IntegrityConstraintViolationError, asyncpg.TransactionRollbackError,
                     asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError, OSError,
                     BatchFailed)
@@ -897,9 +899,9 @@ async def start_generation(
         target_id=parse_id(on_behalf_of_member_id, "member") if on_behalf_of_member_id is not None else None,
     ))
     holds = db.coalescer("holds", write_holds)
-    started = await db.autocommit(lambda sql: reserve_at_once(sql, who, req, holds))
+    started = await db.autocommit(lambda sql: reserve_at_once(sql, who, req, holds), lost=None)
     if started is None:
-        caller = await authenticate(db, who)  # checked by the read already: no statement
+        caller = await authenticate(db, who)  # checked by the read (unless its connection was lost): no statement
         optimistic = Optimistic()
         try:
             started = await db.sql_transaction(lambda sql: _reserve_in_transaction(sql, caller, req, optimistic))
@@ -1252,10 +1254,10 @@ async def complete_generation(
 
     settlements = db.coalescer("settlements", write_settlements)
     done = await db.autocommit(lambda sql: settle_at_once(sql, who, gid, key, "completeGeneration", request,
-                                                          within_the_hold, settlements))
+                                                          within_the_hold, settlements), lost=None)
     if done is not None:
         return done
-    caller = await authenticate(db, who)  # `work`'s caller; the read checked it: no statement
+    caller = await authenticate(db, who)  # `work`'s caller; the read checked it (unless its connection was lost)
     return await db.sql_transaction(work)
 
 
@@ -1302,10 +1304,10 @@ async def fail_generation(
 
     settlements = db.coalescer("settlements", write_settlements)
     done = await db.autocommit(
-        lambda sql: settle_at_once(sql, who, gid, key, "failGeneration", request, failed, settlements))
+        lambda sql: settle_at_once(sql, who, gid, key, "failGeneration", request, failed, settlements), lost=None)
     if done is not None:
         return done
-    caller = await authenticate(db, who)  # `work`'s caller; the read checked it: no statement
+    caller = await authenticate(db, who)  # `work`'s caller; the read checked it (unless its connection was lost)
     return await db.sql_transaction(work)
 
 
