@@ -23,6 +23,7 @@ from domain.periods import service as periods
 from domain.pricing import service as pricing
 from tests.conftest import HeldLock, LiveServer, asyncpg_dsn, catalog_models, http_client, ws_client
 from tests.test_api_ledger import COMPLETE, FAIL, START, assert_ledger_clean, balance, grant, key, make_team
+from tests.test_api_governance import SET_LIMIT
 from tests.test_api_live import EVENTS
 
 
@@ -272,22 +273,32 @@ async def test_a_batch_whose_connection_dies_mid_statement_answers_every_start_e
 
 
 @pytest.fixture
-async def own_server(pg_server):
-    """A database and server of the test's own: its scheduler tick (a TTL of 0) times out every
-    open hold in the database, which must not be other tests' holds."""
+async def own_database(pg_server):
+    """A database of the test's own (its URL and a `Database` on it), for a test whose scheduler
+    ticks time out every open hold in the database, which must not be other tests' holds, or
+    that counts what happened in it."""
     url = await pg_server.create_database("creditpool_hot_failures")
     await asyncio.to_thread(migrations.upgrade, url)
     db = Database(url, pool_size=5)
     await db.transaction(lambda s: pricing.insert_price_list(
         s, models=catalog_models(), windows=(), plan_multipliers={}, note="test catalog", published_by=None,
         effective_at=datetime.now(UTC) - timedelta(days=1)))
+    try:
+        yield url, db
+    finally:
+        await db.dispose()
+
+
+@pytest.fixture
+async def own_server(own_database):
+    """A server on a database of the test's own (`own_database`)."""
+    url, db = own_database
     server = LiveServer(url, db_pool_size=5)
     server.start()
     try:
         yield db, (lambda token: http_client(server, token))
     finally:
         server.stop()
-        await db.dispose()
 
 
 async def test_completions_failures_and_the_hold_time_out_racing_on_the_same_generations_settle_each_once(
@@ -553,3 +564,168 @@ async def test_starts_and_settlements_whose_connections_die_while_queued_answer_
     b_ = await balance(client, team.owner, team.ws)
     assert (b_["held"], b_["available"]) == ("6.000", "30.000")
     await assert_money_clean(db, team.ws)
+
+
+async def deadlocks(url: str) -> int:
+    """Deadlocks PostgreSQL has detected in the database of `url` (its statistics)."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        return await conn.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+    finally:
+        await conn.close()
+
+
+async def backends_gone(url: str) -> None:
+    """Until no other backend is connected to the database of `url`: each has flushed its
+    statistics as it exited."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await until(lambda: conn.fetchval(
+            "SELECT count(*) = 0 FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"),
+            what="the database's backends gone")
+    finally:
+        await conn.close()
+
+
+async def test_a_hold_time_out_locks_like_the_hot_path_and_cannot_deadlock_with_a_settlement(own_database):
+    # The tick times out OLD (holding only the grant with the higher id) and NEW (holding only
+    # the lower one, and counted on a member's spend limit), while the worker fails BOTH, which
+    # holds on the two grants (one statement, locking the grants in id order). The limit's usage
+    # row is held by another transaction, so the tick stops there. Locking generation by
+    # generation, the tick held the higher grant (OLD's) when it stopped on NEW's limit, the
+    # failure took the lower and waited for the higher, and then the tick waited for the lower:
+    # a deadlock, which PostgreSQL breaks after a second. Taking the limits' rows, then every
+    # grant of its batch at once in id order, the tick holds no grant while it waits.
+    url, db = own_database
+    server = LiveServer(url, db_pool_size=5)
+    server.start()
+    client = lambda token: http_client(server, token)  # noqa: E731
+    try:
+        team = await make_team(db, client, creators=2)
+        (c1, _), (c2, m2) = team.creators
+        first = uuid.UUID((await grant(client, team, "6", priority=1))["id"])
+        second = uuid.UUID((await grant(client, team, "30", priority=2))["id"])
+        async with client(team.owner) as api:
+            limit = (await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="1000", action="BLOCK",
+                               member=m2))["setSpendLimit"]["id"]
+
+        async def start(token, model):
+            async with client(token) as api:
+                return (await api(START, ws=team.ws, model=model, key=key()))["startGeneration"]
+
+        async def fail(g):
+            async with client(team.worker) as api:
+                return (await api(FAIL, g=g, key=key(), kind="TECHNICAL"))["failGeneration"]
+
+        if first > second:
+            old = await start(c1, "test-three")  # 3 on the first (priority 1)
+            filler = await start(c1, "test-three")  # the first's other 3
+            new = await start(c2, "test-three")  # 3 on the second
+            await fail(filler["id"])  # 3 free on the first again
+        else:
+            filler = await start(c1, "test-six")  # all of the first
+            old = await start(c1, "test-three")  # 3 on the second
+            await fail(filler["id"])
+            new = await start(c2, "test-three")  # 3 on the first
+        await asyncio.sleep(0.5)
+        both = await start(c1, "test-six")  # the first's last 3 and 3 more on the second
+        assert {h["grant"]["id"] for h in old["holds"]} == {str(max(first, second))}
+        assert {h["grant"]["id"] for h in new["holds"]} == {str(min(first, second))}
+        assert {h["grant"]["id"] for h in both["holds"]} == {str(first), str(second)}
+        started = {r["id"]: r["started_at"] for r in await (await db._pool()).fetch(
+            "SELECT id, started_at FROM generations WHERE id = ANY($1::uuid[])",
+            [uuid.UUID(g["id"]) for g in (new, both)])}
+        # The tick's now: after NEW started, before BOTH did (a TTL of 0 times out OLD and NEW).
+        clock = OffsetClock()
+        midpoint = started[uuid.UUID(new["id"])] + (started[uuid.UUID(both["id"])] - started[uuid.UUID(new["id"])]) / 2
+        usage = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            async with usage.transaction():
+                assert len(await usage.fetch("SELECT 1 FROM limit_usage WHERE limit_id = $1 FOR UPDATE",
+                                             uuid.UUID(limit))) == 1
+                clock.offset = midpoint - datetime.now(UTC)
+                ticking = asyncio.ensure_future(periods.tick(db, clock, hold_ttl=timedelta(0)))
+                await until(lambda: usage.fetchval("SELECT count(*) = 1 FROM pg_stat_activity "
+                                                   "WHERE $1 = ANY(pg_blocking_pids(pid))", usage.get_server_pid()),
+                            what="the tick waiting on the limit's usage row")
+                failing = asyncio.ensure_future(fail(both["id"]))
+                waiting = lambda: usage.fetchval(  # noqa: E731
+                    "SELECT count(*) = 2 FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'")
+                await until(lambda: asyncio.sleep(0, True) if failing.done() else waiting(),
+                            what="the failure answered, or waiting on the tick")
+        finally:
+            await usage.close()
+        report = await ticking
+        failed = await failing
+    finally:
+        server.stop()
+    assert not report.failures and report.holds_timed_out == 2
+    assert (failed["__typename"], failed["status"]) == ("Generation", "FAILED")
+    statuses = {str(r["id"]): r["status"] for r in await (await db._pool()).fetch(
+        "SELECT id, status FROM generations WHERE workspace_id = $1", uuid.UUID(team.ws))}
+    assert statuses == {filler["id"]: "FAILED", old["id"]: "TIMED_OUT", new["id"]: "TIMED_OUT", both["id"]: "FAILED"}
+    assert await db.fetchrow("SELECT used_units FROM limit_usage WHERE limit_id = $1", uuid.UUID(limit)) == (0,)
+    await assert_money_clean(db, team.ws)
+    await db.dispose()
+    await backends_gone(url)
+    assert await deadlocks(url) == 0
+
+
+async def test_hold_time_outs_racing_starts_and_settlements_on_multi_grant_holds_never_deadlock(own_database):
+    # The same under load, with nothing held by hand: ten rounds of starts, completions and
+    # failures racing four ticks (a TTL of 0, three generations a batch) on a pool of 2.5-credit
+    # grants, so that a 6-credit hold spans three and neighbouring holds share one. Locking
+    # generation by generation, ticks deadlocked with each other and with the hot path in about
+    # two runs of three; now never. Every settlement answered is the one recorded, nothing is
+    # left held, the ledger is clean.
+    url, db = own_database
+    server = LiveServer(url, db_pool_size=5)
+    server.start()
+    client = lambda token: http_client(server, token)  # noqa: E731
+    try:
+        team = await make_team(db, client, creators=2)
+        for _ in range(24):  # random ids: a hold's grants are in no particular id order
+            await grant(client, team, "2.5")
+        creators = [token for token, _ in team.creators]
+        gens: list[str] = []
+        won: list[tuple[str, str]] = []
+
+        async def start(i):
+            async with client(creators[i % 2]) as api:
+                out = (await api(START, ws=team.ws, model="test-six", key=key()))["startGeneration"]
+            assert out["__typename"] in ("Generation", "InsufficientCredits"), out
+            if out["__typename"] == "Generation":
+                gens.append(out["id"])
+
+        async def settle(i, g):
+            token, query, kw = ((team.worker, COMPLETE, {}) if i % 3 == 0
+                                else (team.operator, FAIL, {"kind": "TECHNICAL"}))
+            async with client(token) as api:
+                out = next(iter((await api(query, g=g, key=key(), **kw)).values()))
+            assert out["__typename"] in ("Generation", "GenerationAlreadySettled"), out
+            if out["__typename"] == "Generation":
+                won.append((g, out["status"]))
+
+        async def tick(delay, batch):
+            await asyncio.sleep(delay)
+            report = await periods.tick(db, OffsetClock(), hold_ttl=timedelta(0), batch=batch)
+            assert not report.failures, report.failures
+
+        for _ in range(10):
+            await asyncio.gather(*(start(i) for i in range(8)))
+            await asyncio.gather(*(start(i) for i in range(8)), *(settle(i, g) for i, g in enumerate(gens[-8:])),
+                                 *(tick(0.01 * n, 3) for n in range(4)))
+        await tick(0, 100)
+    finally:
+        server.stop()
+    statuses = {str(r["id"]): r["status"] for r in await (await db._pool()).fetch(
+        "SELECT id, status FROM generations WHERE workspace_id = $1", uuid.UUID(team.ws))}
+    assert len(statuses) == len(gens) and "STARTED" not in statuses.values()
+    assert len({g for g, _ in won}) == len(won)
+    assert all(statuses[g] == status for g, status in won)
+    assert await db.fetchrow("SELECT sum(held) FROM grants WHERE workspace_id = $1", uuid.UUID(team.ws)) == (0,)
+    await assert_money_clean(db, team.ws)
+    await db.dispose()
+    await backends_gone(url)
+    assert await deadlocks(url) == 0

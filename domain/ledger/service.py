@@ -1421,26 +1421,39 @@ async def _settled(
     return GenerationResult(gen, s.entries + posted.entries, posted.grants)
 
 
-async def time_out(session: AsyncSession, gen: Generation, now: datetime) -> int:
-    """Release every hold of a generation that ran past its time-to-live and mark it TIMED_OUT
-    (the caller locked the generation row). Returns the units released."""
+async def time_out(session: AsyncSession, due: list[tuple[Generation, datetime]]) -> None:
+    """Release every hold of generations that ran past their time-to-live, each at its own
+    deadline, and mark them TIMED_OUT (the caller locked the generation rows).
+
+    The locks in the order every other path takes them: the spend limits' usage rows (by limit),
+    then all the grants at once, by id. Taken generation by generation, the batch held one
+    generation's grants while it waited for the next one's limit or grants, which a start or a
+    settlement (or another tick) holding those and waiting for the first ones turned into a
+    deadlock."""
     sql = as_sql(session)
-    held = held_by_grant([EntryRecord.of(e) for e in await sql.fetch(_ENTRIES_OF, gen.id)])
-    total = sum(held.values())
-    await limits.adjust(sql, gen.limit_charges, -total)
-    rows = await _lock_grants(sql, list(held))
-    posting = Posting(gen.workspace_id, Cause.GENERATION, None, None, generation_id=gen.id, member_id=gen.member_id,
-                      occurred_at=now)
-    _release_rest(posting, rows, held, now)
-    await post_movements(sql, posting)
-    gen.status = GenerationStatus.TIMED_OUT
-    gen.released_units = total
-    gen.settled_at = now
+    entries: dict[uuid.UUID, list[EntryRecord]] = {}
+    for row in await sql.fetch("SELECT * FROM ledger_entries WHERE generation_id = ANY($1::uuid[]) ORDER BY id",
+                               [gen.id for gen, _ in due]):
+        entries.setdefault(row["generation_id"], []).append(EntryRecord.of(row))
+    held = {gen.id: held_by_grant(entries.get(gen.id, [])) for gen, _ in due}
+    released = {gen.id: sum(held[gen.id].values()) for gen, _ in due}
+    charges = sorted(((c, released[gen.id]) for gen, _ in due for c in gen.limit_charges),
+                     key=lambda charge: (charge[0]["limit"], charge[0]["period"]))
+    for charge, units in charges:
+        await limits.adjust(sql, [charge], -units)
+    rows = await _lock_grants(sql, sorted({grant_id for h in held.values() for grant_id in h}))
+    for gen, deadline in due:
+        posting = Posting(gen.workspace_id, Cause.GENERATION, None, None, generation_id=gen.id,
+                          member_id=gen.member_id, occurred_at=deadline)
+        _release_rest(posting, rows, held[gen.id], deadline)
+        await post_movements(sql, posting)
+        gen.status = GenerationStatus.TIMED_OUT
+        gen.released_units = released[gen.id]
+        gen.settled_at = deadline
+        events.emit(session, gen.workspace_id, events.GENERATION_SETTLED, generationId=str(gen.id),
+                    memberId=str(gen.member_id), status=GenerationStatus.TIMED_OUT.value, captured=format_credits(0),
+                    released=format_credits(released[gen.id]), shortfall=format_credits(0))
     await session.flush()
-    events.emit(session, gen.workspace_id, events.GENERATION_SETTLED, generationId=str(gen.id),
-                memberId=str(gen.member_id), status=GenerationStatus.TIMED_OUT.value, captured=format_credits(0),
-                released=format_credits(total), shortfall=format_credits(0))
-    return total
 
 
 def held_by_grant(entries: list[EntryRecord]) -> dict[uuid.UUID, int]:

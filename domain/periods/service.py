@@ -483,8 +483,8 @@ async def _time_out_holds(session: AsyncSession, now: datetime, ttl: timedelta, 
         query.order_by(Generation.id).limit(batch).with_for_update(skip_locked=True))).scalars())
     if claimed is not None:
         claimed[:] = [(g.id, g.workspace_id) for g in gens]  # [:]: a retried transaction claims again
-    for gen in gens:
-        await time_out(session, gen, gen.started_at + ttl)  # it timed out at its deadline, however late we run
+    if gens:  # each timed out at its deadline, however late we run
+        await time_out(session, [(gen, gen.started_at + ttl) for gen in gens])
     return len(gens)
 
 
