@@ -32,6 +32,9 @@ from domain.ledger.service import LedgerRules
 from policies import Authorizer
 
 log = logging.getLogger("creditpool")
+# How long a shutdown waits for the scheduler's cancelled round to wind down (its statement
+# cancelled on the server, its connection closed).
+SCHEDULER_STOP_SECONDS = 5
 
 
 class CreditpoolGraphQL(GraphQL):
@@ -144,7 +147,15 @@ def create_app(
         task = asyncio.create_task(scheduler()) if settings.scheduler_interval_seconds else None
         yield
         if task is not None:
+            # Cancelled and awaited before the pools close. A tick cut in the middle of a unit is
+            # rolled back either way, but only while the loop runs is its statement cancelled on
+            # the server too: left to the loop's teardown, after the pools were disposed, its
+            # connection was dropped with its backend still waiting (on a lock, say) and holding
+            # the rows it had claimed.
             task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=SCHEDULER_STOP_SECONDS)
+            if not done:
+                log.warning("the scheduler did not stop within %s s of shutdown", SCHEDULER_STOP_SECONDS)
         await live.stop()
         await db.dispose()
 

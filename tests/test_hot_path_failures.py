@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -729,3 +730,46 @@ async def test_hold_time_outs_racing_starts_and_settlements_on_multi_grant_holds
     await db.dispose()
     await backends_gone(url)
     assert await deadlocks(url) == 0
+
+
+async def test_a_server_stopped_mid_tick_leaves_no_backend_behind_and_its_unit_undone(own_database, caplog):
+    # A server whose scheduler is the only thing it has used the database for (no hot-path pool
+    # yet, no idle ORM connection) is stopped while its tick times a hold out: the tick has
+    # claimed the generation and waits for its grant, locked by another transaction. The unit is
+    # rolled back, and nothing of it stays on the database server: the scheduler task used to be
+    # cancelled and left to the event loop's teardown, after the pools were disposed, where its
+    # connection was dropped without cancelling its statement, and its backend went on waiting
+    # for the grant, holding the generation's row lock, until the lock it waited for was freed.
+    url, db = own_database
+    setup = LiveServer(url, db_pool_size=5)
+    setup.start()
+    try:
+        team = await make_team(db, lambda token: http_client(setup, token), creators=1)
+        grant_id = (await grant(lambda token: http_client(setup, token), team, "60"))["id"]
+        async with http_client(setup, team.creators[0][0]) as api:
+            gen = (await api(START, ws=team.ws, model="test-six", key=key()))["startGeneration"]["id"]
+    finally:
+        setup.stop()
+    caplog.set_level(logging.WARNING)
+    async with HeldLock(url, "grants", grant_id) as lock:
+        server = LiveServer(url, db_pool_size=5, scheduler_interval_seconds=1)
+        server.clock.offset = timedelta(hours=2)  # past the hold's time-to-live
+        server.start()
+        try:
+            await lock.waited_on()
+        finally:
+            await asyncio.to_thread(server.stop)
+        assert not server.thread.is_alive()
+
+        async def nothing_waits():
+            return await lock.conn.fetchval(
+                "SELECT count(*) = 0 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                lock.conn.get_server_pid())
+        await until(nothing_waits, seconds=3, what="no backend of the stopped server waiting on the grant")
+        # The generation's row is free: another server may settle it at once.
+        assert await lock.conn.fetchval("SELECT status FROM generations WHERE id = $1 FOR UPDATE NOWAIT",
+                                        uuid.UUID(gen)) == "STARTED"
+    row = await db.fetchrow("SELECT held, remaining FROM grants WHERE id = $1", uuid.UUID(grant_id))
+    assert (row["held"], row["remaining"]) == (6000, 54000)
+    await assert_money_clean(db, team.ws)
+    assert not [r for r in caplog.records if "destroyed" in r.getMessage() or r.name == "asyncio"]
