@@ -36,7 +36,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, Self
 
@@ -60,18 +60,16 @@ from graphql.language import Lexer, Source, TokenKind, print_ast
 from graphql.pyutils import Undefined
 from graphql.utilities import ast_from_value, coerce_input_value
 
-import migrations
 from api.schema import build_schema, unstorable_text
 from api.settings import Settings
 from domain.db import Database
 from domain.ledger.invariants import check_ledger
 from domain.periods.service import tick
-from domain.pricing import service as pricing
 from tests.conftest import (
     LiveServer,
     asyncpg_dsn,
-    catalog_models,
     http_client,
+    own_database,
     ws_client,
 )
 from tests.test_api_ledger import grant, make_team
@@ -675,19 +673,13 @@ class Unchanged:
 
 @pytest.fixture(scope="module")
 async def world(pg_server):
-    url = await pg_server.create_database("creditpool_fuzz")
-    await asyncio.to_thread(migrations.upgrade, url)
-    db = Database(url, pool_size=5)  # small: this module's pools come on top of the session's
-    await db.transaction(lambda s: pricing.insert_price_list(
-        s, models=catalog_models(), windows=(), plan_multipliers={}, note="test", published_by=None,
-        effective_at=datetime.now(UTC) - timedelta(days=1)))
-    server = LiveServer(url, db_pool_size=5)
-    server.start()
-    try:
-        yield await _populate(server, db, asyncpg_dsn(url))
-    finally:
-        server.stop()
-        await db.dispose()
+    async with own_database(pg_server, "creditpool_fuzz") as (url, db):
+        server = LiveServer(url, db_pool_size=5)
+        server.start()
+        try:
+            yield await _populate(server, db, asyncpg_dsn(url))
+        finally:
+            server.stop()
 
 
 async def _populate(server: LiveServer, db: Database, dsn: str) -> World:

@@ -17,12 +17,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-import migrations
 from domain.clock import OffsetClock
-from domain.db import Database
 from domain.periods import service as periods
-from domain.pricing import service as pricing
-from tests.conftest import HeldLock, LiveServer, asyncpg_dsn, catalog_models, http_client, ws_client
+from tests.conftest import HeldLock, LiveServer, asyncpg_dsn, http_client, own_database, ws_client
 from tests.test_api_ledger import COMPLETE, FAIL, START, assert_ledger_clean, balance, grant, key, make_team
 from tests.test_api_governance import SET_LIMIT
 from tests.test_api_live import EVENTS
@@ -274,26 +271,18 @@ async def test_a_batch_whose_connection_dies_mid_statement_answers_every_start_e
 
 
 @pytest.fixture
-async def own_database(pg_server):
+async def own_db(pg_server):
     """A database of the test's own (its URL and a `Database` on it), for a test whose scheduler
     ticks time out every open hold in the database, which must not be other tests' holds, or
     that counts what happened in it."""
-    url = await pg_server.create_database("creditpool_hot_failures")
-    await asyncio.to_thread(migrations.upgrade, url)
-    db = Database(url, pool_size=5)
-    await db.transaction(lambda s: pricing.insert_price_list(
-        s, models=catalog_models(), windows=(), plan_multipliers={}, note="test catalog", published_by=None,
-        effective_at=datetime.now(UTC) - timedelta(days=1)))
-    try:
+    async with own_database(pg_server, "creditpool_hot_failures") as (url, db):
         yield url, db
-    finally:
-        await db.dispose()
 
 
 @pytest.fixture
-async def own_server(own_database):
-    """A server on a database of the test's own (`own_database`)."""
-    url, db = own_database
+async def own_server(own_db):
+    """A server on a database of the test's own (`own_db`)."""
+    url, db = own_db
     server = LiveServer(url, db_pool_size=5)
     server.start()
     try:
@@ -588,7 +577,7 @@ async def backends_gone(url: str) -> None:
         await conn.close()
 
 
-async def test_a_hold_time_out_locks_like_the_hot_path_and_cannot_deadlock_with_a_settlement(own_database):
+async def test_a_hold_time_out_locks_like_the_hot_path_and_cannot_deadlock_with_a_settlement(own_db):
     # The tick times out OLD (holding only the grant with the higher id) and NEW (holding only
     # the lower one, and counted on a member's spend limit), while the worker fails BOTH, which
     # holds on the two grants (one statement, locking the grants in id order). The limit's usage
@@ -597,7 +586,7 @@ async def test_a_hold_time_out_locks_like_the_hot_path_and_cannot_deadlock_with_
     # failure took the lower and waited for the higher, and then the tick waited for the lower:
     # a deadlock, which PostgreSQL breaks after a second. Taking the limits' rows, then every
     # grant of its batch at once in id order, the tick holds no grant while it waits.
-    url, db = own_database
+    url, db = own_db
     server = LiveServer(url, db_pool_size=5)
     server.start()
     client = lambda token: http_client(server, token)  # noqa: E731
@@ -673,14 +662,14 @@ async def test_a_hold_time_out_locks_like_the_hot_path_and_cannot_deadlock_with_
     assert await deadlocks(url) == 0
 
 
-async def test_hold_time_outs_racing_starts_and_settlements_on_multi_grant_holds_never_deadlock(own_database):
+async def test_hold_time_outs_racing_starts_and_settlements_on_multi_grant_holds_never_deadlock(own_db):
     # The same under load, with nothing held by hand: ten rounds of starts, completions and
     # failures racing four ticks (a TTL of 0, three generations a batch) on a pool of 2.5-credit
     # grants, so that a 6-credit hold spans three and neighbouring holds share one. Locking
     # generation by generation, ticks deadlocked with each other and with the hot path in about
     # two runs of three; now never. Every settlement answered is the one recorded, nothing is
     # left held, the ledger is clean.
-    url, db = own_database
+    url, db = own_db
     server = LiveServer(url, db_pool_size=5)
     server.start()
     client = lambda token: http_client(server, token)  # noqa: E731
@@ -732,7 +721,7 @@ async def test_hold_time_outs_racing_starts_and_settlements_on_multi_grant_holds
     assert await deadlocks(url) == 0
 
 
-async def test_a_server_stopped_mid_tick_leaves_no_backend_behind_and_its_unit_undone(own_database, caplog):
+async def test_a_server_stopped_mid_tick_leaves_no_backend_behind_and_its_unit_undone(own_db, caplog):
     # A server whose scheduler is the only thing it has used the database for (no hot-path pool
     # yet, no idle ORM connection) is stopped while its tick times a hold out: the tick has
     # claimed the generation and waits for its grant, locked by another transaction. The unit is
@@ -740,7 +729,7 @@ async def test_a_server_stopped_mid_tick_leaves_no_backend_behind_and_its_unit_u
     # cancelled and left to the event loop's teardown, after the pools were disposed, where its
     # connection was dropped without cancelling its statement, and its backend went on waiting
     # for the grant, holding the generation's row lock, until the lock it waited for was freed.
-    url, db = own_database
+    url, db = own_db
     setup = LiveServer(url, db_pool_size=5)
     setup.start()
     try:

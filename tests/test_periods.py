@@ -13,15 +13,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import migrations
 from domain import pricing as _pricing  # noqa: F401 - models registered
 from domain.db import Database
 from domain.events import NotifyOutlet
 from domain.ledger.invariants import check_ledger
 from domain.periods.rules import add_months
 from domain.periods.service import tick
-from domain.pricing import service as prices
-from tests.conftest import LiveServer, http_client, new_user, catalog_models
+from tests.conftest import LiveServer, http_client, new_user, own_database
 from tests.test_api_ledger import ADD, BALANCE, COMPLETE, PURCHASE, START, _a_pack, key
 
 TTL = timedelta(hours=1)
@@ -55,22 +53,17 @@ class World:
 
 @pytest.fixture(scope="module")
 async def world(pg_server):
-    url = await pg_server.create_database("creditpool_periods")
-    await asyncio.to_thread(migrations.upgrade, url)
-    db = Database(url, pool_size=5)  # small: this module's pools come on top of the session's
-    from datetime import UTC, datetime
-    await db.transaction(lambda s: prices.insert_price_list(
-        s, models=catalog_models(), windows=(), plan_multipliers={}, note="test", published_by=None,
-        effective_at=datetime.now(UTC) - timedelta(days=1)))
-    # The scheduler runs in this test process, like `creditpool tick` beside a server: its events
-    # reach the server's subscribers through PostgreSQL NOTIFY.
-    db.events = NotifyOutlet()
-    server = LiveServer(url, broadcast_url="postgres", db_pool_size=5)
-    server.start()
-    _, operator = await new_user(db, operator=True)
-    yield World(db, server, operator)
-    server.stop()
-    await db.dispose()
+    async with own_database(pg_server, "creditpool_periods") as (url, db):
+        # The scheduler runs in this test process, like `creditpool tick` beside a server: its
+        # events reach the server's subscribers through PostgreSQL NOTIFY.
+        db.events = NotifyOutlet()
+        server = LiveServer(url, broadcast_url="postgres", db_pool_size=5)
+        server.start()
+        try:
+            _, operator = await new_user(db, operator=True)
+            yield World(db, server, operator)
+        finally:
+            server.stop()
 
 
 @pytest.fixture(autouse=True)

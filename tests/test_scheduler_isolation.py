@@ -9,7 +9,6 @@ its own, since a tick works on every workspace there is."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +17,6 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-import migrations
 from domain.access import Caller
 from domain.clock import OffsetClock
 from domain.db import Database
@@ -29,7 +27,7 @@ from domain.plans import Plan
 from domain.workspaces.models import AllocationMode
 from domain.workspaces.service import create_workspace
 from policies import Authorizer
-from tests.conftest import new_user
+from tests.conftest import new_user, own_database
 from tests.test_cli import cli
 
 TTL = timedelta(hours=1)
@@ -38,20 +36,15 @@ PLAN = "isolation"
 
 @pytest.fixture
 async def fresh(pg_server) -> AsyncIterator[tuple[str, Database]]:
-    url = await pg_server.create_database("creditpool_isolation")
-    await asyncio.to_thread(migrations.upgrade, url)
-    db = Database(url, pool_size=2)
+    async with own_database(pg_server, "creditpool_isolation", pool_size=2, catalog=False) as (url, db):
 
-    async def add_plan(session):
-        # 10 credits a month, 5 trial credits for a day, 1 free credit a day.
-        session.add(Plan(key=PLAN, name="Isolation", seat_cap=5, free_creator_seats=1, included_units=10_000,
-                         trial_units=5_000, trial_days=1, daily_free_units=1_000))
+        async def add_plan(session):
+            # 10 credits a month, 5 trial credits for a day, 1 free credit a day.
+            session.add(Plan(key=PLAN, name="Isolation", seat_cap=5, free_creator_seats=1, included_units=10_000,
+                             trial_units=5_000, trial_days=1, daily_free_units=1_000))
 
-    await db.transaction(add_plan)
-    try:
+        await db.transaction(add_plan)
         yield url, db
-    finally:
-        await db.dispose()
 
 
 async def opened(db: Database, days_ago: int, count: int) -> list[uuid.UUID]:
