@@ -1,4 +1,5 @@
-"""The `creditpool` command: serve, migrate, create-user, create-service-token, export-schema."""
+"""The `creditpool` command: serve, migrate, create-user, create-service-token, revoke-tokens, tick, check-ledger,
+bench, export-schema."""
 
 from __future__ import annotations
 
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     svc = sub.add_parser("create-service-token", help="create a service account (if new) and print a token")
     _add_common(svc)
     svc.add_argument("--name", required=True)
+
+    revoke = sub.add_parser("revoke-tokens", help="revoke every live token of a service account or a person")
+    _add_common(revoke)
+    whose = revoke.add_mutually_exclusive_group(required=True)
+    whose.add_argument("--service", metavar="NAME", help="the service account of this name (create-service-token --name)")
+    whose.add_argument("--email", help="the person with this email")
 
     tick = sub.add_parser("tick", help="run whatever is due once (period closes, expiry, hold timeouts) and exit")
     _add_common(tick)
@@ -255,6 +262,21 @@ def cmd_create_service_token(args: argparse.Namespace) -> None:
     _print_secret(url, lambda db: identity.cli_service_token(db, args.name))
 
 
+def cmd_revoke_tokens(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    url = _database(settings)
+    try:
+        user, revoked = asyncio.run(_with_db(url, lambda db: identity.cli_revoke_tokens(db, service=args.service,
+                                                                                  email=args.email)))
+    except identity.ValidationFailed as exc:
+        raise SystemExit(f"error: {exc.message}") from None
+    except NotFound:
+        who = f"no service account named {args.service!r}" if args.service is not None else f"no user with email {args.email!r}"
+        raise SystemExit(f"error: {who}") from None
+    whose = f"service account {user.name!r}" if user.kind is identity.UserKind.SERVICE else user.email
+    print(f"revoked {len(revoked)} token(s) of {whose}")
+
+
 def _print_secret(url: str, fn) -> None:
     try:
         print(asyncio.run(_with_db(url, fn)))
@@ -331,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         "migrate": cmd_migrate,
         "create-user": cmd_create_user,
         "create-service-token": cmd_create_service_token,
+        "revoke-tokens": cmd_revoke_tokens,
         "check-ledger": cmd_check_ledger,
         "tick": cmd_tick,
         "export-schema": cmd_export_schema,

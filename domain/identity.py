@@ -195,9 +195,17 @@ async def revoke_other_tokens(session: AsyncSession, actor: Actor) -> list[ApiTo
     """Revoke every live token of the actor's but the one asking; returns those it revoked."""
     await lock_user(session, actor.user_id)
     await still_live(session, actor)
+    return await _revoke_live(session, actor.user_id, keep=actor.token_id)
+
+
+async def _revoke_live(session: AsyncSession, user_id: uuid.UUID, *, keep: uuid.UUID | None = None) -> list[ApiToken]:
+    """Under `lock_user`: revoke every live token of the user's but `keep`; returns those revoked."""
+    condition = [ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None)]
+    if keep is not None:
+        condition.append(ApiToken.id != keep)
     rows = await session.execute(
         update(ApiToken)
-        .where(ApiToken.user_id == actor.user_id, ApiToken.revoked_at.is_(None), ApiToken.id != actor.token_id)
+        .where(*condition)
         .values(revoked_at=func.now())
         .returning(ApiToken)
         .execution_options(synchronize_session=False)
@@ -343,5 +351,34 @@ async def cli_service_token(db, name: str) -> str:
     async def work(session: AsyncSession) -> str:
         user = await get_or_create_service_account(session, name)
         return (await issue_token(session, user.id, user.name))[1]
+
+    return await db.transaction(work)
+
+
+async def cli_revoke_tokens(db, *, service: str | None = None,
+                            email: str | None = None) -> tuple[User, list[ApiToken]]:
+    """`creditpool revoke-tokens`: revoke every live token of the service account named `service`
+    or of the person with `email` (exactly one of them), for incident response: a service
+    account cannot revoke its own tokens without a live one, nor be given a token by
+    `createApiToken`. Open streams of the revoked tokens end at their next re-check, as after
+    any revocation. Returns the user and the tokens revoked (none if all were revoked already);
+    NotFound for an unknown name or email."""
+    if (service is None) == (email is None):
+        raise ValueError("exactly one of service and email")
+    if service is not None:
+        service = clean_name(service)
+        who = User.kind == UserKind.SERVICE, User.name == service
+    else:
+        email = normalize_email(email)
+        who = User.kind == UserKind.HUMAN, User.email == email
+
+    async def work(session: AsyncSession) -> tuple[User, list[ApiToken]]:
+        user = (await session.execute(select(User).where(*who))).scalar_one_or_none()
+        if user is None:
+            raise NotFound("service account" if service is not None else "user")
+        # The same lock as createApiToken and revokeOtherApiTokens: a token minted meanwhile
+        # is either revoked here or created after this commits.
+        await lock_user(session, user.id)
+        return user, await _revoke_live(session, user.id)
 
     return await db.transaction(work)

@@ -400,6 +400,79 @@ async def test_concurrent_create_service_token_runs_for_a_new_name_share_one_acc
     assert [r["id"] for r in accounts] == [a.user_id] and b.user_id == a.user_id
 
 
+async def graphql_errors(server: Served, token: str, query: str) -> list[dict]:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+        async with http.post(server.graphql_url, json={"query": query},
+                             headers={"Authorization": f"Bearer {token}"}) as r:
+            return (await r.json()).get("errors") or []
+
+
+async def test_revoke_tokens_revokes_every_live_token_of_a_service_account_or_a_person(database_url, tmp_path):
+    # Incident response: the worker's token leaked. The worker cannot revoke its own tokens
+    # without a live one (and createApiToken refuses service accounts), so the operator does.
+    from gql.transport.exceptions import TransportQueryError
+
+    from tests.conftest import ws_client
+
+    name = f"worker-leak-{uuid.uuid4().hex[:8]}"
+    leaked, second = [one_token(await cli("create-service-token", "--name", name, "--database-url", database_url))
+                      for _ in range(2)]
+    bystander = one_token(await cli("create-service-token", "--name", f"{name}-other", "--database-url", database_url))
+    email = f"leak-{uuid.uuid4().hex[:8]}@example.test"
+    person = one_token(await cli("create-user", "--email", email, "--database-url", database_url))
+
+    env = child_env(CREDITPOOL_LIVE_RECHECK_SECONDS="0.5")
+    async with serving("--database-url", database_url, logs=tmp_path, env=env) as server:
+        assert (await graphql(server, leaked, VIEWER))["viewer"]["kind"] == "SERVICE"
+        ws_id = (await graphql(server, person, 'mutation { createWorkspace(input: {name: "Leaky"}) '
+                                               '{ ... on Workspace { id } } }'))["createWorkspace"]["id"]
+        ws_url = server.graphql_url.replace("http://", "ws://")
+        async with ws_client(ws_url, person) as ws:
+            stream = ws.subscribe("subscription($ws: ID!) { balanceChanged(workspaceId: $ws) { available } }",
+                                  ws=ws_id)
+            await asyncio.wait_for(stream.__anext__(), 10)  # the stream is open
+
+            revoked = await cli("revoke-tokens", "--service", name, "--database-url", database_url)
+            assert revoked.returncode == 0, revoked.stderr
+            assert revoked.stdout.splitlines() == [f"revoked 2 token(s) of service account {name!r}"]
+            for token in (leaked, second):
+                errors = await graphql_errors(server, token, VIEWER)
+                assert [e["extensions"] for e in errors] == [{"code": "UNAUTHENTICATED"}], errors
+            assert (await graphql(server, bystander, VIEWER))["viewer"]["kind"] == "SERVICE"  # another account
+
+            revoked = await cli("revoke-tokens", "--email", email.upper(), "--database-url", database_url)
+            assert revoked.returncode == 0, revoked.stderr
+            assert revoked.stdout.splitlines() == [f"revoked 1 token(s) of {email}"]
+            # The person's open stream ends at its next re-check, as after any revocation.
+            with pytest.raises(TransportQueryError) as ended:
+                while True:
+                    await asyncio.wait_for(stream.__anext__(), 10)
+            assert ended.value.errors[0]["extensions"]["code"] == "UNAUTHENTICATED"
+            assert [e["extensions"] for e in await graphql_errors(server, person, VIEWER)] == [
+                {"code": "UNAUTHENTICATED"}]
+
+    # Again: nothing left to revoke. A fresh token works (the way back for the worker).
+    again = await cli("revoke-tokens", "--service", name, "--database-url", database_url)
+    assert again.returncode == 0 and again.stdout.splitlines() == [f"revoked 0 token(s) of service account {name!r}"]
+    fresh = one_token(await cli("create-service-token", "--name", name, "--database-url", database_url))
+    (actor,) = await authenticate(database_url, fresh)
+    assert actor is not None and actor.kind is UserKind.SERVICE
+
+    # Unknown names and emails, a person's email given as a service name, a bad email: one line.
+    assert_refused(await cli("revoke-tokens", "--service", f"{name}-nobody", "--database-url", database_url),
+                   "no service account named")
+    assert_refused(await cli("revoke-tokens", "--service", email, "--database-url", database_url),
+                   "no service account named")
+    assert_refused(await cli("revoke-tokens", "--email", f"nobody-{email}", "--database-url", database_url),
+                   "no user with email")
+    assert_refused(await cli("revoke-tokens", "--email", "not-an-email", "--database-url", database_url),
+                   "not a valid email address")
+    both = await cli("revoke-tokens", "--service", name, "--email", email, "--database-url", database_url)
+    assert both.returncode != 0 and "not allowed with" in both.stderr
+    neither = await cli("revoke-tokens", "--database-url", database_url)
+    assert neither.returncode != 0 and "one of the arguments" in neither.stderr
+
+
 # --- 4. settings validation -------------------------------------------------------------------
 
 UNREACHABLE = "postgresql://creditpool@127.0.0.1:1/nowhere"  # never reached when validation works
