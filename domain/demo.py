@@ -6,6 +6,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.db import Database
@@ -93,7 +95,25 @@ class DemoIdentity:
     token: str
 
 
-async def _seed(session: AsyncSession) -> None:
+async def _users(session: AsyncSession) -> dict[str, uuid.UUID]:
+    """Each demo identity's user: a person by email, the service account by name (both unique),
+    created with the demo's fixed id when there is none. One an operator made first (e.g.
+    `create-service-token --name generation-worker` before `serve --demo`) is taken over
+    instead of failing on the unique index; the operator identity is made an operator."""
+    ids = {}
+    for key, email, name, _role, _seat, operator in IDENTITIES:
+        kind = UserKind.SERVICE if email is None else UserKind.HUMAN
+        await session.execute(insert(User).values(id=_id(f"user:{key}"), kind=kind, email=email, name=name,
+                                                  is_operator=operator).on_conflict_do_nothing())
+        which = User.email == email if email is not None else User.name == name
+        ids[key] = (await session.execute(select(User.id).where(User.kind == kind, which))).scalar_one()
+        if operator:
+            await session.execute(update(User).where(User.id == ids[key], User.is_operator.is_(False))
+                                  .values(is_operator=True))
+    return ids
+
+
+async def _seed(session: AsyncSession, users: dict[str, uuid.UUID]) -> None:
     if await session.get(Workspace, DEMO_WORKSPACE_ID) is not None:
         return
     await insert_price_list(
@@ -106,13 +126,10 @@ async def _seed(session: AsyncSession) -> None:
     ws = Workspace(id=DEMO_WORKSPACE_ID, name="Demo Studio", plan_id=plan.id, allocation_mode=AllocationMode.POOLED,
                    billing_anchor=now, period_start=now, next_renewal_at=now)
     session.add(ws)
-    for key, email, name, role, seat, operator in IDENTITIES:
-        kind = UserKind.SERVICE if email is None else UserKind.HUMAN
-        session.add(User(id=_id(f"user:{key}"), kind=kind, email=email, name=name, is_operator=operator))
     await session.flush()
     for key, _email, _name, role, seat, _op in IDENTITIES:
         if role is not None:
-            session.add(Member(workspace_id=DEMO_WORKSPACE_ID, user_id=_id(f"user:{key}"), role=role, seat=seat))
+            session.add(Member(workspace_id=DEMO_WORKSPACE_ID, user_id=users[key], role=role, seat=seat))
     for name, credits, cents in PACKS:
         if await session.get(CreditPack, _id(f"pack:{name}")) is None:
             session.add(CreditPack(id=_id(f"pack:{name}"), name=name, units=credits * UNITS_PER_CREDIT,
@@ -127,19 +144,19 @@ async def _seed(session: AsyncSession) -> None:
         units = credits * UNITS_PER_CREDIT
         session.add(Grant(id=_id(key), workspace_id=DEMO_WORKSPACE_ID, scope=Scope.WORKSPACE, source=source,
                           effective_at=now, expires_at=expires, amount=units, remaining=units,
-                          reason="demo starting balance", created_by=_id("user:operator")))
+                          reason="demo starting balance", created_by=users["operator"]))
         await session.flush()
         session.add(LedgerEntry(workspace_id=DEMO_WORKSPACE_ID, grant_id=_id(key), kind=EntryKind.GRANT,
-                                amount=units, cause=Cause.GRANT, actor_id=_id("user:operator")))
+                                amount=units, cause=Cause.GRANT, actor_id=users["operator"]))
 
 
-async def _tokens(session: AsyncSession, known: dict[str, str]) -> list[DemoIdentity]:
+async def _tokens(session: AsyncSession, users: dict[str, uuid.UUID], known: dict[str, str]) -> list[DemoIdentity]:
     out = []
     for key, email, name, role, seat, _op in IDENTITIES:
         secret = known.get(key)
         actor: Actor | None = await authenticate(session, secret) if secret else None
-        if actor is None or actor.user_id != _id(f"user:{key}"):
-            _, secret = await issue_token(session, _id(f"user:{key}"), "demo")
+        if actor is None or actor.user_id != users[key]:
+            _, secret = await issue_token(session, users[key], "demo")
         out.append(DemoIdentity(key, email, name, role.value if role else None, seat.value if seat else None, secret))
     return out
 
@@ -149,7 +166,8 @@ async def load_demo(db: Database, known_tokens: dict[str, str]) -> list[DemoIden
     valid (so restarts print the same tokens) and issuing new ones otherwise."""
 
     async def work(session: AsyncSession) -> list[DemoIdentity]:
-        await _seed(session)
-        return await _tokens(session, known_tokens)
+        users = await _users(session)
+        await _seed(session, users)
+        return await _tokens(session, users, known_tokens)
 
     return await db.transaction(work)

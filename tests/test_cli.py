@@ -286,6 +286,41 @@ async def test_serve_demo_on_embedded_postgres_and_restart(tmp_path):
         stop_embedded_postgres(data_dir)
 
 
+async def test_serve_demo_reuses_a_generation_worker_account_the_operator_made_first(pg_server, tmp_path):
+    # An operator ran `create-service-token --name generation-worker` (and `create-user` for a demo
+    # email) before trying the demo: service account names and emails are unique, so the demo
+    # takes those accounts over instead of failing to insert its own, and restarts stay the same.
+    url = await pg_server.create_database("creditpool_demo_taken")
+    await asyncio.to_thread(migrations.upgrade, url)
+    worker = one_token(await cli("create-service-token", "--name", "generation-worker", "--database-url", url))
+    owner = one_token(await cli("create-user", "--email", f"owner@{demo.DEMO_DOMAIN}", "--database-url", url))
+    worker_actor, owner_actor = await authenticate(url, worker, owner)
+    data_dir = tmp_path / "data"
+    args = ("--demo", "--database-url", url, "--data-dir", str(data_dir))
+    async with serving(*args, logs=tmp_path / "first") as server:
+        tokens = tokens_of(demo_file(data_dir))
+        assert list(tokens) == DEMO_KEYS
+        assert (await graphql(server, tokens["worker"], VIEWER))["viewer"] == {
+            "email": None, "kind": "SERVICE", "isOperator": False}
+        assert (await graphql(server, tokens["operator"], VIEWER))["viewer"]["isOperator"] is True
+        ws = (await graphql(server, tokens["owner"], MEMBERS, id=str(demo.DEMO_WORKSPACE_ID)))["workspace"]
+        assert len(ws["members"]) == 5
+        demo_worker, demo_owner = await authenticate(url, tokens["worker"], tokens["owner"])
+        assert demo_worker.user_id == worker_actor.user_id and demo_owner.user_id == owner_actor.user_id
+        assert (await authenticate(url, worker))[0] is not None  # the operator's own token still works
+    async with serving(*args, logs=tmp_path / "second") as server:
+        assert tokens_of(demo_file(data_dir)) == tokens  # restarting prints the same tokens
+        ws = (await graphql(server, tokens["owner"], MEMBERS, id=str(demo.DEMO_WORKSPACE_ID)))["workspace"]
+        assert len(ws["members"]) == 5
+    check = await cli("check-ledger", "--database-url", url)
+    assert check.returncode == 0, check.stdout + check.stderr
+    accounts = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        assert await accounts.fetchval("SELECT count(*) FROM users WHERE name = 'generation-worker'") == 1
+    finally:
+        await accounts.close()
+
+
 async def test_sigterm_stops_the_embedded_postgres(tmp_path):
     data_dir = tmp_path / "data"
     try:
