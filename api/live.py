@@ -343,6 +343,8 @@ class _Watcher:
 
 
 class LiveHub:
+    STOP_SECONDS = 5  # how long `stop` waits for its cancelled watchers
+
     def __init__(self, db: Database, url: str, clock: Clock, *, debounce: float = 0.05, recheck: float = 2.0,
                  probe: float = 15.0):
         self.db = db
@@ -364,9 +366,17 @@ class LiveHub:
         await self.broadcast.connect()
 
     async def stop(self) -> None:
-        for w in list(self._watchers.values()):
-            for t in w.tasks:
-                t.cancel()
+        """Cancel the watchers and wait for them (bounded, `STOP_SECONDS`), so none still uses
+        the database or the listening connection once the app disposes of them. (Under uvicorn,
+        streams usually end, and their watchers with them, before the app's shutdown runs.)"""
+        tasks = [t for w in self._watchers.values() for t in w.tasks]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.STOP_SECONDS)
+            if pending:
+                log.warning("live: %d watcher task(s) did not stop within %s s of shutdown", len(pending),
+                            self.STOP_SECONDS)
         await self.broadcast.disconnect()
 
     # --- access ---------------------------------------------------------------------------
