@@ -57,11 +57,13 @@ class CreditpoolGraphQL(GraphQL):
         self.ledger_rules = LedgerRules(policy_violation_fee=settings.policy_violation_fee_percent / 100)
         self.live = live
         self.overage_ttl = timedelta(hours=settings.overage_request_ttl_hours)
+        self.hold_ttl = timedelta(seconds=settings.hold_ttl_seconds)
 
     async def get_context(self, request: Request | WebSocket, response: Any = None) -> Context:
         return Context(
             db=self.db, authorizer=self.authorizer, request=request, response=response, clock=self.clock,
             payments=self.payments, ledger_rules=self.ledger_rules, live=self.live, overage_ttl=self.overage_ttl,
+            hold_ttl=self.hold_ttl,
         )
 
     async def on_ws_connect(self, context: Context) -> None:

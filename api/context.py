@@ -42,6 +42,7 @@ class Context:
     ledger_rules: LedgerRules = field(default_factory=LedgerRules)
     live: Any = None  # the process's api.live.LiveHub
     overage_ttl: timedelta = timedelta(hours=24)  # pending overage requests lapse after this
+    hold_ttl: timedelta = timedelta(hours=1)  # a generation's holds time out after this (the scheduler's)
     response: Any = None
     connection_params: dict[str, Any] | None = None
     loaders: dict[str, Any] = field(default_factory=dict)

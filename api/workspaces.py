@@ -259,7 +259,7 @@ class WorkspaceMutation:
     async def update_workspace(self, info: Info[Context, None], input: UpdateWorkspaceInput) -> UpdateWorkspaceResult:
         caller = await info.context.caller()
         call = workspaces.update_workspace(
-            info.context.db, caller, workspace_id=str(input.workspace_id), name=input.name,
+            info.context.db, caller, workspace_id=str(input.workspace_id), hold_ttl=info.context.hold_ttl, name=input.name,
             plan_key=input.plan_key, allocation_mode=input.allocation_mode,
             paid_creator_seats=input.paid_creator_seats, pool_fallback=input.pool_fallback, timezone=input.timezone,
         )
@@ -270,7 +270,7 @@ class WorkspaceMutation:
         caller = await info.context.caller()
         call = workspaces.add_member(
             info.context.db, caller, workspace_id=str(input.workspace_id), email=input.email,
-            role=input.role, seat=input.seat,
+            role=input.role, seat=input.seat, hold_ttl=info.context.hold_ttl,
         )
         return await result(call, Member.from_model)
 
@@ -283,11 +283,13 @@ class WorkspaceMutation:
     @strawberry.mutation
     async def change_member_seat(self, info: Info[Context, None], input: ChangeMemberSeatInput) -> ChangeMemberSeatResult:
         caller = await info.context.caller()
-        call = workspaces.change_member_seat(info.context.db, caller, member_id=str(input.member_id), seat=input.seat)
+        call = workspaces.change_member_seat(info.context.db, caller, member_id=str(input.member_id), seat=input.seat,
+                                             hold_ttl=info.context.hold_ttl)
         return await result(call, Member.from_model)
 
     @strawberry.mutation
     async def remove_member(self, info: Info[Context, None], input: RemoveMemberInput) -> RemoveMemberResult:
         caller = await info.context.caller()
-        call = workspaces.remove_member(info.context.db, caller, member_id=str(input.member_id))
+        call = workspaces.remove_member(info.context.db, caller, member_id=str(input.member_id),
+                                        hold_ttl=info.context.hold_ttl)
         return await result(call, Member.from_model)

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from domain.periods.rules import next_day
 
-from tests.test_api_ledger import ADD, key
+from tests.test_api_ledger import ADD, START, key
 from tests.test_periods import (  # noqa: F401 - the periods database and its clock reset
     balance,
     clean,
@@ -119,4 +119,33 @@ async def test_a_creator_seat_added_after_a_boundary_the_tick_has_not_reached_wa
     assert added["id"] not in {g["memberId"] for g in b["grants"]}
     [closed] = closes_of(await world.tick(month(2)), ws)
     assert closed.issued_units == 200_000  # the owner's seat and the one added
+    await clean(world, ws)
+
+
+async def test_a_hold_timed_out_before_a_boundary_rolls_over_when_a_plan_change_closes_it_late(world):  # noqa: F811
+    """A ROLLOVER plan: 50 of the 100 included credits held by a generation started at once,
+    which times out an hour later (the server's hold TTL), long before the boundary; a tick on
+    time released them then, and the close rolled all 100 over. A plan change ten minutes after
+    the boundary, with no tick in between, closes the period itself (catch-up): it releases the
+    timed-out hold first, as the tick does, so the same 100 roll over; they did not (50 rolled
+    over, the released 50 expired)."""
+    rolling = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverCapPercent=100,
+                         rolloverPeriods=2)
+    other = await plan(world, includedCredits="10")
+    owner, ws = await workspace(world, rolling)
+    async with world.client(owner) as api:
+        gen = (await api(START, ws=ws, model="video-standard", key=key()))["startGeneration"]
+    assert gen["__typename"] == "Generation", gen
+    assert (await balance(world, owner, ws))["held"] == "50.000"
+    world.clock.offset = month(1, timedelta(minutes=10))
+    async with world.client(owner) as api:
+        assert (await api(CHANGE_PLAN, ws=ws, p=other))["updateWorkspace"]["__typename"] == "Workspace"
+    b = await balance(world, owner, ws)
+    assert b["held"] == "0.000"
+    assert sorted((g["source"], g["remaining"]) for g in b["grants"]) == [
+        ("PLAN_ALLOWANCE", "100.000"), ("ROLLOVER", "100.000")]  # this period under the old plan
+    [breakage] = (await schedule(world, owner, ws))["breakage"]
+    assert (breakage["rolledOver"], breakage["expired"]) == ("100.000", "0.000")
+    await world.tick(month(1, timedelta(minutes=30)))  # the scheduler finds nothing left to do there
+    assert (await balance(world, owner, ws))["available"] == "200.000"
     await clean(world, ws)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -128,7 +129,8 @@ async def world(db) -> World:
     callers: dict[str, Caller] = {}
     for name, role, seat in MEMBER_SUBJECTS:
         email, token = await new_user(db, prefix=name.replace("_", "-"))
-        await add_member(db, founder_a, workspace_id=str(a), email=email, role=role, seat=seat)
+        await add_member(db, founder_a, workspace_id=str(a), email=email, role=role, seat=seat,
+                         hold_ttl=timedelta(hours=1))
         callers[name] = await caller_for(db, token, authorizer)
 
     _, operator_token = await new_user(db, operator=True, prefix="operator")

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import text
 
+from api.settings import Settings
 from domain import identity
 from domain.access import Caller
 from domain.db import Database
@@ -23,6 +24,8 @@ from domain.workspaces.models import AllocationMode, Role, Seat
 from policies import Authorizer
 
 MODEL_KEY = "bench-image"
+# The server's default: a fresh workspace has no close due, so no hold is ever timed out here.
+HOLD_TTL = timedelta(seconds=Settings.model_fields["hold_ttl_seconds"].default)
 MODEL_PRICE = "5"  # credits, flat: one reservation holds 5 credits, completion captures them
 MODEL_UNITS = 5000
 PLAN = "enterprise"  # seat cap 500, 25 free creator seats (more are bought via paidCreatorSeats)
@@ -82,11 +85,12 @@ class Seeder:
         ws_id = str(made.workspace.id)
         team = Team(ws_id, owner_token, str(made.member.id))
         if creators + 1 > made.workspace.creator_seat_limit(made.plan):
-            await workspaces.update_workspace(self.db, owner, workspace_id=ws_id, paid_creator_seats=creators + 1)
+            await workspaces.update_workspace(self.db, owner, workspace_id=ws_id, hold_ttl=HOLD_TTL,
+                                              paid_creator_seats=creators + 1)
         for _ in range(creators):
             email = self._email("creator")
             member = await workspaces.add_member(self.db, owner, workspace_id=ws_id, email=email, role=Role.MEMBER,
-                                                 seat=Seat.CREATOR)
+                                                 seat=Seat.CREATOR, hold_ttl=HOLD_TTL)
             token = await identity.cli_user_token(self.db, email, operator=False)
             team.creators.append((token, str(member.id)))
         if not creators:

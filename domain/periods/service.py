@@ -373,9 +373,13 @@ async def _close_one_due_period(session: AsyncSession, now: datetime, skip: set[
     return await _close_and_announce(session, ws)
 
 
-async def close_due_periods(session: AsyncSession, workspace_id: uuid.UUID, now: datetime) -> list[PeriodClose]:
+async def close_due_periods(session: AsyncSession, workspace_id: uuid.UUID, now: datetime, *,
+                            hold_ttl: timedelta) -> list[PeriodClose]:
     """Close every boundary of a workspace due by `now`, in order, and issue the day's free
-    credits if they are due, in this transaction. A change to what they read (the plan, the
+    credits if they are due, in this transaction. As in `tick`, the workspace's holds timed
+    out by `now` (`hold_ttl`: the server's, as the scheduler's) are released first, each at its
+    deadline, so that a hold that timed out before a boundary rolls over with its grant as it
+    did when the tick came on time. A change to what they read (the plan, the
     allocation mode) runs it first, in a transaction of its own: made after a boundary (or
     midnight) the scheduler has not reached yet, it would otherwise apply to the period (or day)
     that boundary started, and not from the next one as it does when the tick is on time. The row is claimed as the tick
@@ -390,6 +394,9 @@ async def close_due_periods(session: AsyncSession, workspace_id: uuid.UUID, now:
         select(Workspace).where(Workspace.id == workspace_id).with_for_update(key_share=True)
         .execution_options(populate_existing=True)
     )).scalar_one()
+    # After the workspace's lock, as a spend or a transfer takes it: then limits and grants.
+    while await _time_out_holds(session, now, hold_ttl, 100, workspace_id=workspace_id):
+        pass
     closes = []
     while ws.next_renewal_at <= now:
         closes.append(await _close_and_announce(session, ws))
@@ -470,11 +477,14 @@ async def _expire_due_grants(session: AsyncSession, now: datetime, batch: int, s
 
 async def _time_out_holds(session: AsyncSession, now: datetime, ttl: timedelta, batch: int,
                           skip: set[uuid.UUID] = frozenset(), only: uuid.UUID | None = None,
-                          claimed: list[tuple[uuid.UUID, uuid.UUID]] | None = None) -> int:
+                          claimed: list[tuple[uuid.UUID, uuid.UUID]] | None = None, *,
+                          workspace_id: uuid.UUID | None = None) -> int:
     """Release the holds of a batch of generations past their deadline (or `only` that one,
-    never one in `skip`)."""
+    never one in `skip`; only that workspace's with `workspace_id`)."""
     query = select(Generation).where(Generation.status == GenerationStatus.STARTED,
                                      Generation.started_at <= now - ttl)
+    if workspace_id is not None:
+        query = query.where(Generation.workspace_id == workspace_id)
     if skip:
         query = query.where(Generation.id.not_in(skip))
     if only is not None:

@@ -15,6 +15,7 @@ protects (seats, owners, the target member) is read under it.
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from dataclasses import dataclass, replace
 
 from sqlalchemy import case, func, select
@@ -90,25 +91,27 @@ async def _authorized_lock(
 
 
 async def _close_due_periods(db: Database, caller: Caller, workspace_id: uuid.UUID, action: Action, *,
-                             what: str) -> None:
+                             what: str, hold_ttl: timedelta) -> None:
     """Before a change to what a period close (or the day's free credits) reads: the plan, the
     allocation mode, who holds a creator seat. The boundaries already due close first, under
     what held when they came, in a transaction of their own (`periods.close_due_periods`), so
     the change applies from the next boundary however late the scheduler runs. Authorized
-    first: an outsider triggers nothing and waits on nothing."""
+    first: an outsider triggers nothing and waits on nothing. `hold_ttl`: the server's hold
+    time-to-live (the scheduler's), for the holds the close releases first."""
     async def work(session: AsyncSession) -> None:
         await authorize(session, caller, workspace_id, action, what=what)
-        await close_due_periods(session, workspace_id, caller.clock.now())
+        await close_due_periods(session, workspace_id, caller.clock.now(), hold_ttl=hold_ttl)
 
     await db.transaction(work)
 
 
-async def _close_due_periods_of_member(db: Database, caller: Caller, member_id: str) -> None:
+async def _close_due_periods_of_member(db: Database, caller: Caller, member_id: str, *, hold_ttl: timedelta) -> None:
     """`_close_due_periods` before a change to a member's seat or their removal."""
     mid = parse_id(member_id, "member")
     found = await db.read(lambda session: session.get(Member, mid))
     if found is not None and found.removed_at is None:
-        await _close_due_periods(db, caller, found.workspace_id, Action.MANAGE_MEMBERS, what="member")
+        await _close_due_periods(db, caller, found.workspace_id, Action.MANAGE_MEMBERS, what="member",
+                                 hold_ttl=hold_ttl)
 
 
 async def _usage(session: AsyncSession, workspace_id: uuid.UUID) -> SeatUsage:
@@ -183,6 +186,7 @@ async def update_workspace(
     caller: Caller,
     *,
     workspace_id: str,
+    hold_ttl: timedelta,
     name: str | None = None,
     plan_key: str | None = None,
     allocation_mode: AllocationMode | None = None,
@@ -191,7 +195,9 @@ async def update_workspace(
     timezone: str | None = None,
 ) -> Workspace:
     """Switching the allocation mode moves no credit: every grant keeps its scope, amounts and
-    dates; the mode only decides which grants a spend may draw from (domain.ledger.service)."""
+    dates; the mode only decides which grants a spend may draw from (domain.ledger.service).
+    `hold_ttl` (here and for the member changes below): the server's hold time-to-live, for the
+    catch-up close (`_close_due_periods`)."""
     ws_id = parse_id(workspace_id, "workspace")
     if name is not None:
         name = clean_name(name)
@@ -234,7 +240,7 @@ async def update_workspace(
         return ws
 
     if plan_key is not None or allocation_mode is not None:  # what a close issues, and to whom
-        await _close_due_periods(db, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
+        await _close_due_periods(db, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace", hold_ttl=hold_ttl)
     return await db.transaction(work)
 
 
@@ -256,7 +262,7 @@ async def cancel_subscription(db: Database, caller: Caller, *, workspace_id: str
 
 
 async def add_member(
-    db: Database, caller: Caller, *, workspace_id: str, email: str, role: Role, seat: Seat
+    db: Database, caller: Caller, *, workspace_id: str, email: str, role: Role, seat: Seat, hold_ttl: timedelta
 ) -> Member:
     ws_id = parse_id(workspace_id, "workspace")
 
@@ -283,7 +289,7 @@ async def add_member(
         return member
 
     if seat is Seat.CREATOR:  # a creator seat receives allowances (PER_SEAT) from the next boundary
-        await _close_due_periods(db, caller, ws_id, Action.MANAGE_MEMBERS, what="workspace")
+        await _close_due_periods(db, caller, ws_id, Action.MANAGE_MEMBERS, what="workspace", hold_ttl=hold_ttl)
     return await db.transaction(work)
 
 
@@ -338,7 +344,8 @@ async def change_member_role(db: Database, caller: Caller, *, member_id: str, ro
     return await db.transaction(work)
 
 
-async def change_member_seat(db: Database, caller: Caller, *, member_id: str, seat: Seat) -> Member:
+async def change_member_seat(db: Database, caller: Caller, *, member_id: str, seat: Seat,
+                             hold_ttl: timedelta) -> Member:
     async def work(session: AsyncSession) -> Member:
         ws, plan, target, _ = await _locked_target(session, caller, member_id)
         after = _apply(await _usage(session, ws.id), remove=target, add=(target.role, seat))
@@ -349,11 +356,11 @@ async def change_member_seat(db: Database, caller: Caller, *, member_id: str, se
         _member_event(session, target, "SEAT_CHANGED", caller, before)
         return await _with_user(session, target)
 
-    await _close_due_periods_of_member(db, caller, member_id)
+    await _close_due_periods_of_member(db, caller, member_id, hold_ttl=hold_ttl)
     return await db.transaction(work)
 
 
-async def remove_member(db: Database, caller: Caller, *, member_id: str) -> Member:
+async def remove_member(db: Database, caller: Caller, *, member_id: str, hold_ttl: timedelta) -> Member:
     async def work(session: AsyncSession) -> Member:
         ws, plan, target, me = await _locked_target(session, caller, member_id)
         if target.role is Role.OWNER:
@@ -368,7 +375,7 @@ async def remove_member(db: Database, caller: Caller, *, member_id: str) -> Memb
         await session.refresh(target)
         return await _with_user(session, target)
 
-    await _close_due_periods_of_member(db, caller, member_id)
+    await _close_due_periods_of_member(db, caller, member_id, hold_ttl=hold_ttl)
     return await db.transaction(work)
 
 
