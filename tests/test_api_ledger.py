@@ -332,6 +332,31 @@ async def test_a_packs_price_per_credit_follows_its_currencys_minor_units(db, cl
     assert out == {"__typename": "CreditPack", "pricePerCredit": per_credit, "priceMinor": price_minor}
 
 
+async def test_a_packs_price_is_bounded_by_what_a_graphql_int_carries(db, client):
+    """priceMinor is a GraphQL Int (32 bits): the largest it carries is accepted, one more never
+    reaches the domain, and the domain's bound and message say the same (they said 10^12, a
+    price the API could never take)."""
+    team = await make_team(db, client, creators=0)
+    create = ('mutation($p: Int!) { createCreditPack(input: {name: "P", credits: "500", priceMinor: $p, '
+              'currency: "USD"}) { __typename ... on CreditPack { priceMinor } ... on ValidationError { field message } } }')
+    async with client(team.operator) as api:
+        assert (await api(create, p=2**31 - 1))["createCreditPack"] == {"__typename": "CreditPack",
+                                                                          "priceMinor": 2**31 - 1}
+        assert (await api(create, p=-1))["createCreditPack"] == {
+            "__typename": "ValidationError", "field": "priceMinor",
+            "message": "priceMinor: must be between 0 and 2147483647 minor units"}
+        with pytest.raises(TransportQueryError):
+            await api(create, p=2**31)
+    from domain import identity
+    from domain.access import Caller
+    from domain.errors import ValidationFailed
+    from domain.ledger.packs import create_pack
+    from policies import Authorizer
+    operator = Caller(await identity.authenticate_secret(db, team.operator), Authorizer())
+    with pytest.raises(ValidationFailed, match="between 0 and 2147483647"):
+        await create_pack(db, operator, name="P", credits="500", price_minor=2**31, currency="USD")
+
+
 async def _a_pack(client, operator: str, *, expires_after_days: int | None = None) -> str:
     async with client(operator) as api:
         out = (await api(

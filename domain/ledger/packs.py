@@ -26,6 +26,9 @@ MINOR_DIGITS = {
 }
 
 
+MAX_PRICE_MINOR = 2**31 - 1  # the largest GraphQL Int
+
+
 def price_per_credit(pack: CreditPack) -> Decimal:
     """What one credit costs, in the currency's major units, to four places: 45.00 USD for 500
     credits is 0.0900; 1000 JPY for 500 credits is 2.0000. For display: charges use `price_minor`."""
@@ -40,8 +43,9 @@ async def create_pack(
     require_catalog_manager(caller)
     name = clean_name(name)
     units = parse_credits(credits, "credits")
-    if not 0 <= price_minor <= 10**12:
-        raise ValidationFailed("priceMinor", "must be between 0 and 10^12 minor units")
+    # The API carries priceMinor as a GraphQL Int (32 bits, signed): the bound is the largest one.
+    if not 0 <= price_minor <= MAX_PRICE_MINOR:
+        raise ValidationFailed("priceMinor", f"must be between 0 and {MAX_PRICE_MINOR} minor units")
     currency = currency.strip().upper()
     if not CURRENCY_RE.match(currency):
         raise ValidationFailed("currency", "must be a three-letter ISO 4217 code")
