@@ -20,6 +20,7 @@ from domain.ledger.payments import PaymentOutcome, PaymentRequest
 from domain.periods.service import tick
 from policies import Authorizer
 from tests.test_api_governance import AUTO, purchases_of, start, start_unanswered
+from tests.conftest import new_user
 from tests.test_api_ledger import TRANSFER, _a_pack, assert_ledger_clean, grant, key, make_team
 
 ALERTS_FULL = "query($ws: ID!) { alerts(workspaceId: $ws) { id kind status } }"
@@ -710,4 +711,41 @@ async def test_lowering_the_threshold_or_the_caps_does_not_strand_a_payment_that
     await spend()
     await tick(db, clock, hold_ttl=timedelta(hours=1), payments=provider)
     assert len(provider.asked(team.ws)) == 2  # and nothing new is bought
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_top_up_after_its_enabler_left_is_the_systems_purchase_and_the_audit_log_names_who_enabled_it(
+        db, live_server, client):
+    """An auto top-up is bought by the system under a standing instruction, not by a person: its
+    grant entry has no actor (as a period close or an expiry), and its audit entry says whose
+    instruction it ran under. It was recorded in the name of the member who turned auto top-up
+    on, even after that member had been removed from the workspace."""
+    from tests.test_api_governance import AUDIT
+    from tests.test_api_ledger import ADD
+
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "100")
+    pack = await small_pack(client, team.operator)
+    email, billing = await new_user(db, prefix="billing")
+    async with client(team.owner) as api:
+        member = (await api(ADD, ws=team.ws, email=email, role="BILLING_MANAGER", seat="STANDARD"))["addMember"]["id"]
+    async with client(billing) as api:
+        assert (await api(AUTO, ws=team.ws, pack=pack, threshold="95", limit=3))["setAutoTopUp"]["enabled"]
+    async with client(team.owner) as api:
+        [enabled] = (await api(AUDIT, ws=team.ws, action="autotopup.updated"))["auditLog"]["edges"]
+        enabler = enabled["node"]["actorId"]
+        assert (await api('mutation($m: ID!) { removeMember(input: {memberId: $m}) { __typename } }',
+                          m=member))["removeMember"]["__typename"] == "Member"
+    assert (await start(client, team.creators[0][0], team.ws))["__typename"] == "Generation"  # 100 -> 90: under
+    assert await purchases_of(db, team.ws) == 1
+    async with client(team.owner) as api:
+        entries = (await api('query($ws: ID!) { ledger(workspaceId: $ws, filter: {kinds: [GRANT]}) '
+                             '{ edges { node { cause actorId purchaseId } } } }', ws=team.ws))["ledger"]["edges"]
+        [bought] = [e["node"] for e in entries if e["node"]["cause"] == "PURCHASE"]
+        [audited] = (await api(AUDIT, ws=team.ws, action="autotopup.purchased"))["auditLog"]["edges"]
+    assert bought["actorId"] is None
+    assert audited["node"]["actorId"] is None
+    assert audited["node"]["targetType"] == "purchase"
+    assert audited["node"]["after"]["enabledBy"] == enabler
+    assert audited["node"]["after"]["credits"] == "20.000"
     await assert_ledger_clean(db, team.ws)

@@ -98,7 +98,6 @@ class TopUpClaim:
     workspace_id: uuid.UUID
     sequence: int
     pack_id: uuid.UUID
-    actor_id: uuid.UUID
     claimed_at: datetime  # with the sequence, tells this attempt from a later take-over of it
     taken_over: bool = False  # continues an abandoned claim (same sequence, same pack)
     retry: bool = False  # asks again for an unanswered payment (same reference, same pack)
@@ -193,7 +192,7 @@ async def claim_top_up(session: AsyncSession, ws: Workspace, now: datetime) -> T
     )).first()
     if claimed is None:
         return None  # a concurrent spend (or scheduler) claimed this purchase
-    return TopUpClaim(ws.id, claimed.sequence, pack.id, topup.enabled_by, claimed.claimed_at,
+    return TopUpClaim(ws.id, claimed.sequence, pack.id, claimed.claimed_at,
                       retry=topup.unanswered_pack_id is not None)
 
 
@@ -218,8 +217,8 @@ async def _take_over(session: AsyncSession, topup: AutoTopUp, now: datetime) -> 
     log.warning("auto top-up auto-topup:%s:%s claimed at %s has no recorded outcome: taken over under the same "
                 "reference%s", topup.workspace_id, topup.sequence, topup.claimed_at.isoformat(),
                 "" if topup.enabled else " (auto top-up is off: this purchase was started before)")
-    return TopUpClaim(topup.workspace_id, claimed.sequence, topup.claimed_pack_id, topup.enabled_by,
-                      claimed.claimed_at, taken_over=True)
+    return TopUpClaim(topup.workspace_id, claimed.sequence, topup.claimed_pack_id, claimed.claimed_at,
+                      taken_over=True)
 
 
 def topup_month(now: datetime, timezone: str, topup: AutoTopUp) -> Period:
@@ -320,9 +319,16 @@ async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim,
         recorded = (await session.execute(select(Purchase.id).where(
             Purchase.workspace_id == claim.workspace_id, Purchase.payment_reference == reference))).first()
         if recorded is None:
-            await record_purchase(session, ws_id=claim.workspace_id, pack=pack, reference=reference,
-                                  provider=provider.name, actor_id=claim.actor_id, key=reference,
-                                  request={"autoTopUp": claim.sequence}, now=now)
+            # The system's purchase, not a person's: whoever turned auto top-up on may have left
+            # the workspace since. Their standing instruction is what it ran under: the audit
+            # entry names them.
+            bought = await record_purchase(session, ws_id=claim.workspace_id, pack=pack, reference=reference,
+                                           provider=provider.name, actor_id=None, key=reference,
+                                           request={"autoTopUp": claim.sequence}, now=now)
+            audit.record(session, claim.workspace_id, None, "autotopup.purchased", "purchase", bought.purchase.id,
+                         after={"paymentReference": reference, "packId": str(pack.id),
+                                "credits": format_credits(pack.units), "priceMinor": pack.price_minor,
+                                "currency": pack.currency, "enabledBy": str(topup.enabled_by)}, at=now)
             month = topup_month(now, ws.timezone, topup)
             if topup.month_start != month.start:
                 topup.month_start, topup.month_end = month

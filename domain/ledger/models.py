@@ -143,7 +143,8 @@ class Purchase(Base):
     price_minor: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
     grant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("grants.id"))
-    purchased_by: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    # None: the system's purchase (auto top-up; its audit entry names who turned it on).
+    purchased_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
     created_at: Mapped[datetime] = created_at()
 
 

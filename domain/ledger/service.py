@@ -371,17 +371,21 @@ async def purchase_credits(
 
 async def record_purchase(
     session: AsyncSession, *, ws_id: uuid.UUID, pack: CreditPack, reference: str, provider: str,
-    actor_id: uuid.UUID, key: str, request: dict[str, Any], now: datetime,
+    actor_id: uuid.UUID | None, key: str, request: dict[str, Any], now: datetime,
 ) -> PurchaseResult:
     """A confirmed payment becomes a purchase and its grant, exactly once (the idempotency key,
-    and the payment reference unique across all workspaces). Shared by purchases and auto top-up."""
+    and the payment reference unique across all workspaces). Shared by purchases and auto top-up.
+    No `actor_id`: the system's purchase (auto top-up), with no actor on its purchase, grant and
+    entry; no idempotency key is claimed for it (keys are a caller's), the caller looks for the
+    reference's purchase first, under a lock (`automation.run_top_up`)."""
     purchase_id = uuid.uuid4()
-    first = await idempotency.claim(
-        session, workspace_id=ws_id, actor_id=actor_id, key=key, operation="purchaseCredits",
-        request=request, result_id=purchase_id,
-    )
-    if first is not None:
-        return await _purchase_result(session, first)
+    if actor_id is not None:
+        first = await idempotency.claim(
+            session, workspace_id=ws_id, actor_id=actor_id, key=key, operation="purchaseCredits",
+            request=request, result_id=purchase_id,
+        )
+        if first is not None:
+            return await _purchase_result(session, first)
     grant = Grant(
         id=uuid.uuid4(), workspace_id=ws_id, scope=Scope.WORKSPACE, source=GrantSource.PURCHASE,
         effective_at=now,
