@@ -430,24 +430,6 @@ async def test_a_grant_replayed_with_the_same_moment_in_another_offset_is_the_sa
     await assert_ledger_clean(db, team.ws)
 
 
-async def test_no_client_key_may_take_the_one_auto_top_up_records_its_purchase_under(db, live_server, client):
-    # Auto top-up records its purchase with its reference as the idempotency key, in the name of
-    # whoever enabled it. Claimed by that person first (any mutation), the provider's confirmed
-    # payment could never be recorded: every attempt would be a reused key.
-    team = await make_team(db, client, creators=1)
-    pack = await _a_pack(client, team.operator)
-    asked = len(live_server.payments.seen)
-    taken = f"auto-topup:{team.ws}:1"
-    async with client(team.owner) as api:
-        bought = (await api(PURCHASE, ws=team.ws, pack=pack, ref=f"pay-{uuid.uuid4()}", key=taken))["purchaseCredits"]
-        moved = (await api(TRANSFER, ws=team.ws, amount="1", key=taken, to=team.creators[0][1]))["transferCredits"]
-    for out in (bought, moved):
-        assert (out["__typename"], out["code"]) == ("ValidationError", "VALIDATION"), out
-        assert "auto top-up" in out["message"]
-    assert len(live_server.payments.seen) == asked  # refused before the provider is asked
-    assert (await balance(client, team.owner, team.ws))["available"] == "0.000"
-
-
 async def test_a_purchase_may_not_use_an_auto_top_up_reference(db, live_server, client):
     # Auto top-up asks under `auto-topup:{workspace}:{n}` until its outcome is recorded, and a
     # reference works once across workspaces: taken by a purchase, that workspace's top-up

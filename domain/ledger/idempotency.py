@@ -19,7 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.db import Sql, as_sql
 from domain.errors import IdempotencyKeyReused, ValidationFailed
-from domain.ledger.payments import AUTO_TOP_UP_PREFIX
 
 MAX_KEY = 200
 
@@ -38,14 +37,11 @@ def request_hash(operation: str, request: dict[str, Any]) -> bytes:
 
 
 def check_key(key: str) -> str:
-    """A client's key. Keys of auto top-up's shape are its own: it records each purchase under
-    its payment reference as the key, in the name of whoever enabled it, and a client's claim of
-    that key first would make a purchase the provider confirmed unrecordable for good."""
+    """A client's key. (Auto top-up claims none: its purchases are the system's, found by their
+    payment reference, whose `auto-topup:` prefix `purchaseCredits` reserves.)"""
     key = key.strip()
     if not key or len(key) > MAX_KEY:
         raise ValidationFailed("idempotencyKey", f"must be 1 to {MAX_KEY} characters")
-    if key.startswith(AUTO_TOP_UP_PREFIX):
-        raise ValidationFailed("idempotencyKey", f"keys starting with {AUTO_TOP_UP_PREFIX} are auto top-up's")
     return key
 
 
