@@ -417,7 +417,8 @@ class Run:
     async def switch_mode(self):
         m = self.model
         m.mode = AllocationMode.PER_SEAT if m.mode is AllocationMode.POOLED else AllocationMode.POOLED
-        await workspaces.update_workspace(self.w.db, self.w.owner, workspace_id=self.ws, allocation_mode=m.mode)
+        await workspaces.update_workspace(self.w.db, self.w.owner, workspace_id=self.ws, allocation_mode=m.mode,
+                                              hold_ttl=HOLD_TTL)
 
     async def advance(self, hours: int, sweep: bool):
         m = self.model
@@ -458,7 +459,7 @@ async def new_run(w: World, mode: AllocationMode) -> Run:
     members = {"owner": str(created.member.id)}
     for name, email in w.emails.items():
         m = await workspaces.add_member(w.db, w.owner, workspace_id=ws, email=email, role=Role.MEMBER,
-                                        seat=Seat.CREATOR)
+                                        seat=Seat.CREATOR, hold_ttl=HOLD_TTL)
         members[name] = str(m.id)
     assert created.member.seat is Seat.CREATOR
     return Run(w, ws, members, mode)
