@@ -361,8 +361,10 @@ async def purchase_credits(
     if not outcome.ok:
         raise PaymentFailed(outcome.reason or "declined")
 
+    # Not authorized again: the caller was allowed to buy when the card was charged, and a
+    # confirmed payment becomes credits in the workspace whatever happened since (the purchaser
+    # removed or demoted during the provider's round trip must not leave a charge with nothing).
     async def work(session: AsyncSession) -> PurchaseResult:
-        await authorize(session, caller, ws_id, Action.PURCHASE_CREDITS, what="workspace")
         return await record_purchase(session, ws_id=ws_id, pack=pack, reference=reference, provider=provider.name,
                                      actor_id=caller.actor.user_id, key=key, request=request, now=caller.clock.now())
 
