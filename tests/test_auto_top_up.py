@@ -749,3 +749,24 @@ async def test_a_top_up_after_its_enabler_left_is_the_systems_purchase_and_the_a
     assert audited["node"]["after"]["enabledBy"] == enabler
     assert audited["node"]["after"]["credits"] == "20.000"
     await assert_ledger_clean(db, team.ws)
+
+
+CANCEL = "mutation($ws: ID!) { cancelSubscription(input: {workspaceId: $ws}) { __typename } }"
+AUDIT_TOP_UP = """
+query($ws: ID!) { auditLog(workspaceId: $ws, action: "autotopup.") { edges { node { action actorId after } } } }"""
+
+
+async def test_cancelling_the_subscription_turns_auto_top_up_off_so_it_never_charges_again(db, live_server, client):
+    # A cancelled customer kept being charged: auto top-up ran on after cancelSubscription, and
+    # the next spend under the threshold bought a pack.
+    team, token, _ = await under_auto_top_up(db, client, "95")
+    async with client(team.owner) as api:
+        assert (await api(CANCEL, ws=team.ws))["cancelSubscription"]["__typename"] == "Workspace"
+        assert (await api(STATE, ws=team.ws))["autoTopUp"]["enabled"] is False
+    assert (await start(client, token, team.ws))["__typename"] == "Generation"  # 100 -> 90: under 95
+    assert await purchases_of(db, team.ws) == 0
+    async with client(team.owner) as api:
+        entries = [e["node"] for e in (await api(AUDIT_TOP_UP, ws=team.ws))["auditLog"]["edges"]]
+    turned_off = [e for e in entries if e["after"].get("reason") == "subscription cancelled"]
+    assert len(turned_off) == 1 and turned_off[0]["after"]["enabled"] is False
+    await assert_ledger_clean(db, team.ws)

@@ -444,6 +444,20 @@ async def set_auto_top_up(
     return await db.transaction(work)
 
 
+async def stop_for_cancellation(session: AsyncSession, ws: Workspace, actor_id: uuid.UUID, now: datetime) -> bool:
+    """A cancelled subscription buys nothing more on its own: auto top-up is turned off with it
+    (the workspace row is locked by the caller, then this row, as `set_auto_top_up` locks them).
+    A purchase already started is still finished (`claim_top_up`): it may have been paid."""
+    topup = await session.get(AutoTopUp, ws.id, with_for_update=True)
+    if topup is None or not topup.enabled:
+        return False
+    before = _json(topup)
+    topup.enabled = ws.auto_topup_enabled = False
+    audit.record(session, ws.id, actor_id, "autotopup.updated", "auto_topup", ws.id, before=before,
+                 after={**_json(topup), "reason": "subscription cancelled"}, at=now)
+    return True
+
+
 def _json(t: AutoTopUp) -> dict:
     return {"enabled": t.enabled, "threshold": t.threshold_units, "pack": t.pack_id,
             "monthlyMaxPurchases": t.monthly_max_purchases, "monthlyMaxUnits": t.monthly_max_units,

@@ -246,7 +246,8 @@ async def update_workspace(
 
 async def cancel_subscription(db: Database, caller: Caller, *, workspace_id: str) -> Workspace:
     """No allowance is issued after the current period; everything already granted (purchased
-    packs, banked rollover, this period's allowance) stays until its own expiry."""
+    packs, banked rollover, this period's allowance) stays until its own expiry. Auto top-up is
+    turned off with it: a cancelled subscription is never charged again on its own."""
     ws_id = parse_id(workspace_id, "workspace")
 
     async def work(session: AsyncSession) -> Workspace:
@@ -255,6 +256,7 @@ async def cancel_subscription(db: Database, caller: Caller, *, workspace_id: str
             ws.cancelled_at = caller.clock.now()
             audit.record(session, ws_id, caller.actor.user_id, "workspace.cancelled", "workspace", ws_id,
                          at=ws.cancelled_at)
+            await automation.stop_for_cancellation(session, ws, caller.actor.user_id, ws.cancelled_at)
         await session.flush()
         return ws
 
