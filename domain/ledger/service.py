@@ -802,15 +802,13 @@ SELECT (SELECT count(*) FROM claim) AS claimed, (SELECT array_agg(row) FROM star
 """  # `claimed` is read only to write the claims before the grants are locked (see `_POSTED`)
 # What makes a one-statement write fall back to the transaction path (which reproduces the refusal
 # with its canonical answer, or succeeds under locks): a used idempotency key, a CHECK refusing a
-# stale plan, any other constraint, a deadlock; the connection lost under the statement (its
-# backend terminated, the server shutting down, the socket gone: whether it committed is unknown,
-# and the transaction path, on another connection, finds out by claiming the same key); and, for
-# an item that did not lead its batch, any failure of the batch. (A connection found closed
-# before a statement is sent, as when it died while its request waited in a coalescer queue, is
-# `Database.autocommit`'s `lost`: None here too.)
+# stale plan, any other constraint, a deadlock, a statement cancelled or its backend shut down
+# (57xxx); and, for an item that did not lead its batch, any failure of the batch. A connection
+# lost under the statement or before it (whether it committed is unknown) is the one place that
+# knows the connection, `Database.autocommit`, whose `lost` is None here too: the transaction
+# path, on another connection, finds out by claiming the same key.
 _REFUSED_AT_ONCE = (asyncpg.IntegrityConstraintViolationError, asyncpg.TransactionRollbackError,
-                    asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError, OSError,
-                    BatchFailed)
+                    asyncpg.exceptions.OperatorInterventionError, BatchFailed)
 
 
 @dataclass(frozen=True, slots=True)
