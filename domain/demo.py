@@ -6,12 +6,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.db import Database
-from domain.identity import Actor, User, UserKind, authenticate, issue_token
+from domain.identity import (Actor, authenticate, get_or_create_service_account, get_or_create_user,
+                             issue_token)
 from domain.ledger.consumption import Scope
 from domain.ledger.models import Cause, CreditPack, EntryKind, Grant, GrantSource, LedgerEntry
 from domain.money import UNITS_PER_CREDIT
@@ -97,19 +96,18 @@ class DemoIdentity:
 
 async def _users(session: AsyncSession) -> dict[str, uuid.UUID]:
     """Each demo identity's user: a person by email, the service account by name (both unique),
-    created with the demo's fixed id when there is none. One an operator made first (e.g.
-    `create-service-token --name generation-worker` before `serve --demo`) is taken over
-    instead of failing on the unique index; the operator identity is made an operator."""
+    created when there is none (the same lookups as `create-user` and `create-service-token`).
+    One an operator made first (e.g. `create-service-token --name generation-worker` before
+    `serve --demo`) is taken over instead of failing on the unique index; the operator identity
+    is made an operator."""
     ids = {}
     for key, email, name, _role, _seat, operator in IDENTITIES:
-        kind = UserKind.SERVICE if email is None else UserKind.HUMAN
-        await session.execute(insert(User).values(id=_id(f"user:{key}"), kind=kind, email=email, name=name,
-                                                  is_operator=operator).on_conflict_do_nothing())
-        which = User.email == email if email is not None else User.name == name
-        ids[key] = (await session.execute(select(User.id).where(User.kind == kind, which))).scalar_one()
+        user = await (get_or_create_service_account(session, name) if email is None
+                      else get_or_create_user(session, email, name=name))
         if operator:
-            await session.execute(update(User).where(User.id == ids[key], User.is_operator.is_(False))
-                                  .values(is_operator=True))
+            user.is_operator = True
+        ids[key] = user.id
+    await session.flush()
     return ids
 
 
