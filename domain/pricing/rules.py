@@ -183,7 +183,7 @@ def _check_range(d: Decimal, field_name: str) -> None:
         raise ValidationFailed(field_name, f"has more than {MAX_PLACES} decimal places")
 
 
-def _decimal_text(value: str, field_name: str, message: str) -> Decimal:
+def _read_decimal(value: str, field_name: str, message: str) -> Decimal:
     """A number written as text. Python's Decimal also reads digits of other scripts ("١٢" is 12)
     and underscores ("1_0" is 10): a figure a person wrote as something else, read quietly as a
     number. Only ASCII is accepted, without underscores; an exponent ("5E-9") still is, as
@@ -207,7 +207,7 @@ def _spec_figure(value: Any, field_name: str) -> Decimal:
     elif isinstance(value, int):
         d = Decimal(value)
     elif isinstance(value, str):
-        d = _decimal_text(value, field_name, "must be a decimal number")
+        d = _read_decimal(value, field_name, "must be a decimal number")
     else:
         raise TypeError(f"{field_name}: use Decimal, not {type(value).__name__}")
     _check_range(d, field_name)
@@ -409,7 +409,7 @@ def _quantity(key: str, value: Any, spec: PriceSpec, field_name: str) -> Decimal
         elif isinstance(value, float):
             d = Decimal(str(value))  # the shortest decimal that reads back as this float: what was typed
         elif isinstance(value, str):
-            d = _decimal_text(value, field_name, "must be a number")
+            d = _read_decimal(value, field_name, "must be a number")
         else:
             raise ValidationFailed(field_name, "must be a number")
     except InvalidOperation:
