@@ -53,8 +53,9 @@ async def test_usage_follows_every_kind_of_settlement_made_in_a_later_period(db,
     gens = [await start(client, token, team.ws) for _ in range(6)]  # 10 held each
     assert {g["__typename"] for g in gens} == {"Generation"}
     below, above, technical, policy, replayed, left = gens
+    started_at = live_server.clock.now()
     try:
-        live_server.clock.offset = day_end - live_server.clock.now() + timedelta(minutes=5)  # the next day
+        live_server.clock.offset = day_end - started_at + timedelta(minutes=5)  # the next day
         async with client(team.worker) as api:
             assert (await api(COMPLETE, g=below["id"], key=key(), cost="4"))["completeGeneration"]["captured"] == "4.000"
             assert (await api(COMPLETE, g=above["id"], key=key(), cost="15"))["completeGeneration"]["captured"] == "15.000"
@@ -63,7 +64,10 @@ async def test_usage_follows_every_kind_of_settlement_made_in_a_later_period(db,
             k = key()
             for _ in range(3):  # a replay moves nothing, counts nothing
                 assert (await api(COMPLETE, g=replayed["id"], key=k, cost="7"))["completeGeneration"]["captured"] == "7.000"
-        await tick(db, live_server.clock, hold_ttl=timedelta(hours=1))  # `left` times out
+        # `left` times out: an hour after its start, which is later than the settlements above
+        # when the test runs in the last hour of a day.
+        live_server.clock.offset = max(live_server.clock.offset, timedelta(hours=1, minutes=5))
+        await tick(db, live_server.clock, hold_ttl=timedelta(hours=1))
         status = await db.read(lambda s: as_sql(s).fetchval("SELECT status FROM generations WHERE id = $1",
                                                             uuid.UUID(left["id"])))
         assert status == "TIMED_OUT"
