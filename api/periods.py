@@ -36,9 +36,25 @@ class PeriodBreakage:
     issued: str
 
 
+@strawberry.type(description="What a period close does with the unused allowance of its period.")
+class RolloverRule:
+    policy: RolloverPolicy
+    cap_credits: str | None
+    cap_percent: int | None
+    periods: int = strawberry.field(description="Rolled-over credits expire after this many periods.")
+
+    @classmethod
+    def of(cls, r: plans_domain.RolloverRule) -> RolloverRule:
+        return cls(policy=r.policy, cap_credits=format_credits(r.cap_units) if r.cap_units is not None else None,
+                   cap_percent=r.cap_percent, periods=r.periods)
+
+
 @strawberry.type
 class CreditSchedule:
     plan: Plan
+    period_rollover: RolloverRule = strawberry.field(description=(
+        "The rule the current period began under, which its close (`atNextRenewal`) applies: a plan changed or "
+        "edited since governs the allowances issued from the next renewal on."))
     period_start: datetime
     next_renewal_at: datetime
     cancelled_at: datetime | None
@@ -48,7 +64,8 @@ class CreditSchedule:
     @classmethod
     def of(cls, s: periods.Schedule) -> CreditSchedule:
         return cls(
-            plan=Plan.from_model(s.plan), period_start=s.workspace.period_start, next_renewal_at=s.next_renewal_at,
+            plan=Plan.from_model(s.plan), period_rollover=RolloverRule.of(s.workspace.period_rule),
+            period_start=s.workspace.period_start, next_renewal_at=s.next_renewal_at,
             cancelled_at=s.workspace.cancelled_at,
             at_next_renewal=[BucketOutlook(grant=Grant.from_model(b.grant), rolls_over=format_credits(b.rolls_over),
                                            expires=format_credits(b.expires), stays=format_credits(b.stays))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import BigInteger, CheckConstraint, String, select
@@ -19,6 +20,18 @@ class RolloverPolicy(enum.StrEnum):
     RESET = "RESET"  # unused allowance expires at the period end
     ROLLOVER = "ROLLOVER"  # a capped part is carried into a rollover grant; the rest expires
     NEVER_EXPIRE = "NEVER_EXPIRE"  # allowance grants never expire
+
+
+@dataclass(frozen=True, slots=True)
+class RolloverRule:
+    """What a period close does with the unused allowance of the period: the plan's rule when
+    the period began (`Workspace.period_rule`), so that a plan changed or edited mid-period
+    applies from the next boundary, as the credit schedule showed it."""
+
+    policy: RolloverPolicy
+    cap_units: int | None = None
+    cap_percent: int | None = None
+    periods: int = 1  # rolled-over credits expire this many boundaries later
 
 
 class BillingInterval(enum.StrEnum):
@@ -60,6 +73,11 @@ class Plan(Base):
     trial_units: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     trial_days: Mapped[int] = mapped_column(default=0, server_default="0")
     daily_free_units: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+    @property
+    def rollover_rule(self) -> RolloverRule:
+        return RolloverRule(self.rollover_policy, self.rollover_cap_units, self.rollover_cap_percent,
+                            self.rollover_periods)
 
 
 async def plan_by_key(session: AsyncSession, key: str) -> Plan:

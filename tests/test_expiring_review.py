@@ -143,10 +143,10 @@ async def test_an_allowance_split_off_a_spent_piece_shares_one_cap_in_expiring_s
     await clean(world, ws)
 
 
-async def test_the_balance_reads_the_plan_without_a_statement_of_its_own(world):
-    """The plan rides along with the grants: a balance is as many statements as before the fix
-    (membership, workspace, grants), rollover plan or not; only an allowance split off a piece
-    since spent out is read whole, one statement more."""
+async def test_the_balance_reads_the_rollover_rule_without_a_statement_of_its_own(world):
+    """The rule comes with the workspace row (the period's copy, 0014): a balance is as many
+    statements as before the fix (membership, workspace, grants), rollover plan or not; only an
+    allowance split off a piece since spent out is read whole, one statement more."""
     rollover = await plan(world, includedCredits="1000", rolloverPolicy="ROLLOVER", rolloverCapCredits="300")
     reset = await plan(world, includedCredits="1000")
     (owner, ws), (owner2, ws2) = await workspace(world, rollover), await workspace(world, reset)

@@ -6,9 +6,11 @@ import asyncio
 import uuid
 from datetime import datetime
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 import migrations
 from domain.db import Database
@@ -176,3 +178,37 @@ async def test_0012_keeps_the_oldest_of_same_named_service_accounts_and_renames_
                      l1: long_name, l2: f"{long_name[:100 - 39]} ({l2})", other: "other"}
     assert all(len(n) <= 100 for n in names.values())
     assert owners == set(accounts)  # every token still belongs to its account
+
+
+async def test_0014_gives_each_workspace_its_plans_rollover_rule_for_the_current_period(pg_server):
+    """Until 0014 the close applied the plan's rule as it was at the close: the current period's
+    copy starts as that rule (what the next close would have applied), per workspace and plan."""
+    url = await pg_server.create_database("creditpool_migration_0014")
+    await asyncio.to_thread(migrations.upgrade, url, "0013")
+    db = Database(url, pool_size=1)
+    rolling, plain = uuid.uuid4(), uuid.uuid4()
+    try:
+        async with db.engine.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO plans (id, key, name, seat_cap, free_creator_seats, included_units, rollover_policy, "
+                "rollover_cap_units, rollover_cap_percent, rollover_periods) "
+                "VALUES (gen_random_uuid(), 'rolling', 'Rolling', 5, 1, 100000, 'ROLLOVER', 40000, 25, 3)"))
+            for ws, plan in ((rolling, "rolling"), (plain, "team")):
+                await conn.execute(text(
+                    "INSERT INTO workspaces (id, name, plan_id, period_start, billing_anchor, next_renewal_at) "
+                    "SELECT :ws, 'ws', id, now(), now(), now() + interval '1 month' FROM plans WHERE key = :plan"),
+                    {"ws": ws, "plan": plan})
+        await asyncio.to_thread(migrations.upgrade, url)
+        async with db.engine.begin() as conn:
+            rules = {r.id: tuple(r)[1:] for r in (await conn.execute(text(
+                "SELECT id, period_rollover_policy, period_rollover_cap_units, period_rollover_cap_percent, "
+                "period_rollover_periods FROM workspaces"))).all()}
+            team = tuple((await conn.execute(text(
+                "SELECT rollover_policy, rollover_cap_units, rollover_cap_percent, rollover_periods FROM plans "
+                "WHERE key = 'team'"))).one())
+        async with db.engine.begin() as conn:
+            with pytest.raises(IntegrityError):  # the plan's own bounds hold for the copy
+                await conn.execute(text("UPDATE workspaces SET period_rollover_cap_percent = 101"))
+    finally:
+        await db.dispose()
+    assert rules == {rolling: ("ROLLOVER", 40000, 25, 3), plain: team}

@@ -13,12 +13,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from domain import identity
 from domain import pricing as _pricing  # noqa: F401 - models registered
+from domain.access import Caller
 from domain.db import Database
 from domain.events import NotifyOutlet
 from domain.ledger.invariants import check_ledger
 from domain.periods.rules import add_months
 from domain.periods.service import tick
+from domain.plans import update_plan
+from policies import Authorizer
 from tests.conftest import LiveServer, http_client, new_user, own_database
 from tests.test_api_ledger import ADD, BALANCE, COMPLETE, PURCHASE, START, _a_pack, key
 
@@ -28,7 +32,7 @@ mutation($input: PlanInput!) { createPlan(input: $input) { __typename ... on Pla
                                                          ... on ValidationError { field message } } }"""
 SCHEDULE = """
 query($ws: ID!) { creditSchedule(workspaceId: $ws) {
-  nextRenewalAt periodStart
+  nextRenewalAt periodStart periodRollover { policy capCredits capPercent periods }
   atNextRenewal { rollsOver expires stays grant { source remaining expiresAt } }
   breakage { periodStart periodEnd expired rolledOver issued } } }"""
 
@@ -278,21 +282,74 @@ async def test_a_hold_past_its_time_to_live_is_released_and_timed_out(world):
 
 
 async def test_a_downgrade_keeps_banked_rollover_until_its_own_expiry(world):
+    """A downgrade applies from the next boundary: the allowance of the period it was made in was
+    issued under the rich plan's rule and rolls over as the schedule showed it; the poor plan's
+    rule (RESET) governs the allowances issued from then on. Banked rollover keeps its expiry."""
     rich = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverCapCredits="40",
                       rolloverPeriods=3)
     poor = await plan(world, includedCredits="10")
     owner, ws = await workspace(world, rich)
     await world.tick(month(1))  # 40 banked (expires three periods after the first boundary)
+    promised = await schedule(world, owner, ws)
     async with world.client(owner) as api:
         out = await api('mutation($ws: ID!, $p: String!) { updateWorkspace(input: {workspaceId: $ws, planKey: $p}) '
                         '{ __typename } }', ws=ws, p=poor)
     assert out["updateWorkspace"]["__typename"] == "Workspace"
-    await world.tick(month(2))
+    after = await schedule(world, owner, ws)
+    assert after["atNextRenewal"] == promised["atNextRenewal"]
+    assert after["periodRollover"] == {"policy": "ROLLOVER", "capCredits": "40.000", "capPercent": None, "periods": 3}
+    [closed] = closes_of(await world.tick(month(2)), ws)
+    assert (closed.rolled_over_units, closed.expired_units, closed.issued_units) == (40_000, 60_000, 10_000)
+    assert (await schedule(world, owner, ws))["periodRollover"] == {
+        "policy": "RESET", "capCredits": None, "capPercent": None, "periods": 1}
     b = await balance(world, owner, ws)
     assert sorted((g["source"], g["remaining"]) for g in b["grants"]) == [
-        ("PLAN_ALLOWANCE", "10.000"), ("ROLLOVER", "40.000")]
-    await world.tick(month(4, timedelta(days=3)))
-    assert [g["source"] for g in (await balance(world, owner, ws))["grants"]] == ["PLAN_ALLOWANCE"]
+        ("PLAN_ALLOWANCE", "10.000"), ("ROLLOVER", "40.000"), ("ROLLOVER", "40.000")]
+    [closed] = closes_of(await world.tick(month(3)), ws)  # the poor plan's allowance: RESET
+    assert (closed.rolled_over_units, closed.expired_units) == (0, 10_000)
+    await world.tick(month(4, timedelta(days=3)))  # the first 40 reach their expiry, the second not yet
+    assert sorted(g["source"] for g in (await balance(world, owner, ws))["grants"]) == ["PLAN_ALLOWANCE", "ROLLOVER"]
+    await clean(world, ws)
+
+
+async def test_an_upgrade_mid_period_does_not_roll_over_an_allowance_issued_to_expire(world):
+    """The other way round: an allowance issued under RESET expires whole at the close after an
+    upgrade to a ROLLOVER plan (as its schedule said); the next one, issued under the new plan,
+    rolls over."""
+    reset = await plan(world, includedCredits="100")
+    rolling = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverCapPercent=25)
+    owner, ws = await workspace(world, reset)
+    async with world.client(owner) as api:
+        out = await api('mutation($ws: ID!, $p: String!) { updateWorkspace(input: {workspaceId: $ws, planKey: $p}) '
+                        '{ __typename } }', ws=ws, p=rolling)
+    assert out["updateWorkspace"]["__typename"] == "Workspace"
+    [allowance] = [b for b in (await schedule(world, owner, ws))["atNextRenewal"]
+                   if b["grant"]["source"] == "PLAN_ALLOWANCE"]
+    assert (allowance["rollsOver"], allowance["expires"]) == ("0.000", "100.000")
+    [closed] = closes_of(await world.tick(month(1)), ws)
+    assert (closed.rolled_over_units, closed.expired_units) == (0, 100_000)
+    [closed] = closes_of(await world.tick(month(2)), ws)
+    assert (closed.rolled_over_units, closed.expired_units) == (25_000, 75_000)
+    await clean(world, ws)
+
+
+async def test_an_operator_editing_a_plans_rollover_mid_period_changes_the_next_periods_not_this_one(world):
+    """`update_plan` (a domain operation: operators' edits apply from each workspace's next
+    boundary) changes neither the current period's close nor what its schedule shows."""
+    key_ = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverCapCredits="40")
+    owner, ws = await workspace(world, key_)
+    before = await schedule(world, owner, ws)
+    operator = Caller(await identity.authenticate_secret(world.db, world.operator), Authorizer(), world.clock)
+    edited = await update_plan(world.db, operator, key=key_, rollover_cap_units=10_000)
+    assert edited.rollover_cap_units == 10_000
+    assert (await schedule(world, owner, ws))["atNextRenewal"] == before["atNextRenewal"]
+    [closed] = closes_of(await world.tick(month(1)), ws)
+    assert (closed.rolled_over_units, closed.expired_units) == (40_000, 60_000)
+    [allowance] = [b for b in (await schedule(world, owner, ws))["atNextRenewal"]
+                   if b["grant"]["source"] == "PLAN_ALLOWANCE"]
+    assert (allowance["rollsOver"], allowance["expires"]) == ("10.000", "90.000")
+    [closed] = closes_of(await world.tick(month(2)), ws)
+    assert (closed.rolled_over_units, closed.expired_units) == (10_000, 90_000)
     await clean(world, ws)
 
 

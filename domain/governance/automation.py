@@ -59,7 +59,6 @@ from domain.ledger.payments import PaymentOutcome, PaymentProvider, PaymentReque
 from domain.money import format_credits, parse_credits
 from domain.periods.renewal import allowance_pieces, is_period_allowance, renewal
 from domain.periods.rules import NOTHING_ROLLS_OVER, Renewal
-from domain.plans import Plan
 from domain.workspaces.models import Workspace
 from policies import Action
 
@@ -597,8 +596,7 @@ async def refresh_alerts(session: AsyncSession, now: datetime, workspace_id: uui
     async def renewal_of(ws: Workspace) -> Renewal:
         """What the workspace's next close does to its allowance: the close's own rule."""
         if ws.id not in renewals:
-            plan = await session.get_one(Plan, ws.plan_id)
-            renewals[ws.id] = renewal(ws, plan, await allowance_pieces(session, ws))
+            renewals[ws.id] = renewal(ws, await allowance_pieces(session, ws))
         return renewals[ws.id]
 
     in_scope = [] if workspace_id is None else [GRANTS.c.workspace_id == workspace_id]

@@ -25,7 +25,6 @@ from domain.ledger.models import (
 from domain.ledger.service import SPENDABLE, GenerationResult, generation_result, spend_scope
 from domain.pages import Page, decode_id_cursor, decode_time_cursor, encode_cursor, page_size
 from domain.periods.renewal import lost_by, renewal_seen_from
-from domain.plans import Plan
 from domain.workspaces.models import AllocationMode, Member, Workspace
 from policies import Action
 
@@ -86,22 +85,18 @@ async def workspace_balance(db: Database, caller: Caller, *, workspace_id: str, 
         me = await authorize(session, caller, ws_id, Action.VIEW_BALANCE, what="workspace")
         ws = await session.get_one(Workspace, ws_id)
         now = caller.clock.now()
-        # The plan (its rollover rule says what of the allowance is really lost at the period's
-        # end) rides along with the grants: one statement, outer-joined so it comes with none.
         # The partial index ix_grants_live keeps this proportional to live grants, not history.
-        rows = (await session.execute(
-            select(Plan, Grant).outerjoin(Grant, and_(Grant.workspace_id == ws_id, Grant.live))
-            .where(Plan.id == ws.plan_id)
+        grants = list((await session.execute(
+            select(Grant).where(Grant.workspace_id == ws_id, Grant.live)
             .order_by(Grant.scope, Grant.member_id, Grant.priority, Grant.expires_at.nulls_last(), Grant.created_at)
-        )).all()
-        plan = rows[0][0]
-        grants = [g for _, g in rows if g is not None]
+        )).scalars())
         scopes = scope_totals(grants, now)
         horizon = now + timedelta(days=expiring_within_days)
-        # What will really be lost by the horizon: a ROLLOVER plan's close keeps part of the
-        # allowance (the close's own rule: `renewal`), so only the rest of it expires.
+        # What will really be lost by the horizon: under a ROLLOVER rule the close keeps part of
+        # the allowance (the close's own rule, from the workspace row: `renewal`), so only the
+        # rest of it expires.
         soon = [g for g in grants if g.remaining > 0 and g.expires_at is not None and now < g.expires_at <= horizon]
-        lost = lost_by(soon, await renewal_seen_from(session, ws, plan, grants, horizon), horizon)
+        lost = lost_by(soon, await renewal_seen_from(session, ws, grants, horizon), horizon)
         # From the grants just read (every grant with credits is live), as a live balance does:
         # no statement of its own.
         viewer = spendable_in(grants, ws.allocation_mode, ws.pool_fallback, spender_of(caller, ws.id, me), now)

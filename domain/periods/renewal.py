@@ -1,6 +1,7 @@
 """What the next period close will do to a workspace's allowance (`rules.Renewal`), from the
-plan and the allowance's pieces: the one rule the close applies and the credit schedule, the
-balance's `expiringSoon` and the expiry alert show. Only `allowance_pieces` reads the database."""
+rollover rule the period began under (`Workspace.period_rule`) and the allowance's pieces: the
+one rule the close applies and the credit schedule, the balance's `expiringSoon` and the expiry
+alert show. Only `allowance_pieces` reads the database."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from domain.periods.rules import (
     allowance_rollover,
     rollover_expiry,
 )
-from domain.plans import Plan, RolloverPolicy
+from domain.plans import RolloverPolicy
 from domain.workspaces.models import Workspace
 
 
@@ -53,33 +54,34 @@ def has_every_piece(pieces: Iterable[Grant]) -> bool:
     return all(g.parent_grant_id is None or g.parent_grant_id in ids for g in pieces)
 
 
-def renewal(ws: Workspace, plan: Plan, pieces: Iterable[Grant]) -> Renewal:
-    """What the close at `ws.next_renewal_at` does to the period's allowance `pieces` under `plan`:
-    ROLLOVER carries the capped part of the unused allowance into rollover grants that expire
-    `plan.rollover_periods` boundaries later (`allowance_rollover`); RESET and NEVER_EXPIRE roll
-    nothing over."""
+def renewal(ws: Workspace, pieces: Iterable[Grant]) -> Renewal:
+    """What the close at `ws.next_renewal_at` does to the period's allowance `pieces` under the
+    rule the period began with (`ws.period_rule`; a plan changed or edited since applies from
+    the next boundary): ROLLOVER carries the capped part of the unused allowance into rollover
+    grants that expire `periods` boundaries later (`allowance_rollover`); RESET and NEVER_EXPIRE
+    roll nothing over."""
     pieces = list(pieces)
-    if plan.rollover_policy is not RolloverPolicy.ROLLOVER:
+    rule = ws.period_rule
+    if rule.policy is not RolloverPolicy.ROLLOVER:
         return Renewal({g.id: 0 for g in pieces}, None)
     keeps = allowance_rollover(
         [AllowancePiece(g.id, g.parent_grant_id, g.amount, g.remaining, expires_at_close(g, ws.next_renewal_at))
          for g in pieces],
-        plan.rollover_cap_units, plan.rollover_cap_percent)
-    until = rollover_expiry(ws.billing_anchor, ws.next_renewal_at, plan.rollover_periods) if any(keeps.values()) else None
+        rule.cap_units, rule.cap_percent)
+    until = rollover_expiry(ws.billing_anchor, ws.next_renewal_at, rule.periods) if any(keeps.values()) else None
     return Renewal(keeps, until)
 
 
-async def renewal_seen_from(session: AsyncSession, ws: Workspace, plan: Plan, live: list[Grant],
-                            horizon: datetime) -> Renewal:
+async def renewal_seen_from(session: AsyncSession, ws: Workspace, live: list[Grant], horizon: datetime) -> Renewal:
     """The renewal, as far as it matters by `horizon`, from a workspace's `live` grants already
     read. They hold every piece of the allowance that matters unless a piece was split off one
     since spent out (a transfer to a seat or a group); then, if the allowance expires by the
     horizon, it is read whole: one statement more."""
     pieces = [g for g in live if is_period_allowance(g, ws.period_start)]
-    if (plan.rollover_policy is RolloverPolicy.ROLLOVER and not has_every_piece(pieces)
+    if (ws.period_rollover_policy is RolloverPolicy.ROLLOVER and not has_every_piece(pieces)
             and any(g.expires_at is not None and g.expires_at <= horizon for g in pieces)):
         pieces = await allowance_pieces(session, ws)
-    return renewal(ws, plan, pieces)
+    return renewal(ws, pieces)
 
 
 def lost_by(grants: Iterable[Grant], r: Renewal, horizon: datetime) -> dict[uuid.UUID, int]:

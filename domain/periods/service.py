@@ -105,6 +105,7 @@ async def open_workspace(session: AsyncSession, ws: Workspace, plan: Plan, now: 
     plan's trial credits and today's free credits, each to the pool or per creator seat."""
     ws.billing_anchor = ws.period_start = now
     ws.next_renewal_at = add_months(now, 1)
+    ws.period_rule = plan.rollover_rule
     ws.next_daily_at = next_day(now) if plan.daily_free_units > 0 else None
     await session.flush()
     posting = Posting(ws.id, Cause.GRANT, None, None, occurred_at=now)
@@ -122,14 +123,15 @@ async def open_workspace(session: AsyncSession, ws: Workspace, plan: Plan, now: 
 
 async def close_period(session: AsyncSession, ws: Workspace, plan: Plan) -> PeriodClose:
     """Close the period ending at `ws.next_renewal_at` (the workspace row is locked): apply the
-    plan's rule to that period's allowance (expire it, or roll the capped part over and expire
-    the rest; never-expiring allowances stay), then issue the next period's allowance.
-    Purchased and other credits are not touched here; they expire on their own dates."""
+    rollover rule the period began under to its allowance (expire it, or roll the capped part
+    over and expire the rest; never-expiring allowances stay), then issue the next period's
+    allowance under `plan`, whose rule that period's close will apply. Purchased and other
+    credits are not touched here; they expire on their own dates."""
     start, boundary = ws.period_start, ws.next_renewal_at
     k = boundary_index(ws.billing_anchor, boundary)
     following = add_months(ws.billing_anchor, k + 1)
     pieces = await allowance_pieces(session, ws, lock=True)
-    outlook = renewal(ws, plan, pieces)
+    outlook = renewal(ws, pieces)
     rolls = Posting(ws.id, Cause.TRANSFER, None, None, occurred_at=boundary)
     expiry = Posting(ws.id, Cause.EXPIRY, None, None, occurred_at=boundary)
     rolled = expired = 0
@@ -158,6 +160,7 @@ async def close_period(session: AsyncSession, ws: Workspace, plan: Plan) -> Peri
                          expired_units=expired, issued_units=issued)
     session.add(closed)
     ws.period_start, ws.next_renewal_at = boundary, following
+    ws.period_rule = plan.rollover_rule
     await session.flush()
     return closed
 
@@ -547,7 +550,7 @@ async def schedule(db: Database, caller: Caller, *, workspace_id: str, periods: 
         )).scalars())
         # The close's own rule over the whole allowance, not a cap per piece: a split allowance
         # shares one cap, and the schedule must not promise more than the close will roll over.
-        outlook = renewal(ws, plan, await allowance_pieces(session, ws))
+        outlook = renewal(ws, await allowance_pieces(session, ws))
         buckets = []
         for g in grants:
             rolls = expires = 0

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from domain.base import Base, created_at, str_enum, uuid_pk
 from domain.identity import User
-from domain.plans import Plan
+from domain.plans import Plan, RolloverPolicy, RolloverRule
 
 
 class AllocationMode(enum.StrEnum):
@@ -33,6 +33,11 @@ class Workspace(Base):
     __tablename__ = "workspaces"
     __table_args__ = (
         CheckConstraint("paid_creator_seats >= 0", name="paid_creator_seats_not_negative"),
+        CheckConstraint(
+            "period_rollover_periods >= 1 AND (period_rollover_cap_units IS NULL OR period_rollover_cap_units >= 0) "
+            "AND (period_rollover_cap_percent IS NULL OR period_rollover_cap_percent BETWEEN 0 AND 100)",
+            name="period_rollover_rule",
+        ),
         Index("ix_workspaces_next_daily_at", "next_daily_at", postgresql_where=text("next_daily_at IS NOT NULL")),
     )
 
@@ -53,6 +58,14 @@ class Workspace(Base):
     next_renewal_at: Mapped[datetime] = mapped_column(index=True)
     next_daily_at: Mapped[datetime | None]  # set while the plan has a daily free allowance
     cancelled_at: Mapped[datetime | None]  # no allowance is issued after this
+    # The rollover rule of the plan the current period's allowance was issued under (migration
+    # 0014): the close applies it, not the rule of a plan changed or edited since (`period_rule`).
+    period_rollover_policy: Mapped[RolloverPolicy] = mapped_column(
+        str_enum(RolloverPolicy, "period_rollover_policy"), default=RolloverPolicy.RESET, server_default="RESET"
+    )
+    period_rollover_cap_units: Mapped[int | None] = mapped_column(BigInteger)
+    period_rollover_cap_percent: Mapped[int | None]
+    period_rollover_periods: Mapped[int] = mapped_column(default=1, server_default="1")
     timezone: Mapped[str] = mapped_column(String(64), default="UTC", server_default="UTC")  # spend-limit periods
     low_balance_alert_units: Mapped[int | None] = mapped_column(BigInteger)  # alert under this; None: off
     expiry_alert_days: Mapped[int] = mapped_column(default=7, server_default="7")  # alert on grants expiring within
@@ -61,6 +74,16 @@ class Workspace(Base):
     auto_topup_enabled: Mapped[bool] = mapped_column(default=False, server_default="false")
 
     plan: Mapped[Plan] = relationship(lazy="raise")
+
+    @property
+    def period_rule(self) -> RolloverRule:
+        return RolloverRule(self.period_rollover_policy, self.period_rollover_cap_units,
+                            self.period_rollover_cap_percent, self.period_rollover_periods)
+
+    @period_rule.setter
+    def period_rule(self, rule: RolloverRule) -> None:
+        self.period_rollover_policy, self.period_rollover_cap_units = rule.policy, rule.cap_units
+        self.period_rollover_cap_percent, self.period_rollover_periods = rule.cap_percent, rule.periods
 
     def creator_seat_limit(self, plan: Plan) -> int:
         return min(plan.seat_cap, plan.free_creator_seats + self.paid_creator_seats)
