@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import BigInteger, CheckConstraint, String, select
+from sqlalchemy import BigInteger, CheckConstraint, String, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -150,9 +150,13 @@ async def create_plan(db, caller, *, key: str, **values) -> Plan:
 
 
 async def update_plan(db, caller, *, key: str, **changes) -> Plan:
-    """Changes apply from each workspace's next period boundary (allowances are issued then)."""
+    """Changes apply from each workspace's next period boundary (allowances are issued then; the
+    current period's rollover rule is the workspace's copy), and daily free credits from the
+    next day."""
     from domain.errors import NotFound
+    from domain.periods.rules import next_day
     from domain.pricing.service import require_catalog_manager
+    from domain.workspaces.models import Workspace
 
     require_catalog_manager(caller)
 
@@ -166,6 +170,11 @@ async def update_plan(db, caller, *, key: str, **changes) -> Plan:
             if value is not None:
                 setattr(plan, name, value)
         await session.flush()
+        if plan.daily_free_units > 0:
+            # The daily tick only visits workspaces with a next day set (as a plan change to a
+            # plan with daily credits sets it); one without credits clears it at its next visit.
+            await session.execute(update(Workspace).where(Workspace.plan_id == plan.id, Workspace.next_daily_at.is_(None))
+                                  .values(next_daily_at=next_day(caller.clock.now())))
         return plan
 
     return await db.transaction(work)

@@ -353,6 +353,19 @@ async def test_an_operator_editing_a_plans_rollover_mid_period_changes_the_next_
     await clean(world, ws)
 
 
+async def test_an_operator_giving_a_plan_daily_credits_starts_them_the_next_day_in_its_workspaces(world):
+    key_ = await plan(world, includedCredits="10")
+    owner, ws = await workspace(world, key_)
+    operator = Caller(await identity.authenticate_secret(world.db, world.operator), Authorizer(), world.clock)
+    await update_plan(world.db, operator, key=key_, daily_free_units=3_000)
+    assert (await balance(world, owner, ws))["available"] == "10.000"  # not today: from the next day
+    await world.tick(timedelta(days=1, hours=1))
+    b = await balance(world, owner, ws)
+    assert sorted((g["source"], g["remaining"]) for g in b["grants"]) == [
+        ("DAILY_FREE", "3.000"), ("PLAN_ALLOWANCE", "10.000")]
+    await clean(world, ws)
+
+
 async def test_cancelling_stops_allowances_and_keeps_every_purchased_credit(world):
     key_ = await plan(world, includedCredits="25")
     owner, ws = await workspace(world, key_)
