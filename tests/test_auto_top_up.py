@@ -770,3 +770,36 @@ async def test_cancelling_the_subscription_turns_auto_top_up_off_so_it_never_cha
     turned_off = [e for e in entries if e["after"].get("reason") == "subscription cancelled"]
     assert len(turned_off) == 1 and turned_off[0]["after"]["enabled"] is False
     await assert_ledger_clean(db, team.ws)
+
+
+# --- the monthly cap's alert ----------------------------------------------------------------------
+
+async def cap_alerts(client, team) -> list[str]:
+    async with client(team.owner) as api:
+        return [a["status"] for a in (await api(ALERTS_FULL, ws=team.ws))["alerts"] if a["kind"] == "TOPUP_CAP_REACHED"]
+
+
+async def test_the_cap_reached_alert_resolves_once_the_cap_is_raised_or_its_month_is_over(db, live_server, client):
+    # "Auto top-up has reached its monthly cap" stayed OPEN for good: raised caps bought again
+    # under it, and a month long over still showed it open (each month added one more).
+    from domain.governance.automation import refresh_alerts
+    import uuid as uuid_
+
+    team, token, pack = await under_auto_top_up(db, client, "500", pack_credits="5", price_minor=100)
+    for _ in range(6):  # the sixth spend finds the cap (5 purchases) reached
+        assert (await start(client, token, team.ws))["__typename"] == "Generation"
+    assert await purchases_of(db, team.ws) == 5
+    assert await cap_alerts(client, team) == ["OPEN"]
+    await configure(client, team, pack, threshold="500", purchases=10)  # room for five more
+    assert await cap_alerts(client, team) == ["RESOLVED"]
+    assert (await start(client, token, team.ws))["__typename"] == "Generation"
+    assert await purchases_of(db, team.ws) == 6  # bought: the alert was right to go
+    for _ in range(5):
+        assert (await start(client, token, team.ws))["__typename"] == "Generation"
+    assert await purchases_of(db, team.ws) == 10
+    assert sorted(await cap_alerts(client, team)) == ["OPEN", "RESOLVED"]  # reached again: a fresh alert
+    # Nothing more is bought this month; the next month has its own cap, and nothing is reached in it.
+    next_month = datetime.now(timezone.utc).replace(day=1, hour=0, minute=0, second=0, microsecond=0) \
+        + timedelta(days=32)
+    await db.transaction(lambda s: refresh_alerts(s, next_month, uuid_.UUID(team.ws)))
+    assert await cap_alerts(client, team) == ["RESOLVED", "RESOLVED"]

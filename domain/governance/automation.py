@@ -179,10 +179,12 @@ async def claim_top_up(session: AsyncSession, ws: Workspace, now: datetime) -> T
         # A claim's purchase is counted when it is recorded, once per reference (`run_top_up`).
         month = topup_month(now, ws.timezone, topup).start
         purchases, units = this_month(topup, now, ws.timezone)
-        if purchases + 1 > topup.monthly_max_purchases or units + pack.units > topup.monthly_max_units:
+        if cap_reached(topup, pack.units, now, ws.timezone):
             await alerts.fire(session, ws.id, alerts.TOPUP_CAP_REACHED, month.isoformat(), now,
                               purchases=purchases, credits=format_credits(units))
             return None
+        # Room for this purchase: a cap alert of an earlier month, or of caps raised since, no longer holds.
+        await alerts.resolve(session, ws.id, alerts.TOPUP_CAP_REACHED, now)
         condition = and_(AutoTopUp.enabled, AutoTopUp.unanswered_pack_id.is_(None))
     claimed = (await session.execute(
         update(AutoTopUp).where(AutoTopUp.workspace_id == ws.id, AutoTopUp.armed, condition)
@@ -234,6 +236,12 @@ def this_month(topup: AutoTopUp, now: datetime, timezone: str) -> tuple[int, int
     if topup.month_start is not None and topup_month(now, timezone, topup).start == topup.month_start:
         return topup.purchases_this_month, topup.units_this_month
     return 0, 0
+
+
+def cap_reached(topup: AutoTopUp, pack_units: int, now: datetime, timezone: str) -> bool:
+    """Whether one more purchase of `pack_units` would pass a monthly cap in the month in progress."""
+    purchases, units = this_month(topup, now, timezone)
+    return purchases + 1 > topup.monthly_max_purchases or units + pack_units > topup.monthly_max_units
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +444,8 @@ async def set_auto_top_up(
         ws.auto_topup_enabled = enabled
         await session.flush()
         now = caller.clock.now()
+        if not cap_reached(topup, pack.units, now, ws.timezone):  # caps raised (or a smaller pack): room again
+            await alerts.resolve(session, ws_id, alerts.TOPUP_CAP_REACHED, now)
         audit.record(session, ws_id, caller.actor.user_id, "autotopup.updated", "auto_topup", ws_id,
                      before=before, after=_json(topup), at=now)
         return TopUpView(topup, *this_month(topup, now, ws.timezone))
@@ -572,7 +582,8 @@ def _expiring_soon(now: datetime):
                 GRANTS.c.expires_at <= now + func.make_interval(0, 0, 0, ws_t.c.expiry_alert_days))
 
 
-_TIMED_ALERTS = (alerts.GRANT_EXPIRING, alerts.LIMIT_80, alerts.LIMIT_100, alerts.LOW_BALANCE)
+_TIMED_ALERTS = (alerts.GRANT_EXPIRING, alerts.LIMIT_80, alerts.LIMIT_100, alerts.LOW_BALANCE,
+                 alerts.TOPUP_CAP_REACHED)
 
 
 async def alert_workspaces(session: AsyncSession, now: datetime) -> list[uuid.UUID]:
@@ -588,7 +599,7 @@ async def alert_workspaces(session: AsyncSession, now: datetime) -> list[uuid.UU
 async def refresh_alerts(session: AsyncSession, now: datetime, workspace_id: uuid.UUID | None = None) -> int:
     """Time-driven alert conditions, in every workspace or in `workspace_id`: grants expiring
     soon fire; alerts whose condition has cleared with time (an expired or spent grant, a limit
-    period that ended, a balance back above its threshold) resolve."""
+    period that ended, a balance back above its threshold, an auto top-up month at its cap that ended) resolve."""
     changed = 0
     ws_t = Workspace.__table__
     renewals: dict[uuid.UUID, Renewal] = {}
@@ -649,6 +660,11 @@ async def refresh_alerts(session: AsyncSession, now: datetime, workspace_id: uui
             ws = await session.get_one(Workspace, a.workspace_id)
             clear = ws.low_balance_alert_units is None or \
                 await available_units(session, a.workspace_id, now) >= ws.low_balance_alert_units
+        elif a.kind == alerts.TOPUP_CAP_REACHED:  # the month it names is over, or there is room again
+            topup = await session.get(AutoTopUp, a.workspace_id)
+            ws = await session.get_one(Workspace, a.workspace_id)
+            clear = topup is None or topup_month(now, ws.timezone, topup).start != datetime.fromisoformat(a.subject) \
+                or not cap_reached(topup, (await session.get_one(CreditPack, topup.pack_id)).units, now, ws.timezone)
         if clear:
             changed += await alerts.resolve(session, a.workspace_id, a.kind, now, a.subject)
     return changed
