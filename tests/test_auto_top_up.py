@@ -803,3 +803,46 @@ async def test_the_cap_reached_alert_resolves_once_the_cap_is_raised_or_its_mont
         + timedelta(days=32)
     await db.transaction(lambda s: refresh_alerts(s, next_month, uuid_.UUID(team.ws)))
     assert await cap_alerts(client, team) == ["RESOLVED", "RESOLVED"]
+
+
+# --- settings changed while a spend decides -------------------------------------------------------
+
+@pytest.mark.parametrize("change", ["caps", "threshold", "pack"])
+async def test_a_settings_change_that_commits_while_a_spend_claims_is_what_the_claim_obeys(
+        db, live_server, client, database_url, change):
+    # The claim read the settings without a lock, decided, then flipped the latch with an UPDATE
+    # that checked only `armed` and `enabled`. An owner's change committed in between (caps or
+    # the threshold to 0, another pack) was answered "saved", and the spend then bought under the
+    # old settings: a purchase the caps no longer allowed, or the pack the owner had just left.
+    import asyncpg
+
+    from tests.conftest import asyncpg_dsn
+
+    team, token, _ = await under_auto_top_up(db, client, "95")  # a 20-credit pack for 5.00 USD
+    big = await _a_pack(client, team.operator)  # 500 credits, 45.00 USD
+    settings = {"caps": "monthly_max_purchases = 0, monthly_max_units = 0", "threshold": "threshold_units = 0",
+                "pack": f"pack_id = '{big}'"}[change]
+    seen = len(live_server.payments.seen)
+    owner = await asyncpg.connect(asyncpg_dsn(database_url))
+    watcher = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        change_tx = owner.transaction()
+        await change_tx.start()  # the change, written and not yet committed (as setAutoTopUp's)
+        await owner.execute(f"UPDATE auto_topups SET {settings} WHERE workspace_id = $1", team.ws)
+        spend = asyncio.ensure_future(start(client, token, team.ws))  # 100 -> 90: under the old threshold
+        async with asyncio.timeout(10):
+            while not await watcher.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                    owner.get_server_pid()):
+                await asyncio.sleep(0.02)  # the claim read the old settings and waits on the row
+        await change_tx.commit()
+        assert (await spend)["__typename"] == "Generation"
+    finally:
+        await owner.close()
+        await watcher.close()
+    asked = [(r.reference.startswith("auto-topup:"), r.amount_minor) for r in live_server.payments.seen[seen:]]
+    if change == "pack":  # the pool is still under the threshold: the new pack is bought
+        assert asked == [(True, 4500)] and await pool_credits(db, team.ws) == [500_000]
+    else:
+        assert asked == [] and await purchases_of(db, team.ws) == 0
+    await assert_ledger_clean(db, team.ws)

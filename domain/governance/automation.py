@@ -142,7 +142,8 @@ async def _evaluate(session: AsyncSession, ws_id: uuid.UUID, charges: list[dict]
     return await claim_top_up(session, ws, now)
 
 
-async def claim_top_up(session: AsyncSession, ws: Workspace, now: datetime) -> TopUpClaim | None:
+async def claim_top_up(session: AsyncSession, ws: Workspace, now: datetime, *,
+                       decide_again: bool = True) -> TopUpClaim | None:
     """Claim the purchase the pool needs now, if any. The claim is one conditional UPDATE, so of
     concurrent spends, refusals and schedulers exactly one gets it; it commits with the caller's
     transaction, before the provider is asked (`run_top_up`).
@@ -153,7 +154,11 @@ async def claim_top_up(session: AsyncSession, ws: Workspace, now: datetime) -> T
     now: auto top-up turned off, the threshold or the caps lowered, the pool back over the
     threshold. The settings decide whether a purchase starts, and this one has: the customer
     may have been charged for it. A NEW purchase is claimed only while auto top-up is on, the
-    pool under the threshold, the pack on sale and the monthly caps not reached."""
+    pool under the threshold, the pack on sale and the monthly caps not reached: as the settings
+    are when the latch flips. They are read without a lock, so the UPDATE also requires them (and
+    the month's counts) unchanged; a change committed in between (`set_auto_top_up` saved while
+    this spend decided) makes it decide once more, under the new settings, rather than buy under
+    settings its owner was told were replaced."""
     topup = await session.get(AutoTopUp, ws.id)
     if topup is None:
         return None
@@ -185,16 +190,30 @@ async def claim_top_up(session: AsyncSession, ws: Workspace, now: datetime) -> T
             return None
         # Room for this purchase: a cap alert of an earlier month, or of caps raised since, no longer holds.
         await alerts.resolve(session, ws.id, alerts.TOPUP_CAP_REACHED, now)
-        condition = and_(AutoTopUp.enabled, AutoTopUp.unanswered_pack_id.is_(None))
+        condition = and_(AutoTopUp.enabled, AutoTopUp.unanswered_pack_id.is_(None), *_as_decided(topup))
     claimed = (await session.execute(
         update(AutoTopUp).where(AutoTopUp.workspace_id == ws.id, AutoTopUp.armed, condition)
         .values(armed=False, sequence=AutoTopUp.sequence + 1, claimed_at=now, claimed_pack_id=pack.id)
         .returning(AutoTopUp.sequence, AutoTopUp.claimed_at)
     )).first()
     if claimed is None:
+        if decide_again and topup.unanswered_pack_id is None:
+            await session.refresh(topup)
+            if topup.armed:  # not claimed by another: the settings changed meanwhile, decide under them
+                return await claim_top_up(session, ws, now, decide_again=False)
         return None  # a concurrent spend (or scheduler) claimed this purchase
     return TopUpClaim(ws.id, claimed.sequence, pack.id, claimed.claimed_at,
                       retry=topup.unanswered_pack_id is not None)
+
+
+def _as_decided(topup: AutoTopUp) -> tuple:
+    """The settings and month counts a new purchase was decided on, as read."""
+    return (AutoTopUp.pack_id == topup.pack_id, AutoTopUp.threshold_units == topup.threshold_units,
+            AutoTopUp.monthly_max_purchases == topup.monthly_max_purchases,
+            AutoTopUp.monthly_max_units == topup.monthly_max_units,
+            AutoTopUp.purchases_this_month == topup.purchases_this_month,
+            AutoTopUp.units_this_month == topup.units_this_month,
+            AutoTopUp.month_start.is_not_distinct_from(topup.month_start))
 
 
 async def _pool_over_threshold(session: AsyncSession, topup: AutoTopUp, now: datetime) -> bool:
