@@ -846,3 +846,22 @@ async def test_a_settings_change_that_commits_while_a_spend_claims_is_what_the_c
     else:
         assert asked == [] and await purchases_of(db, team.ws) == 0
     await assert_ledger_clean(db, team.ws)
+
+
+async def test_auto_top_up_can_be_turned_off_after_its_pack_was_taken_off_sale(db, live_server, client):
+    # setAutoTopUp refused any pack off sale, even to turn auto top-up off: the owner of a
+    # workspace whose pack the operator retired heard NOT_FOUND for "off", and had to pick
+    # another pack (a change of the configuration they meant to keep) just to stop it.
+    team, token, pack = await under_auto_top_up(db, client, "95")
+    async with client(team.operator) as api:
+        assert (await api('mutation($p: ID!) { setCreditPackActive(input: {packId: $p, active: false}) '
+                          '{ __typename } }', p=pack))["setCreditPackActive"]["__typename"] == "CreditPack"
+    await configure(client, team, pack, enabled=False)
+    assert await configured_pack(db, team.ws) == pack
+    async with client(team.owner) as api:  # turning it on with a pack nobody can buy is still refused
+        out = (await api(SETTINGS, ws=team.ws, pack=pack, enabled=True, threshold="95", purchases=5,
+                         credits="5000", failures=3))["setAutoTopUp"]
+        assert out["__typename"] == "NotFoundError"
+        assert (await api(STATE, ws=team.ws))["autoTopUp"]["enabled"] is False
+    assert (await start(client, token, team.ws))["__typename"] == "Generation"
+    assert await purchases_of(db, team.ws) == 0

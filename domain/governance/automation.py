@@ -437,7 +437,9 @@ async def set_auto_top_up(
     async def work(session: AsyncSession) -> TopUpView:
         await authorize(session, caller, ws_id, Action.MANAGE_AUTO_TOPUP, what="workspace")
         pack = await session.get(CreditPack, parse_id(pack_id, "credit pack"))
-        if pack is None or not pack.is_active:
+        # A pack off sale is refused for buying (on), not for turning auto top-up off: an owner
+        # whose pack was retired must be able to stop it without picking another pack.
+        if pack is None or (enabled and not pack.is_active):
             raise NotFound("credit pack")
         ws = await session.get_one(Workspace, ws_id, with_for_update=True)
         topup = await session.get(AutoTopUp, ws_id, with_for_update=True)
