@@ -865,3 +865,21 @@ async def test_auto_top_up_can_be_turned_off_after_its_pack_was_taken_off_sale(d
         assert (await api(STATE, ws=team.ws))["autoTopUp"]["enabled"] is False
     assert (await start(client, token, team.ws))["__typename"] == "Generation"
     assert await purchases_of(db, team.ws) == 0
+
+
+async def test_auto_top_up_turning_itself_off_after_repeated_failures_is_in_the_audit_log(db, live_server, client):
+    # The audit log recorded every change of auto top-up's settings but this one: after its
+    # failures it was off, and the log's latest entry still said "enabled" (a cancellation's
+    # turning it off is recorded; this is the same change, made by the system).
+    team, token, _ = await under_auto_top_up(db, client, "95")
+    live_server.payments.failures = 3
+    try:
+        for _ in range(3):
+            assert (await start(client, token, team.ws))["__typename"] == "Generation"
+    finally:
+        live_server.payments.failures = 0
+    async with client(team.owner) as api:
+        assert (await api(STATE, ws=team.ws))["autoTopUp"]["enabled"] is False
+        latest = (await api(AUDIT_TOP_UP, ws=team.ws))["auditLog"]["edges"][0]["node"]
+    assert latest["action"] == "autotopup.updated" and latest["actorId"] is None
+    assert latest["after"]["enabled"] is False and latest["after"]["reason"] == "3 payment failures in a row"

@@ -388,9 +388,14 @@ async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim,
         await alerts.fire(session, claim.workspace_id, alerts.TOPUP_FAILED, "auto-topup", now,
                           reason=outcome.reason, failures=topup.consecutive_failures)
         if topup.enabled and topup.consecutive_failures >= topup.failure_limit:
+            before = _json(topup)
             topup.enabled = False
             ws = await session.get_one(Workspace, claim.workspace_id)
             ws.auto_topup_enabled = False
+            # A change of its settings like any other, made by the system (no actor).
+            audit.record(session, claim.workspace_id, None, "autotopup.updated", "auto_topup", claim.workspace_id,
+                         before=before, after={**_json(topup), "reason": f"{topup.consecutive_failures} payment "
+                                                                         "failures in a row"}, at=now)
             await alerts.fire(session, claim.workspace_id, alerts.TOPUP_DISABLED, "auto-topup", now,
                               failures=topup.consecutive_failures)
         if unanswered and not topup.enabled:
