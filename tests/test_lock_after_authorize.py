@@ -1,7 +1,7 @@
 """Governance changes authorize the caller before they take a row lock (`access.authorized_lock`,
 `access.authorized_row`), as member and workspace changes do (tests/test_governance_gaps.py).
 
-setSpendLimit (the workspace row), removeSpendLimit (the limit), renameBillingGroup and
+setSpendLimit, setAlertSettings and setAutoTopUp (the workspace row), removeSpendLimit (the limit), renameBillingGroup and
 archiveBillingGroup (the group), assignBillingGroup (the member, which every spend in flight
 holds KEY SHARE through its foreign keys), acknowledgeAlert (the alert) and decideOverage (the
 request) each lock a row. An outsider holding a foreign id is answered at once, exactly as for an
@@ -33,6 +33,9 @@ MUTATIONS = {
     # another setSpendLimit in flight
     "setSpendLimit": ('mutation($ws: ID!) { setSpendLimit(input: {workspaceId: $ws, scope: WORKSPACE, period: DAY, '
                       'amount: "50", action: BLOCK}) ' + _ANSWER + ' }', "workspaces", "FOR NO KEY UPDATE"),
+    # a member change in flight (the workspace row)
+    "setAlertSettings": ('mutation($ws: ID!) { setAlertSettings(input: {workspaceId: $ws, lowBalanceThreshold: "75"}) '
+                         + _ANSWER + ' }', "workspaces", "FOR NO KEY UPDATE"),
     # another removal in flight
     "removeSpendLimit": ('mutation($id: ID!) { removeSpendLimit(input: {limitId: $id}) ' + _ANSWER + ' }',
                          "spend_limits", "FOR UPDATE"),
@@ -68,12 +71,12 @@ class Scene:
 
     def target(self, name: str) -> str:
         """The id of the row `name` locks."""
-        return {"setSpendLimit": self.team.ws, "removeSpendLimit": self.limit, "renameBillingGroup": self.group,
+        return {"setSpendLimit": self.team.ws, "setAlertSettings": self.team.ws, "removeSpendLimit": self.limit, "renameBillingGroup": self.group,
                 "archiveBillingGroup": self.group, "assignBillingGroup": self.creator,
                 "acknowledgeAlert": self.alert, "decideOverage": self.request}[name]
 
     def args(self, name: str) -> dict:
-        if name == "setSpendLimit":
+        if name in ("setSpendLimit", "setAlertSettings"):
             return {"ws": self.team.ws}
         if name == "assignBillingGroup":
             return {"id": self.creator, "group": self.group}
@@ -82,7 +85,7 @@ class Scene:
 
 def unknown_args(name: str) -> dict:
     """The same mutation with ids that exist nowhere."""
-    if name == "setSpendLimit":
+    if name in ("setSpendLimit", "setAlertSettings"):
         return {"ws": str(uuid.uuid4())}
     if name == "assignBillingGroup":
         return {"id": str(uuid.uuid4()), "group": str(uuid.uuid4())}
@@ -220,3 +223,37 @@ async def test_the_row_is_read_again_under_the_lock(db, client, database_url, na
         heard = await waiting
         assert heard["__typename"] == heard_as, heard
         assert await lock.conn.fetchval(kept, row)
+
+
+async def test_a_billing_manager_demoted_while_their_set_auto_top_up_waited_on_the_workspace_lock_is_refused(
+        db, client, database_url):
+    """setAutoTopUp (owners and billing managers) locks the workspace row and the auto top-up's.
+    A billing manager demoted by the transaction their change waited for turned auto top-up on
+    all the same, in their own name (`enabledBy`): a standing instruction to charge the
+    workspace from someone who no longer had the right to give it."""
+    from tests.test_api_governance import AUTO
+    from tests.test_api_ledger import _a_pack
+
+    team = await make_team(db, client, creators=0)
+    pack = await _a_pack(client, team.operator)
+    email, billing = await new_user(db, prefix="billing")
+    async with client(team.owner) as api:
+        member = (await api(ADD, ws=team.ws, email=email, role="BILLING_MANAGER", seat="STANDARD"))["addMember"]["id"]
+    async with HeldLock(database_url, "workspaces", team.ws, "FOR NO KEY UPDATE") as lock:
+        await lock.conn.execute("UPDATE members SET role = 'member' WHERE id = $1", uuid.UUID(member))
+        async def set_it():
+            async with client(billing) as api:
+                try:
+                    return (await api(AUTO, ws=team.ws, pack=pack, threshold="50", limit=3))["setAutoTopUp"]
+                except TransportQueryError as err:
+                    return {"error": err.errors[0]["extensions"]["code"]}
+        waiting = asyncio.ensure_future(set_it())
+        await lock.waited_on()
+        await lock.commit()
+        heard = await waiting
+        assert heard == {"error": "FORBIDDEN"}, heard
+        ws = uuid.UUID(team.ws)
+        assert await lock.conn.fetchval("SELECT auto_topup_enabled FROM workspaces WHERE id = $1", ws) is False
+        assert await lock.conn.fetchval("SELECT count(*) FROM auto_topups WHERE workspace_id = $1", ws) == 0
+        assert await lock.conn.fetchval("SELECT count(*) FROM audit_log WHERE workspace_id = $1 "
+                                        "AND action = 'autotopup.updated'", ws) == 0

@@ -45,7 +45,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from domain.access import Caller, authorize, parse_id
+from domain.access import Caller, authorize, authorized_lock, parse_id
 from domain.clock import Clock
 from domain.db import Database
 from domain.errors import NotFound, ValidationFailed
@@ -440,13 +440,15 @@ async def set_auto_top_up(
         raise ValidationFailed("failureLimit", "must be between 1 and 100")
 
     async def work(session: AsyncSession) -> TopUpView:
-        await authorize(session, caller, ws_id, Action.MANAGE_AUTO_TOPUP, what="workspace")
+        # Checked again under the lock (`access.authorized_lock`): a billing manager demoted or
+        # removed by the transaction this one waited for gives no instruction to charge the workspace.
+        ws, _ = await authorized_lock(session, caller, ws_id, Action.MANAGE_AUTO_TOPUP, what="workspace", lock=lambda: (
+            session.get_one(Workspace, ws_id, with_for_update=True, populate_existing=True)))
         pack = await session.get(CreditPack, parse_id(pack_id, "credit pack"))
         # A pack off sale is refused for buying (on), not for turning auto top-up off: an owner
         # whose pack was retired must be able to stop it without picking another pack.
         if pack is None or (enabled and not pack.is_active):
             raise NotFound("credit pack")
-        ws = await session.get_one(Workspace, ws_id, with_for_update=True)
         topup = await session.get(AutoTopUp, ws_id, with_for_update=True)
         before = _json(topup) if topup else None
         if topup is None:
@@ -522,8 +524,8 @@ async def set_alert_settings(db: Database, caller: Caller, *, workspace_id: str,
         raise ValidationFailed("expiryAlertDays", "must be between 0 and 365")
 
     async def work(session: AsyncSession) -> Workspace:
-        await authorize(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
-        ws = await session.get_one(Workspace, ws_id, with_for_update=True)
+        ws, _ = await authorized_lock(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace", lock=lambda: (
+            session.get_one(Workspace, ws_id, with_for_update=True, populate_existing=True)))
         before = {"lowBalance": ws.low_balance_alert_units, "expiryDays": ws.expiry_alert_days}
         ws.low_balance_alert_units, ws.expiry_alert_days = units, expiry_alert_days
         audit.record(session, ws_id, caller.actor.user_id, "alerts.updated", "workspace", ws_id, before=before,
