@@ -429,7 +429,7 @@ class GovernanceMutation:
                                        reason=input.reason)
         return await result(call, OverageRequest.of)
 
-    @strawberry.mutation(description="Owners and billing managers: configure auto top-up.")
+    @strawberry.mutation(description="Owners and billing managers: configure auto top-up; admins may also turn it off.")
     async def set_auto_top_up(self, info: Info[Context, None], input: SetAutoTopUpInput) -> SetAutoTopUpResult:
         caller = await info.context.caller()
         call = automation.set_auto_top_up(

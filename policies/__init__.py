@@ -37,7 +37,8 @@ class Action(enum.StrEnum):
     MANAGE_MEMBERS = "members.manage"
     MANAGE_OWNERS = "members.manage_owners"
     MANAGE_BILLING_GROUPS = "billing_groups.manage"
-    MANAGE_AUTO_TOPUP = "auto_topup.manage"
+    MANAGE_AUTO_TOPUP = "auto_topup.manage"  # turn it on, or change it while on
+    DISABLE_AUTO_TOPUP = "auto_topup.disable"  # turn it off (and keep it off)
     VIEW_AUDIT_LOG = "audit.view"
     SETTLE_GENERATIONS = "generations.settle"
     START_FOR_MEMBER = "generations.start_for_member"

@@ -138,6 +138,9 @@ VARIANTS: dict[str, tuple[tuple[str, str], Rule]] = {
         Action.MANAGE_OWNERS, "input.memberId", fresh="member", variables={"input": {"role": "OWNER"}})),
     "startGeneration on behalf of a member": (("mutation", "startGeneration"), ws(
         Action.START_FOR_MEMBER, variables={"input": {"onBehalfOfMemberId": "$member"}})),
+    "setAutoTopUp turning it off": (("mutation", "setAutoTopUp"), ws(
+        Action.DISABLE_AUTO_TOPUP, variables={"input": {"enabled": False}},
+        note="stopping charges is for any governor: admins too (turning it on is not)")),
 }
 
 IDENTITIES = ["owner", "admin", "bm_creator", "bm_standard", "creator", "standard", "operator", "worker", "outsider"]

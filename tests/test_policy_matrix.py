@@ -52,6 +52,7 @@ ALLOWED: dict[Action, frozenset[str]] = {
     Action.MANAGE_OWNERS:         frozenset({"owner"}),
     Action.MANAGE_BILLING_GROUPS: frozenset({"owner", "admin"}),
     Action.MANAGE_AUTO_TOPUP:     frozenset({"owner", "billing_manager"}),
+    Action.DISABLE_AUTO_TOPUP:    frozenset({"owner", "admin", "billing_manager"}),
     Action.VIEW_AUDIT_LOG:        frozenset({"owner", "admin", "operator"}),
     Action.SETTLE_GENERATIONS:    frozenset({"service", "operator"}),  # never a member (rule 8)
     Action.START_FOR_MEMBER:      frozenset({"service"}),

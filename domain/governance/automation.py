@@ -430,7 +430,9 @@ async def set_auto_top_up(
     db: Database, caller: Caller, *, workspace_id: str, enabled: bool, threshold: str, pack_id: str,
     monthly_max_purchases: int, monthly_max_credits: str, failure_limit: int = 3,
 ) -> AutoTopUp:
-    """Owners and billing managers. Turning it on re-arms it and clears the failure count."""
+    """Owners and billing managers turn it on (a standing instruction to charge the workspace)
+    and change it while it is on; admins too may turn it off, or change it while it stays off.
+    Turning it on clears the failure count; the latch is left to the claim in flight, if any."""
     ws_id = parse_id(workspace_id, "workspace")
     threshold_units = parse_credits(threshold, "threshold", allow_zero=True)
     max_units = parse_credits(monthly_max_credits, "monthlyMaxCredits", allow_zero=True)
@@ -442,7 +444,8 @@ async def set_auto_top_up(
     async def work(session: AsyncSession) -> TopUpView:
         # Checked again under the lock (`access.authorized_lock`): a billing manager demoted or
         # removed by the transaction this one waited for gives no instruction to charge the workspace.
-        ws, _ = await authorized_lock(session, caller, ws_id, Action.MANAGE_AUTO_TOPUP, what="workspace", lock=lambda: (
+        action = Action.MANAGE_AUTO_TOPUP if enabled else Action.DISABLE_AUTO_TOPUP
+        ws, _ = await authorized_lock(session, caller, ws_id, action, what="workspace", lock=lambda: (
             session.get_one(Workspace, ws_id, with_for_update=True, populate_existing=True)))
         pack = await session.get(CreditPack, parse_id(pack_id, "credit pack"))
         # A pack off sale is refused for buying (on), not for turning auto top-up off: an owner
