@@ -257,3 +257,46 @@ async def test_a_billing_manager_demoted_while_their_set_auto_top_up_waited_on_t
         assert await lock.conn.fetchval("SELECT count(*) FROM auto_topups WHERE workspace_id = $1", ws) == 0
         assert await lock.conn.fetchval("SELECT count(*) FROM audit_log WHERE workspace_id = $1 "
                                         "AND action = 'autotopup.updated'", ws) == 0
+
+
+async def test_an_owner_naming_another_workspaces_billing_group_is_refused_at_once_while_it_is_locked(
+        db, client, database_url):
+    """assignBillingGroup and transferCredits (toBillingGroupId) read the group they put something
+    into FOR SHARE (`groups.group_in`), so that an archive in flight is waited for and seen. The
+    lock came before the check that the group is the workspace's own: an owner of workspace A
+    naming a billing group of B queued on B's rename or archive in flight (while holding their
+    own member row FOR UPDATE, or their workspace row FOR SHARE, so A's spends, member changes
+    and period closes waited too), and only then heard NotFound. An unknown id was answered at
+    once, so the wait told them the id was a live group of another workspace, busy right now."""
+    from tests.test_api_ledger import grant, key, balance, assert_ledger_clean
+    from tests.test_periods import GROUP
+
+    team = await make_team(db, client, creators=1)
+    other = await make_team(db, client, creators=0)
+    await grant(client, team, "50")
+    _, member = team.creators[0]
+    async with client(other.owner) as api:
+        foreign = (await api(GROUP, ws=other.ws))["createBillingGroup"]["id"]
+    assign = ('mutation($m: ID!, $g: ID) { assignBillingGroup(input: {memberId: $m, groupId: $g}) '
+              '{ __typename ... on Error { code message } } }')
+    reserve = ('mutation($ws: ID!, $g: ID!, $k: String!) { transferCredits(input: {workspaceId: $ws, amount: "5", '
+               'idempotencyKey: $k, toBillingGroupId: $g}) { __typename ... on Error { code message } } }')
+
+    async def heard(query: str, **variables) -> dict:
+        async with client(team.owner) as api:
+            try:
+                out = await asyncio.wait_for(api(query, **variables), PROMPT)
+            except TimeoutError:
+                pytest.fail("waited on another workspace's lock of its billing group")
+        return next(iter(out.values()))
+
+    # B renames (or archives) its group: the row is locked FOR UPDATE until that commits.
+    async with HeldLock(database_url, "billing_groups", foreign, "FOR UPDATE"):
+        for query, args in ((assign, {"m": member}), (reserve, {"ws": team.ws, "k": key()})):
+            to_foreign = await heard(query, **args, g=foreign)
+            to_unknown = await heard(query, **args, g=str(uuid.uuid4()))
+            assert to_foreign == to_unknown == {"__typename": "NotFoundError", "code": "NOT_FOUND",
+                                                "message": "billing group not found"}, (to_foreign, to_unknown)
+    assert await db.fetchrow("SELECT billing_group_id FROM members WHERE id = $1", uuid.UUID(member)) == (None,)
+    assert (await balance(client, team.owner, team.ws))["available"] == "50.000"
+    await assert_ledger_clean(db, team.ws)

@@ -27,14 +27,20 @@ async def group_in(session: AsyncSession, ws_id, group_id: str, *, field: str = 
     of the transaction: an archive in flight (FOR UPDATE) is waited for and then seen, and an
     archive that comes later waits for what is being put in (archived groups keep what they
     hold). FOR SHARE, not KEY SHARE: it conflicts with any UPDATE of the row, whatever lock the
-    archive takes. Callers take it after the workspace row and before any grant row."""
+    archive takes. Callers take it after the workspace row and before any grant row.
+
+    The group is first read without a lock and checked to be this workspace's: a group of
+    another workspace (an id the caller has no business with) is NotFound at once, exactly like
+    an unknown id, and never queued on while that workspace renames or archives it."""
     gid = parse_id(group_id, "billing group")
-    group = await session.get(BillingGroup, gid, with_for_update={"read": True}, populate_existing=True) \
-        if live else await session.get(BillingGroup, gid)
+    group = await session.get(BillingGroup, gid)
     if group is None or group.workspace_id != ws_id:
         raise NotFound("billing group")
-    if live and group.archived_at is not None:
-        raise ValidationFailed(field, "the group is archived")
+    if live:
+        # A row's workspace never changes: what is read again under the lock is its archive.
+        group = await session.get(BillingGroup, gid, with_for_update={"read": True}, populate_existing=True)
+        if group.archived_at is not None:
+            raise ValidationFailed(field, "the group is archived")
     return group.id
 
 
