@@ -255,3 +255,55 @@ async def test_plans_and_model_prices_are_listed_for_signed_in_users(db, client)
     async with client(token) as api:
         out = await api("{ plans { key seatCap freeCreatorSeats } }")
         assert {"key": "team", "seatCap": 20, "freeCreatorSeats": 3} in out["plans"]
+
+
+async def test_a_workspace_over_a_plan_an_operator_shrank_can_still_be_changed_and_come_back_within_it(db, client):
+    """An operator's plan edit (`plans.update_plan`) may leave a workspace with more members or
+    creator seats than the plan now allows. Every later change was checked as if it asked for
+    those seats: renaming, a new timezone or allocation mode, and even giving up a creator seat
+    were refused with SeatLimitReached (the owner could only remove people). A change is refused
+    when it adds to the excess over a limit (another member, another creator seat, a smaller
+    plan or fewer paid seats), not when the workspace was already over by as much."""
+    import uuid
+
+    from domain import identity
+    from domain.access import Caller
+    from domain.plans import update_plan
+    from policies import Authorizer
+
+    _, op = await new_user(db, operator=True)
+    plan = f"small-{uuid.uuid4().hex[:8]}"
+    async with client(op) as api:
+        made = await api('mutation($k: String!) { createPlan(input: {key: $k, name: "Small", seatCap: 5, '
+                         'freeCreatorSeats: 4}) { __typename } }', k=plan)
+        assert made["createPlan"]["__typename"] == "Plan"
+    _, token = await new_user(db)
+    answer = "{ __typename ... on SeatLimitReached { seatKind limit requested } }"
+    async with client(token) as api:
+        ws = await create_workspace(api, plan=plan)  # the owner holds a creator seat
+        creators = [(await api(ADD, ws=ws["id"], email=unique_email(), role="MEMBER", seat="CREATOR"))["addMember"]["id"]
+                    for _ in range(3)]
+        await api(ADD, ws=ws["id"], email=unique_email(), role="MEMBER", seat="STANDARD")
+    operator = Caller(await identity.authenticate_secret(db, op), Authorizer())
+    await update_plan(db, operator, key=plan, seat_cap=4, free_creator_seats=2)  # 5 members, 4 creators now
+
+    async with client(token) as api:
+        for change in ('name: "Renamed"', 'timezone: "Europe/Paris"', "allocationMode: PER_SEAT"):
+            out = await api(f"mutation($ws: ID!) {{ updateWorkspace(input: {{workspaceId: $ws, {change}}}) {answer} }}",
+                            ws=ws["id"])
+            assert out["updateWorkspace"] == {"__typename": "Workspace"}, (change, out)
+        seat = "mutation($m: ID!, $s: Seat!) { changeMemberSeat(input: {memberId: $m, seat: $s}) " + answer + " }"
+        # Giving up creator seats, one at a time, back towards the plan's two.
+        for member in creators[:2]:
+            assert (await api(seat, m=member, s="STANDARD"))["changeMemberSeat"] == {"__typename": "Member"}
+        # What adds to an excess is still refused: a sixth member, a creator seat taken back.
+        extra = (await api(ADD, ws=ws["id"], email=unique_email(), role="MEMBER", seat="STANDARD"))["addMember"]
+        assert (extra["__typename"], extra["seatKind"], extra["limit"], extra["requested"]) == (
+            "SeatLimitReached", "any", 4, 6)
+        assert (await api(seat, m=creators[0], s="CREATOR"))["changeMemberSeat"] == {
+            "__typename": "SeatLimitReached", "seatKind": "creator", "limit": 2, "requested": 3}
+        fewer = await api("mutation($ws: ID!) { updateWorkspace(input: {workspaceId: $ws, planKey: \"starter\"}) "
+                          + answer + " }", ws=ws["id"])
+        assert fewer["updateWorkspace"]["__typename"] == "SeatLimitReached", fewer
+        detail = (await api(WORKSPACE, id=ws["id"]))["workspace"]
+    assert detail["seatUsage"] == {"seatsUsed": 5, "creatorSeatsUsed": 2}

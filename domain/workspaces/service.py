@@ -207,6 +207,7 @@ async def update_workspace(
     async def work(session: AsyncSession) -> Workspace:
         ws, plan, _ = await _authorized_lock(session, caller, ws_id, Action.MANAGE_WORKSPACE, what="workspace")
         before = _settings(ws)  # read before anything below changes the row
+        limits_before = (plan.seat_cap, ws.creator_seat_limit(plan))
         if plan_key is not None:
             # A plan change applies from the next boundary: this period's allowance, banked
             # rollover credits and purchased credits all stay as they are (see README).
@@ -228,12 +229,12 @@ async def update_workspace(
             ws.allocation_mode = allocation_mode
         if pool_fallback is not None:
             ws.pool_fallback = pool_fallback
-        # A smaller plan (or fewer paid seats) must still hold everyone already seated.
-        check_seats(
-            await _usage(session, ws_id),
-            seat_cap=plan.seat_cap,
-            creator_limit=ws.creator_seat_limit(plan),
-        )
+        # A smaller plan (or fewer paid seats) must still hold everyone already seated; a change
+        # that lowers no limit goes through even where an operator's plan edit left the workspace
+        # over one.
+        usage = await _usage(session, ws_id)
+        check_seats(usage, seat_cap=plan.seat_cap, creator_limit=ws.creator_seat_limit(plan),
+                    before=usage, limits_before=limits_before)
         audit.record(session, ws_id, caller.actor.user_id, "workspace.updated", "workspace", ws_id,
                      before=before, after=_settings(ws), at=caller.clock.now())
         await session.flush()
@@ -280,8 +281,9 @@ async def add_member(
         )
         if already.first() is not None:
             raise AlreadyMember()
-        after = _apply(await _usage(session, ws_id), add=(role, seat))
-        check_seats(after, seat_cap=plan.seat_cap, creator_limit=ws.creator_seat_limit(plan))
+        usage = await _usage(session, ws_id)
+        check_seats(_apply(usage, add=(role, seat)), seat_cap=plan.seat_cap,
+                    creator_limit=ws.creator_seat_limit(plan), before=usage)
         member = Member(workspace_id=ws_id, user_id=user.id, role=role, seat=seat)
         session.add(member)
         await session.flush()
@@ -350,8 +352,9 @@ async def change_member_seat(db: Database, caller: Caller, *, member_id: str, se
                              hold_ttl: timedelta) -> Member:
     async def work(session: AsyncSession) -> Member:
         ws, plan, target, _ = await _locked_target(session, caller, member_id)
-        after = _apply(await _usage(session, ws.id), remove=target, add=(target.role, seat))
-        check_seats(after, seat_cap=plan.seat_cap, creator_limit=ws.creator_seat_limit(plan))
+        usage = await _usage(session, ws.id)
+        check_seats(_apply(usage, remove=target, add=(target.role, seat)), seat_cap=plan.seat_cap,
+                    creator_limit=ws.creator_seat_limit(plan), before=usage)
         before = {"seat": target.seat}
         target.seat = seat
         await session.flush()
