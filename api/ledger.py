@@ -568,7 +568,7 @@ class LedgerMutation:
         ctx = info.context
         call = ledger.complete_generation(
             ctx.db, await ctx.who(), generation_id=str(input.generation_id), idempotency_key=input.idempotency_key,
-            actual_cost=input.actual_cost, usage=input.usage,
+            actual_cost=input.actual_cost, usage=input.usage, payments=ctx.payments,
         )
         return await result(call, Generation.from_result)
 

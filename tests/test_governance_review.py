@@ -11,7 +11,7 @@ import pytest
 
 from domain.periods.service import tick
 from tests.test_api_governance import ALERTS, AUDIT, AUTO, DECIDE, LIMITS, REQUEST, SET_LIMIT, purchases_of, start
-from tests.test_api_ledger import FAIL, _a_pack, grant, key, make_team
+from tests.test_api_ledger import COMPLETE, FAIL, _a_pack, grant, key, make_team
 from tests.test_periods import (  # noqa: F401 - the periods database and its clock reset
     GROUP,
     TO_GROUP,
@@ -440,3 +440,27 @@ async def test_a_lapse_by_the_scheduler_reaches_the_requesters_stream(world):
             seen.append((await asyncio.wait_for(stream.__anext__(), 5))["workspaceEvents"])
         await stream.aclose()
     assert seen[-1]["payload"] == {"requestId": req["id"], "memberId": member, "status": "LAPSED"}
+
+
+async def test_a_capture_above_the_hold_that_reaches_a_limit_raises_its_alerts(db, live_server, client):
+    # A member's only generation holds 10 of a 20 limit (50 %: no alert); the worker reports it cost
+    # 20. The period has now used all of the limit, and the member's next start is refused, which
+    # evaluates no alert: unless the completion does, the owner never hears of it, not even after
+    # the scheduler's refresh (which only resolves limit alerts).
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="20", action="BLOCK", member=member)
+    gen = await start(client, token, team.ws)
+    async with client(team.owner) as api:
+        assert [a["kind"] for a in (await api(ALERTS, ws=team.ws))["alerts"] if a["status"] == "OPEN"] == []
+    async with client(team.worker) as api:
+        done = (await api(COMPLETE, g=gen["id"], key=key(), cost="20"))["completeGeneration"]
+    assert (done["captured"], done["shortfall"]) == ("20.000", "0.000")
+    assert (await start(client, token, team.ws))["__typename"] == "SpendLimitExceeded"
+    await tick(db, live_server.clock, hold_ttl=timedelta(hours=1))
+    async with client(team.owner) as api:
+        assert (await api(LIMITS, ws=team.ws))["spendLimits"][0]["used"] == "20.000"
+        opened = sorted(a["kind"] for a in (await api(ALERTS, ws=team.ws))["alerts"] if a["status"] == "OPEN")
+    assert opened == ["LIMIT_100", "LIMIT_80"]

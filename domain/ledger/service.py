@@ -1194,13 +1194,14 @@ Outcome = Callable[[Sql, GenerationRecord, int], Awaitable["tuple[GenerationStat
 
 async def complete_generation(
     db: Database, who: Who, *, generation_id: str, idempotency_key: str, actual_cost: str | None = None,
-    usage: dict[str, Any] | None = None,
+    usage: dict[str, Any] | None = None, payments: PaymentProvider | None = None,
 ) -> GenerationResult:
     """Capture the actual cost: `usage` (reported metering, priced with the generation's own
     price list version, window and plan multiplier), or an explicit `actual_cost`, or by default
     the held cost. Below the hold: the rest is released. Above it: the extra is drawn from the
     member's spendable credits in consumption order; what they cannot cover is recorded on the
-    generation as `shortfall` (never silently dropped, never an overdraft)."""
+    generation as `shortfall` (never silently dropped, never an overdraft). An extra drawn is a
+    spend like a start's hold: the alerts and auto top-up after it run once it has committed."""
 
     def parse() -> tuple[str, int | None, uuid.UUID]:
         key = idempotency.check_key(idempotency_key)
@@ -1214,12 +1215,14 @@ async def complete_generation(
     key, actual_units, gid = await validated(db, who, parse)
     request = {"generation": str(gid), "actual": actual_units, "usage": usage}
     optimistic = Optimistic()
+    drew: list[GenerationRecord] = []  # the generation, when this settlement drew an extra above its hold
 
     async def within_the_hold(sql: Sql, gen: GenerationRecord, total_held: int):
         cost = await _actual_cost(sql, gen, actual_units, usage)
         return None if cost > total_held else (GenerationStatus.COMPLETED, cost, None)
 
     async def work(sql: RawSql) -> GenerationResult:
+        drew.clear()  # a retried transaction decides again
         s = await _settling(sql, caller, gid, key, "completeGeneration", request)
         if isinstance(s, GenerationResult):
             return s
@@ -1251,6 +1254,7 @@ async def complete_generation(
                     s.posting.add(draw.grant_id, EntryKind.HOLD, draw.units)
                     s.posting.add(draw.grant_id, EntryKind.CAPTURE, draw.units)
                 await limits.adjust(sql, gen.limit_charges, take)  # spent is spent: it counts
+                drew[:] = [gen]
             captured += take
             shortfall = extra - take
         return await _settled(sql, optimistic, s, caller, GenerationStatus.COMPLETED, captured,
@@ -1262,7 +1266,13 @@ async def complete_generation(
     if done is not None:
         return done
     caller = await authenticate(db, who)  # `work`'s caller; the read checked it (unless its connection was lost)
-    return await db.sql_transaction(work)
+    done = await db.sql_transaction(work)
+    if drew:
+        # The extra counted in the limits and left the pool: a limit's 80 % or 100 %, a low
+        # balance or a due top-up may have been reached here and by no start (the member's
+        # next start may well be refused by that limit, which evaluates nothing).
+        await automation.after_spend(db, who.clock, payments, drew[0].workspace_id, drew[0].limit_charges)
+    return done
 
 
 async def _actual_cost(sql: Sql, gen: GenerationRecord, actual_units: int | None, usage: dict[str, Any] | None) -> int:
