@@ -8,8 +8,11 @@ import asyncio
 import uuid
 from datetime import datetime, timedelta
 
+import asyncpg
+
 from domain.db import as_sql
 from domain.periods.service import tick
+from tests.conftest import asyncpg_dsn
 from tests.test_api_governance import LIMITS, REQUEST, SET_LIMIT, start
 from tests.test_api_ledger import COMPLETE, FAIL, assert_ledger_clean, grant, key, make_team
 
@@ -151,3 +154,51 @@ async def test_concurrent_starts_and_settlements_under_member_and_workspace_limi
                 if l["scope"] == "WORKSPACE"}
     assert float(used["WORKSPACE"]) <= 95
     await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_limit_lowered_while_a_start_waits_for_the_usage_row_binds_that_start(db, database_url, client):
+    # A start under a member's limit of 100 waits for the period's usage row, held by another
+    # charge in flight; meanwhile an admin lowers the limit to 15 and is told it is saved. The
+    # start, admitted only after that, must be checked against 15 (10 used + 10 would pass it),
+    # not against the 100 it read before it queued. (Whichever way the two are ordered, a change
+    # answered before the start was admitted binds it.)
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        set_ = (await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="100", action="BLOCK",
+                          member=member))["setSpendLimit"]
+    assert (await start(client, token, team.ws))["__typename"] == "Generation"  # 10 used; the usage row exists
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    watcher = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        assert await conn.fetchval("SELECT count(*) FROM (SELECT 1 FROM limit_usage WHERE limit_id = $1 FOR UPDATE) l",
+                                   uuid.UUID(set_["id"])) == 1
+        waiting = asyncio.ensure_future(start(client, token, team.ws))
+        async with asyncio.timeout(10):
+            while not await watcher.fetchval("SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                                             conn.get_server_pid()):
+                await asyncio.sleep(0.02)
+
+        async def lower():
+            async with client(team.owner) as api:
+                return (await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="15", action="BLOCK",
+                                  member=member))["setSpendLimit"]
+
+        lowering = asyncio.ensure_future(lower())
+        answered_first = (await asyncio.wait({lowering}, timeout=2))[0] == {lowering}
+        await tx.rollback()
+        started, lowered = await asyncio.gather(waiting, lowering)
+    finally:
+        await conn.close()
+        await watcher.close()
+    assert (lowered["__typename"], lowered["amount"]) == ("SpendLimit", "15.000")
+    if answered_first:
+        assert started["__typename"] == "SpendLimitExceeded", started
+        assert (started["limit"], started["used"]) == ("15.000", "10.000")
+    async with client(team.owner) as api:
+        [limit] = (await api(LIMITS, ws=team.ws))["spendLimits"]
+    assert limit["used"] == ("10.000" if answered_first else "20.000")
+    assert await usage_drift(db, team.ws) == []

@@ -32,15 +32,31 @@ from domain.money import parse_credits
 from domain.workspaces.models import Member, Workspace
 from policies import Action
 
-# Usage may grow up to the limit plus the approved overages of that period still in force.
-_CHARGE = """
-UPDATE limit_usage SET used_units = used_units + $1
-WHERE limit_id = $2 AND period_start = $3
-  AND used_units + $1 <= $4 + (
+# The usage row locked before the limit is read for the check: a start may have queued on it
+# behind other charges, and a change of the limit (or an approval) committed meanwhile must be
+# what it is checked against. `_CHARGE` runs after this, in a statement (and so a snapshot) of
+# its own; had it waited for the lock itself, it would read the limit as it was when it queued.
+_LOCK_USAGE = "SELECT 1 FROM limit_usage WHERE limit_id = $1 AND period_start = $2 FOR UPDATE"
+
+
+# Usage may grow up to the limit (as it is now) plus the approved overages of that period still
+# in force. Parameters: the limit, the period's start, now.
+def _allowance(limit: str, period: str, now: str) -> str:
+    return f"""(SELECT amount_units FROM spend_limits WHERE id = {limit}) + (
       SELECT coalesce(sum(approved_units), 0) FROM overage_requests
-      WHERE limit_id = $2 AND period_start = $3 AND status = 'APPROVED'
-        AND (approval_expires_at IS NULL OR approval_expires_at > $5))
+      WHERE limit_id = {limit} AND period_start = {period} AND status = 'APPROVED'
+        AND (approval_expires_at IS NULL OR approval_expires_at > {now}))"""
+
+
+_CHARGE = f"""
+UPDATE limit_usage SET used_units = used_units + $1
+WHERE limit_id = $2 AND period_start = $3 AND used_units + $1 <= {_allowance("$2", "$3", "$4")}
 RETURNING used_units
+"""
+# What a refusal reports: the same figures, and whether the limit may be raised by a request.
+_REFUSED = f"""
+SELECT u.used_units, {_allowance("$1", "$2", "$3")} AS allowance, l.action
+FROM limit_usage u JOIN spend_limits l ON l.id = u.limit_id WHERE u.limit_id = $1 AND u.period_start = $2
 """
 _APPLICABLE = """
 SELECT id, scope, period, amount_units, action FROM spend_limits
@@ -161,12 +177,13 @@ async def charge(
     for limit in applicable:
         # id order: a fixed lock order across concurrent starts
         start = (await open_period(sql, limit["id"], limit["period"], now, timezone)).start
-        if units and await sql.fetchrow(_CHARGE, units, limit["id"], start, limit["amount_units"], now) is None:
-            used = await sql.fetchval(_USED, limit["id"], start)
-            allowance = limit["amount_units"] + await approved_extra(sql, limit["id"], start, now)
-            raise SpendLimitExceeded(limit_id=limit["id"], scope=limit["scope"], period=limit["period"],
-                                     limit=allowance, used=used, requested=units,
-                                     can_request=limit["action"] == LimitAction.REQUIRE_APPROVAL.value)
+        if units:
+            await sql.execute(_LOCK_USAGE, limit["id"], start)
+            if await sql.fetchrow(_CHARGE, units, limit["id"], start, now) is None:
+                refused = await sql.fetchrow(_REFUSED, limit["id"], start, now)
+                raise SpendLimitExceeded(limit_id=limit["id"], scope=limit["scope"], period=limit["period"],
+                                         limit=int(refused["allowance"]), used=refused["used_units"], requested=units,
+                                         can_request=refused["action"] == LimitAction.REQUIRE_APPROVAL.value)
         charges.append({"limit": str(limit["id"]), "period": start.isoformat()})
     return charges
 
