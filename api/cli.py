@@ -159,6 +159,14 @@ async def _with_db(url: str, fn):
         await db.dispose()
 
 
+# How long an idle HTTP keep-alive connection stays open (uvicorn's default is 5 s). Longer than
+# the idle timeouts of clients and proxies in front (aiohttp 15 s, AWS ALB 60 s), so that they
+# close idle connections first: a server closing one just as a client reuses it breaks that
+# request (a broken pipe, and a POST is not retried), the classic intermittent 502 behind a
+# load balancer.
+KEEP_ALIVE_SECONDS = 75
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -180,6 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(
         "api.app:app_from_env", factory=True, host=settings.host, port=settings.port,
         workers=settings.workers, log_level=settings.log_level, ws="websockets-sansio", log_config=_log_config(),
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
 
 

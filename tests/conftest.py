@@ -27,6 +27,7 @@ from gql.transport.websockets import WebsocketsTransport
 
 import migrations
 from api.app import create_app
+from api.cli import KEEP_ALIVE_SECONDS
 from api.embedded import start_embedded_postgres
 from api.settings import Settings
 from domain import identity
@@ -246,7 +247,11 @@ class LiveServer:
                     "scheduler_interval_seconds": 0, **settings}
         app = create_app(Settings(database_url=url, **settings), database_url=url, clock=self.clock,
                          payments=self.payments)
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio")
+        # As `creditpool serve`: with uvicorn's 5 s, a client idle about that long (the edge fuzz
+        # test's HTTP sessions while its subscriptions run) could reuse a connection just as the
+        # server closed it (a broken pipe).
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio",
+                                timeout_keep_alive=KEEP_ALIVE_SECONDS)
         self.server = uvicorn.Server(config)
         # Its own thread and event loop, like a separate process would be: the tests' client
         # traffic and the server's work never share a loop.
