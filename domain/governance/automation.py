@@ -182,10 +182,10 @@ async def claim_top_up(session: AsyncSession, ws: Workspace, now: datetime, *,
             await alerts.fire(session, ws.id, alerts.TOPUP_FAILED, "auto-topup", now, reason="the pack is off sale")
             return None
         # A claim's purchase is counted when it is recorded, once per reference (`run_top_up`).
-        month = topup_month(now, ws.timezone, topup).start
-        purchases, units = this_month(topup, now, ws.timezone)
         if cap_reached(topup, pack.units, now, ws.timezone):
-            await alerts.fire(session, ws.id, alerts.TOPUP_CAP_REACHED, month.isoformat(), now,
+            purchases, units = this_month(topup, now, ws.timezone)
+            await alerts.fire(session, ws.id, alerts.TOPUP_CAP_REACHED,
+                              topup_month(now, ws.timezone, topup).start.isoformat(), now,
                               purchases=purchases, credits=format_credits(units))
             return None
         # Room for this purchase: a cap alert of an earlier month, or of caps raised since, no longer holds.

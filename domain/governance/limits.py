@@ -39,13 +39,18 @@ from policies import Action
 _LOCK_USAGE = "SELECT 1 FROM limit_usage WHERE limit_id = $1 AND period_start = $2 FOR UPDATE"
 
 
-# Usage may grow up to the limit (as it is now) plus the approved overages of that period still
-# in force. Parameters: the limit, the period's start, now.
-def _allowance(limit: str, period: str, now: str) -> str:
-    return f"""(SELECT amount_units FROM spend_limits WHERE id = {limit}) + (
-      SELECT coalesce(sum(approved_units), 0) FROM overage_requests
+# The approved overages of a limit's period still in force. Parameters: the limit, the period's
+# start, now.
+def _approved(limit: str, period: str, now: str) -> str:
+    return f"""(SELECT coalesce(sum(approved_units), 0) FROM overage_requests
       WHERE limit_id = {limit} AND period_start = {period} AND status = 'APPROVED'
         AND (approval_expires_at IS NULL OR approval_expires_at > {now}))"""
+
+
+# Usage may grow up to the limit (as it is now) plus the approved overages of that period still
+# in force.
+def _allowance(limit: str, period: str, now: str) -> str:
+    return f"(SELECT amount_units FROM spend_limits WHERE id = {limit}) + {_approved(limit, period, now)}"
 
 
 _CHARGE = f"""
@@ -64,10 +69,7 @@ WHERE workspace_id = $1 AND removed_at IS NULL
   AND (scope = 'WORKSPACE' OR (scope = 'MEMBER' AND member_id = $2) OR (scope = 'GROUP' AND billing_group_id = $3))
 ORDER BY id
 """
-_APPROVED = """
-SELECT coalesce(sum(approved_units), 0) FROM overage_requests
-WHERE limit_id = $1 AND period_start = $2 AND status = 'APPROVED' AND (approval_expires_at IS NULL OR approval_expires_at > $3)
-"""
+_APPROVED = f"SELECT {_approved('$1', '$2', '$3')}"
 _USAGE_ROW = """
 INSERT INTO limit_usage (limit_id, period_start, period_end, used_units) VALUES ($1, $2, $3, 0) ON CONFLICT DO NOTHING
 """

@@ -382,13 +382,13 @@ async def close_due_periods(session: AsyncSession, workspace_id: uuid.UUID, now:
     credits if they are due, in this transaction. As in `tick`, the workspace's holds timed
     out by `now` (`hold_ttl`: the server's, as the scheduler's) are released first, each at its
     deadline, so that a hold that timed out before a boundary rolls over with its grant as it
-    did when the tick came on time. A change to what they read (the plan, the
-    allocation mode) runs it first, in a transaction of its own: made after a boundary (or
-    midnight) the scheduler has not reached yet, it would otherwise apply to the period (or day)
-    that boundary started, and not from the next one as it does when the tick is on time. The row is claimed as the tick
-    claims it (FOR NO KEY UPDATE: spends in flight go on), but waiting, not skipping: a tick
-    closing it now is waited for, and then nothing is due any more. Nothing due (nearly always),
-    it locks nothing."""
+    did when the tick came on time. A change to what they read (the plan, the allocation mode)
+    runs it first, in a transaction of its own: made after a boundary (or midnight) the
+    scheduler has not reached yet, it would otherwise apply to the period (or day) that
+    boundary started, and not from the next one as it does when the tick is on time. The row is
+    claimed as the tick claims it (FOR NO KEY UPDATE: spends in flight go on), but waiting, not
+    skipping: a tick closing it now is waited for, and then nothing is due any more. Nothing due
+    (nearly always), it locks nothing."""
     renews, daily = (await session.execute(
         select(Workspace.next_renewal_at, Workspace.next_daily_at).where(Workspace.id == workspace_id))).one()
     if renews > now and (daily is None or daily > now):

@@ -77,14 +77,8 @@ async def _lock_workspace(session: AsyncSession, workspace_id: uuid.UUID) -> tup
 async def _authorized_lock(
     session: AsyncSession, caller: Caller, workspace_id: uuid.UUID, action: Action, *, what: str
 ) -> tuple[Workspace, Plan, Member | None]:
-    """Authorize, lock the workspace row, authorize again (`access.authorized_lock`); returns
-    the caller's membership as the second check read it.
-
-    The first check takes no lock: a caller who may not do `action` there (an outsider with a
-    foreign or unknown id gets NotFound, a member without the right Forbidden) is answered at
-    once instead of waiting behind the workspace's own changes. The second one, under the lock,
-    reads the membership afresh: a role revoked or a member removed by the transaction we
-    waited for is seen, as when the lock came first."""
+    """`access.authorized_lock` on the workspace row (`_lock_workspace`): the row, its plan, and
+    the caller's membership as the check under the lock read it."""
     (ws, plan), me = await authorized_lock(session, caller, workspace_id, action, what=what,
                                            lock=lambda: _lock_workspace(session, workspace_id))
     return ws, plan, me
