@@ -122,12 +122,14 @@ def create_app(
 
     async def scheduler() -> None:
         # Every process runs it; each unit of work is claimed in the database (SKIP LOCKED), so
-        # adding processes never runs a job twice.
+        # adding processes never runs a job twice. A unit that keeps failing rests between tries
+        # (`periods.Backoff`), each process by its own memory.
+        backoff = periods.Backoff(first=timedelta(seconds=settings.scheduler_interval_seconds))
         while True:
             try:
                 # With the app's payment provider: auto top-ups that no spend started are bought here.
                 report = await periods.tick(db, clock, hold_ttl=timedelta(seconds=settings.hold_ttl_seconds),
-                                            payments=payments)
+                                            payments=payments, backoff=backoff)
                 if any((report.periods_closed, report.daily_issued, report.grants_expired, report.holds_timed_out,
                         report.top_ups_started, report.top_ups_taken_over)):
                     log.info("scheduler: %s", report)

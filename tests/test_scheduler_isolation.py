@@ -22,7 +22,7 @@ from domain.clock import OffsetClock
 from domain.db import Database
 from domain.identity import authenticate_secret
 from domain.ledger.invariants import check_ledger
-from domain.periods.service import ALERTS, EXPIRY, PERIOD_CLOSE, tick
+from domain.periods.service import ALERTS, EXPIRY, PERIOD_CLOSE, Backoff, tick
 from domain.plans import Plan
 from domain.workspaces.models import AllocationMode
 from domain.workspaces.service import create_workspace
@@ -193,3 +193,65 @@ async def test_creditpool_tick_exits_non_zero_when_a_unit_failed(fresh):
     fine = await cli("tick", "--database-url", url)
     assert fine.returncode == 0, fine.stderr
     assert "periods closed: 1," in fine.stdout
+
+
+async def test_a_unit_that_keeps_failing_rests_longer_between_tries_and_is_forgotten_once_it_succeeds(fresh):
+    """The server's scheduler keeps a `Backoff` across rounds: a unit that failed once is tried by
+    the next round (a passing fault costs nothing), and each further failure in a row doubles its
+    rest, so a unit broken for good is not rolled back and logged every round."""
+    _, db = fresh
+    poisoned, other = await opened(db, 40, 2)
+    await poison(db, "period_closes", f"NEW.workspace_id = '{poisoned}'")
+    clock = OffsetClock()
+    backoff = Backoff(first=timedelta(seconds=30), ceiling=timedelta(minutes=2))
+
+    async def round_at(seconds: int):
+        clock.offset = timedelta(seconds=seconds)
+        return await tick(db, clock, hold_ttl=TTL, backoff=backoff)
+
+    first = await round_at(0)
+    assert [c.workspace_id for c in first.closes] == [other] and len(first.failures) == 1
+    assert (first.resting, await attempts(db, "period_closes")) == (0, 1)
+    # Failed once: the next round (one interval on) tries it again.
+    second = await round_at(31)
+    assert [f.workspace_id for f in second.failures] == [poisoned] and second.resting == 0
+    assert await attempts(db, "period_closes") == 2
+    # Failed twice in a row: it rests 60 s from 31, so the rounds at 62 and 90 leave it out.
+    for at in (62, 90):
+        resting = await round_at(at)
+        assert (resting.failures, resting.resting, resting.periods_closed) == ([], 1, 0)
+    assert await attempts(db, "period_closes") == 2
+    third = await round_at(92)
+    assert len(third.failures) == 1 and await attempts(db, "period_closes") == 3
+    # The rest doubles up to the ceiling: 2 minutes, not 4.
+    assert (await round_at(92 + 119)).resting == 1
+    fourth = await round_at(92 + 121)
+    assert len(fourth.failures) == 1 and await attempts(db, "period_closes") == 4
+    # Cured, it closes once its rest is over, and is forgotten: a later failure starts afresh.
+    await cure(db, "period_closes")
+    assert (await round_at(92 + 121 + 119)).periods_closed == 0
+    done = await round_at(92 + 121 + 121)
+    assert [c.workspace_id for c in done.closes] == [poisoned] and done.failures == []
+    assert backoff.units == {}
+    assert await check_ledger(db) == []
+
+
+async def test_resting_workspaces_are_left_out_of_the_alert_phase_not_the_others_alerts(fresh):
+    """The phases done for every workspace at once (overage lapses, alerts) go workspace by
+    workspace while one rests, and leave only that one out."""
+    _, db = fresh
+    a, b = await opened(db, 2, 2)  # today's free credits expire tomorrow: an "expiring soon" alert each
+    await poison(db, "alerts", f"NEW.workspace_id = '{a}'")
+    clock = OffsetClock()
+    backoff = Backoff(first=timedelta(seconds=30))
+    failed = await tick(db, clock, hold_ttl=TTL, backoff=backoff)
+    assert [(f.phase, f.workspace_id) for f in failed.failures] == [(ALERTS, a)]
+    tried = await attempts(db, "alerts")  # all at once, then on its own
+    await sql(db, "DELETE FROM alerts WHERE workspace_id = :ws", ws=b)  # to see it raised again
+    clock.offset = timedelta(seconds=10)
+    rested = await tick(db, clock, hold_ttl=TTL, backoff=backoff)
+    assert rested.failures == [] and rested.resting == 1
+    assert await attempts(db, "alerts") == tried  # not tried while it rests, not even all at once
+    fired = dict(await sql(db, "SELECT workspace_id, count(*) FROM alerts WHERE kind = 'GRANT_EXPIRING' "
+                               "GROUP BY workspace_id"))
+    assert fired.get(b) and a not in fired

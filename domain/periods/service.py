@@ -193,6 +193,7 @@ class TickReport:
     alerts_changed: int = 0
     top_ups_started: int = 0
     top_ups_taken_over: int = 0
+    resting: int = 0  # units left out of this round after failing in earlier ones (`Backoff`)
     closes: list[PeriodClose] = field(default_factory=list)
     failures: list[TickFailure] = field(default_factory=list)
 
@@ -208,8 +209,40 @@ HOLD_TIMEOUT, PERIOD_CLOSE, DAILY_CREDITS, EXPIRY = "hold timeout", "period clos
 OVERAGE_LAPSE, ALERTS, AUTO_TOP_UP = "overage lapse", "alerts", "auto top-up"
 
 
+@dataclass
+class Backoff:
+    """What the server's scheduler remembers from round to round: a unit (a phase's workspace,
+    grant or generation) that failed rests before it is tried again, for `first` after one
+    failure and twice as long after each further failure in a row, at most `ceiling`. Without
+    it a unit that fails for good (bad data, a bug) is claimed, rolled back and logged with its
+    traceback every round, forever. `first` is the scheduler's interval, so a unit that failed
+    once (a deadlock, a restart of the database) is tried again by the next round as before;
+    one that succeeds, or is no longer due, is forgotten. Auto top-up keeps its own count of
+    payment failures and is not rested here."""
+
+    first: timedelta
+    ceiling: timedelta = timedelta(hours=1)
+    units: dict[tuple[str, uuid.UUID], tuple[int, datetime]] = field(default_factory=dict)
+
+    def resting(self, phase: str, now: datetime) -> set[uuid.UUID]:
+        """The units of `phase` to leave out of the round at `now`."""
+        return {unit for (p, unit), (_, until) in self.units.items() if p == phase and until > now}
+
+    def after(self, report: TickReport, now: datetime) -> None:
+        """Learn from the round `report` ran at `now`: each unit that failed rests again, longer;
+        a unit that was due to be tried and did not fail is forgotten."""
+        failed = {(f.phase, f.subject or f.workspace_id) for f in report.failures
+                  if f.phase != AUTO_TOP_UP and (f.subject or f.workspace_id)}
+        for key, (_, until) in list(self.units.items()):
+            if until <= now and key not in failed:
+                del self.units[key]
+        for key in failed:
+            times = self.units.get(key, (0, now))[0] + 1
+            self.units[key] = (times, now + min(self.first * 2 ** (times - 1), self.ceiling))
+
+
 async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 100,
-               payments: PaymentProvider | None = None) -> TickReport:
+               payments: PaymentProvider | None = None, backoff: Backoff | None = None) -> TickReport:
     """Run everything that is due at `clock.now()`, once, then return. Safe to run in any number
     of processes at once: each unit is claimed with SKIP LOCKED and moved forward in the same
     transaction, so a unit another process holds is skipped, and a done unit is no longer due.
@@ -217,8 +250,8 @@ async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 
     A unit that fails (bad data, a bug, a constraint) is rolled back with its transaction,
     logged and listed in `TickReport.failures`, and left out for the rest of the round (the claim
     queries skip it: still due, it would be claimed again at once); the other workspaces and the
-    later phases go on, and the next round tries it again. One broken workspace must not stop
-    period closes and expiries for every other.
+    later phases go on, and the next round tries it again (with `backoff`, the scheduler's: once it
+    has rested). One broken workspace must not stop period closes and expiries for every other.
 
     With `payments` (the server's provider), it also buys the auto top-ups that are due with no
     spend to start them: pools under their threshold (after the expiries above, say), and claims
@@ -227,22 +260,33 @@ async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 
     (`automation.claim_top_up`), which one wins. Last: it waits on the payment provider."""
     report = TickReport()
     now = clock.now()
+
+    def resting(phase: str) -> set[uuid.UUID]:
+        units = backoff.resting(phase, now) if backoff else set()
+        report.resting += len(units)
+        return units
+
     # Hold timeouts first: a hold that timed out before a boundary was back on its grant at that
     # boundary (a tick on time released it then), so a late tick releases it before closing the
     # period, for the close to roll it over. Released after its grant expired, it expires then.
     report.holds_timed_out = await _in_batches(
-        db, report, HOLD_TIMEOUT,
+        db, report, HOLD_TIMEOUT, resting(HOLD_TIMEOUT),
         lambda s, skip, only, claimed: _time_out_holds(s, now, hold_ttl, batch, skip, only, claimed))
     closes = await _each_workspace(
-        db, report, PERIOD_CLOSE, lambda s, skip, claimed: _close_one_due_period(s, now, skip, claimed))
+        db, report, PERIOD_CLOSE, resting(PERIOD_CLOSE),
+        lambda s, skip, claimed: _close_one_due_period(s, now, skip, claimed))
     report.periods_closed, report.closes = len(closes), closes
     report.daily_issued = len(await _each_workspace(
-        db, report, DAILY_CREDITS, lambda s, skip, claimed: _issue_one_due_day(s, now, skip, claimed)))
+        db, report, DAILY_CREDITS, resting(DAILY_CREDITS),
+        lambda s, skip, claimed: _issue_one_due_day(s, now, skip, claimed)))
     report.grants_expired = await _in_batches(
-        db, report, EXPIRY, lambda s, skip, only, claimed: _expire_due_grants(s, now, batch, skip, only, claimed))
-    report.overages_lapsed = await _all_or_each(db, report, OVERAGE_LAPSE, lambda s, ws: lapse_pending(s, now, ws),
+        db, report, EXPIRY, resting(EXPIRY),
+        lambda s, skip, only, claimed: _expire_due_grants(s, now, batch, skip, only, claimed))
+    report.overages_lapsed = await _all_or_each(db, report, OVERAGE_LAPSE, resting(OVERAGE_LAPSE),
+                                                lambda s, ws: lapse_pending(s, now, ws),
                                                 lambda s: lapsing_workspaces(s, now))
-    report.alerts_changed = await _all_or_each(db, report, ALERTS, lambda s, ws: refresh_alerts(s, now, ws),
+    report.alerts_changed = await _all_or_each(db, report, ALERTS, resting(ALERTS),
+                                               lambda s, ws: refresh_alerts(s, now, ws),
                                                lambda s: alert_workspaces(s, now))
     if payments is not None:
         try:
@@ -253,19 +297,22 @@ async def tick(db: Database, clock: Clock, *, hold_ttl: timedelta, batch: int = 
             report.top_ups_started, report.top_ups_taken_over = due.started, due.taken_over
             for ws_id, exc in due.failed:
                 report.fail(AUTO_TOP_UP, ws_id, None, exc)
+    if backoff is not None:
+        backoff.after(report, now)
     return report
 
 
 async def _each_workspace(
-    db: Database, report: TickReport, phase: str,
+    db: Database, report: TickReport, phase: str, resting: set[uuid.UUID],
     unit: Callable[[AsyncSession, set[uuid.UUID], list[uuid.UUID]], Awaitable[PeriodClose | bool | None]],
 ) -> list:
     """Run `unit` (claim one due workspace, not in the skip set, and move it forward) in a
     transaction of its own until nothing is due; what each returned that was not None or False.
-    The unit names the workspace it claimed in `claimed`: if it fails after that, that workspace
-    is left out for the rest of the round. A failure before any claim (the claim itself failed)
-    ends the phase: running it again would fail alike, in a tight loop."""
-    failed: set[uuid.UUID] = set()
+    The skip set starts with the `resting` workspaces. The unit names the workspace it claimed
+    in `claimed`: if it fails after that, that workspace is left out for the rest of the round.
+    A failure before any claim (the claim itself failed) ends the phase: running it again would
+    fail alike, in a tight loop."""
+    failed = set(resting)
     done = []
     while True:
         claimed: list[uuid.UUID] = []
@@ -284,15 +331,15 @@ async def _each_workspace(
 
 
 async def _in_batches(
-    db: Database, report: TickReport, phase: str,
+    db: Database, report: TickReport, phase: str, resting: set[uuid.UUID],
     unit: Callable[[AsyncSession, set[uuid.UUID], uuid.UUID | None, list[tuple[uuid.UUID, uuid.UUID]]], Awaitable[int]],
 ) -> int:
     """Run `unit` (claim a batch of due rows, not in the skip set, or only the one named, and
-    move them forward) in a transaction of its own until nothing is due; the rows it moved. A
-    batch that fails does not say which row failed: each row it claimed (`claimed`: row id,
-    workspace id) is then run on its own, and the ones that fail alone are left out for the rest
-    of the round."""
-    failed: set[uuid.UUID] = set()
+    move them forward) in a transaction of its own until nothing is due; the rows it moved. The
+    skip set starts with the `resting` rows. A batch that fails does not say which row failed:
+    each row it claimed (`claimed`: row id, workspace id) is then run on its own, and the ones
+    that fail alone are left out for the rest of the round."""
+    failed = set(resting)
     total = 0
     while True:
         claimed: list[tuple[uuid.UUID, uuid.UUID]] = []
@@ -321,17 +368,19 @@ async def _in_batches(
 
 
 async def _all_or_each(
-    db: Database, report: TickReport, phase: str,
+    db: Database, report: TickReport, phase: str, resting: set[uuid.UUID],
     unit: Callable[[AsyncSession, uuid.UUID | None], Awaitable[int]],
     candidates: Callable[[AsyncSession], Awaitable[list[uuid.UUID]]],
 ) -> int:
     """Run `unit` for every workspace in one transaction (the usual case: little to do); if that
-    fails, for each workspace that has something to do (`candidates`) in a transaction of its
-    own, so one that fails does not hold up the others."""
-    try:
-        return await db.transaction(lambda s: unit(s, None))
-    except Exception as exc:  # noqa: BLE001 - isolated below
-        log.warning("scheduler: %s failed for all workspaces at once; running each on its own", phase, exc_info=exc)
+    fails, or some workspaces are `resting`, for each other workspace that has something to do
+    (`candidates`) in a transaction of its own, so one that fails does not hold up the others."""
+    if not resting:
+        try:
+            return await db.transaction(lambda s: unit(s, None))
+        except Exception as exc:  # noqa: BLE001 - isolated below
+            log.warning("scheduler: %s failed for all workspaces at once; running each on its own", phase,
+                        exc_info=exc)
     try:
         workspaces = await db.read(candidates)
     except Exception as exc:  # noqa: BLE001 - the phase cannot run: the next round tries again
@@ -339,6 +388,8 @@ async def _all_or_each(
         return 0
     total = 0
     for ws_id in workspaces:
+        if ws_id in resting:
+            continue
         try:
             total += await db.transaction(lambda s, ws_id=ws_id: unit(s, ws_id))
         except Exception as exc:  # noqa: BLE001 - isolated: the others go on, the next round retries it
