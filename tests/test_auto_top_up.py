@@ -19,7 +19,7 @@ from domain.ledger import service
 from domain.ledger.payments import PaymentOutcome, PaymentRequest
 from domain.periods.service import tick
 from policies import Authorizer
-from tests.test_api_governance import AUTO, purchases_of, start, start_unanswered
+from tests.test_api_governance import AUTO, TOPUP_STATE, purchases_of, start, start_unanswered
 from tests.conftest import new_user
 from tests.test_api_ledger import TRANSFER, _a_pack, assert_ledger_clean, grant, key, make_team
 
@@ -883,3 +883,82 @@ async def test_auto_top_up_turning_itself_off_after_repeated_failures_is_in_the_
         latest = (await api(AUDIT_TOP_UP, ws=team.ws))["auditLog"]["edges"][0]["node"]
     assert latest["action"] == "autotopup.updated" and latest["actorId"] is None
     assert latest["after"]["enabled"] is False and latest["after"]["reason"] == "3 payment failures in a row"
+
+
+# --- the failure alert ----------------------------------------------------------------------------
+
+ALERT_DETAILS = "query($ws: ID!) { alerts(workspaceId: $ws) { kind subject status payload } }"
+
+
+async def open_failures(client, team) -> list[dict]:
+    """The open TOPUP_FAILED alerts' payloads."""
+    async with client(team.owner) as api:
+        return [a["payload"] for a in (await api(ALERT_DETAILS, ws=team.ws))["alerts"]
+                if a["kind"] == "TOPUP_FAILED" and a["status"] == "OPEN"]
+
+
+async def take_off_sale(client, team, pack: str) -> None:
+    async with client(team.operator) as api:
+        assert (await api('mutation($p: ID!) { setCreditPackActive(input: {packId: $p, active: false}) '
+                          '{ __typename } }', p=pack))["setCreditPackActive"]["__typename"] == "CreditPack"
+
+
+@pytest.mark.parametrize("change", ["a pack on sale", "off"])
+async def test_picking_a_pack_on_sale_or_turning_auto_top_up_off_resolves_the_pack_off_sale_alert(
+        db, live_server, client, change):
+    # "The pack is off sale" stayed open until a purchase went through: an owner who had picked a
+    # pack on sale, or turned auto top-up off, still read that auto top-up could not buy.
+    team, token, pack = await under_auto_top_up(db, client, "95")
+    await take_off_sale(client, team, pack)
+    assert (await start(client, token, team.ws))["__typename"] == "Generation"  # 100 -> 90: under, nothing to buy
+    assert await open_failures(client, team) == [{"reason": "the pack is off sale", "packId": pack}]
+    if change == "off":
+        await configure(client, team, pack, enabled=False)
+    else:
+        await configure(client, team, await small_pack(client, team.operator))
+    assert await open_failures(client, team) == []
+    assert (await start(client, token, team.ws))["__typename"] == "Generation"  # 90 -> 80
+    assert await purchases_of(db, team.ws) == (0 if change == "off" else 1)
+    assert await open_failures(client, team) == []
+
+
+async def test_a_repeated_payment_failure_updates_the_open_alert(db, live_server, client):
+    # The alert kept its first details: after the second failure in a row it still said one
+    # failure, and the reason of the first.
+    team, token, _ = await under_auto_top_up(db, client, "95")
+    live_server.payments.unanswered, live_server.payments.failures = 1, 1
+    try:
+        assert (await start(client, token, team.ws))["__typename"] == "Generation"  # no answer
+        assert await open_failures(client, team) == [{"reason": "the payment provider did not answer", "failures": 1}]
+        assert (await start(client, token, team.ws))["__typename"] == "Generation"  # asked again: declined
+    finally:
+        live_server.payments.unanswered, live_server.payments.failures = 0, 0
+    assert await open_failures(client, team) == [{"reason": "card declined", "failures": 2}]
+    async with client(team.owner) as api:
+        assert (await api(TOPUP_STATE, ws=team.ws))["autoTopUp"]["consecutiveFailures"] == 2
+    assert (await start(client, token, team.ws))["__typename"] == "Generation"  # paid: it clears
+    assert await open_failures(client, team) == [] and await purchases_of(db, team.ws) == 1
+
+
+@pytest.mark.parametrize("outcome", ["declined", "unanswered"])
+async def test_a_payment_failure_alert_outlasts_a_change_of_pack_and_turning_off_ends_it_unless_a_payment_is_pending(
+        db, live_server, client, outcome):
+    # The settings decide whether a NEW purchase starts. Another pack does not make the last
+    # payment's failure untrue (the count goes on); turning auto top-up off means nothing new
+    # will be bought, so its failure needs no attention any more, unless the payment that failed
+    # may still have been taken and is still to be asked again.
+    team, token, _ = await under_auto_top_up(db, client, "95")
+    if outcome == "declined":
+        live_server.payments.failures = 1
+    else:
+        live_server.payments.unanswered = 1
+    try:
+        assert (await start(client, token, team.ws))["__typename"] == "Generation"
+    finally:
+        live_server.payments.unanswered, live_server.payments.failures = 0, 0
+    reason = "card declined" if outcome == "declined" else "the payment provider did not answer"
+    other = await small_pack(client, team.operator)
+    await configure(client, team, other)
+    assert await open_failures(client, team) == [{"reason": reason, "failures": 1}]
+    await configure(client, team, other, enabled=False)
+    assert await open_failures(client, team) == ([] if outcome == "declined" else [{"reason": reason, "failures": 1}])

@@ -30,8 +30,14 @@ OVERAGE_REQUESTED = "OVERAGE_REQUESTED"
 OVERAGE_DECIDED = "OVERAGE_DECIDED"
 
 
-async def fire(session: AsyncSession, ws_id: uuid.UUID, kind: str, subject: str, now: datetime, **payload: Any) -> bool:
-    """Open an alert unless the same condition is already open. True when it fired now."""
+async def fire(session: AsyncSession, ws_id: uuid.UUID, kind: str, subject: str, now: datetime, *,
+               refresh: bool = False, **payload: Any) -> bool:
+    """Open an alert unless the same condition is already open. True when it fired now.
+
+    With `refresh`, an alert already open takes the new payload (sent as an OPEN event again):
+    for a condition whose details move while it holds (auto top-up's failures in a row), where
+    the first ones would soon be wrong. Others keep what they fired with: a low balance's
+    figures at every spend would be noise."""
     done = await session.execute(
         insert(Alert).values(id=uuid.uuid4(), workspace_id=ws_id, kind=kind, subject=subject, status=AlertStatus.OPEN,
                              payload=payload, opened_at=now)
@@ -39,7 +45,14 @@ async def fire(session: AsyncSession, ws_id: uuid.UUID, kind: str, subject: str,
         .returning(Alert.id)
     )
     fired = done.first() is not None
-    if fired:
+    if not fired and refresh:
+        refreshed = await session.execute(
+            update(Alert).where(Alert.workspace_id == ws_id, Alert.kind == kind, Alert.subject == subject,
+                                Alert.status == AlertStatus.OPEN, Alert.payload != payload)
+            .values(payload=payload))
+        if not refreshed.rowcount:
+            return False
+    if fired or refresh:
         events.emit(session, ws_id, events.ALERT, alert=kind, subject=subject, state="OPEN", **payload)
     return fired
 

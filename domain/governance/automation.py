@@ -65,6 +65,13 @@ from policies import Action
 GRANTS = Grant.__table__
 log = logging.getLogger("creditpool.automation")
 
+# The subjects of auto top-up's TOPUP_FAILED alerts, one open alert each. A payment that failed
+# (declined, or not answered) is a fact about the purchases made, with a count that grows until
+# one goes through; a pack off sale is a fact about the settings, which the owner clears by
+# picking another pack. Under one subject, either would hide the other's state.
+PAYMENT_FAILED = "auto-topup"
+PACK_OFF_SALE = "auto-topup:pack-off-sale"
+
 
 async def available_units(session: AsyncSession, ws_id: uuid.UUID, now: datetime, *,
                           pool_only: bool = False) -> int:
@@ -179,7 +186,8 @@ async def claim_top_up(session: AsyncSession, ws: Workspace, now: datetime, *,
             return None
         pack = await session.get_one(CreditPack, topup.pack_id)
         if not pack.is_active:  # never buy what is no longer on sale
-            await alerts.fire(session, ws.id, alerts.TOPUP_FAILED, "auto-topup", now, reason="the pack is off sale")
+            await alerts.fire(session, ws.id, alerts.TOPUP_FAILED, PACK_OFF_SALE, now, refresh=True,
+                              reason="the pack is off sale", packId=str(pack.id))
             return None
         # A claim's purchase is counted when it is recorded, once per reference (`run_top_up`).
         if cap_reached(topup, pack.units, now, ws.timezone):
@@ -385,7 +393,8 @@ async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim,
                         reference, outcome.reason)
             return False
         topup.consecutive_failures += 1
-        await alerts.fire(session, claim.workspace_id, alerts.TOPUP_FAILED, "auto-topup", now,
+        # Refreshed while open: the alert tells the failures in a row and the latest reason.
+        await alerts.fire(session, claim.workspace_id, alerts.TOPUP_FAILED, PAYMENT_FAILED, now, refresh=True,
                           reason=outcome.reason, failures=topup.consecutive_failures)
         if topup.enabled and topup.consecutive_failures >= topup.failure_limit:
             before = _json(topup)
@@ -432,7 +441,14 @@ async def set_auto_top_up(
 ) -> AutoTopUp:
     """Owners and billing managers turn it on (a standing instruction to charge the workspace)
     and change it while it is on; admins too may turn it off, or change it while it stays off.
-    Turning it on clears the failure count; the latch is left to the claim in flight, if any."""
+    Turning it on clears the failure count; the latch is left to the claim in flight, if any.
+
+    Its failure alerts follow what the settings decide, new purchases: any change saved clears
+    "the pack is off sale" (on, it names a pack on sale; off, it buys nothing), and turning it off
+    clears a payment's failure too, unless that payment is still to be finished (a claim in
+    flight, an unanswered payment to ask again): its outcome settles that alert. A change that
+    keeps it on leaves a payment's failure open: another pack or threshold does not make it
+    untrue, and the failures in a row go on counting."""
     ws_id = parse_id(workspace_id, "workspace")
     threshold_units = parse_credits(threshold, "threshold", allow_zero=True)
     max_units = parse_credits(monthly_max_credits, "monthlyMaxCredits", allow_zero=True)
@@ -454,6 +470,8 @@ async def set_auto_top_up(
             raise NotFound("credit pack")
         topup = await session.get(AutoTopUp, ws_id, with_for_update=True)
         before = _json(topup) if topup else None
+        now = caller.clock.now()
+        await alerts.resolve(session, ws_id, alerts.TOPUP_FAILED, now, PACK_OFF_SALE)
         if topup is None:
             topup = AutoTopUp(workspace_id=ws_id, enabled=enabled, threshold_units=threshold_units, pack_id=pack.id,
                               monthly_max_purchases=monthly_max_purchases, monthly_max_units=max_units,
@@ -470,11 +488,13 @@ async def set_auto_top_up(
                 # On again: "auto top-up failed / was turned off" no longer holds, and the next
                 # time it is turned off must raise a fresh alert.
                 for kind in (alerts.TOPUP_DISABLED, alerts.TOPUP_FAILED):
-                    await alerts.resolve(session, ws_id, kind, caller.clock.now())
+                    await alerts.resolve(session, ws_id, kind, now)
+            elif topup.enabled and not enabled and topup.armed and topup.unanswered_pack_id is None:
+                # Off, with no purchase left to finish: nothing it failed to buy will be asked again.
+                await alerts.resolve(session, ws_id, alerts.TOPUP_FAILED, now, PAYMENT_FAILED)
             topup.enabled = enabled
         ws.auto_topup_enabled = enabled
         await session.flush()
-        now = caller.clock.now()
         if not cap_reached(topup, pack.units, now, ws.timezone):  # caps raised (or a smaller pack): room again
             await alerts.resolve(session, ws_id, alerts.TOPUP_CAP_REACHED, now)
         audit.record(session, ws_id, caller.actor.user_id, "autotopup.updated", "auto_topup", ws_id,
