@@ -169,7 +169,30 @@ async def revoke_token(session: AsyncSession, actor: Actor, token_id: uuid.UUID)
         token.revoked_at = func.now()
         await session.flush()
         await session.refresh(token)
+        await audit_revoked(session, [token], actor.user_id)  # revoked now: a second revocation records nothing
     return token
+
+
+async def audit_revoked(session: AsyncSession, tokens: list[ApiToken], actor_id: uuid.UUID | None) -> None:
+    """An `apitoken.revoked` entry per token in the audit log of every workspace its user is a
+    member of. A token is a person's, not a workspace's, and acts in each of their workspaces:
+    each one's log shows when it stopped. Without its name, which its owner chose and which may
+    speak of another workspace. A service account is a member of none (its role is the
+    platform's), so its tokens' revocations (`revoke-tokens --service`) are in no workspace's log."""
+    if not tokens:
+        return
+    from domain.governance import audit  # the audit log's module depends on this one
+    from domain.workspaces.models import Member
+
+    user_id = tokens[0].user_id
+    workspaces = (await session.execute(
+        select(Member.workspace_id).where(Member.user_id == user_id, Member.removed_at.is_(None))
+    )).scalars().all()
+    for ws_id in workspaces:
+        for t in tokens:
+            audit.record(session, ws_id, actor_id, "apitoken.revoked", "api_token", t.id,
+                         before={"userId": user_id, "revokedAt": None},
+                         after={"userId": user_id, "revokedAt": t.revoked_at}, at=t.revoked_at)
 
 
 async def lock_user(session: AsyncSession, user_id: uuid.UUID) -> None:
@@ -195,7 +218,9 @@ async def revoke_other_tokens(session: AsyncSession, actor: Actor) -> list[ApiTo
     """Revoke every live token of the actor's but the one asking; returns those it revoked."""
     await lock_user(session, actor.user_id)
     await still_live(session, actor)
-    return await _revoke_live(session, actor.user_id, keep=actor.token_id)
+    revoked = await _revoke_live(session, actor.user_id, keep=actor.token_id)
+    await audit_revoked(session, revoked, actor.user_id)
+    return revoked
 
 
 async def _revoke_live(session: AsyncSession, user_id: uuid.UUID, *, keep: uuid.UUID | None = None) -> list[ApiToken]:
@@ -379,6 +404,8 @@ async def cli_revoke_tokens(db, *, service: str | None = None,
         # The same lock as createApiToken and revokeOtherApiTokens: a token minted meanwhile
         # is either revoked here or created after this commits.
         await lock_user(session, user.id)
-        return user, await _revoke_live(session, user.id)
+        revoked = await _revoke_live(session, user.id)
+        await audit_revoked(session, revoked, None)  # the operator's CLI: no actor, as the system's changes
+        return user, revoked
 
     return await db.transaction(work)

@@ -317,3 +317,66 @@ async def test_repeated_queries_hit_the_parser_and_validation_caches(db, live_se
         assert status == 200
     assert _get_parse_cache(256).cache_info().hits >= parse_hits + 3
     assert _get_validate_cache(256).cache_info().hits >= validate_hits + 3
+
+
+# --- revocations in the audit log -----------------------------------------------------------------
+
+AUDIT_TOKENS = """query($ws: ID!, $action: String!) {
+  auditLog(workspaceId: $ws, action: $action) { edges { node { action actorId targetType targetId before after } } }
+}"""
+NEW_WORKSPACE = 'mutation($name: String!) { createWorkspace(input: {name: $name}) { ... on Workspace { id } } }'
+
+
+async def token_entries(client, token: str, ws: str, action: str = "apitoken.revoked") -> list[dict]:
+    async with client(token) as api:
+        return [e["node"] for e in (await api(AUDIT_TOKENS, ws=ws, action=action))["auditLog"]["edges"]]
+
+
+async def test_revoking_a_token_is_audited_in_every_workspace_its_owner_is_a_member_of(db, client):
+    # A token is a person's, not a workspace's: it acts in every workspace they belong to, and
+    # revoking one (a lost laptop, a leaked secret) wrote no audit entry in any of them.
+    from tests.test_api_ledger import ADD
+
+    _, owner = await new_user(db)
+    email, member = await new_user(db, prefix="member")
+    async with client(owner) as api:
+        first = (await api(NEW_WORKSPACE, name="First"))["createWorkspace"]["id"]
+        second = (await api(NEW_WORKSPACE, name="Second"))["createWorkspace"]["id"]
+        for ws in (first, second):
+            assert (await api(ADD, ws=ws, email=email, role="MEMBER", seat="STANDARD"))["addMember"]["id"]
+    _, outsider = await new_user(db)
+    async with client(outsider) as api:
+        elsewhere = (await api(NEW_WORKSPACE, name="Elsewhere"))["createWorkspace"]["id"]
+    async with client(member) as api:
+        viewer = (await api("{ viewer { id } }"))["viewer"]["id"]
+        laptop = (await api(CREATE_TOKEN, name="laptop"))["createApiToken"]["token"]["id"]
+        revoked = (await api(REVOKE, id=laptop))["revokeApiToken"]
+        assert (await api(REVOKE, id=laptop))["revokeApiToken"] == revoked  # again: harmless, and not audited again
+    entry = {"action": "apitoken.revoked", "actorId": viewer, "targetType": "api_token", "targetId": laptop,
+             "before": {"userId": viewer, "revokedAt": None}, "after": {"userId": viewer, "revokedAt": revoked["revokedAt"]}}
+    for ws in (first, second):
+        assert await token_entries(client, owner, ws) == [entry]
+    assert await token_entries(client, outsider, elsewhere) == []
+
+
+async def test_revoking_every_other_token_and_the_operators_revoke_tokens_are_audited(db, client):
+    from tests.test_api_ledger import ADD
+
+    _, owner = await new_user(db)
+    email, member = await new_user(db, prefix="member")
+    async with client(owner) as api:
+        ws = (await api(NEW_WORKSPACE, name="Team"))["createWorkspace"]["id"]
+        assert (await api(ADD, ws=ws, email=email, role="MEMBER", seat="STANDARD"))["addMember"]["id"]
+    async with client(member) as api:
+        viewer = (await api("{ viewer { id } }"))["viewer"]["id"]
+        made = [(await api(CREATE_TOKEN, name=name))["createApiToken"]["token"]["id"] for name in ("a", "b")]
+        others = sorted(t["id"] for t in (await api(REVOKE_OTHERS))["revokeOtherApiTokens"])
+    assert others == sorted(made)
+    entries = await token_entries(client, owner, ws)
+    assert sorted(e["targetId"] for e in entries) == others
+    assert {(e["actorId"], e["after"]["userId"]) for e in entries} == {(viewer, viewer)}
+    # Incident response: the operator's CLI revokes the one left, with no actor in the request.
+    _, [last] = await identity.cli_revoke_tokens(db, email=email)
+    [entry, *_] = await token_entries(client, owner, ws)
+    assert (entry["targetId"], entry["actorId"], entry["after"]["userId"]) == (str(last.id), None, viewer)
+    assert entry["after"]["revokedAt"] is not None
