@@ -148,12 +148,15 @@ async def get_or_create_service_account(session: AsyncSession, name: str) -> Use
     return (await session.execute(select(User).where(User.kind == UserKind.SERVICE, User.name == name))).scalar_one()
 
 
-async def issue_token(session: AsyncSession, user_id: uuid.UUID, name: str) -> tuple[ApiToken, str]:
-    """Create a token; the secret is returned once and never stored."""
+async def issue_token(session: AsyncSession, user_id: uuid.UUID, name: str, *,
+                      actor_id: uuid.UUID | None = None) -> tuple[ApiToken, str]:
+    """Create a token; the secret is returned once and never stored. `actor_id`: who asked (the
+    user themself through `createApiToken`; none for the operator's CLI)."""
     secret = new_secret()
     token = ApiToken(user_id=user_id, name=clean_name(name), token_hash=hash_token(secret))
     session.add(token)
-    await session.flush()
+    await session.flush()  # its creation time comes back with the insert (RETURNING)
+    await _audit(session, [token], actor_id, "apitoken.created")
     return token, secret
 
 
@@ -169,16 +172,18 @@ async def revoke_token(session: AsyncSession, actor: Actor, token_id: uuid.UUID)
         token.revoked_at = func.now()
         await session.flush()
         await session.refresh(token)
-        await audit_revoked(session, [token], actor.user_id)  # revoked now: a second revocation records nothing
+        # Revoked now: a second revocation records nothing.
+        await _audit(session, [token], actor.user_id, "apitoken.revoked")
     return token
 
 
-async def audit_revoked(session: AsyncSession, tokens: list[ApiToken], actor_id: uuid.UUID | None) -> None:
-    """An `apitoken.revoked` entry per token in the audit log of every workspace its user is a
-    member of. A token is a person's, not a workspace's, and acts in each of their workspaces:
-    each one's log shows when it stopped. Without its name, which its owner chose and which may
-    speak of another workspace. A service account is a member of none (its role is the
-    platform's), so its tokens' revocations (`revoke-tokens --service`) are in no workspace's log."""
+async def _audit(session: AsyncSession, tokens: list[ApiToken], actor_id: uuid.UUID | None, action: str) -> None:
+    """An `apitoken.created` or `apitoken.revoked` entry per token in the audit log of every
+    workspace its user is a member of. A token is a person's, not a workspace's, and acts in each
+    of their workspaces: each one's log shows when it started and stopped. Without its name,
+    which its owner chose and which may speak of another workspace. A service account is a
+    member of none (its role is the platform's), so its tokens (`create-service-token`,
+    `revoke-tokens --service`) are in no workspace's log."""
     if not tokens:
         return
     from domain.governance import audit  # the audit log's module depends on this one
@@ -190,9 +195,12 @@ async def audit_revoked(session: AsyncSession, tokens: list[ApiToken], actor_id:
     )).scalars().all()
     for ws_id in workspaces:
         for t in tokens:
-            audit.record(session, ws_id, actor_id, "apitoken.revoked", "api_token", t.id,
-                         before={"userId": user_id, "revokedAt": None},
-                         after={"userId": user_id, "revokedAt": t.revoked_at}, at=t.revoked_at)
+            if action == "apitoken.created":
+                before, after, at = None, {"userId": user_id, "createdAt": t.created_at}, t.created_at
+            else:
+                before, after = {"userId": user_id, "revokedAt": None}, {"userId": user_id, "revokedAt": t.revoked_at}
+                at = t.revoked_at
+            audit.record(session, ws_id, actor_id, action, "api_token", t.id, before=before, after=after, at=at)
 
 
 async def lock_user(session: AsyncSession, user_id: uuid.UUID) -> None:
@@ -219,7 +227,7 @@ async def revoke_other_tokens(session: AsyncSession, actor: Actor) -> list[ApiTo
     await lock_user(session, actor.user_id)
     await still_live(session, actor)
     revoked = await _revoke_live(session, actor.user_id, keep=actor.token_id)
-    await audit_revoked(session, revoked, actor.user_id)
+    await _audit(session, revoked, actor.user_id, "apitoken.revoked")
     return revoked
 
 
@@ -319,7 +327,7 @@ async def create_own_token(db, actor: Actor, name: str) -> tuple[ApiToken, str]:
         if live >= MAX_ACTIVE_TOKENS:
             raise ValidationFailed("apiTokens", f"at most {MAX_ACTIVE_TOKENS} active tokens per user: "
                                                 "revoke one you no longer use first")
-        return await issue_token(session, actor.user_id, name)
+        return await issue_token(session, actor.user_id, name, actor_id=actor.user_id)
 
     return await db.transaction(work)
 
@@ -405,7 +413,7 @@ async def cli_revoke_tokens(db, *, service: str | None = None,
         # is either revoked here or created after this commits.
         await lock_user(session, user.id)
         revoked = await _revoke_live(session, user.id)
-        await audit_revoked(session, revoked, None)  # the operator's CLI: no actor, as the system's changes
+        await _audit(session, revoked, None, "apitoken.revoked")  # the operator's CLI: no actor
         return user, revoked
 
     return await db.transaction(work)

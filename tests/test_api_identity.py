@@ -353,7 +353,8 @@ async def test_revoking_a_token_is_audited_in_every_workspace_its_owner_is_a_mem
         revoked = (await api(REVOKE, id=laptop))["revokeApiToken"]
         assert (await api(REVOKE, id=laptop))["revokeApiToken"] == revoked  # again: harmless, and not audited again
     entry = {"action": "apitoken.revoked", "actorId": viewer, "targetType": "api_token", "targetId": laptop,
-             "before": {"userId": viewer, "revokedAt": None}, "after": {"userId": viewer, "revokedAt": revoked["revokedAt"]}}
+             "before": {"userId": viewer, "revokedAt": None},
+             "after": {"userId": viewer, "revokedAt": revoked["revokedAt"]}}
     for ws in (first, second):
         assert await token_entries(client, owner, ws) == [entry]
     assert await token_entries(client, outsider, elsewhere) == []
@@ -380,3 +381,24 @@ async def test_revoking_every_other_token_and_the_operators_revoke_tokens_are_au
     [entry, *_] = await token_entries(client, owner, ws)
     assert (entry["targetId"], entry["actorId"], entry["after"]["userId"]) == (str(last.id), None, viewer)
     assert entry["after"]["revokedAt"] is not None
+
+
+async def test_issuing_a_token_is_audited_in_every_workspace_its_owner_is_a_member_of(db, client):
+    # Its revocation was, its issue was not: a workspace's log showed tokens stop that it never saw start.
+    from tests.test_api_ledger import ADD
+
+    _, owner = await new_user(db)
+    email, member = await new_user(db, prefix="member")
+    async with client(owner) as api:
+        ws = (await api(NEW_WORKSPACE, name="Team"))["createWorkspace"]["id"]
+        assert (await api(ADD, ws=ws, email=email, role="MEMBER", seat="STANDARD"))["addMember"]["id"]
+    async with client(member) as api:
+        viewer = (await api("{ viewer { id } }"))["viewer"]["id"]
+        made = (await api(CREATE_TOKEN, name="laptop"))["createApiToken"]["token"]
+    await identity.cli_user_token(db, email, operator=False)  # the operator's CLI: no actor
+    async with client(member) as api:
+        by_cli = (await api("{ viewer { apiTokens { id createdAt } } }"))["viewer"]["apiTokens"][-1]
+    entries = await token_entries(client, owner, ws, "apitoken.created")
+    assert [(e["targetId"], e["actorId"], e["before"], e["after"]["userId"]) for e in entries] == [
+        (by_cli["id"], None, None, viewer), (made["id"], viewer, None, viewer)]
+    assert entries[0]["after"]["createdAt"] == by_cli["createdAt"]
