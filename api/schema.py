@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from strawberry.extensions import (
 from strawberry.schema.types.base_scalars import wrap_parser
 from strawberry.types.scalar import ScalarDefinition
 from strawberry.tools import merge_types
+from strawberry.types.execution import PreExecutionError
 
 from api.catalog import CatalogMutation, CatalogQuery
 from api.context import Context
@@ -99,6 +100,14 @@ def unstorable_text(variables: dict[str, Any] | None) -> str | None:
     return None
 
 
+def unstorable_refusal(variables: dict[str, Any] | None) -> GraphQLError | None:
+    """The error refusing an operation whose variables carry text no column can store, or None."""
+    where = unstorable_text(variables)
+    if where is None:
+        return None
+    return GraphQLError(f"{where}: {_UNSTORABLE_MESSAGE}", extensions={"code": "VALIDATION", "field": where})
+
+
 class StorableTextLiterals(ValidationRule):
     """The same refusal for string literals written in the document itself."""
 
@@ -124,7 +133,8 @@ class RequestRules(SchemaExtension):
       (syntax, validation, limits) pass through unchanged.
     - Text that no column can store (a NUL character, an unpaired surrogate), in a variable or a
       literal, refuses the whole operation before anything runs (code VALIDATION, HTTP 400):
-      PostgreSQL would refuse it halfway through a transaction, which surfaced as INTERNAL."""
+      PostgreSQL would refuse it halfway through a transaction, which surfaced as INTERNAL. Over
+      a websocket the variables are refused earlier still (`CreditpoolSchema.stream`)."""
 
     def __init__(self, max_tokens: int, rules: tuple[type[ASTValidationRule], ...]) -> None:
         self.max_tokens = max_tokens
@@ -138,11 +148,11 @@ class RequestRules(SchemaExtension):
         context.parse_options["max_tokens"] = self.max_tokens
         # The same tuple for the same rules: the validation cache's key.
         context.validation_rules = context.validation_rules + self.rules
-        where = unstorable_text(context.variables)
-        if where is not None:
-            # A result already set is what Strawberry returns instead of executing.
-            context.result = ExecutionResult(data=None, errors=[GraphQLError(
-                f"{where}: {_UNSTORABLE_MESSAGE}", extensions={"code": "VALIDATION", "field": where})])
+        refusal = unstorable_refusal(context.variables)
+        if refusal is not None:
+            # A result already set is what Strawberry returns instead of executing a query or a
+            # mutation; a subscription ignores it, and is refused before this (`CreditpoolSchema.stream`).
+            context.result = ExecutionResult(data=None, errors=[refusal])
         yield
         self._rewrite(context.result)
 
@@ -172,10 +182,26 @@ class RequestRules(SchemaExtension):
 
 
 class CreditpoolSchema(strawberry.Schema):
+    async def stream(self, query: str | None, variable_values: dict[str, Any] | None = None, *args: Any,
+                     **kwargs: Any) -> Any:
+        # Every operation over a websocket comes here. Strawberry runs a subscription whatever
+        # result an extension set before it (`RequestRules` refuses unstorable variables so), and
+        # it ran: its resolver looked a NUL id up ("not found"), or one with the text in a
+        # variable it does not use started streaming. Refused here first, as a pre-execution
+        # error: the client gets an `error` message for the operation, and nothing starts.
+        refusal = unstorable_refusal(variable_values)
+        if refusal is None:
+            return await super().stream(query, variable_values, *args, **kwargs)
+        return _refused(refusal)
+
     def process_errors(self, errors: list[GraphQLError], execution_context=None) -> None:
         # Refused credentials and permissions are expected traffic, not server errors to log.
         expected = (TopLevelError, DomainError)
         super().process_errors([e for e in errors if not isinstance(e.original_error, expected)], execution_context)
+
+
+async def _refused(error: GraphQLError) -> AsyncIterator[PreExecutionError]:
+    yield PreExecutionError(data=None, errors=[error])
 
 
 def build_schema(*, max_depth: int = 12, max_aliases: int = 15, max_tokens: int = 2000) -> strawberry.Schema:

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import websockets
+from gql import gql
 from gql.transport.exceptions import TransportConnectionFailed, TransportQueryError
 
 from tests.conftest import new_user, ws_client
@@ -59,3 +60,36 @@ async def test_a_revoked_token_cannot_open_a_new_connection(db, live_server, cli
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 5)
     assert closed.value.rcvd.code == 4403
+
+
+@pytest.mark.parametrize("where", ["$ws", "$note"])
+async def test_a_subscription_with_text_no_column_can_store_is_refused_before_it_starts(db, live_server, where):
+    # Over HTTP, and for queries and mutations over a socket, a NUL (or a lone surrogate) in a
+    # variable refuses the operation before anything runs. A subscription ran all the same: its
+    # resolver looked the text up (a NUL id: "workspace not found"), or, with the text in a
+    # variable it does not use, it started and sent the balance.
+    _, token = await new_user(db)
+    async with ws_client(live_server, token) as api:
+        ws = (await api('mutation { createWorkspace(input: {name: "Live"}) { ... on Workspace { id } } }'))[
+            "createWorkspace"]["id"]
+        variables = {"ws": "a\x00b"} if where == "$ws" else {"ws": ws, "note": "a\x00b"}
+        request = gql("subscription($ws: ID!) { balanceChanged(workspaceId: $ws) { available } }")
+        request.variable_values = variables
+
+        async def first():
+            async for result in api.session.subscribe(request):
+                return result
+
+        with pytest.raises(TransportQueryError) as err:
+            await asyncio.wait_for(first(), 5)
+    message = f"{where}: text may not contain NUL characters or unpaired surrogates"
+    assert err.value.errors == [{"message": message, "extensions": {"code": "VALIDATION", "field": where}}]
+    # On the wire: an `error` message, which ends the operation (not a `next` of a running one).
+    async with websockets.connect(live_server.ws_url, subprotocols=["graphql-transport-ws"]) as raw:
+        await raw.send(json.dumps({"type": "connection_init", "payload": {"Authorization": f"Bearer {token}"}}))
+        assert json.loads(await asyncio.wait_for(raw.recv(), 5))["type"] == "connection_ack"
+        await raw.send(json.dumps({"id": "1", "type": "subscribe", "payload": {
+            "query": "subscription($ws: ID!) { balanceChanged(workspaceId: $ws) { available } }",
+            "variables": variables}}))
+        answer = json.loads(await asyncio.wait_for(raw.recv(), 5))
+    assert (answer["type"], answer["id"], answer["payload"][0]["message"]) == ("error", "1", message)
