@@ -24,6 +24,7 @@ from strawberry.schema.types.base_scalars import wrap_parser
 from strawberry.types.scalar import ScalarDefinition
 from strawberry.tools import merge_types
 from strawberry.types.execution import PreExecutionError
+from strawberry.types.graphql import OperationType
 
 from api.catalog import CatalogMutation, CatalogQuery
 from api.context import Context
@@ -134,7 +135,8 @@ class RequestRules(SchemaExtension):
     - Text that no column can store (a NUL character, an unpaired surrogate), in a variable or a
       literal, refuses the whole operation before anything runs (code VALIDATION, HTTP 400):
       PostgreSQL would refuse it halfway through a transaction, which surfaced as INTERNAL. Over
-      a websocket the variables are refused earlier still (`CreditpoolSchema.stream`)."""
+      a websocket the variables are refused earlier still (`CreditpoolSchema.stream`).
+    - A subscription posted over HTTP is refused the same way: they are served over websockets."""
 
     def __init__(self, max_tokens: int, rules: tuple[type[ASTValidationRule], ...]) -> None:
         self.max_tokens = max_tokens
@@ -155,6 +157,17 @@ class RequestRules(SchemaExtension):
             context.result = ExecutionResult(data=None, errors=[refusal])
         yield
         self._rewrite(context.result)
+
+    def on_execute(self) -> Iterator[None]:
+        # A subscription posted over HTTP would run its resolver as a plain field, which answers
+        # INTERNAL: refused instead, as a request that cannot run (400), saying where they are served.
+        context = self.execution_context
+        if (context.operation_type is OperationType.SUBSCRIPTION and isinstance(context.context, Context)
+                and context.context.connection_params is None):
+            context.result = ExecutionResult(data=None, errors=[GraphQLError(
+                "subscriptions are served over websockets (graphql-transport-ws), not over HTTP",
+                extensions={"code": "VALIDATION"})])
+        yield
 
     def on_stream_result(self, result) -> Iterator[None]:
         # Subscriptions (and operations over websockets) deliver results one by one.

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
+
 import pytest
 import websockets
 from gql import gql
@@ -93,3 +95,23 @@ async def test_a_subscription_with_text_no_column_can_store_is_refused_before_it
             "variables": variables}}))
         answer = json.loads(await asyncio.wait_for(raw.recv(), 5))
     assert (answer["type"], answer["id"], answer["payload"][0]["message"]) == ("error", "1", message)
+
+
+@pytest.mark.parametrize("accept", [None, "multipart/mixed;subscriptionSpec=1.0, application/json"])
+async def test_a_subscription_posted_over_http_is_refused_with_a_typed_error(db, live_server, accept):
+    """Subscriptions are served over websockets only. Posted over HTTP (with or without the
+    multipart subscription Accept header) one is refused as a request that cannot run (400,
+    code VALIDATION, saying where subscriptions are served), not answered INTERNAL."""
+    _, token = await new_user(db)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    if accept:
+        headers["Accept"] = accept
+    body = {"query": "subscription($ws: ID!) { balanceChanged(workspaceId: $ws) { available } }",
+            "variables": {"ws": "00000000-0000-0000-0000-000000000000"}}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(live_server.http_url, json=body, headers=headers) as resp:
+            status, answer = resp.status, json.loads(await resp.text())
+    assert status == 400, answer
+    [error] = answer["errors"]
+    assert error["extensions"]["code"] == "VALIDATION" and "websocket" in error["message"], error
+    assert answer.get("data") is None
