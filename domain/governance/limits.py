@@ -8,6 +8,7 @@ second waits on the row lock and then sees the first one's usage.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -95,6 +96,26 @@ ORDER BY period_start DESC LIMIT 1
 _ADJUST = """
 UPDATE limit_usage SET used_units = greatest(used_units + $3, 0) WHERE limit_id = $1 AND period_start = $2
 """
+# A new limit's scope among the workspace's generations, and its period: $1 the workspace, $2
+# the member (a MEMBER limit) or NULL, $3 the billing group (a GROUP limit) or NULL, $4 and $5
+# the period's bounds. A generation counts in the period of its start, with the group it started
+# in, as `charge` counts it.
+_IN_SCOPE = """workspace_id = $1 AND ($2::uuid IS NULL OR member_id = $2) AND ($3::uuid IS NULL OR billing_group_id = $3)
+  AND started_at >= $4 AND started_at < $5"""
+# The running generations in scope, locked in id order (the order coalesced settlements lock
+# them) and charged to the new limit's period ($6: the charge, as a one-element JSON array);
+# their holds, which `charge` would have counted. A generation settled while this waited for its
+# lock no longer matches (READ COMMITTED checks the locked row again) and is not charged.
+_CHARGE_RUNNING = f"""
+UPDATE generations AS g SET limit_charges = g.limit_charges || $6::jsonb
+FROM (SELECT id FROM generations WHERE status = 'STARTED' AND {_IN_SCOPE} ORDER BY id FOR UPDATE) AS l
+WHERE g.id = l.id
+RETURNING g.quoted_units
+"""
+# What the settled generations in scope kept. A statement of its own, after the locks above:
+# its snapshot sees the settlements those locks waited for.
+_SETTLED_SPEND = f"SELECT coalesce(sum(captured_units), 0) FROM generations WHERE status <> 'STARTED' AND {_IN_SCOPE}"
+_NEW_USAGE_ROW = "INSERT INTO limit_usage (limit_id, period_start, period_end, used_units) VALUES ($1, $2, $3, $4)"
 
 
 async def applicable_limits(
@@ -190,6 +211,34 @@ async def charge(
     return charges
 
 
+async def count_period_so_far(tx: AsyncSession | Sql, limit: SpendLimit, now: datetime) -> Period:
+    """Open a new limit's period in progress with what it would have counted had it existed
+    since the period began: the captured credits of the generations in its scope that started
+    in the period and have settled, plus the holds of those still running, each of which is
+    charged to this limit as its start would have been (so its settlement releases from the
+    limit, or adds an extra above its hold, exactly as for the limits it started under). A
+    one-statement settlement that read such a generation before this charge finds it charged
+    and leaves it to the transaction path (`ledger.service._SETTLE_AT_ONCE`).
+
+    The caller holds the workspace row (FOR NO KEY UPDATE): the timezone and so the period
+    cannot move meanwhile. Not covered: a start committing concurrently with this transaction
+    escapes the new limit (it read the limits before this one committed, and a start under no
+    limit takes no lock this could wait on; the one-statement start decides from a read made
+    before its write). Only starts in flight during these few statements can; closing that
+    would cost every start a lock or a statement."""
+    sql = as_sql(tx)
+    timezone = await sql.fetchval("SELECT timezone FROM workspaces WHERE id = $1", limit.workspace_id)
+    current = await current_period(sql, limit.id, limit.period, now, timezone)
+    # The whole period, not up to `now`: a generation counts in the period its start's clock
+    # put it in, and another server's clock may run a little ahead of ours.
+    scope = (limit.workspace_id, limit.member_id, limit.billing_group_id, current.start, current.end)
+    charge_json = json.dumps([{"limit": str(limit.id), "period": current.start.isoformat()}])
+    held = sum(r["quoted_units"] for r in await sql.fetch(_CHARGE_RUNNING, *scope, charge_json))
+    captured = int(await sql.fetchval(_SETTLED_SPEND, *scope))
+    await sql.execute(_NEW_USAGE_ROW, limit.id, current.start, current.end, held + captured)
+    return current
+
+
 async def adjust(tx: AsyncSession | Sql, charges: list[dict], delta: int) -> None:
     """Move what a generation counts against its limits: negative for released credits,
     positive for extra credits captured above the hold (those are never refused: the work ran)."""
@@ -265,6 +314,9 @@ async def set_spend_limit(
                            created_by=caller.actor.user_id)
         session.add(limit)
         await session.flush()
+        # A new limit (a first one, or one set again after a removal) counts the period's spend
+        # so far: given mid-month, a monthly limit caps the month, not what is left of it.
+        await count_period_so_far(session, limit, now)
         audit.record(session, ws_id, caller.actor.user_id, "limit.set", "spend_limit", limit.id,
                      after=_limit_json(limit), at=now)
         return limit
