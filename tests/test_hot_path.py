@@ -160,6 +160,8 @@ async def test_a_workspace_with_spend_limits_and_a_capture_above_the_hold_take_t
         out = (await api(SET_LIMIT, ws=team.ws, scope="WORKSPACE", period="MONTH", amount="100", action="BLOCK",
                          member=None))["setSpendLimit"]
     assert out["__typename"] == "SpendLimit", out
+    used = await db.fetchrow("SELECT used_units FROM limit_usage WHERE limit_id = $1", uuid.UUID(out["id"]))
+    assert used["used_units"] == 7_000  # the month's spend before the limit was set
     async with pool.acquire() as conn:
         sql = Counted(conn)
         assert await service.reserve_at_once(sql, await caller_for(db, creator), start_request(team, "test-six")) is None
@@ -167,7 +169,7 @@ async def test_a_workspace_with_spend_limits_and_a_capture_above_the_hold_take_t
     async with client(creator) as api:
         assert (await api(START, ws=team.ws, model="test-six", key=key()))["startGeneration"]["__typename"] == "Generation"
     used = await db.fetchrow("SELECT used_units FROM limit_usage WHERE limit_id = $1", uuid.UUID(out["id"]))
-    assert used["used_units"] == 6_000  # charged by the transaction path
+    assert used["used_units"] == 13_000  # 6 more, charged by the transaction path
     await assert_ledger_clean(db, team.ws)
 
 

@@ -13,7 +13,7 @@ from datetime import timedelta
 from tests.conftest import HeldLock
 from tests.test_api_governance import SET_LIMIT, start
 from tests.test_api_ledger import COMPLETE, FAIL, assert_ledger_clean, grant, key, make_team
-from tests.test_hot_path_failures import until
+from tests.test_hot_path_failures import queued, server_db, until
 from domain.db import as_sql
 
 LIMITS = "query($ws: ID!) { spendLimits(workspaceId: $ws) { id scope period used allowance } }"
@@ -204,6 +204,65 @@ async def test_a_running_generation_counts_at_its_hold_and_its_settlement_moves_
     assert await used(client, team) == {limit["id"]: "24.000"}
     await complete(client, team, above, "15")  # 5 above the hold: counts too
     assert await used(client, team) == {limit["id"]: "29.000"}
+    assert await usage_drift(db, team.ws) == []
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_settlement_that_read_before_the_limit_charged_its_generation_falls_back_to_adjust_it(
+        db, database_url, client):
+    # The one-statement completion read the generation with no charges; the new limit then
+    # charged it and committed; the completion's write, queued on the row lock behind the
+    # limit's, must not settle it at once (that path never adjusts a limit): it goes to the
+    # transaction path, which releases 6 of the limit's 10.
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    token, member = team.creators[0]
+    gen = await start(client, token, team.ws)
+    async with HeldLock(database_url, "generations", gen["id"]) as lock:
+        setting = asyncio.ensure_future(set_limit(client, team, "MEMBER", "MONTH", "50", member=member))
+        await lock.waited_on()  # the limit waits on the generation row first
+        completing = asyncio.ensure_future(complete(client, team, gen, "4"))
+        await until_waiting(db, 2)  # then the completion's write, behind it
+        await lock.commit()
+        limit = await setting
+        await completing
+    assert await charges_of(db, gen["id"]) == [limit["id"]]
+    assert await used(client, team) == {limit["id"]: "4.000"}
+    assert await usage_drift(db, team.ws) == []
+    await assert_ledger_clean(db, team.ws)
+
+
+async def test_a_batch_of_settlements_that_read_before_the_limit_charged_them_falls_back(
+        db, database_url, live_server, client):
+    # The same for coalesced settlements: A and B read with no charges and queue behind X's
+    # write (another member's, held on a row lock); the limit charges A and B and waits on A
+    # (held too); the batch [A, B] then waits on A behind the limit. Once the limit commits the
+    # batch finds them charged and writes nothing; each settles on the transaction path.
+    team = await make_team(db, client, creators=2)
+    await grant(client, team, "1000")
+    (token, member), (other, _) = team.creators
+    x = await start(client, other, team.ws)
+    a, b = [await start(client, token, team.ws) for _ in range(2)]
+    async with HeldLock(database_url, "generations", x["id"]) as x_lock:
+        x_done = asyncio.ensure_future(complete(client, team, x, "2"))
+        await x_lock.waited_on()  # X's write leads; it is counted once written
+        settlements = server_db(live_server)._coalescers["settlements"]
+        before = (settlements.batches, settlements.items)
+        a_done = asyncio.ensure_future(complete(client, team, a, "4"))
+        await queued(live_server, "settlements", team.ws, 1)
+        b_done = asyncio.ensure_future(complete(client, team, b, "3"))
+        await queued(live_server, "settlements", team.ws, 2)
+        async with HeldLock(database_url, "generations", a["id"]) as a_lock:
+            setting = asyncio.ensure_future(set_limit(client, team, "MEMBER", "MONTH", "50", member=member))
+            await a_lock.waited_on()
+            await x_lock.commit()
+            await x_done
+            await until_waiting(db, 2)  # the batch [A, B] waits on A, behind the limit
+            await a_lock.commit()
+            limit = await setting
+            await asyncio.gather(a_done, b_done)
+    assert (settlements.batches - before[0], settlements.items - before[1]) == (2, 3)  # [X], then [A, B]
+    assert await used(client, team) == {limit["id"]: "7.000"}
     assert await usage_drift(db, team.ws) == []
     await assert_ledger_clean(db, team.ws)
 

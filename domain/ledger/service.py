@@ -1096,8 +1096,9 @@ WHERE g.id = $1"""
 _SETTLING = f"SELECT {_SETTLING_COLUMNS}\n{_settling_from('$2')}\nFOR UPDATE OF g"
 # The same, unlocked, with the generation's entries and the grants they touched: everything a
 # one-statement settlement plans from. (A generation's holds are written once, by its start, and
-# a grant's kind and dates never change, so only the generation's status can go stale; the
-# writing statement checks it.)
+# a grant's kind and dates never change, so only the generation's status can go stale, and its
+# limit charges: a limit set since may have charged it, `limits.count_period_so_far`; the
+# writing statement checks both.)
 # Parameters: the generation, and the caller's user id last (`CallerRead`).
 def _settling_read(user: str) -> str:
     return f"""SELECT {_SETTLING_COLUMNS},
@@ -1114,27 +1115,33 @@ _SETTLE_COLUMNS = """status = $2, captured_units = $3, released_units = $4, shor
 _SETTLE = f"UPDATE generations SET {_SETTLE_COLUMNS}\nWHERE id = $1\nRETURNING *"
 # A settlement as one statement (`Database.autocommit`): the generation moves out of STARTED (its
 # row lock first, as everywhere), then the key is claimed and the posting written only if it did.
-# Settled meanwhile: nothing is written and no row comes back.
+# Settled meanwhile, or charged to a limit since the read (this path adjusts no limit): nothing
+# is written and no row comes back. A limit charging it concurrently holds its row lock: the
+# UPDATE waits, and READ COMMITTED checks the row as that commit left it.
+_UNCHARGED = "limit_charges = '[]'::jsonb"
 _SETTLE_AT_ONCE = f"""
 WITH settled AS (
     UPDATE generations AS sg SET {_SETTLE_COLUMNS}
-    WHERE id = $1 AND status = 'STARTED'
+    WHERE id = $1 AND status = 'STARTED' AND {_UNCHARGED}
     RETURNING sg AS row
 ), claim AS ({idempotency.claim_sql(9, "EXISTS (SELECT FROM settled)")}),
 {_posting_ctes(15, "EXISTS (SELECT FROM claim)")}
 SELECT (SELECT array_agg(row) FROM settled) AS generations, (SELECT count(*) FROM claim) AS claimed, {_POSTED}
 """
 # Concurrent settlements in one workspace, coalesced: every generation of the batch is locked
-# first (in id order) and must still be STARTED; then each moves out of STARTED, its key is
-# claimed and its posting written, all or nothing. A generation settled meanwhile (or named
-# twice) writes nothing for the whole batch and no row comes back; each item then goes to the
-# transaction path, which answers it canonically. (Not used for a lone settlement: the lock step
-# costs PostgreSQL a tuple lock and a WAL record of its own, for nothing when the batch is one.)
+# first (in id order) and must still be STARTED and charged to no limit (the locking subquery
+# checks a row it waited for again, as it is once unlocked); then each moves out of STARTED, its
+# key is claimed and its posting written, all or nothing. A generation settled or charged
+# meanwhile (or named twice) writes nothing for the whole batch and no row comes back; each item
+# then goes to the transaction path, which answers it canonically. (Not used for a lone
+# settlement: the lock step costs PostgreSQL a tuple lock and a WAL record of its own, for
+# nothing when the batch is one.)
 _SETTLE_WHOLE = "(SELECT whole FROM locked)"
 _SETTLE_BATCH = f"""
 WITH locked AS (
     SELECT count(*) = cardinality($1::uuid[]) AS whole
-    FROM (SELECT id FROM generations WHERE id = ANY($1::uuid[]) AND status = 'STARTED' ORDER BY id FOR UPDATE) AS l
+    FROM (SELECT id FROM generations WHERE id = ANY($1::uuid[]) AND status = 'STARTED' AND {_UNCHARGED}
+          ORDER BY id FOR UPDATE) AS l
 ), settled AS (
     UPDATE generations AS sg SET status = s.status, captured_units = s.captured, released_units = s.released,
         shortfall_units = s.shortfall, failure_kind = s.failure_kind, settled_at = s.settled_at,
@@ -1333,8 +1340,9 @@ async def settle_at_once(
     (authenticating `who` when it is credentials), then `_SETTLE_AT_ONCE` (alone, or in a batch
     with the concurrent settlements in the same workspace when `settlements` is given). None when
     it needs the transaction path (nothing was written): a replay or an already settled
-    generation, spend-limit usage to adjust, a capture above the hold, or any refusal (answered
-    there, after the key is claimed)."""
+    generation, spend-limit usage to adjust (charged at its start, or by a limit set since, even
+    after this read), a capture above the hold, or any refusal (answered there, after the key is
+    claimed)."""
     caller, row = await _SETTLING_READ.fetchrow(sql, who, gid)
     gen = _may_settle(caller, row)
     if gen.status is not GenerationStatus.STARTED or gen.limit_charges:
