@@ -11,7 +11,7 @@ import uuid
 from datetime import timedelta
 
 from tests.conftest import HeldLock
-from tests.test_api_governance import SET_LIMIT, start
+from tests.test_api_governance import DECIDE, REQUEST, SET_LIMIT, start
 from tests.test_api_ledger import COMPLETE, FAIL, assert_ledger_clean, grant, key, make_team
 from tests.test_hot_path_failures import queued, server_db, until
 from domain.db import as_sql
@@ -292,3 +292,49 @@ async def test_a_settlement_in_flight_when_the_limit_is_set_counts_at_what_it_ca
         assert limit["id"] not in await charges_of(db, gen["id"])
         assert await usage_drift(db, team.ws) == []
         await assert_ledger_clean(db, team.ws)
+
+
+# --- a limit's alerts follow its changes ---------------------------------------------------------
+
+OPEN_LIMIT_ALERTS = "query($ws: ID!) { alerts(workspaceId: $ws, status: OPEN) { kind subject } }"
+
+
+async def open_limit_alerts(client, team) -> list[str]:
+    async with client(team.owner) as api:
+        return sorted(a["kind"] for a in (await api(OPEN_LIMIT_ALERTS, ws=team.ws))["alerts"]
+                      if a["kind"].startswith("LIMIT_"))
+
+
+async def test_a_limits_alerts_follow_its_setting_raising_approvals_and_removal(db, client):
+    """Before, a limit's 80 % and 100 % alerts were evaluated by spends only (and resolved by
+    the scheduler's round): a limit set where the period had already spent 90 % raised nothing
+    until the next spend, and one raised or removed, or an approved overage, left them open."""
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    token, member = team.creators[0]
+    for _ in range(9):
+        await spent(client, team, token)  # 90 this month
+
+    async def set_to(amount: str) -> dict:
+        async with client(team.owner) as api:
+            out = (await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount=amount,
+                             action="REQUIRE_APPROVAL", member=member))["setSpendLimit"]
+        assert out["__typename"] == "SpendLimit", out
+        return out
+
+    limit = await set_to("100")
+    assert await open_limit_alerts(client, team) == ["LIMIT_80"]  # 90 of 100, at once
+    await set_to("200")
+    assert await open_limit_alerts(client, team) == []  # 90 of 200
+    await set_to("90")
+    assert await open_limit_alerts(client, team) == ["LIMIT_100", "LIMIT_80"]
+    async with client(token) as api:
+        req = (await api(REQUEST, ws=team.ws, amount="30", reason="client deadline"))["requestOverage"]
+    assert req["__typename"] == "OverageRequest", req
+    async with client(team.owner) as api:
+        ok = (await api(DECIDE, id=req["id"], approve=True, amount="20"))["decideOverage"]
+    assert ok["status"] == "APPROVED"
+    assert await open_limit_alerts(client, team) == ["LIMIT_80"]  # 90 of 110
+    async with client(team.owner) as api:
+        assert (await api(REMOVE_LIMIT, l=limit["id"]))["removeSpendLimit"]["__typename"] == "SpendLimit"
+    assert await open_limit_alerts(client, team) == []

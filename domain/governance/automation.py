@@ -310,11 +310,23 @@ async def _limit_alerts(session: AsyncSession, ws_id: uuid.UUID, limit_id: uuid.
     allowance = limit.amount_units + await approved_extra(session, limit_id, period, now)
     subject = f"{limit_id}:{period.isoformat()}"
     for kind, share in ((alerts.LIMIT_100, 100), (alerts.LIMIT_80, 80)):
-        if allowance and used * 100 >= allowance * share:
+        if limit.removed_at is None and allowance and used * 100 >= allowance * share:
             await alerts.fire(session, ws_id, kind, subject, now, limitId=str(limit_id),
                               used=format_credits(used), limit=format_credits(allowance))
         else:
             await alerts.resolve(session, ws_id, kind, now, subject)
+
+
+async def limit_changed(session: AsyncSession, limit, now: datetime, period: datetime | None = None) -> None:
+    """A limit was set, changed, removed or raised by an approval (`period`: the approval's; by
+    default the period in progress): its 80 % and 100 % alerts follow at once, as a spend's do. A
+    limit set where the period has already spent 90 % fires; one raised, or an approval, that
+    brings usage back under resolves; a removed one resolves. (Before, they waited for the next
+    spend or the scheduler's round, and a new limit already crossed never fired until a spend.)"""
+    if period is None:
+        ws = await session.get_one(Workspace, limit.workspace_id)
+        period = (await limits.current_period(session, limit.id, limit.period, now, ws.timezone)).start
+    await _limit_alerts(session, limit.workspace_id, limit.id, period, now)
 
 
 async def run_top_up(db: Database, provider: PaymentProvider, claim: TopUpClaim, now: datetime) -> bool:

@@ -306,6 +306,7 @@ async def set_spend_limit(
             before = _limit_json(old)
             old.amount_units, old.action = units, action
             await session.flush()
+            await _alerts_follow(session, old, now)
             audit.record(session, ws_id, caller.actor.user_id, "limit.set", "spend_limit", old.id,
                          before=before, after=_limit_json(old), at=now)
             return old
@@ -317,11 +318,18 @@ async def set_spend_limit(
         # A new limit (a first one, or one set again after a removal) counts the period's spend
         # so far: given mid-month, a monthly limit caps the month, not what is left of it.
         await count_period_so_far(session, limit, now)
+        await _alerts_follow(session, limit, now)
         audit.record(session, ws_id, caller.actor.user_id, "limit.set", "spend_limit", limit.id,
                      after=_limit_json(limit), at=now)
         return limit
 
     return await db.transaction(work)
+
+
+async def _alerts_follow(session: AsyncSession, limit: SpendLimit, now: datetime) -> None:
+    from domain.governance.automation import limit_changed  # automation imports this module
+
+    await limit_changed(session, limit, now)
 
 
 def _limit_json(limit: SpendLimit) -> dict:
@@ -344,6 +352,7 @@ async def remove_spend_limit(db: Database, caller: Caller, *, limit_id: str) -> 
         from domain.governance.overages import lapse_requests_on  # overages imports this module
 
         await lapse_requests_on(session, limit, limit.removed_at)
+        await _alerts_follow(session, limit, limit.removed_at)
         return limit
 
     return await db.transaction(work)

@@ -145,6 +145,10 @@ async def decide_overage(
         events.emit(session, request.workspace_id, events.OVERAGE_DECIDED, requestId=str(request.id),
                     memberId=str(request.member_id), status=request.status.value)
         await alerts.resolve(session, request.workspace_id, alerts.OVERAGE_REQUESTED, now, str(request.id))
+        if approve:  # the limit is raised for its period: its 80 % and 100 % alerts follow
+            from domain.governance.automation import limit_changed  # automation imports this module
+
+            await limit_changed(session, limit, now, request.period_start)
         alerts.note(session, request.workspace_id, alerts.OVERAGE_DECIDED, str(request.id), now,
                     status=request.status.value)
         audit.record(session, request.workspace_id, caller.actor.user_id, f"overage.{request.status.value.lower()}",
