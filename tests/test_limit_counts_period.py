@@ -338,3 +338,40 @@ async def test_a_limits_alerts_follow_its_setting_raising_approvals_and_removal(
     async with client(team.owner) as api:
         assert (await api(REMOVE_LIMIT, l=limit["id"]))["removeSpendLimit"]["__typename"] == "SpendLimit"
     assert await open_limit_alerts(client, team) == []
+
+
+async def test_a_limit_switched_to_block_lapses_its_pending_requests_and_keeps_approved_overages(db, client):
+    """REQUIRE_APPROVAL → BLOCK: nobody may ask to pass the limit any more, so the requests
+    waiting lapse (as when it is removed) instead of letting an approver raise a limit set to
+    block; an overage approved before stays, to its own end: that was a decision."""
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    token, member = team.creators[0]
+
+    async def set_action(action: str) -> None:
+        async with client(team.owner) as api:
+            out = (await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="20", action=action,
+                             member=member))["setSpendLimit"]
+        assert out["__typename"] == "SpendLimit", out
+
+    await set_action("REQUIRE_APPROVAL")
+    await spent(client, team, token)
+    await spent(client, team, token)  # 20 of 20
+    async with client(token) as api:
+        granted = (await api(REQUEST, ws=team.ws, amount="10", reason="first"))["requestOverage"]
+        waiting = (await api(REQUEST, ws=team.ws, amount="10", reason="second"))["requestOverage"]
+    async with client(team.owner) as api:
+        assert (await api(DECIDE, id=granted["id"], approve=True, amount="10"))["decideOverage"]["status"] == "APPROVED"
+    await set_action("BLOCK")
+    async with client(team.owner) as api:
+        statuses = {r["id"]: r["status"] for r in (await api(
+            "query($ws: ID!) { overageRequests(workspaceId: $ws) { id status } }", ws=team.ws))["overageRequests"]}
+        late = (await api(DECIDE, id=waiting["id"], approve=True, amount="10"))["decideOverage"]
+        open_requests = [a for a in (await api(OPEN_LIMIT_ALERTS, ws=team.ws))["alerts"]
+                         if a["kind"] == "OVERAGE_REQUESTED"]
+    assert statuses == {granted["id"]: "APPROVED", waiting["id"]: "LAPSED"}
+    assert late["__typename"] == "OverageNotPending", late
+    assert open_requests == []
+    assert (await start(client, token, team.ws))["__typename"] == "Generation"  # the approved 10: 30 of 30
+    refused = await start(client, token, team.ws)
+    assert (refused["__typename"], refused["limit"], refused["canRequestOverage"]) == ("SpendLimitExceeded", "30.000", False)

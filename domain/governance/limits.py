@@ -304,8 +304,16 @@ async def set_spend_limit(
             # Changed in place: the same limit keeps counting this period's usage and approved
             # overages (a new row would start the period again from zero).
             before = _limit_json(old)
+            blocked = old.action is LimitAction.REQUIRE_APPROVAL and action is LimitAction.BLOCK
             old.amount_units, old.action = units, action
             await session.flush()
+            if blocked:
+                # No longer a limit one may ask to pass: its pending requests lapse, as when it is
+                # removed, rather than wait for an approver to raise a limit set to block. The
+                # overages already approved stay: each was a decision, with its own end.
+                from domain.governance.overages import lapse_requests_on  # overages imports this module
+
+                await lapse_requests_on(session, old, now)
             await _alerts_follow(session, old, now)
             audit.record(session, ws_id, caller.actor.user_id, "limit.set", "spend_limit", old.id,
                          before=before, after=_limit_json(old), at=now)
