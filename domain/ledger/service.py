@@ -3,11 +3,13 @@ the generation hot path: one writing statement, see below), authorizes against t
 read from the row it touches, takes an idempotency key, and writes one ledger entry per movement.
 
 Locking: a transaction that moves credits locks the generation row first (if any), then the
-grant rows it may touch in id order. Admin paths lock the grants with `SELECT ... ORDER BY id FOR
-UPDATE` before planning; the generation hot path reads them unlocked and lets its one posting
-statement take the locks (see `Optimistic`), so a busy pool's grant is locked for the end of one
-statement and its commit. Postings update grants in id order; a rare deadlock is retried by
-`Database`.
+grant rows it may touch in id order. A start's write takes KEY SHARE on the workspace row, then
+on its payer's member row, before the grants, and checks the member again there
+(`_payers_locked`): the order of the member changes, which hold both FOR UPDATE. Admin paths lock
+the grants with `SELECT ... ORDER BY id FOR UPDATE` before planning; the generation hot path reads
+them unlocked and lets its one posting statement take the locks (see `Optimistic`), so a busy
+pool's grant is locked for the end of one statement and its commit. Postings update grants in id
+order; a rare deadlock is retried by `Database`.
 The CHECK constraints on `grants` are the last line: a stale plan or a bug fails a transaction,
 it never overdraws a grant (money rule 2).
 """
@@ -21,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 from sqlalchemy import select
@@ -776,18 +778,56 @@ WHERE w.id = $1
 
 
 _SPENDER = CallerRead(_spender_read, 4)
+
+
+# A start's payers as its write finds them, on their member rows' newest versions: not removed,
+# with the role and seat that each item then compares with what its spender read authorized (the
+# policy decided on those). The read takes no lock, so a removal or a move to a STANDARD seat
+# could commit between it and the write, and the write's foreign keys would not notice: their
+# KEY SHARE on the member row waits for the change, then finds the row (removed or not, it is
+# there). Here the write takes those locks itself, the workspace row first, then the member rows
+# in id order: a member change (`workspaces.service._locked_target`) holds both FOR UPDATE, in
+# that order. A change in flight is waited for, and READ COMMITTED then re-checks the WHERE on the
+# row as it committed (a removed member is gone, a new seat shows); a change asked for once the
+# write holds them waits for the write. No cycle: the write takes them before any grant's lock,
+# and a change takes the workspace row first, so it never holds the member row while the write
+# holds the workspace row (`assignBillingGroup` takes the member row alone, then waits on nothing
+# the write holds). (KEY SHARE is what the foreign keys take anyway; it is only taken
+# earlier, and held while the write waits on a busy grant.) `workspace` and `members` are SQL:
+# the workspace id, and an array of member ids.
+def _payers_locked(workspace: str, members: str) -> str:
+    return f"""(SELECT id FROM workspaces WHERE id = {workspace} FOR KEY SHARE) AS w
+    CROSS JOIN LATERAL (SELECT id, role, seat FROM members
+                        WHERE workspace_id = w.id AND id = ANY({members}) AND removed_at IS NULL
+                        ORDER BY id FOR KEY SHARE) AS m"""
+
+
 _GENERATION_COLUMNS = """id, workspace_id, member_id, requested_by, model_key, parameters, status, quoted_units,
     price_list_id, quote, started_at, limit_charges, billing_group_id"""
+# The transaction path's generation row: only while its payer ($3) still is the member, role ($13)
+# and seat ($14) that the spender read authorized (`_payers_locked`); no row otherwise.
 _INSERT_GENERATION = f"""
 INSERT INTO generations ({_GENERATION_COLUMNS})
-VALUES ($1, $2, $3, $4, $5, $6, 'STARTED', $7, $8, $9, $10, $11, $12)
+SELECT $1::uuid, $2::uuid, $3::uuid, $4::uuid, $5::text, $6::jsonb, 'STARTED', $7::bigint, $8::uuid, $9::jsonb,
+    $10::timestamptz, $11::jsonb, $12::uuid
+FROM {_payers_locked("$2::uuid", "ARRAY[$3::uuid]")}
+WHERE m.role = $13::text AND m.seat = $14::text
 RETURNING *
 """
 # Reservations as one statement (`Database.autocommit`), one or a coalesced batch of them: the
 # idempotency claims, the generation rows and the hold postings commit together or not at all. A
-# used key (unique violation) or a hold planned from a stale read (a grant's CHECK) aborts all of it.
+# used key (unique violation) or a hold planned from a stale read (a grant's CHECK) aborts all of
+# it. First the payers are checked (`_payers_locked`; each item's role in $19, seat in $20): an
+# item whose payer changed since its read is `refused`, and then nothing is written (`write_holds`
+# writes the others again without it).
+_NONE_REFUSED = "NOT EXISTS (SELECT FROM refused)"
 _RESERVE = f"""
-WITH claim AS ({idempotency.claim_sql(1)}),
+WITH payers AS (
+    SELECT m.id, m.role, m.seat FROM {_payers_locked("($8::uuid[])[1]", "$9::uuid[]")}
+), refused AS (
+    SELECT p.id FROM unnest($7::uuid[], $9::uuid[], $19::text[], $20::text[]) AS p(id, member_id, role, seat)
+    WHERE NOT EXISTS (SELECT FROM payers m WHERE m.id = p.member_id AND m.role = p.role AND m.seat = p.seat)
+), claim AS ({idempotency.claim_sql(1, _NONE_REFUSED)}),
 started AS (
     INSERT INTO generations AS ng ({_GENERATION_COLUMNS})
     SELECT n.id, n.workspace_id, n.member_id, n.requested_by, n.model_key, n.parameters::jsonb, 'STARTED',
@@ -796,13 +836,15 @@ started AS (
                 $14::uuid[], $15::text[], $16::timestamptz[], $17::text[], $18::uuid[])
         AS n(id, workspace_id, member_id, requested_by, model_key, parameters, quoted_units, price_list_id, quote,
              started_at, limit_charges, billing_group_id)
+    WHERE {_NONE_REFUSED}
     RETURNING ng AS row
-), {_posting_ctes(19)}
-SELECT (SELECT count(*) FROM claim) AS claimed, (SELECT array_agg(row) FROM started) AS generations, {_POSTED}
-"""  # `claimed` is read only to write the claims before the grants are locked (see `_POSTED`)
+), {_posting_ctes(21, _NONE_REFUSED)}
+SELECT (SELECT count(*) FROM claim) AS claimed, (SELECT array_agg(id) FROM refused) AS refused,
+       (SELECT array_agg(row) FROM started) AS generations, {_POSTED}
+"""  # `claimed` is read first: the payers' locks, then the claims, all before the grants' (see `_POSTED`)
 # What makes a one-statement write fall back to the transaction path (which reproduces the refusal
-# with its canonical answer, or succeeds under locks): a used idempotency key, a CHECK refusing a
-# stale plan, any other constraint, a deadlock, a statement cancelled or its backend shut down
+# with its canonical answer, or succeeds under locks): a payer changed since the read (no
+# exception: `write_holds` answers None), a used idempotency key, a CHECK refusing a stale plan, any other constraint, a deadlock, a statement cancelled or its backend shut down
 # (57xxx); and, for an item that did not lead its batch, any failure of the batch. A connection
 # lost under the statement or before it (whether it committed is unknown) is the one place that
 # knows the connection, `Database.autocommit`, whose `lost` is None here too: the transaction
@@ -813,19 +855,38 @@ _REFUSED_AT_ONCE = (asyncpg.IntegrityConstraintViolationError, asyncpg.Transacti
 
 @dataclass(frozen=True, slots=True)
 class _Hold:
-    """One reservation ready to write: its claim and generation rows, and its posting."""
+    """One reservation ready to write: its claim and generation rows, its payer's role and seat as
+    its read authorized them, and its posting."""
 
     claim: tuple
     generation: tuple
+    payer: tuple  # role, seat
     posting: Posting
 
+    @property
+    def generation_id(self) -> uuid.UUID:
+        return self.generation[0]
 
-async def write_holds(sql: Sql, holds: list[_Hold]) -> list[GenerationResult]:
-    """Write reservations as one statement; each one's result, in order."""
-    row = await sql.fetchrow(_RESERVE, *columns([h.claim for h in holds], 6),
-                             *columns([h.generation for h in holds], 12),
-                             *_posting_args(*(h.posting for h in holds)))
-    return _per_generation(row, [h.posting for h in holds])
+
+async def write_holds(sql: Sql, holds: list[_Hold]) -> list[GenerationResult | None]:
+    """Write reservations as one statement; each one's result, in order. None for a reservation
+    whose payer changed since its read (removed, or with another seat or role): the statement
+    then wrote nothing, and the others are written again without it, so a member change racing
+    a batch costs the rest one more statement, not the transaction path. (Each round drops at
+    least one item.)"""
+    results: dict[uuid.UUID, GenerationResult | None] = {}
+    todo = holds
+    while todo:
+        row = await sql.fetchrow(_RESERVE, *columns([h.claim for h in todo], 6),
+                                 *columns([h.generation for h in todo], 12), *columns([h.payer for h in todo], 2),
+                                 *_posting_args(*(h.posting for h in todo)))
+        refused = set(row["refused"] or ())
+        if not refused:
+            results.update(zip((h.generation_id for h in todo), _per_generation(row, [h.posting for h in todo])))
+            break
+        results.update(dict.fromkeys(refused))
+        todo = [h for h in todo if h.generation_id not in refused]
+    return [results[h.generation_id] for h in holds]
 
 
 def _per_generation(row: Any, postings: list[Posting]) -> list[GenerationResult]:
@@ -929,10 +990,10 @@ async def reserve_at_once(sql: Sql, who: Who, req: StartRequest,
     (nothing was written)."""
     now = who.clock.now()
     caller, ws = await _SPENDER.fetchrow(sql, who, req.ws_id, req.target_id, now)
-    spender = _spender(caller, req.ws_id, ws, req.target_id, refuse=False)
-    if spender is None or ws["has_limits"]:
+    payer = _spender(caller, req.ws_id, ws, req.target_id, refuse=False)
+    if payer is None or ws["has_limits"]:
         return None  # a member paid for who may not generate: a replay, or refused after the claim
-    member_id, group_id = spender
+    member_id, group_id = payer.member_id, payer.group_id
     r = await _reservation(sql, ws, member_id, group_id, req.model_key, req.parameters, now, refuse=False)
     if r is None:
         return None
@@ -951,12 +1012,14 @@ async def reserve_at_once(sql: Sql, who: Who, req: StartRequest,
         idempotency.claim_args(workspace_id=req.ws_id, actor_id=caller.actor.user_id, key=req.key,
                                operation="startGeneration", request=req.idempotent_request(),
                                result_id=r.generation_id),
-        r.generation_args(req, caller, []), posting)
+        r.generation_args(req, caller, []), (payer.role, payer.seat), posting)
     try:
         # Concurrent reservations on one workspace share a statement and a commit (`Coalescer`).
         result = await holds.submit(req.ws_id, sql, hold) if holds else (await write_holds(sql, [hold]))[0]
     except _REFUSED_AT_ONCE:
         return None
+    if result is None:
+        return None  # the payer changed since the read (nothing written): answered as any start by them now
     if posting.movements:
         events.emit(sql, req.ws_id, events.BALANCE_CHANGED)
     _started(sql, req, r)
@@ -967,7 +1030,7 @@ async def reserve_at_once(sql: Sql, who: Who, req: StartRequest,
 async def _reserve_in_transaction(sql: Sql, caller: Caller, req: StartRequest, optimistic: Optimistic) -> Started:
     now = caller.clock.now()
     ws = await sql.fetchrow(_SPENDER.known, req.ws_id, req.target_id, now, caller.actor.user_id)
-    spender = _spender(caller, req.ws_id, ws, req.target_id, refuse=False)
+    payer = _spender(caller, req.ws_id, ws, req.target_id, refuse=False)
     # Claimed before pricing: a replay returns the first generation even if the model has been
     # retired since (its hold exists; saying "unknown model" would hide it), or the member it
     # paid for has left or lost the creator seat since.
@@ -978,7 +1041,8 @@ async def _reserve_in_transaction(sql: Sql, caller: Caller, req: StartRequest, o
     )
     if first is not None:
         return Started(await generation_result(sql, first), False, [])
-    member_id, group_id = spender or _spender(caller, req.ws_id, ws, req.target_id)  # a new start: refused
+    payer = payer or _spender(caller, req.ws_id, ws, req.target_id)  # a new start: refused
+    member_id, group_id = payer.member_id, payer.group_id
     r = await _reservation(sql, ws, member_id, group_id, req.model_key, req.parameters, now, refuse=True,
                            generation_id=generation_id)
     # Spend limits first (their usage rows, then the grants: one lock order everywhere).
@@ -986,7 +1050,12 @@ async def _reserve_in_transaction(sql: Sql, caller: Caller, req: StartRequest, o
         sql, workspace_id=req.ws_id, member_id=member_id, billing_group_id=group_id,
         units=r.price, now=now,
     ) if ws["has_limits"] else []
-    gen = await sql.fetchrow(_INSERT_GENERATION, *r.generation_args(req, caller, charges))
+    gen = await sql.fetchrow(_INSERT_GENERATION, *r.generation_args(req, caller, charges), payer.role, payer.seat)
+    if gen is None:
+        # The payer was removed, or changed seat or role, since the read (committed meanwhile, or
+        # while this insert waited for the change: `_payers_locked`). Run again from the read,
+        # which answers as for any start by them now; nothing of this attempt stays.
+        raise Contended()
     posting = _hold_posting(req, caller, r)
     if r.price > 0:
         scope = spend_scope(ws["allocation_mode"], ws["pool_fallback"], member_id, group_id)
@@ -1051,9 +1120,19 @@ def _check_parameters(parameters: dict[str, Any], field: str = "parameters") -> 
     return text
 
 
+class Payer(NamedTuple):
+    """The member whose credits pay a start, as the spender read found them: their billing group,
+    and the role and seat the policy authorized (the write checks them again, `_payers_locked`)."""
+
+    member_id: uuid.UUID
+    group_id: uuid.UUID | None
+    role: str
+    seat: str
+
+
 def _spender(caller: Caller, ws_id: uuid.UUID, ws: Any, target_id: uuid.UUID | None, *,
-             refuse: bool = True) -> tuple[uuid.UUID, Any] | None:
-    """The member whose credits pay (id, billing group), authorized to generate (creator seat).
+             refuse: bool = True) -> Payer | None:
+    """The member whose credits pay, authorized to generate (creator seat).
     The caller's own right is always checked here. A member paid for who is gone or may not
     generate any more is refused when `refuse`, else None: a start names its key before that
     check (money rule 3: a replay answers with the first generation even after the member left
@@ -1065,7 +1144,7 @@ def _spender(caller: Caller, ws_id: uuid.UUID, ws: Any, target_id: uuid.UUID | N
                workspace_exists=ws is not None)
         if not is_member:  # a platform identity allowed to generate would need a member to pay
             raise Forbidden(Action.GENERATE.value)
-        return ws["caller_member_id"], ws["caller_group_id"]
+        return Payer(ws["caller_member_id"], ws["caller_group_id"], ws["caller_role"], ws["caller_seat"])
     decide(caller, ws_id, Action.START_FOR_MEMBER, "workspace", caller_roles, is_member=is_member,
            workspace_exists=ws is not None)
     if ws["target_id"] is None:
@@ -1077,7 +1156,7 @@ def _spender(caller: Caller, ws_id: uuid.UUID, ws: Any, target_id: uuid.UUID | N
         if not refuse:
             return None
         raise Forbidden(Action.GENERATE.value)
-    return ws["target_id"], ws["target_group_id"]
+    return Payer(ws["target_id"], ws["target_group_id"], ws["target_role"], ws["target_seat"])
 
 
 _SETTLING_COLUMNS = """g.*, p.user_id AS payer_user_id,

@@ -315,7 +315,10 @@ async def _locked_target(
     if found is None or found.removed_at is not None:
         raise NotFound("member")
     ws, plan, me = await _authorized_lock(session, caller, found.workspace_id, Action.MANAGE_MEMBERS, what="member")
-    # Read again under the lock: a removal or change committed while we waited is seen.
+    # Read again under the lock: a removal or change committed while we waited is seen. FOR
+    # UPDATE, not the NO KEY UPDATE of the UPDATE that follows: a start's write takes KEY SHARE on
+    # its payer's row to check the member again (`ledger.service._payers_locked`), which must wait
+    # for this change and then see it, and make the change wait when it came first.
     target = (
         await session.execute(
             select(Member).where(Member.id == mid).with_for_update().execution_options(populate_existing=True)
