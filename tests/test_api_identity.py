@@ -360,7 +360,9 @@ async def test_revoking_a_token_is_audited_in_every_workspace_its_owner_is_a_mem
     assert await token_entries(client, outsider, elsewhere) == []
 
 
-async def test_revoking_every_other_token_and_the_operators_revoke_tokens_are_audited(db, client):
+async def team_of_two(db, client) -> tuple[str, str, str, str]:
+    """A workspace with its owner and a STANDARD member: (owner's token, member's email, member's
+    token, workspace id)."""
     from tests.test_api_ledger import ADD
 
     _, owner = await new_user(db)
@@ -368,6 +370,11 @@ async def test_revoking_every_other_token_and_the_operators_revoke_tokens_are_au
     async with client(owner) as api:
         ws = (await api(NEW_WORKSPACE, name="Team"))["createWorkspace"]["id"]
         assert (await api(ADD, ws=ws, email=email, role="MEMBER", seat="STANDARD"))["addMember"]["id"]
+    return owner, email, member, ws
+
+
+async def test_revoking_every_other_token_and_the_operators_revoke_tokens_are_audited(db, client):
+    owner, email, member, ws = await team_of_two(db, client)
     async with client(member) as api:
         viewer = (await api("{ viewer { id } }"))["viewer"]["id"]
         made = [(await api(CREATE_TOKEN, name=name))["createApiToken"]["token"]["id"] for name in ("a", "b")]
@@ -385,13 +392,7 @@ async def test_revoking_every_other_token_and_the_operators_revoke_tokens_are_au
 
 async def test_issuing_a_token_is_audited_in_every_workspace_its_owner_is_a_member_of(db, client):
     # Its revocation was, its issue was not: a workspace's log showed tokens stop that it never saw start.
-    from tests.test_api_ledger import ADD
-
-    _, owner = await new_user(db)
-    email, member = await new_user(db, prefix="member")
-    async with client(owner) as api:
-        ws = (await api(NEW_WORKSPACE, name="Team"))["createWorkspace"]["id"]
-        assert (await api(ADD, ws=ws, email=email, role="MEMBER", seat="STANDARD"))["addMember"]["id"]
+    owner, email, member, ws = await team_of_two(db, client)
     async with client(member) as api:
         viewer = (await api("{ viewer { id } }"))["viewer"]["id"]
         made = (await api(CREATE_TOKEN, name="laptop"))["createApiToken"]["token"]
