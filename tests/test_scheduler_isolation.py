@@ -255,3 +255,24 @@ async def test_resting_workspaces_are_left_out_of_the_alert_phase_not_the_others
     fired = dict(await sql(db, "SELECT workspace_id, count(*) FROM alerts WHERE kind = 'GRANT_EXPIRING' "
                                "GROUP BY workspace_id"))
     assert fired.get(b) and a not in fired
+
+
+def test_a_clock_set_back_does_not_rest_a_unit_longer_than_the_ceiling():
+    """Rests are kept by the clock's reading: a unit that failed at a reading later than the
+    clock now shows (a test's clock moved back, the system clock stepped back) must not rest
+    until that later reading comes round again, which could be days, far past the ceiling the
+    scheduler promises."""
+    from datetime import UTC, datetime
+
+    from domain.periods.service import TickFailure, TickReport
+
+    backoff = Backoff(first=timedelta(seconds=30), ceiling=timedelta(minutes=2))
+    ws = uuid.uuid4()
+    later = datetime(2030, 1, 31, tzinfo=UTC)
+    backoff.after(TickReport(failures=[TickFailure(PERIOD_CLOSE, ws, None, "boom")]), later)
+    assert backoff.resting(PERIOD_CLOSE, later + timedelta(seconds=10)) == {ws}
+    earlier = later - timedelta(days=30)
+    # Set back a month: at most the ceiling from now, not a month and 30 s.
+    assert backoff.resting(PERIOD_CLOSE, earlier + timedelta(minutes=3)) == set()
+    backoff.after(TickReport(), earlier + timedelta(minutes=3))
+    assert backoff.units == {}

@@ -224,9 +224,14 @@ class Backoff:
     ceiling: timedelta = timedelta(hours=1)
     units: dict[tuple[str, uuid.UUID], tuple[int, datetime]] = field(default_factory=dict)
 
+    def _rests(self, until: datetime, now: datetime) -> bool:
+        # No rest is longer than `ceiling` from now: a clock set back (a test's, or the system's
+        # stepping back) would otherwise leave a unit out until its old reading came round again.
+        return now < until <= now + self.ceiling
+
     def resting(self, phase: str, now: datetime) -> set[uuid.UUID]:
         """The units of `phase` to leave out of the round at `now`."""
-        return {unit for (p, unit), (_, until) in self.units.items() if p == phase and until > now}
+        return {unit for (p, unit), (_, until) in self.units.items() if p == phase and self._rests(until, now)}
 
     def after(self, report: TickReport, now: datetime) -> None:
         """Learn from the round `report` ran at `now`: each unit that failed rests again, longer;
@@ -234,7 +239,7 @@ class Backoff:
         failed = {(f.phase, f.subject or f.workspace_id) for f in report.failures
                   if f.phase != AUTO_TOP_UP and (f.subject or f.workspace_id)}
         for key, (_, until) in list(self.units.items()):
-            if until <= now and key not in failed:
+            if not self._rests(until, now) and key not in failed:
                 del self.units[key]
         for key in failed:
             times = self.units.get(key, (0, now))[0] + 1
