@@ -305,9 +305,7 @@ async def _limit_alerts(session: AsyncSession, ws_id: uuid.UUID, limit_id: uuid.
     from domain.governance.models import SpendLimit
 
     limit = await session.get(SpendLimit, limit_id)
-    used = (await session.execute(select(LimitUsage.used_units).where(
-        LimitUsage.limit_id == limit_id, LimitUsage.period_start == period))).scalar_one_or_none() or 0
-    allowance = limit.amount_units + await approved_extra(session, limit_id, period, now)
+    used, allowance = await _usage_of(session, limit, period, now)
     subject = f"{limit_id}:{period.isoformat()}"
     for kind, share in ((alerts.LIMIT_100, 100), (alerts.LIMIT_80, 80)):
         if limit.removed_at is None and allowance and used * 100 >= allowance * share:
@@ -315,6 +313,14 @@ async def _limit_alerts(session: AsyncSession, ws_id: uuid.UUID, limit_id: uuid.
                               used=format_credits(used), limit=format_credits(allowance))
         else:
             await alerts.resolve(session, ws_id, kind, now, subject)
+
+
+async def _usage_of(session: AsyncSession, limit, period: datetime, now: datetime) -> tuple[int, int]:
+    """A limit's usage in the period starting at `period`, and its allowance then (the limit
+    plus the approved overages in force): the figures its 80 % and 100 % alerts compare."""
+    used = (await session.execute(select(LimitUsage.used_units).where(
+        LimitUsage.limit_id == limit.id, LimitUsage.period_start == period))).scalar_one_or_none() or 0
+    return used, limit.amount_units + await approved_extra(session, limit.id, period, now)
 
 
 async def limit_changed(session: AsyncSession, limit, now: datetime, period: datetime | None = None) -> None:
@@ -714,9 +720,7 @@ async def refresh_alerts(session: AsyncSession, now: datetime, workspace_id: uui
                 ws = await session.get_one(Workspace, a.workspace_id)
                 clear = await period_ends(session, limit.id, limit.period, period, ws.timezone) <= now
             if not clear:  # released credits or an approved overage may have brought usage back down
-                used = (await session.execute(select(LimitUsage.used_units).where(
-                    LimitUsage.limit_id == limit.id, LimitUsage.period_start == period))).scalar_one_or_none() or 0
-                allowance = limit.amount_units + await approved_extra(session, limit.id, period, now)
+                used, allowance = await _usage_of(session, limit, period, now)
                 share = 100 if a.kind == alerts.LIMIT_100 else 80
                 clear = not allowance or used * 100 < allowance * share
         elif a.kind == alerts.LOW_BALANCE:

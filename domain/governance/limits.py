@@ -71,8 +71,9 @@ WHERE workspace_id = $1 AND removed_at IS NULL
 ORDER BY id
 """
 _APPROVED = f"SELECT {_approved('$1', '$2', '$3')}"
+# A period's usage row, starting at $4 (0, or what a new limit counts of its period so far).
 _USAGE_ROW = """
-INSERT INTO limit_usage (limit_id, period_start, period_end, used_units) VALUES ($1, $2, $3, 0) ON CONFLICT DO NOTHING
+INSERT INTO limit_usage (limit_id, period_start, period_end, used_units) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING
 """
 _TIMEZONE = "SELECT timezone FROM workspaces WHERE id = $1 FOR KEY SHARE"
 _USED = "SELECT used_units FROM limit_usage WHERE limit_id = $1 AND period_start = $2"
@@ -115,7 +116,6 @@ RETURNING g.quoted_units
 # What the settled generations in scope kept. A statement of its own, after the locks above:
 # its snapshot sees the settlements those locks waited for.
 _SETTLED_SPEND = f"SELECT coalesce(sum(captured_units), 0) FROM generations WHERE status <> 'STARTED' AND {_IN_SCOPE}"
-_NEW_USAGE_ROW = "INSERT INTO limit_usage (limit_id, period_start, period_end, used_units) VALUES ($1, $2, $3, $4)"
 
 
 async def applicable_limits(
@@ -139,7 +139,7 @@ async def open_period(tx: AsyncSession | Sql, limit_id: uuid.UUID, period: Limit
     """The period in progress, with its usage row in place: the row fixes the period's end."""
     sql = as_sql(tx)
     current = await current_period(sql, limit_id, period, now, timezone)
-    await sql.execute(_USAGE_ROW, limit_id, current.start, current.end)
+    await sql.execute(_USAGE_ROW, limit_id, current.start, current.end, 0)
     return current
 
 
@@ -227,7 +227,7 @@ async def count_period_so_far(tx: AsyncSession | Sql, limit: SpendLimit, now: da
     before its write). Only starts in flight during these few statements can; closing that
     would cost every start a lock or a statement."""
     sql = as_sql(tx)
-    timezone = await sql.fetchval("SELECT timezone FROM workspaces WHERE id = $1", limit.workspace_id)
+    timezone = await sql.fetchval(_TIMEZONE, limit.workspace_id)
     current = await current_period(sql, limit.id, limit.period, now, timezone)
     # The whole period, not up to `now`: a generation counts in the period its start's clock
     # put it in, and another server's clock may run a little ahead of ours.
@@ -235,7 +235,7 @@ async def count_period_so_far(tx: AsyncSession | Sql, limit: SpendLimit, now: da
     charge_json = json.dumps([{"limit": str(limit.id), "period": current.start.isoformat()}])
     held = sum(r["quoted_units"] for r in await sql.fetch(_CHARGE_RUNNING, *scope, charge_json))
     captured = int(await sql.fetchval(_SETTLED_SPEND, *scope))
-    await sql.execute(_NEW_USAGE_ROW, limit.id, current.start, current.end, held + captured)
+    await sql.execute(_USAGE_ROW, limit.id, current.start, current.end, held + captured)
     return current
 
 
@@ -325,8 +325,8 @@ async def set_spend_limit(
         await session.flush()
         # A new limit (a first one, or one set again after a removal) counts the period's spend
         # so far: given mid-month, a monthly limit caps the month, not what is left of it.
-        await count_period_so_far(session, limit, now)
-        await _alerts_follow(session, limit, now)
+        counted = await count_period_so_far(session, limit, now)
+        await _alerts_follow(session, limit, now, counted.start)
         audit.record(session, ws_id, caller.actor.user_id, "limit.set", "spend_limit", limit.id,
                      after=_limit_json(limit), at=now)
         return limit
@@ -334,10 +334,11 @@ async def set_spend_limit(
     return await db.transaction(work)
 
 
-async def _alerts_follow(session: AsyncSession, limit: SpendLimit, now: datetime) -> None:
+async def _alerts_follow(session: AsyncSession, limit: SpendLimit, now: datetime,
+                         period: datetime | None = None) -> None:
     from domain.governance.automation import limit_changed  # automation imports this module
 
-    await limit_changed(session, limit, now)
+    await limit_changed(session, limit, now, period)
 
 
 def _limit_json(limit: SpendLimit) -> dict:
