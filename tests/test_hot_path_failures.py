@@ -556,23 +556,17 @@ async def test_starts_and_settlements_whose_connections_die_while_queued_answer_
     await assert_money_clean(db, team.ws)
 
 
-async def deadlocks(url: str) -> int:
-    """Deadlocks PostgreSQL has detected in the database of `url` (its statistics)."""
-    conn = await asyncpg.connect(asyncpg_dsn(url))
-    try:
-        return await conn.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
-    finally:
-        await conn.close()
-
-
-async def backends_gone(url: str) -> None:
-    """Until no other backend is connected to the database of `url`: each has flushed its
-    statistics as it exited."""
+async def deadlocks_once_closed(url: str, db) -> int:
+    """Deadlocks PostgreSQL has detected in the database of `url` (its statistics), read once
+    `db` is closed and no other backend is connected: each flushes its statistics as it exits.
+    (The test's server must have stopped.)"""
+    await db.dispose()
     conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         await until(lambda: conn.fetchval(
             "SELECT count(*) = 0 FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"),
             what="the database's backends gone")
+        return await conn.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
     finally:
         await conn.close()
 
@@ -657,9 +651,7 @@ async def test_a_hold_time_out_locks_like_the_hot_path_and_cannot_deadlock_with_
     assert statuses == {filler["id"]: "FAILED", old["id"]: "TIMED_OUT", new["id"]: "TIMED_OUT", both["id"]: "FAILED"}
     assert await db.fetchrow("SELECT used_units FROM limit_usage WHERE limit_id = $1", uuid.UUID(limit)) == (0,)
     await assert_money_clean(db, team.ws)
-    await db.dispose()
-    await backends_gone(url)
-    assert await deadlocks(url) == 0
+    assert await deadlocks_once_closed(url, db) == 0
 
 
 async def test_hold_time_outs_racing_starts_and_settlements_on_multi_grant_holds_never_deadlock(own_db):
@@ -716,9 +708,7 @@ async def test_hold_time_outs_racing_starts_and_settlements_on_multi_grant_holds
     assert all(statuses[g] == status for g, status in won)
     assert await db.fetchrow("SELECT sum(held) FROM grants WHERE workspace_id = $1", uuid.UUID(team.ws)) == (0,)
     await assert_money_clean(db, team.ws)
-    await db.dispose()
-    await backends_gone(url)
-    assert await deadlocks(url) == 0
+    assert await deadlocks_once_closed(url, db) == 0
 
 
 async def test_a_server_stopped_mid_tick_leaves_no_backend_behind_and_its_unit_undone(own_db, caplog):
