@@ -161,6 +161,11 @@ async def issue_token(session: AsyncSession, user_id: uuid.UUID, name: str, *,
 
 
 async def revoke_token(session: AsyncSession, actor: Actor, token_id: uuid.UUID) -> ApiToken:
+    # The user's lock and the asking token re-checked under it, as for revoke-all: a leaked token
+    # revoked by its owner's revokeOtherApiTokens while this waited must not then revoke the token
+    # that did it, leaving its owner no live token at all.
+    await lock_user(session, actor.user_id)
+    await still_live(session, actor)
     token = (
         await session.execute(
             select(ApiToken).where(ApiToken.id == token_id, ApiToken.user_id == actor.user_id).with_for_update()

@@ -403,3 +403,27 @@ async def test_issuing_a_token_is_audited_in_every_workspace_its_owner_is_a_memb
     assert [(e["targetId"], e["actorId"], e["before"], e["after"]["userId"]) for e in entries] == [
         (by_cli["id"], None, None, viewer), (made["id"], viewer, None, viewer)]
     assert entries[0]["after"]["createdAt"] == by_cli["createdAt"]
+
+
+async def test_a_revoked_token_waiting_to_revoke_its_owners_last_token_revokes_nothing(db, client, database_url):
+    # A leaked token (revoked by its owner's revokeOtherApiTokens while its own revokeApiToken
+    # waited) must not revoke the token that cleaned up after it: the owner would be left with no
+    # live token at all, locked out until an operator issued one, by a token already revoked.
+    _, token = await new_user(db)
+    actor = await identity.authenticate_secret(db, token)
+    async with client(token) as api:
+        leaked = (await api(CREATE_TOKEN, name="leaked"))["createApiToken"]["secret"]
+    attacker = await identity.authenticate_secret(db, leaked)  # last_used_at set: no write below
+    # Held as a revoke-all holds them (the user's row), and the owner's token row too: whichever
+    # the revocation waits for, it waits until the leaked token is revoked.
+    async with HeldLock(database_url, "users", actor.user_id) as held, client(leaked) as api:
+        await held.conn.execute("SELECT 1 FROM api_tokens WHERE id = $1 FOR UPDATE", actor.token_id)
+        revoke = asyncio.ensure_future(api(REVOKE, id=str(actor.token_id)))
+        await waiting_on_locks(database_url, 1)
+        await held.conn.execute("UPDATE api_tokens SET revoked_at = now() WHERE id = $1", attacker.token_id)
+        await held.commit()
+        with pytest.raises(TransportQueryError) as err:
+            await asyncio.wait_for(revoke, 20)
+    assert err.value.errors[0]["extensions"] == {"code": "UNAUTHENTICATED"}
+    tokens = await db.read(lambda s: identity.list_tokens(s, actor.user_id))
+    assert [(t.name, t.revoked_at is None) for t in tokens] == [("cli", True), ("leaked", False)]
