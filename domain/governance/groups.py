@@ -127,6 +127,10 @@ async def assign_member(db: Database, caller: Caller, *, member_id: str, group_i
                         change="GROUP_CHANGED", role=member.role.value, seat=member.seat.value,
                         billingGroupId=str(group) if group else None)
             events.emit(session, member.workspace_id, events.BALANCE_CHANGED)
+            # Their requests on the old group's limit no longer concern their spend.
+            from domain.governance.overages import lapse_requests_outside  # limits, which overages imports, imports this module
+
+            await lapse_requests_outside(session, member, caller.clock.now())
         await session.flush()
         from domain.workspaces.service import _with_user
 

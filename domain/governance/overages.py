@@ -19,6 +19,7 @@ from domain.governance import alerts, audit
 from domain.governance.limits import applicable_limits, headroom, open_period, period_ends
 from domain.governance.models import (
     LimitAction,
+    LimitScope,
     LimitUsage,
     OverageRequest,
     OverageStatus,
@@ -113,8 +114,9 @@ async def decide_overage(
         limit = await session.get_one(SpendLimit, request.limit_id)
         ends = await period_ends(session, limit.id, limit.period, request.period_start, ws.timezone)
         gone = requester.removed_at is not None
+        outside = not _under(limit, requester)
         dead = overage_lapsed(now, lapses_at=request.lapses_at, period_end=ends, requester_removed=gone,
-                              limit_removed=limit.removed_at is not None)
+                              limit_removed=limit.removed_at is not None, requester_outside=outside)
         if request.status is OverageStatus.PENDING and dead:
             # Recorded here as the scheduler would (alert resolved), not only reported: the
             # approver is told it lapsed, and every list must say so from now on. (A removal
@@ -126,7 +128,8 @@ async def decide_overage(
             why = None
             if request.status is OverageStatus.LAPSED:
                 why = "its requester has left the workspace" if gone else \
-                    "its spend limit was removed" if limit.removed_at is not None else None
+                    "its spend limit was removed" if limit.removed_at is not None else \
+                    "its requester has left the billing group its limit caps" if outside else None
             return OverageNotPending(request.status.value, why)
         before = {"status": request.status}
         if approve:
@@ -209,7 +212,19 @@ def lapsed_by(now: datetime):
                                              Member.removed_at.is_not(None)).exists()
     limit_gone = select(SpendLimit.id).where(SpendLimit.id == OverageRequest.limit_id,
                                              SpendLimit.removed_at.is_not(None)).exists()
-    return or_(OverageRequest.lapses_at <= now, period_over, requester_gone, limit_gone)
+    requester_outside = select(SpendLimit.id).join(Member, Member.id == OverageRequest.member_id).where(
+        SpendLimit.id == OverageRequest.limit_id, _outside_of(SpendLimit, Member)).exists()
+    return or_(OverageRequest.lapses_at <= now, period_over, requester_gone, limit_gone, requester_outside)
+
+
+def _under(limit: SpendLimit, member: Member) -> bool:
+    """Whether `member`'s spend counts against `limit` today (`limits.applicable_limits`): a
+    group's limit caps only the group's members. `_outside_of` is the same rule in SQL."""
+    return limit.scope is not LimitScope.GROUP or member.billing_group_id == limit.billing_group_id
+
+
+def _outside_of(limit, member):
+    return (limit.scope == LimitScope.GROUP) & limit.billing_group_id.is_distinct_from(member.billing_group_id)
 
 
 async def lapse_pending(session: AsyncSession, now: datetime, workspace_id: uuid.UUID | None = None) -> int:
@@ -237,6 +252,17 @@ async def lapse_requests_of(session: AsyncSession, member: Member, now: datetime
     the approvers' alerts would call them to decide it."""
     return await _lapse(session, now, OverageRequest.workspace_id == member.workspace_id,
                         OverageRequest.member_id == member.id)
+
+
+async def lapse_requests_outside(session: AsyncSession, member: Member, now: datetime) -> int:
+    """A member moved to another billing group (or none): their pending requests on the old
+    group's limit lapse with the move (in its transaction, under its lock on the member row), as
+    with a removal: an approval would raise the cap of the members left in the group, not the
+    requester's, and the approvers' alerts would call them to decide it."""
+    return await _lapse(session, now, OverageRequest.workspace_id == member.workspace_id,
+                        OverageRequest.member_id == member.id,
+                        select(SpendLimit.id).where(SpendLimit.id == OverageRequest.limit_id,
+                                                    _outside_of(SpendLimit, member)).exists())
 
 
 async def lapse_requests_on(session: AsyncSession, limit: SpendLimit, now: datetime) -> int:
