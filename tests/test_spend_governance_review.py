@@ -11,6 +11,7 @@ from domain.periods.service import tick
 from tests.test_api_governance import REQUEST, SET_LIMIT, start
 from tests.test_api_ledger import grant, make_team
 from tests.test_limit_counts_period import ASSIGN, CREATE_GROUP
+from tests.test_limits_review import DECIDE_UNTIL
 
 OVERAGES = "query($ws: ID!) { overageRequests(workspaceId: $ws) { id status } }"
 OVERAGES_PENDING = "query($ws: ID!) { overageRequests(workspaceId: $ws, status: PENDING) { id status } }"
@@ -27,6 +28,40 @@ async def open_limit_alerts(client, team) -> list[str]:
     async with client(team.owner) as api:
         return sorted(a["kind"] for a in (await api(ALERTS, ws=team.ws))["alerts"]
                       if a["status"] == "OPEN" and a["kind"].startswith("LIMIT_"))
+
+
+async def test_an_approval_that_expires_with_usage_over_the_limit_opens_its_100_percent_alert(db, live_server, client):
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="20", action="REQUIRE_APPROVAL",
+                  member=member)
+    assert [(await start(client, token, team.ws))["__typename"] for _ in range(2)] == ["Generation"] * 2
+    assert await open_limit_alerts(client, team) == ["LIMIT_100", "LIMIT_80"]  # 20 of 20
+    async with client(token) as api:
+        req = (await api(REQUEST, ws=team.ws, amount="30", reason="deadline"))["requestOverage"]
+    until = live_server.clock.now() + timedelta(minutes=30)
+    async with client(team.owner) as api:
+        ok = (await api(DECIDE_UNTIL, id=req["id"], amount="30", until=until.isoformat()))["decideOverage"]
+    assert ok["status"] == "APPROVED"
+    assert await open_limit_alerts(client, team) == []  # 20 of 50
+    assert [(await start(client, token, team.ws))["__typename"] for _ in range(2)] == ["Generation"] * 2
+    assert await open_limit_alerts(client, team) == ["LIMIT_80"]  # 40 of 50
+    try:
+        # The approval ends: 40 of 20. The member's starts are refused from now on, so no spend
+        # will ever evaluate the limit's alerts: the scheduler's round must.
+        live_server.clock.offset = until - live_server.clock.now() + timedelta(seconds=1)
+        refused = await start(client, token, team.ws)
+        assert (refused["__typename"], refused["used"], refused["limit"]) == ("SpendLimitExceeded", "40.000", "20.000")
+        await tick(db, live_server.clock, hold_ttl=timedelta(days=1))
+        assert await open_limit_alerts(client, team) == ["LIMIT_100", "LIMIT_80"]
+        await tick(db, live_server.clock, hold_ttl=timedelta(days=1))  # once per crossing: no second alert
+        async with client(team.owner) as api:
+            kinds = sorted(a["kind"] for a in (await api(ALERTS, ws=team.ws))["alerts"] if a["kind"] == "LIMIT_100")
+        assert kinds == ["LIMIT_100", "LIMIT_100"]  # the first crossing's, resolved by the approval, and this one
+    finally:
+        live_server.clock.offset = timedelta(0)
 
 
 async def test_a_request_on_a_group_limit_lapses_when_its_requester_leaves_the_group(db, client):

@@ -301,18 +301,26 @@ async def _low_balance(session: AsyncSession, ws: Workspace, available: int, now
 
 
 async def _limit_alerts(session: AsyncSession, ws_id: uuid.UUID, limit_id: uuid.UUID, period: datetime,
-                        now: datetime) -> None:
+                        now: datetime) -> int:
+    """A limit's 80 % and 100 % alerts for the period starting at `period`, as its usage and
+    allowance are now; how many fired or resolved."""
     from domain.governance.models import SpendLimit
 
     limit = await session.get(SpendLimit, limit_id)
     used, allowance = await _usage_of(session, limit, period, now)
-    subject = f"{limit_id}:{period.isoformat()}"
+    subject = _limit_subject(limit_id, period)
+    changed = 0
     for kind, share in ((alerts.LIMIT_100, 100), (alerts.LIMIT_80, 80)):
         if limit.removed_at is None and allowance and used * 100 >= allowance * share:
-            await alerts.fire(session, ws_id, kind, subject, now, limitId=str(limit_id),
-                              used=format_credits(used), limit=format_credits(allowance))
+            changed += await alerts.fire(session, ws_id, kind, subject, now, limitId=str(limit_id),
+                                         used=format_credits(used), limit=format_credits(allowance))
         else:
-            await alerts.resolve(session, ws_id, kind, now, subject)
+            changed += await alerts.resolve(session, ws_id, kind, now, subject)
+    return changed
+
+
+def _limit_subject(limit_id: uuid.UUID, period: datetime) -> str:
+    return f"{limit_id}:{period.isoformat()}"
 
 
 async def _usage_of(session: AsyncSession, limit, period: datetime, now: datetime) -> tuple[int, int]:
@@ -656,18 +664,19 @@ _TIMED_ALERTS = (alerts.GRANT_EXPIRING, alerts.LIMIT_80, alerts.LIMIT_100, alert
 
 
 async def alert_workspaces(session: AsyncSession, now: datetime) -> list[uuid.UUID]:
-    """The workspaces `refresh_alerts` may change something in: a grant expiring soon, or an open
-    alert that time may clear (the scheduler runs them one by one when refreshing all at once
+    """The workspaces `refresh_alerts` may change something in: a grant expiring soon, a limit at
+    80 % or more, or an open alert that time may clear (the scheduler runs them one by one when refreshing all at once
     failed)."""
     ws_t = Workspace.__table__
     expiring = select(GRANTS.c.workspace_id).join(ws_t, ws_t.c.id == GRANTS.c.workspace_id).where(_expiring_soon(now))
     open_ = select(Alert.workspace_id).where(Alert.status == AlertStatus.OPEN, Alert.kind.in_(_TIMED_ALERTS))
-    return sorted(set((await session.execute(expiring.union(open_))).scalars()))
+    reached = {r["workspace_id"] for r in await limits.at_alert_level(session, now)}
+    return sorted(set((await session.execute(expiring.union(open_))).scalars()) | reached)
 
 
 async def refresh_alerts(session: AsyncSession, now: datetime, workspace_id: uuid.UUID | None = None) -> int:
     """Time-driven alert conditions, in every workspace or in `workspace_id`: grants expiring
-    soon fire; alerts whose condition has cleared with time (an expired or spent grant, a limit
+    soon fire, and so do limits at 80 % or 100 % with no alert open (`_limits_reached`); alerts whose condition has cleared with time (an expired or spent grant, a limit
     period that ended, a balance back above its threshold, an auto top-up month at its cap that ended) resolve."""
     changed = 0
     ws_t = Workspace.__table__
@@ -734,5 +743,26 @@ async def refresh_alerts(session: AsyncSession, now: datetime, workspace_id: uui
                 or not cap_reached(topup, (await session.get_one(CreditPack, topup.pack_id)).units, now, ws.timezone)
         if clear:
             changed += await alerts.resolve(session, a.workspace_id, a.kind, now, a.subject)
+    return changed + await _limits_reached(session, now, workspace_id)
+
+
+async def _limits_reached(session: AsyncSession, now: datetime, workspace_id: uuid.UUID | None) -> int:
+    """Fire the 80 % and 100 % alerts of the limits at that level whose alert is not open. A spend
+    fires them as it reaches the level, but a limit can get there with no spend: an approved
+    overage that runs out mid-period lowers the allowance under what was used, and the member is
+    refused from then on (a refusal evaluates nothing); and a spend's evaluation that read the
+    usage before a concurrent spend's may resolve the alert that spend just fired."""
+    reached = await limits.at_alert_level(session, now, workspace_id)
+    if not reached:
+        return 0
+    open_now = set((await session.execute(select(Alert.kind, Alert.subject).where(
+        Alert.workspace_id.in_({r["workspace_id"] for r in reached}), Alert.status == AlertStatus.OPEN,
+        Alert.kind.in_((alerts.LIMIT_80, alerts.LIMIT_100))))).all())
+    changed = 0
+    for r in reached:
+        subject = _limit_subject(r["id"], r["period_start"])
+        due = [alerts.LIMIT_80] + ([alerts.LIMIT_100] if r["used_units"] >= r["allowance"] else [])
+        if any((kind, subject) not in open_now for kind in due):
+            changed += await _limit_alerts(session, r["workspace_id"], r["id"], r["period_start"], now)
     return changed
 

@@ -118,6 +118,26 @@ RETURNING g.quoted_units
 _SETTLED_SPEND = f"SELECT coalesce(sum(captured_units), 0) FROM generations WHERE status <> 'STARTED' AND {_IN_SCOPE}"
 
 
+# Each live limit's period in progress (its latest usage row, if it has not ended: one probe of
+# the primary key per limit) that has used 80 % or more of its amount, then its allowance (the
+# amount plus the approved overages in force; approvals only raise it, so a period under 80 % of
+# the amount is under 80 % of the allowance, and its approvals are never summed). $1: now; $2:
+# one workspace, or NULL for all.
+_NEAR_FULL = f"""
+WITH near AS MATERIALIZED (
+    SELECT l.workspace_id, l.id, l.amount_units, u.period_start, u.used_units
+    FROM spend_limits l
+    CROSS JOIN LATERAL (SELECT period_start, period_end, used_units FROM limit_usage
+                        WHERE limit_id = l.id AND period_start <= $1 ORDER BY period_start DESC LIMIT 1) AS u
+    WHERE l.removed_at IS NULL AND ($2::uuid IS NULL OR l.workspace_id = $2) AND u.period_end > $1
+      AND u.used_units * 100 >= l.amount_units * 80
+)
+SELECT n.workspace_id, n.id, n.period_start, n.used_units,
+       n.amount_units + {_approved("n.id", "n.period_start", "$1")} AS allowance
+FROM near n ORDER BY n.workspace_id, n.id
+"""
+
+
 async def applicable_limits(
     tx: AsyncSession | Sql, workspace_id: uuid.UUID, member_id: uuid.UUID, billing_group_id: uuid.UUID | None,
 ) -> list:
@@ -209,6 +229,14 @@ async def charge(
                                          can_request=refused["action"] == LimitAction.REQUIRE_APPROVAL.value)
         charges.append({"limit": str(limit["id"]), "period": start.isoformat()})
     return charges
+
+
+async def at_alert_level(tx: AsyncSession | Sql, now: datetime, workspace_id: uuid.UUID | None = None) -> list:
+    """The live limits whose period in progress has used 80 % or more of its allowance now (in
+    every workspace, or in `workspace_id`'s): rows of workspace_id, id, period_start, used_units
+    and allowance, the figures their 80 % and 100 % alerts compare."""
+    rows = await as_sql(tx).fetch(_NEAR_FULL, now, workspace_id)
+    return [r for r in rows if r["allowance"] > 0 and r["used_units"] * 100 >= r["allowance"] * 80]
 
 
 async def count_period_so_far(tx: AsyncSession | Sql, limit: SpendLimit, now: datetime) -> Period:
