@@ -117,6 +117,33 @@ async def test_a_request_made_as_its_requester_was_moved_out_of_the_group_is_lap
     assert await open_alerts_of(client, team, "OVERAGE_REQUESTED") == []
 
 
+async def test_a_request_made_as_its_limit_was_switched_to_block_cannot_be_approved(db, live_server, client):
+    """The request reads its limit's action without a lock: a switch to BLOCK committing
+    meanwhile finds no request to lapse, and the request is made pending on a limit set to
+    block. It reads LAPSED, a decision refuses it, and the scheduler records the lapse."""
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    asker, member = team.creators[0]
+    async with client(team.owner) as api:
+        limit = (await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="10",
+                           action="REQUIRE_APPROVAL", member=member))["setSpendLimit"]
+    assert (await start(client, asker, team.ws))["__typename"] == "Generation"
+    async with client(asker) as api:
+        req = (await api(REQUEST, ws=team.ws, amount="30", reason="one more video"))["requestOverage"]
+    # The switch as it lands when it commits after the request's read: the limit row only.
+    await db.fetchrow("UPDATE spend_limits SET action = 'BLOCK' WHERE id = $1", uuid.UUID(limit["id"]))
+    async with client(team.owner) as api:
+        assert (await api(OVERAGES, ws=team.ws))["overageRequests"] == [{"id": req["id"], "status": "LAPSED"}]
+    report = await tick(db, live_server.clock, hold_ttl=timedelta(days=1))
+    assert report.overages_lapsed == 1
+    async with client(team.owner) as api:
+        decided = (await api(DECIDE_OVERAGE, id=req["id"]))["decideOverage"]
+    assert (decided["__typename"], decided.get("code")) == ("OverageNotPending", "OVERAGE_NOT_PENDING"), decided
+    refused = await start(client, asker, team.ws)
+    assert (refused["__typename"], refused["limit"], refused["canRequestOverage"]) == (
+        "SpendLimitExceeded", "10.000", False)
+
+
 async def open_alerts_of(client, team, kind: str) -> list[str]:
     async with client(team.owner) as api:
         return [a["subject"] for a in (await api(ALERTS, ws=team.ws))["alerts"]

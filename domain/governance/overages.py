@@ -115,8 +115,12 @@ async def decide_overage(
         ends = await period_ends(session, limit.id, limit.period, request.period_start, ws.timezone)
         gone = requester.removed_at is not None
         outside = not _under(limit, requester)
+        # A request made while its limit was switched to block (which lapses the pending ones)
+        # read the limit before the switch committed, and was left pending on it.
+        blocks = limit.action is LimitAction.BLOCK
         dead = overage_lapsed(now, lapses_at=request.lapses_at, period_end=ends, requester_removed=gone,
-                              limit_removed=limit.removed_at is not None, requester_outside=outside)
+                              limit_removed=limit.removed_at is not None, limit_blocks=blocks,
+                              requester_outside=outside)
         if request.status is OverageStatus.PENDING and dead:
             # Recorded here as the scheduler would (alert resolved), not only reported: the
             # approver is told it lapsed, and every list must say so from now on. (A removal
@@ -129,6 +133,7 @@ async def decide_overage(
             if request.status is OverageStatus.LAPSED:
                 why = "its requester has left the workspace" if gone else \
                     "its spend limit was removed" if limit.removed_at is not None else \
+                    "its spend limit is set to block" if blocks else \
                     "its requester has left the billing group its limit caps" if outside else None
             return OverageNotPending(request.status.value, why)
         before = {"status": request.status}
@@ -202,16 +207,18 @@ async def list_overages(
 
 def lapsed_by(now: datetime):
     """`rules.overage_lapsed` in SQL, for a PENDING request: past its deadline, its period over,
-    its requester removed, or its limit removed. The period's end is the one stored on the request's usage row
-    (opened when the request was made, moved with a change of timezone), never recomputed."""
+    its requester removed or outside its limit's group, or its limit removed or set to block.
+    The period's end is the one stored on the request's usage row (opened when the request was
+    made, moved with a change of timezone), never recomputed."""
     period_over = select(LimitUsage.limit_id).where(
         LimitUsage.limit_id == OverageRequest.limit_id, LimitUsage.period_start == OverageRequest.period_start,
         LimitUsage.period_end <= now,
     ).exists()
     requester_gone = select(Member.id).where(Member.id == OverageRequest.member_id,
                                              Member.removed_at.is_not(None)).exists()
-    limit_gone = select(SpendLimit.id).where(SpendLimit.id == OverageRequest.limit_id,
-                                             SpendLimit.removed_at.is_not(None)).exists()
+    limit_gone = select(SpendLimit.id).where(
+        SpendLimit.id == OverageRequest.limit_id,
+        SpendLimit.removed_at.is_not(None) | (SpendLimit.action == LimitAction.BLOCK)).exists()
     requester_outside = select(SpendLimit.id).join(Member, Member.id == OverageRequest.member_id).where(
         SpendLimit.id == OverageRequest.limit_id, _outside_of(SpendLimit, Member)).exists()
     return or_(OverageRequest.lapses_at <= now, period_over, requester_gone, limit_gone, requester_outside)

@@ -114,15 +114,18 @@ def moved_by_change(period: LimitPeriod, latest: Period, timezone: str, now: dat
 
 
 def overage_lapsed(now: datetime, *, lapses_at: datetime, period_end: datetime, requester_removed: bool,
-                   limit_removed: bool = False, requester_outside: bool = False) -> bool:
+                   limit_removed: bool = False, limit_blocks: bool = False, requester_outside: bool = False) -> bool:
     """Is a PENDING overage request dead at `now`? At its own deadline; with the period it was
     made in (`period_end` as stored with the period): an approval could raise nothing once that
     period is over; when its requester has left the workspace: nobody is left to spend it,
     and a member added back is a new member, whose limits it never was about; when its limit
     was removed: an approval would raise a limit that no longer counts (a limit set again on the
-    same target is a new one, which starts afresh); and when its requester is no longer under
+    same target is a new one, which starts afresh); when its limit is set to block
+    (`limit_blocks`): no longer a limit one may ask to pass (approvals made before the switch
+    stay, each was a decision); and when its requester is no longer under
     its limit (`requester_outside`: a group's limit, and the requester has left that group): an
     approval would raise the cap of the members left in the group, who asked for nothing, and
     not the requester's (a member moved back is under it again, but asks again).
     `overages.lapsed_by` is the same rule in SQL."""
-    return lapses_at <= now or period_end <= now or requester_removed or limit_removed or requester_outside
+    return (lapses_at <= now or period_end <= now or requester_removed or limit_removed or limit_blocks
+            or requester_outside)
