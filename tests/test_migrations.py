@@ -212,3 +212,30 @@ async def test_0014_gives_each_workspace_its_plans_rollover_rule_for_the_current
     finally:
         await db.dispose()
     assert rules == {rolling: ("ROLLOVER", 40000, 25, 3), plain: team}
+
+
+async def test_0015_a_limits_approved_overages_are_summed_through_an_index(database_url):
+    """Every start under a spend limit sums its period's approved overages (`limits._approved`,
+    in `_CHARGE`); the table holds every request of every workspace ever made, so the sum must
+    find the limit's period by an index, not by reading them all."""
+    from domain.governance.limits import _approved
+
+    db = Database(database_url, pool_size=1)
+    try:
+        async with db.engine.begin() as conn:
+            await conn.execute(text("SET LOCAL enable_seqscan = off"))  # an empty table would be scanned anyway
+            plan = (await conn.execute(
+                text("EXPLAIN (FORMAT JSON) SELECT "
+                     + _approved("CAST(:l AS uuid)", "CAST(:p AS timestamptz)", "CAST(:n AS timestamptz)")),
+                {"l": str(uuid.uuid4()), "p": datetime(2026, 11, 1), "n": datetime(2026, 11, 22)})).scalar_one()
+    finally:
+        await db.dispose()
+
+    def scans(node):
+        yield node
+        for child in node.get("Plans", []):
+            yield from scans(child)
+
+    found = [n for n in scans(plan[0]["Plan"]) if n.get("Relation Name") == "overage_requests"]
+    assert [n.get("Index Name") for n in found] == ["ix_overage_requests_limit_period"]
+    assert "limit_id" in found[0]["Index Cond"] and "period_start" in found[0]["Index Cond"]

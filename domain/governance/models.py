@@ -94,6 +94,8 @@ class OverageRequest(Base):
     __table_args__ = (
         CheckConstraint("amount_units > 0 AND (approved_units IS NULL OR approved_units > 0)", name="amounts_positive"),
         Index("ix_overage_requests_workspace_id", "workspace_id", "requested_at"),
+        # Each limited start sums its limit's period's approvals (migration 0015).
+        Index("ix_overage_requests_limit_period", "limit_id", "period_start"),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
