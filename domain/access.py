@@ -122,7 +122,8 @@ class CallerRead:
 
 
 def parse_id(value: str | uuid.UUID, what: str) -> uuid.UUID:
-    """A malformed id is just another unknown id."""
+    """An id naming what is fetched or changed: a malformed one is just another unknown id. (An id
+    that only filters a list is `pages.parse_filter_id`: malformed, it is bad input.)"""
     if isinstance(value, uuid.UUID):
         return value
     try:

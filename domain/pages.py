@@ -1,4 +1,5 @@
-"""Cursor pagination shared by the lists (ledger, generations, audit log)."""
+"""Cursor pagination, and the ids that filter them, shared by the lists (ledger, generations,
+audit log)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,20 @@ def decode_time_cursor(cursor: str | None, kind: str) -> tuple[datetime, uuid.UU
     except (ValueError, OverflowError):
         raise _not_ours() from None
     return at, row_id
+
+
+def parse_filter_id(value: str | None, argument: str) -> uuid.UUID | None:
+    """An id that narrows a list (a member, an actor, a generation), absent when None. A malformed
+    one is bad input, refused naming the argument: read as an unknown id (`access.parse_id`), its
+    NotFound answered the whole list null, as for a workspace the caller may not see. A well-formed
+    id that names nothing here narrows the list to nothing, and so says nothing about other
+    workspaces."""
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        raise ValidationFailed(argument, "not a well-formed id") from None
 
 
 def page_size(first: int) -> int:

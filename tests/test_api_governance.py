@@ -221,6 +221,28 @@ async def test_the_audit_log_records_member_changes_with_before_and_after(db, cl
         await db.transaction(rewrite)
 
 
+async def test_a_malformed_actor_id_is_refused_and_an_unknown_one_narrows_the_audit_log_to_nothing(db, client):
+    # A malformed actorId was parsed as "actor not found", which the query answers as null: the
+    # client was told it had lost sight of the workspace instead of that its input was bad.
+    team, other = await make_team(db, client, creators=0), await make_team(db, client, creators=0)
+    by_actor = """
+    query($ws: ID!, $actor: ID) { auditLog(workspaceId: $ws, actorId: $actor) { edges { node { action actorId } } } }"""
+    async with client(other.owner) as api:
+        foreign_actor = (await api(by_actor, ws=other.ws))["auditLog"]["edges"][0]["node"]["actorId"]
+    async with client(team.owner) as api:
+        actor = (await api(by_actor, ws=team.ws))["auditLog"]["edges"][0]["node"]["actorId"]
+        for bad in ("not-an-id", "", "9" * 40):
+            with pytest.raises(TransportQueryError) as err:
+                await api(by_actor, ws=team.ws, actor=bad)
+            [error] = err.value.errors
+            assert (error["extensions"]["code"], error["message"]) == ("VALIDATION", "actorId: not a well-formed id")
+        mine = (await api(by_actor, ws=team.ws, actor=actor))["auditLog"]["edges"]
+        assert mine and {e["node"]["actorId"] for e in mine} == {actor}
+        # Well-formed but naming no actor here (another workspace's included): nothing, as before.
+        for unknown in ("00000000-0000-0000-0000-000000000000", foreign_actor):
+            assert (await api(by_actor, ws=team.ws, actor=unknown))["auditLog"]["edges"] == []
+
+
 async def test_transfer_between_a_seat_and_a_group_is_refused_when_ambiguous(db, client):
     team = await make_team(db, client, mode="PER_SEAT", creators=1)
     _, seat = team.creators[0]

@@ -708,6 +708,48 @@ async def test_members_see_their_own_generations_admins_see_all(db, client):
         assert {e["node"]["id"] for e in (await api(q, ws=team.ws))["generations"]["edges"]} == {mine["id"], theirs["id"]}
 
 
+async def test_a_malformed_filter_id_is_refused_and_an_unknown_one_narrows_the_list_to_nothing(db, client):
+    # A malformed memberId or generationId filter was parsed as "member/generation not found",
+    # which the query answers as null: the client was told it had lost sight of the workspace
+    # instead of that its input was bad.
+    team, other = await make_team(db, client, creators=1), await make_team(db, client, creators=1)
+    for t in (team, other):
+        await grant(client, t, "100")
+    (token, member), (foreign_token, foreign_member) = team.creators[0], other.creators[0]
+    async with client(token) as api:
+        gen = (await api(START, ws=team.ws, model="sdxl", key=key()))["startGeneration"]["id"]
+    async with client(foreign_token) as api:
+        foreign_gen = (await api(START, ws=other.ws, model="sdxl", key=key()))["startGeneration"]["id"]
+    ledger = ('query($ws: ID!, $f: LedgerFilter) { ledger(workspaceId: $ws, filter: $f) '
+              '{ edges { node { generationId memberId } } } }')
+    generations = 'query($ws: ID!, $m: ID) { generations(workspaceId: $ws, memberId: $m) { edges { node { id } } } }'
+    async with client(team.owner) as api:
+        for name, bad in [("memberId", "not-an-id"), ("memberId", ""), ("generationId", "not-an-id"),
+                          ("generationId", "9" * 40)]:
+            with pytest.raises(TransportQueryError) as err:
+                await api(ledger, ws=team.ws, f={name: bad})
+            [error] = err.value.errors
+            assert (error["extensions"]["code"], error["message"]) == (
+                "VALIDATION", f"filter.{name}: not a well-formed id"), (name, bad, error)
+        for bad in ("not-an-id", ""):
+            with pytest.raises(TransportQueryError) as err:
+                await api(generations, ws=team.ws, m=bad)
+            [error] = err.value.errors
+            assert (error["extensions"]["code"], error["message"]) == ("VALIDATION", "memberId: not a well-formed id")
+        # Well-formed: the filter narrows, to nothing for an id that names nothing here (another
+        # workspace's included: the answer says nothing about it).
+        nil = str(uuid.UUID(int=0))
+        by_member = (await api(ledger, ws=team.ws, f={"memberId": member}))["ledger"]["edges"]
+        assert by_member and {e["node"]["memberId"] for e in by_member} == {member}
+        by_generation = (await api(ledger, ws=team.ws, f={"generationId": gen}))["ledger"]["edges"]
+        assert [e["node"]["generationId"] for e in by_generation] == [gen]
+        for f in ({"memberId": nil}, {"memberId": foreign_member}, {"generationId": nil}, {"generationId": foreign_gen}):
+            assert (await api(ledger, ws=team.ws, f=f))["ledger"]["edges"] == [], f
+        assert [e["node"]["id"] for e in (await api(generations, ws=team.ws, m=member))["generations"]["edges"]] == [gen]
+        for m in (nil, foreign_member):
+            assert (await api(generations, ws=team.ws, m=m))["generations"]["edges"] == []
+
+
 async def test_the_database_refuses_to_rewrite_history_or_overdraw(db, client):
     team = await make_team(db, client, creators=1)
     g = await grant(client, team, "10")

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from domain.access import Caller, authorize, parse_id
 from domain.db import Database
 from domain.governance.models import AuditEntry
-from domain.pages import Page, decode_id_cursor, encode_cursor, page_size
+from domain.pages import Page, decode_id_cursor, encode_cursor, page_size, parse_filter_id
 from policies import Action
 
 
@@ -45,6 +45,7 @@ async def audit_page(
     ws_id = parse_id(workspace_id, "workspace")
     size = page_size(first)
     after_id = decode_id_cursor(after, "audit")
+    actor = parse_filter_id(actor_id, "actorId")
 
     async def work(session: AsyncSession) -> Page:
         await authorize(session, caller, ws_id, Action.VIEW_AUDIT_LOG, what="workspace")
@@ -53,8 +54,8 @@ async def audit_page(
             conds.append(AuditEntry.id < after_id)
         if action:
             conds.append(AuditEntry.action.startswith(action, autoescape=True))
-        if actor_id is not None:
-            conds.append(AuditEntry.actor_id == parse_id(actor_id, "actor"))
+        if actor is not None:
+            conds.append(AuditEntry.actor_id == actor)
         if since:
             conds.append(AuditEntry.occurred_at >= since)
         if until:

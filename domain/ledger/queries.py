@@ -23,7 +23,7 @@ from domain.ledger.models import (
     LedgerEntry,
 )
 from domain.ledger.service import SPENDABLE, GenerationResult, generation_result, spend_scope
-from domain.pages import Page, decode_id_cursor, decode_time_cursor, encode_cursor, page_size
+from domain.pages import Page, decode_id_cursor, decode_time_cursor, encode_cursor, page_size, parse_filter_id
 from domain.periods.renewal import lost_by, renewal_seen_from
 from domain.workspaces.models import AllocationMode, Member, Workspace
 from policies import Action
@@ -223,6 +223,8 @@ async def ledger_page(
     size = page_size(first)
     after_id = decode_id_cursor(after, "entry")
     f = filter or LedgerFilter()
+    member = parse_filter_id(f.member_id, "filter.memberId")
+    generation = parse_filter_id(f.generation_id, "filter.generationId")
 
     async def work(session: AsyncSession) -> Page:
         await authorize(session, caller, ws_id, Action.VIEW_LEDGER, what="workspace")
@@ -231,10 +233,10 @@ async def ledger_page(
             conds.append(LedgerEntry.id < after_id)
         if f.kinds:
             conds.append(LedgerEntry.kind.in_(f.kinds))
-        if f.member_id is not None:
-            conds.append(LedgerEntry.member_id == parse_id(f.member_id, "member"))
-        if f.generation_id is not None:
-            conds.append(LedgerEntry.generation_id == parse_id(f.generation_id, "generation"))
+        if member is not None:
+            conds.append(LedgerEntry.member_id == member)
+        if generation is not None:
+            conds.append(LedgerEntry.generation_id == generation)
         if f.since:
             conds.append(LedgerEntry.created_at >= f.since)
         if f.until:
@@ -257,6 +259,7 @@ async def generations_page(
     ws_id = parse_id(workspace_id, "workspace")
     size = page_size(first)
     after_value = decode_time_cursor(after, "generation")
+    member = parse_filter_id(member_id, "memberId")
 
     async def work(session: AsyncSession) -> Page:
         me = await authorize(session, caller, ws_id, Action.VIEW_WORKSPACE, what="workspace")
@@ -265,8 +268,8 @@ async def generations_page(
             conds.append(Generation.member_id == (me.id if me else None))
         if status is not None:
             conds.append(Generation.status == status)
-        if member_id is not None:
-            conds.append(Generation.member_id == parse_id(member_id, "member"))
+        if member is not None:
+            conds.append(Generation.member_id == member)
         if after_value is not None:
             at, gid = after_value
             conds.append(or_(Generation.created_at < at, and_(Generation.created_at == at, Generation.id < gid)))
