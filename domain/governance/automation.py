@@ -290,14 +290,14 @@ async def follow_timezone(session: AsyncSession, ws_id: uuid.UUID, timezone: str
             topup.month_end = moved.end
 
 
-async def _low_balance(session: AsyncSession, ws: Workspace, available: int, now: datetime) -> None:
+async def _low_balance(session: AsyncSession, ws: Workspace, available: int, now: datetime) -> int:
+    """Fire or resolve the low-balance alert for `available` credits; how many alerts changed."""
     if ws.low_balance_alert_units is None:
-        return
+        return 0
     if available < ws.low_balance_alert_units:
-        await alerts.fire(session, ws.id, alerts.LOW_BALANCE, "workspace", now, available=format_credits(available),
-                          threshold=format_credits(ws.low_balance_alert_units))
-    else:
-        await alerts.resolve(session, ws.id, alerts.LOW_BALANCE, now, "workspace")
+        return await alerts.fire(session, ws.id, alerts.LOW_BALANCE, "workspace", now,
+                                 available=format_credits(available), threshold=format_credits(ws.low_balance_alert_units))
+    return await alerts.resolve(session, ws.id, alerts.LOW_BALANCE, now, "workspace")
 
 
 async def _limit_alerts(session: AsyncSession, ws_id: uuid.UUID, limit_id: uuid.UUID, period: datetime,
@@ -577,8 +577,15 @@ async def set_alert_settings(db: Database, caller: Caller, *, workspace_id: str,
             session.get_one(Workspace, ws_id, with_for_update=True, populate_existing=True)))
         before = {"lowBalance": ws.low_balance_alert_units, "expiryDays": ws.expiry_alert_days}
         ws.low_balance_alert_units, ws.expiry_alert_days = units, expiry_alert_days
+        now = caller.clock.now()
         audit.record(session, ws_id, caller.actor.user_id, "alerts.updated", "workspace", ws_id, before=before,
-                     after={"lowBalance": units, "expiryDays": expiry_alert_days}, at=caller.clock.now())
+                     after={"lowBalance": units, "expiryDays": expiry_alert_days}, at=now)
+        # The alert follows the new threshold at once, as a limit's follow a change of the limit:
+        # a threshold set above what is left may see no spend for days.
+        if units is None:
+            await alerts.resolve(session, ws_id, alerts.LOW_BALANCE, now, "workspace")
+        else:
+            await _low_balance(session, ws, await available_units(session, ws_id, now), now)
         await session.flush()
         return ws
 
@@ -671,12 +678,14 @@ async def alert_workspaces(session: AsyncSession, now: datetime) -> list[uuid.UU
     expiring = select(GRANTS.c.workspace_id).join(ws_t, ws_t.c.id == GRANTS.c.workspace_id).where(_expiring_soon(now))
     open_ = select(Alert.workspace_id).where(Alert.status == AlertStatus.OPEN, Alert.kind.in_(_TIMED_ALERTS))
     reached = {r["workspace_id"] for r in await limits.at_alert_level(session, now)}
-    return sorted(set((await session.execute(expiring.union(open_))).scalars()) | reached)
+    low = set((await session.execute(_balances_low(now, None))).scalars())
+    return sorted(set((await session.execute(expiring.union(open_))).scalars()) | reached | low)
 
 
 async def refresh_alerts(session: AsyncSession, now: datetime, workspace_id: uuid.UUID | None = None) -> int:
     """Time-driven alert conditions, in every workspace or in `workspace_id`: grants expiring
-    soon fire, and so do limits at 80 % or 100 % with no alert open (`_limits_reached`); alerts whose condition has cleared with time (an expired or spent grant, a limit
+    soon fire, and so do limits at 80 % or 100 % and balances under their threshold with no alert
+    open (`_limits_reached`, `_balances_low`); alerts whose condition has cleared with time (an expired or spent grant, a limit
     period that ended, a balance back above its threshold, an auto top-up month at its cap that ended) resolve."""
     changed = 0
     ws_t = Workspace.__table__
@@ -743,7 +752,23 @@ async def refresh_alerts(session: AsyncSession, now: datetime, workspace_id: uui
                 or not cap_reached(topup, (await session.get_one(CreditPack, topup.pack_id)).units, now, ws.timezone)
         if clear:
             changed += await alerts.resolve(session, a.workspace_id, a.kind, now, a.subject)
+    for ws_id in (await session.execute(_balances_low(now, workspace_id))).scalars():
+        ws = await session.get_one(Workspace, ws_id)
+        changed += await _low_balance(session, ws, await available_units(session, ws_id, now), now)
     return changed + await _limits_reached(session, now, workspace_id)
+
+
+def _balances_low(now: datetime, workspace_id: uuid.UUID | None) -> Select:
+    """The workspaces under their low-balance threshold with no alert open. A spend fires the
+    alert as it crosses, but a balance also falls with nobody spending: credits expire, a close
+    ends an allowance. Only workspaces with a threshold are summed (from their live grants)."""
+    ws_t = Workspace.__table__
+    alert_open = select(Alert.id).where(Alert.workspace_id == ws_t.c.id, Alert.kind == alerts.LOW_BALANCE,
+                                        Alert.status == AlertStatus.OPEN).exists()
+    return select(ws_t.c.id).where(
+        ws_t.c.low_balance_alert_units.is_not(None), ~alert_open,
+        _spendable(ws_t.c.id, now, pool_only=False).scalar_subquery() < ws_t.c.low_balance_alert_units,
+        *([] if workspace_id is None else [ws_t.c.id == workspace_id])).order_by(ws_t.c.id)
 
 
 async def _limits_reached(session: AsyncSession, now: datetime, workspace_id: uuid.UUID | None) -> int:
