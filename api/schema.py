@@ -34,7 +34,7 @@ from api.governance import GovernanceMutation, GovernanceQuery
 from api.live import Subscription
 from api.periods import PeriodsMutation, PeriodsQuery
 from api.workspaces import WorkspaceMutation, WorkspaceQuery
-from domain.errors import DomainError, TopLevelError
+from domain.errors import DomainError, TopLevelError, ValidationFailed
 
 SDL_PATH = Path(__file__).resolve().parent / "schema.graphql"
 log = logging.getLogger("creditpool.graphql")
@@ -188,9 +188,12 @@ class RequestRules(SchemaExtension):
             code, message = original.code, str(original)
         else:
             code, message = "INTERNAL", "Unexpected error."
+        extensions = {"code": code}
+        if isinstance(original, ValidationFailed):  # the argument it names, as the unstorable-text refusal gives it
+            extensions["field"] = original.field
         return GraphQLError(
             message, nodes=error.nodes, source=error.source, positions=error.positions, path=error.path,
-            original_error=None, extensions={"code": code},
+            original_error=None, extensions=extensions,
         )
 
 

@@ -729,13 +729,14 @@ async def test_a_malformed_filter_id_is_refused_and_an_unknown_one_narrows_the_l
             with pytest.raises(TransportQueryError) as err:
                 await api(ledger, ws=team.ws, f={name: bad})
             [error] = err.value.errors
-            assert (error["extensions"]["code"], error["message"]) == (
-                "VALIDATION", f"filter.{name}: not a well-formed id"), (name, bad, error)
+            assert (error["extensions"], error["message"]) == (
+                {"code": "VALIDATION", "field": f"filter.{name}"}, f"filter.{name}: not a well-formed id"), (name, bad, error)
         for bad in ("not-an-id", ""):
             with pytest.raises(TransportQueryError) as err:
                 await api(generations, ws=team.ws, m=bad)
             [error] = err.value.errors
-            assert (error["extensions"]["code"], error["message"]) == ("VALIDATION", "memberId: not a well-formed id")
+            assert (error["extensions"], error["message"]) == (
+                {"code": "VALIDATION", "field": "memberId"}, "memberId: not a well-formed id")
         # Well-formed: the filter narrows, to nothing for an id that names nothing here (another
         # workspace's included: the answer says nothing about it).
         nil = str(uuid.UUID(int=0))
