@@ -557,7 +557,7 @@ class LedgerMutation:
             ctx.db, await ctx.who(), workspace_id=str(input.workspace_id), model_key=input.model_key,
             idempotency_key=input.idempotency_key, parameters=input.parameters,
             on_behalf_of_member_id=optional_id(input.on_behalf_of_member_id),
-            payments=ctx.payments,
+            payments=ctx.payments, hold_ttl=ctx.hold_ttl,
         )
         return await result(call, Generation.from_result)
 

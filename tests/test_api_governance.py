@@ -4,6 +4,7 @@ billing groups, notifications and the audit log."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 from gql.transport.exceptions import TransportQueryError
@@ -390,7 +391,8 @@ async def test_a_start_answers_with_its_generation_when_the_alerts_and_top_up_af
     async with orm_pool_taken(database_url) as (tiny, release):
         def a_start():
             return service.start_generation(tiny, caller, workspace_id=team.ws, model_key="dalle-3",
-                                            idempotency_key=key(), payments=provider)
+                                            idempotency_key=key(), payments=provider,
+                                            hold_ttl=timedelta(hours=1))
 
         with caplog.at_level("ERROR", logger="creditpool.automation"):
             started = await a_start()

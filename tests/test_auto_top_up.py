@@ -278,7 +278,8 @@ def spender(db: Database, token: str, ws: str, clock: OffsetClock, provider):
     async def spend():
         caller = Caller(await identity.authenticate_secret(db, token), Authorizer(), clock)
         return await service.start_generation(db, caller, workspace_id=ws, model_key="dalle-3",
-                                              idempotency_key=key(), payments=provider)
+                                              idempotency_key=key(), payments=provider,
+                                              hold_ttl=timedelta(hours=1))
 
     return spend
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -83,7 +84,7 @@ async def seeded(pg_server) -> Seeded:
         async def start(team, creator: int = 0) -> str:
             who = await seeder.caller(team.creators[creator][0])
             r = await ledger.start_generation(db, who, workspace_id=team.workspace_id, model_key="bench-image",
-                                              idempotency_key=uuid.uuid4().hex)
+                                              idempotency_key=uuid.uuid4().hex, hold_ttl=timedelta(hours=1))
             return str(r.generation.id)
 
         async def complete(gid: str, actual_cost: str | None = None) -> None:

@@ -282,7 +282,7 @@ async def test_concurrent_starts_on_one_pool_share_statements_and_every_money_ru
     async def start(k):
         try:
             return (await service.start_generation(db, caller, workspace_id=team.ws, model_key="test-six",
-                                                   idempotency_key=k)).generation.id
+                                                   idempotency_key=k, hold_ttl=timedelta(hours=1))).generation.id
         except Exception as exc:  # noqa: BLE001 - the refusals are the point
             return type(exc).__name__
 
@@ -310,7 +310,7 @@ async def test_concurrent_settlements_in_one_workspace_share_statements_and_each
     creator, _ = team.creators[0]
     spender, worker = await caller_for(db, creator), await caller_for(db, team.worker)
     gens = [str((await service.start_generation(db, spender, workspace_id=team.ws, model_key="test-six",
-                                                idempotency_key=key())).generation.id) for _ in range(40)]
+                                                idempotency_key=key(), hold_ttl=timedelta(hours=1))).generation.id) for _ in range(40)]
     settlements = db.coalescer("settlements", service.write_settlements)
     rules = service.LedgerRules()
 

@@ -205,6 +205,8 @@ async def world(pg_server):
 class Run:
     """One example: a workspace, its members, the model, and the checks."""
 
+    hold_ttl = HOLD_TTL  # the scheduler's, which a start closing a due boundary uses too
+
     def __init__(self, w: World, ws: str, members: dict[str, str], mode: AllocationMode) -> None:
         self.w, self.ws, self.ws_id, self.members = w, ws, uuid.UUID(ws), members
         self.member_names = {uuid.UUID(v): k for k, v in members.items()}
@@ -325,7 +327,7 @@ class Run:
 
     async def start(self, who: str, model_key: str, replay: bool):
         m = self.model
-        args = dict(workspace_id=self.ws, model_key=model_key, idempotency_key=self.key())
+        args = dict(workspace_id=self.ws, model_key=model_key, idempotency_key=self.key(), hold_ttl=self.hold_ttl)
         draws = m.draw(who, PRICES[model_key], as_spender=True)
         if draws is None:
             with pytest.raises(InsufficientCredits):

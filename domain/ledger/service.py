@@ -765,6 +765,7 @@ SELECT w.allocation_mode, w.pool_fallback, w.auto_topup_enabled, w.low_balance_a
        t.billing_group_id AS target_group_id,
        {price_list_in_force("$3")} AS price_list_id,
        EXISTS (SELECT 1 FROM spend_limits s WHERE s.workspace_id = w.id AND s.removed_at IS NULL) AS has_limits,
+       (w.next_renewal_at <= $3::timestamptz OR w.next_daily_at <= $3::timestamptz) IS TRUE AS calendar_due,
        (SELECT array_agg(g) FROM grants g
         WHERE g.workspace_id = w.id AND {live_at("$3")}
           AND (g.scope = 'WORKSPACE' OR (g.scope = 'SEAT' AND g.member_id = coalesce(t.id, c.id))
@@ -948,9 +949,12 @@ class Started:
 async def start_generation(
     db: Database, who: Who, *, workspace_id: str, model_key: str, idempotency_key: str,
     parameters: dict[str, Any] | None = None, on_behalf_of_member_id: str | None = None,
-    payments: PaymentProvider | None = None,
+    payments: PaymentProvider | None = None, hold_ttl: timedelta,
 ) -> GenerationResult:
     """Authorize (creator seat), price, and hold the cost across grants in consumption order.
+    `hold_ttl`: the server's hold time-to-live (the scheduler's), for a start that finds a
+    boundary or a midnight due that the scheduler has not reached: it closes it first, as the
+    tick would (`CalendarDue`), releasing the workspace's timed-out holds before.
 
     Two ways, one outcome. Most starts are one read (which also authenticates `who` when it is
     credentials) and one writing statement in autocommit (`reserve_at_once`). A start that needs
@@ -969,7 +973,14 @@ async def start_generation(
         caller = await authenticate(db, who)  # checked by the read (unless its connection was lost): no statement
         optimistic = Optimistic()
         try:
-            started = await db.sql_transaction(lambda sql: _reserve_in_transaction(sql, caller, req, optimistic))
+            try:
+                started = await db.sql_transaction(
+                    lambda sql: _reserve_in_transaction(sql, caller, req, optimistic, catch_up=True))
+            except CalendarDue:
+                # Once: a boundary passed meanwhile (a clock moved by a test) is spent as it is.
+                await close_due_periods(db, req.ws_id, caller.clock.now(), hold_ttl)
+                started = await db.sql_transaction(
+                    lambda sql: _reserve_in_transaction(sql, caller, req, optimistic, catch_up=False))
         except InsufficientCredits:
             # A pool too low for this generation may have got there with no spend to start its
             # auto top-up (credits expired, or moved to a seat). The refusal stands; the top-up,
@@ -991,8 +1002,11 @@ async def reserve_at_once(sql: Sql, who: Who, req: StartRequest,
     now = who.clock.now()
     caller, ws = await _SPENDER.fetchrow(sql, who, req.ws_id, req.target_id, now)
     payer = _spender(caller, req.ws_id, ws, req.target_id, refuse=False)
-    if payer is None or ws["has_limits"]:
-        return None  # a member paid for who may not generate: a replay, or refused after the claim
+    if payer is None or ws["has_limits"] or ws["calendar_due"]:
+        # A member paid for who may not generate: a replay, or refused after the claim. Spend
+        # limits: their usage rows. A boundary or a midnight the scheduler has not reached yet:
+        # the credits it issues are not there (`CalendarDue`).
+        return None
     member_id, group_id = payer.member_id, payer.group_id
     r = await _reservation(sql, ws, member_id, group_id, req.model_key, req.parameters, now, refuse=False)
     if r is None:
@@ -1027,10 +1041,36 @@ async def reserve_at_once(sql: Sql, who: Who, req: StartRequest,
                    [])
 
 
-async def _reserve_in_transaction(sql: Sql, caller: Caller, req: StartRequest, optimistic: Optimistic) -> Started:
+class CalendarDue(Exception):
+    """A spend found its workspace past a boundary (or midnight UTC) that the scheduler has not
+    closed yet: the old allowance (or the day's free credits) has expired at spend time, and the
+    new one, which a tick on time issued at that instant, is not there. Planned now, the spend
+    would be paid by credits kept for later (purchased ones, which never expire) or refused, and
+    the allowance issued a moment later would expire with that much unspent. The caller closes
+    what is due (`close_due_periods`, in a transaction of its own) and plans again."""
+
+
+async def close_due_periods(db: Database, ws_id: uuid.UUID, now: datetime, hold_ttl: timedelta) -> None:
+    """`periods.close_due_periods` for a spend that met `CalendarDue`: as the scheduler's tick
+    would have, at the time it would have (the workspace's timed-out holds released first).
+    A close that fails is the scheduler's to report and retry (`periods.tick`); the spend goes
+    on with what is there, as it did before it looked: a workspace whose close is broken must
+    not be unable to spend at all."""
+    from domain.periods import service as periods  # periods build on this module
+
+    try:
+        await db.transaction(lambda session: periods.close_due_periods(session, ws_id, now, hold_ttl=hold_ttl))
+    except Exception as exc:  # noqa: BLE001 - isolated: the spend goes on, the scheduler retries the close
+        log.warning("closing the due periods of workspace %s before a spend failed", ws_id, exc_info=exc)
+
+
+async def _reserve_in_transaction(sql: Sql, caller: Caller, req: StartRequest, optimistic: Optimistic, *,
+                                  catch_up: bool) -> Started:
     now = caller.clock.now()
     ws = await sql.fetchrow(_SPENDER.known, req.ws_id, req.target_id, now, caller.actor.user_id)
     payer = _spender(caller, req.ws_id, ws, req.target_id, refuse=False)
+    if catch_up and ws["calendar_due"]:
+        raise CalendarDue()  # after authorizing the caller: an outsider closes nothing
     # Claimed before pricing: a replay returns the first generation even if the model has been
     # retired since (its hold exists; saying "unknown model" would hide it), or the member it
     # paid for has left or lost the creator seat since.
