@@ -115,7 +115,10 @@ class LedgerEntry:
     member_id: strawberry.ID | None
     actor_id: strawberry.ID | None
     idempotency_key: str | None
-    created_at: datetime
+    occurred_at: datetime = strawberry.field(
+        description="When the movement happened (an expiry at its expiry time, a period close at its boundary, a hold "
+                    "time-out at its deadline), however late it was written; the ledger's since/until filter by it.")
+    created_at: datetime = strawberry.field(description="When the entry was written.")
 
     @classmethod
     def from_model(cls, e: lm.LedgerEntry) -> LedgerEntry:
@@ -123,7 +126,8 @@ class LedgerEntry:
             id=strawberry.ID(str(e.id)), kind=e.kind, cause=e.cause, amount=format_credits(e.amount),
             grant_id=strawberry.ID(str(e.grant_id)), generation_id=_id(e.generation_id),
             purchase_id=_id(e.purchase_id), transfer_id=_id(e.transfer_id), member_id=_id(e.member_id),
-            actor_id=_id(e.actor_id), idempotency_key=e.idempotency_key, created_at=e.created_at,
+            actor_id=_id(e.actor_id), idempotency_key=e.idempotency_key, occurred_at=e.occurred_at,
+            created_at=e.created_at,
         )
 
 
@@ -383,8 +387,8 @@ class LedgerFilter:
     kinds: list[EntryKind] | None = None
     member_id: strawberry.ID | None = None
     generation_id: strawberry.ID | None = None
-    since: datetime | None = None
-    until: datetime | None = None
+    since: datetime | None = strawberry.field(default=None, description="Entries that occurred at or after it.")
+    until: datetime | None = strawberry.field(default=None, description="Entries that occurred before it.")
 
 
 @strawberry.input

@@ -140,3 +140,38 @@ async def test_a_start_whose_close_fails_spends_what_is_there_and_the_scheduler_
     monkeypatch.undo()
     assert len(closes_of(await world.tick(month(1, timedelta(minutes=30))), ws)) == 1
     await clean(world, ws)
+
+
+LEDGER = """
+query($ws: ID!, $since: DateTime, $until: DateTime) {
+  ledger(workspaceId: $ws, filter: {kinds: [EXPIRE], since: $since, until: $until}) {
+    edges { node { kind amount occurredAt createdAt } } } }"""
+
+
+async def test_the_ledger_dates_and_filters_an_entry_by_when_it_happened_not_when_the_scheduler_wrote_it(
+        world):  # noqa: F811
+    """A promotion expires on a day the scheduler does not run (downtime): its expiry entry is
+    written days later, at the time it belongs to (creditSchedule's breakage counts it in its
+    own period). The ledger showed only when the entry was written and filtered since/until by
+    that, so the month's ledger left out an expiry the month's breakage counted, and the next
+    month's showed it. Now each entry has occurredAt, and since/until filter by it."""
+    key_ = await plan(world)
+    owner, ws = await workspace(world, key_)
+    expires = world.clock.now() + timedelta(days=3)
+    async with world.client(world.operator) as api:
+        out = await api('mutation($ws: ID!, $k: String!, $at: DateTime) { grantCredits(input: {workspaceId: $ws, '
+                        'amount: "20", source: PROMOTION, reason: "r", idempotencyKey: $k, expiresAt: $at}) '
+                        '{ __typename } }', ws=ws, k=key(), at=expires.isoformat())
+        assert out["grantCredits"]["__typename"] == "Grant"
+    await world.tick(timedelta(days=6))  # three days late
+    day = timedelta(days=1)
+
+    async def expiries(since, until) -> list[dict]:
+        async with world.client(owner) as api:
+            page = (await api(LEDGER, ws=ws, since=since.isoformat(), until=until.isoformat()))["ledger"]
+        return [e["node"] for e in page["edges"]]
+
+    [entry] = await expiries(expires - day, expires + day)
+    assert (entry["amount"], datetime.fromisoformat(entry["occurredAt"])) == ("20.000", expires)
+    assert await expiries(expires + day, expires + 4 * day) == []
+    await clean(world, ws)

@@ -237,10 +237,12 @@ async def ledger_page(
             conds.append(LedgerEntry.member_id == member)
         if generation is not None:
             conds.append(LedgerEntry.generation_id == generation)
+        # By business time, as creditSchedule's breakage: an expiry or a period close written
+        # late (downtime, a cron tick) belongs to when it happened, not to when it was written.
         if f.since:
-            conds.append(LedgerEntry.created_at >= f.since)
+            conds.append(LedgerEntry.occurred_at >= f.since)
         if f.until:
-            conds.append(LedgerEntry.created_at < f.until)
+            conds.append(LedgerEntry.occurred_at < f.until)
         rows = list((await session.execute(
             select(LedgerEntry).where(and_(*conds)).order_by(LedgerEntry.id.desc()).limit(size + 1)
         )).scalars())
