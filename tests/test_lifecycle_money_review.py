@@ -175,3 +175,37 @@ async def test_the_ledger_dates_and_filters_an_entry_by_when_it_happened_not_whe
     assert (entry["amount"], datetime.fromisoformat(entry["occurredAt"])) == ("20.000", expires)
     assert await expiries(expires + day, expires + 4 * day) == []
     await clean(world, ws)
+
+
+async def test_an_operator_allowance_expiring_before_the_period_end_expires_on_its_date_and_never_rolls_over(
+        world):  # noqa: F811
+    """An operator grants part of a period's allowance by hand (source PLAN_ALLOWANCE, effective
+    at the period start) to last ten days. A tick on time expires it on day ten (it is no piece
+    the close is still to decide: the sweep only waits for allowances expiring at the period's
+    end). creditSchedule promised it rolls over at the period's end, and a tick that came only
+    after the boundary did roll those expired credits over: a promise the scheduler on time
+    broke, and credits dead since day ten brought back by a late one."""
+    key_ = await plan(world, includedCredits="100", rolloverPolicy="ROLLOVER", rolloverCapPercent=100,
+                      rolloverPeriods=2)
+    owner, ws = await workspace(world, key_)
+    start = (await schedule(world, owner, ws))["periodStart"]
+    expires = datetime.fromisoformat(start) + timedelta(days=10)
+    async with world.client(world.operator) as api:
+        out = await api('mutation($ws: ID!, $k: String!, $at: DateTime, $ef: DateTime) { grantCredits(input: {'
+                        'workspaceId: $ws, amount: "30", source: PLAN_ALLOWANCE, reason: "r", idempotencyKey: $k, '
+                        'expiresAt: $at, effectiveAt: $ef}) { __typename ... on Grant { id } } }',
+                        ws=ws, k=key(), at=expires.isoformat(), ef=start)
+    piece = out["grantCredits"]["id"]
+    outlook = {datetime.fromisoformat(o["grant"]["expiresAt"]): (o["rollsOver"], o["expires"])
+               for o in (await schedule(world, owner, ws))["atNextRenewal"]}
+    assert outlook[expires] == ("0.000", "30.000")
+    [closed] = closes_of(await world.tick(month(1)), ws)  # nothing ran between day ten and the boundary
+    assert (closed.rolled_over_units, closed.expired_units) == (100_000, 0)
+    b = await balance(world, owner, ws)
+    [early] = [g for g in b["grants"] if g["id"] == piece] or [None]
+    assert early is None  # spent out: expired, not rolled over
+    assert sorted((g["source"], g["remaining"]) for g in b["grants"]) == [
+        ("PLAN_ALLOWANCE", "100.000"), ("ROLLOVER", "100.000")]
+    [breakage] = (await schedule(world, owner, ws))["breakage"]
+    assert (breakage["expired"], breakage["rolledOver"]) == ("30.000", "100.000")
+    await clean(world, ws)

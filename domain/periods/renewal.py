@@ -41,9 +41,12 @@ async def allowance_pieces(session: AsyncSession, ws: Workspace, *, lock: bool =
 def expires_at_close(g: Grant, boundary: datetime) -> bool:
     """Whether the close at `boundary` expires (or rolls over) what is left of the allowance piece
     `g`. An allowance issued by the plan expires exactly then (NEVER_EXPIRE: never); a piece an
-    operator granted by hand (source PLAN_ALLOWANCE, effective at the period start) may be given a
-    later expiry, and keeps it: the close never takes a credit before the expiry it was shown with."""
-    return g.expires_at is not None and g.expires_at <= boundary
+    operator granted by hand (source PLAN_ALLOWANCE, effective at the period start) may be given
+    another expiry, and keeps it: a later one, so the close never takes a credit before the
+    expiry it was shown with; an earlier one, so it expires on its date (the expiry sweep takes
+    it then, `periods.service._expire_due_grants`) and a close that comes late never rolls over
+    credits dead since that date."""
+    return g.expires_at is not None and g.expires_at == boundary
 
 
 def has_every_piece(pieces: Iterable[Grant]) -> bool:
