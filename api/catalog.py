@@ -81,8 +81,10 @@ class ModelPrice:
         description="Credits for one generation at default parameters: now, under the viewer's plan, for the "
                     "current catalog; the list price (no time-of-day or plan multiplier) for other versions.")
     generations_covered: int | None = strawberry.field(
-        description="How many default generations the viewer's spendable balance covers (-1: free). "
-                    "Only when the catalog is read for a workspace."
+        description="How many generations started with no parameters the viewer's spendable balance pays for "
+                    "(-1: free): each holds what such a start holds, open-ended usage (output tokens, seconds) at "
+                    "the model's limit, which can be more than defaultCost. Only when the catalog is read for a "
+                    "workspace."
     )
 
     @classmethod

@@ -65,7 +65,8 @@ async def test_every_signed_in_user_sees_the_cost_table_and_what_their_balance_c
         assert set(video["meteredParameters"]) == {"seconds", "resolution", "input_type"}
         assert video["generationsCovered"] is None
         mine = {m["modelKey"]: m for m in (await api(CATALOG, ws=team.ws))["modelPrices"]["models"]}
-    assert mine["test-video"]["generationsCovered"] == 10  # 500 credits = 10 videos at 50
+    # 500 credits = 5 videos: a start with no parameters holds its 10-second limit, 100 credits
+    assert mine["test-video"]["generationsCovered"] == 5
     assert mine["test-six"]["generationsCovered"] == 83  # or about 83 images at 6
     assert mine["test-free"]["generationsCovered"] == -1  # free: no limit from the balance
 

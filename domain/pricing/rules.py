@@ -98,6 +98,8 @@ __all__ = [
     "Quote",
     "TimeWindow",
     "clock_text",
+    "covered_by",
+    "default_hold",
     "generations_covered",
     "metered_parameters",
     "normalize",
@@ -732,6 +734,23 @@ def quote(
                  window_ends_at=window_ends_at, parameters=params)
 
 
+def default_hold(
+    spec: PriceSpec,
+    *,
+    at: datetime,
+    windows: Sequence[TimeWindow] = (),
+    plan_multiplier: Decimal = Decimal(1),
+) -> Quote:
+    """What a start with no parameters holds (and its completion captures unless the worker
+    reports less): the default parameters, with open-ended usage at the model's limit, as
+    `startGeneration` prices it. A model with no limit for an open-ended parameter refuses such a
+    start (its request must state the most it may use); its plain default quote stands instead."""
+    try:
+        return quote(spec, {}, at=at, windows=windows, plan_multiplier=plan_multiplier, open_ended_max=True)
+    except ValidationFailed:
+        return quote(spec, {}, at=at, windows=windows, plan_multiplier=plan_multiplier)
+
+
 def generations_covered(
     spec: PriceSpec,
     balance: Decimal,
@@ -740,19 +759,25 @@ def generations_covered(
     windows: Sequence[TimeWindow] = (),
     plan_multiplier: Decimal = Decimal(1),
 ) -> int:
-    """How many generations at the model's default parameters `balance` (credits) pays for, now:
-    floor(balance / price), counted in whole units (a fraction of a unit pays for nothing). 0 for
-    a zero or negative balance. -1 for a free model (price 0): "unlimited", not a count; show it
-    as such. Uses the time-of-day window in force at `at`, like a quote at that moment."""
+    """How many generations started with no parameters `balance` (credits) pays for, now:
+    floor(balance / hold), with `default_hold`'s hold (open-ended usage at the model's limit, not
+    its typical default: a count by the list price at the defaults promised starts the balance
+    refuses), counted in whole units (a fraction of a unit pays for nothing). 0 for a zero or
+    negative balance. -1 for a free model (price 0): "unlimited", not a count; show it as such.
+    Uses the time-of-day window in force at `at`, like a quote at that moment."""
     if isinstance(balance, (bool, float)) or not isinstance(balance, (Decimal, int)):
         raise TypeError("balance: use Decimal credits, never float")
     balance = Decimal(balance)
     if not balance.is_finite():
         raise ValidationFailed("balance", "must be a finite number")
-    price = quote(spec, {}, at=at, windows=windows, plan_multiplier=plan_multiplier)
-    if price.units == 0:
+    price = default_hold(spec, at=at, windows=windows, plan_multiplier=plan_multiplier)
+    return covered_by(price.units, int(_WIDE.multiply(balance, Decimal(UNITS_PER_CREDIT)).to_integral_value(ROUND_FLOOR)))
+
+
+def covered_by(price_units: int, balance_units: int) -> int:
+    """Generations of `price_units` each that `balance_units` pays for; -1 when free."""
+    if price_units == 0:
         return -1
-    if balance <= 0:
+    if balance_units <= 0:
         return 0
-    balance_units = int(_WIDE.multiply(balance, Decimal(UNITS_PER_CREDIT)).to_integral_value(ROUND_FLOOR))
-    return balance_units // price.units
+    return balance_units // price_units

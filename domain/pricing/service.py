@@ -332,11 +332,15 @@ async def current_catalog(db: Database, caller: Caller, *, workspace_id: str | N
                                                   plan_multiplier=multiplier)
         covered = None
         if ws is not None:
-            spendable = Decimal(await spendable_units(session, caller, ws, me)) / 1000
+            # Counted by what a start with no parameters holds (open-ended usage at the model's
+            # limit), not by the list price at the defaults: that count promised starts the
+            # balance then refused.
+            spendable = await spendable_units(session, caller, ws, me)
             covered = {}
             for m in catalog.models:
-                q = quotes[m.row.model_key]
-                covered[m.row.model_key] = -1 if q.units == 0 else int(spendable * 1000) // q.units
+                multiplier = plan_multiplier(catalog.price_list, plan_key, m.row.model_key)
+                hold = rules.default_hold(m.spec, at=now, windows=catalog.windows, plan_multiplier=multiplier)
+                covered[m.row.model_key] = rules.covered_by(hold.units, spendable)
         return CatalogView(catalog, quotes, covered)
 
     return await db.read(work)
