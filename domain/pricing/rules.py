@@ -83,7 +83,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from domain.errors import ValidationFailed
-from domain.money import UNITS_PER_CREDIT
+from domain.money import MAX_CREDITS, UNITS_PER_CREDIT
 
 __all__ = [
     "CREDIT_QUANTUM",
@@ -721,6 +721,13 @@ def quote(
         running = spec.minimum
 
     total = running.quantize(CREDIT_QUANTUM, context=_CEILING)  # THE rounding, the only one
+    if total > MAX_CREDITS:
+        # Each figure is bounded, their product is not (10^9 s at 10^9 a second): a price no
+        # generation can hold (a BIGINT column holds ~9.2 x 10^15 credits), nor any movement of
+        # credits may carry (`money.MAX_CREDITS`, as an explicit actual cost). Refused here, so a
+        # quote, a start and a completion's usage all answer it alike.
+        raise ValidationFailed("parameters", f"price {_credits(total)} credits is above the most one generation "
+                                             f"may cost, {_credits(MAX_CREDITS)} credits")
     rounding = _EXACT.subtract(total, running)
     if rounding != 0:
         items.append(LineItem(LineKind.ROUNDING, f"rounded up to {CREDIT_QUANTUM} credit", None, None, _canon(rounding)))
@@ -745,10 +752,9 @@ def default_hold(
     reports less): the default parameters, with open-ended usage at the model's limit, as
     `startGeneration` prices it. A model with no limit for an open-ended parameter refuses such a
     start (its request must state the most it may use); its plain default quote stands instead."""
-    try:
-        return quote(spec, {}, at=at, windows=windows, plan_multiplier=plan_multiplier, open_ended_max=True)
-    except ValidationFailed:
-        return quote(spec, {}, at=at, windows=windows, plan_multiplier=plan_multiplier)
+    metered = metered_parameters(spec)
+    bounded = all(key in spec.limits for key in OPEN_ENDED_PARAMETERS if key in metered)
+    return quote(spec, {}, at=at, windows=windows, plan_multiplier=plan_multiplier, open_ended_max=bounded)
 
 
 def generations_covered(

@@ -17,7 +17,7 @@ from domain.access import Caller, authorize, parse_id
 from domain.db import Database, Sql, as_sql
 from domain.errors import Forbidden, NotFound, ValidationFailed
 from domain.identity import clean_name
-from domain.money import decimal_text
+from domain.money import MAX_CREDITS, decimal_text
 from domain.plans import Plan
 from domain.pricing import rules
 from domain.pricing.catalog import Modality, ModelPrice, PriceList, price_list_in_force
@@ -399,6 +399,25 @@ async def publish_price_list(
     ))
 
 
+def _check_default_price(m: ModelInput, windows: Sequence[rules.TimeWindow],
+                         plan_multipliers: Mapping[str, Mapping[str, str]], at: datetime) -> None:
+    """Refuse a model whose price with no parameters can exceed what one generation may cost
+    (`rules.quote` refuses such a price): every reader of the catalog prices each model so
+    (`modelPrices`' defaultCost and generationsCovered), and would fail for every user. The
+    dearest case: the hold at the defaults times the largest window and plan multipliers."""
+    surge = max([w.multiplier for w in windows] + [Decimal(1)])
+    plan = max([Decimal(by[m.model_key] if m.model_key in by else by["*"])
+                for by in plan_multipliers.values() if m.model_key in by or "*" in by] + [Decimal(1)])
+    try:
+        dearest = rules.default_hold(m.spec, at=at).total * surge * plan
+    except ValidationFailed:  # the hold itself is above the most (`rules.quote`)
+        dearest = None
+    if dearest is None or dearest > MAX_CREDITS:
+        raise ValidationFailed(f"models.{m.model_key}", "its price with no parameters (with the largest time-of-day "
+                                                        f"and plan multipliers) is above {MAX_CREDITS} credits, the "
+                                                        "most one generation may cost")
+
+
 async def insert_price_list(
     session: AsyncSession, *, models: Sequence[ModelInput], windows: Sequence[rules.TimeWindow],
     plan_multipliers: Mapping[str, Mapping[str, str]], effective_at: datetime, note: str | None,
@@ -423,6 +442,8 @@ async def insert_price_list(
                 raise ValidationFailed("planMultipliers", f"unknown model {model_key!r} for plan {plan_key!r}")
             multiplier = rules.spec_figure(value, "planMultipliers.multiplier")
             clean_multipliers.setdefault(plan_key, {})[model_key] = decimal_text(multiplier)
+    for m in models:
+        _check_default_price(m, windows, clean_multipliers, effective_at)
     # Versions are numbered in publication order; the lock makes concurrent publishes queue.
     await session.execute(text("SELECT pg_advisory_xact_lock(hashtext('creditpool.price_lists'))"))
     version = ((await session.execute(select(func.max(PriceList.version)))).scalar_one() or 0) + 1
