@@ -13,6 +13,7 @@ from strawberry.types import Info
 from api.context import Context
 from api.errors import NotFoundError, ValidationError, optional_id, result
 from domain import pricing
+from domain.errors import ValidationFailed
 from domain.money import decimal_text
 from domain.pricing import rules
 from domain.pricing import service as prices
@@ -158,6 +159,17 @@ class FileTierInput:
     rate_factor: str
 
 
+def _named(items: list[NamedMultiplierInput], field: str) -> dict[str, str]:
+    """Name -> multiplier. A name given twice is refused: kept as a mapping, one of its two
+    prices would be dropped without a word."""
+    out: dict[str, str] = {}
+    for item in items:
+        if item.name in out:
+            raise ValidationFailed(field, f"{item.name!r} is given twice")
+        out[item.name] = item.multiplier
+    return out
+
+
 @strawberry.input(description="A model's price; money as decimal strings of credits.")
 class ModelPriceInput:
     model_key: str
@@ -190,9 +202,10 @@ class ModelPriceInput:
         if self.included_steps:
             spec["included_steps"] = self.included_steps
         if self.resolution_tiers is not None:
-            spec["resolution_tiers"] = {t.name: t.multiplier for t in self.resolution_tiers}
+            spec["resolution_tiers"] = _named(self.resolution_tiers, f"models.{self.model_key.strip()}.resolution_tiers")
         if self.input_type_multipliers is not None:
-            spec["input_type_multipliers"] = {t.name: t.multiplier for t in self.input_type_multipliers}
+            spec["input_type_multipliers"] = _named(self.input_type_multipliers,
+                                                    f"models.{self.model_key.strip()}.input_type_multipliers")
         if self.file_tiers:
             spec["file_tiers"] = [{"above_mb": t.above_mb, "rate_factor": t.rate_factor} for t in self.file_tiers]
         if self.defaults is not None:
@@ -241,7 +254,11 @@ def _publish_args(input: PublishPriceListInput) -> dict[str, Any]:
                for w in input.time_windows or []]
     plans: dict[str, dict[str, str]] = {}
     for p in input.plan_multipliers or []:
-        plans.setdefault(p.plan_key, {})[p.model_key or "*"] = p.multiplier
+        by_model = plans.setdefault(p.plan_key, {})
+        if (p.model_key or "*") in by_model:  # one would be dropped without a word
+            raise ValidationFailed("planMultipliers", f"plan {p.plan_key!r} has two multipliers for "
+                                                      f"{p.model_key or 'every model'}")
+        by_model[p.model_key or "*"] = p.multiplier
     return {"models": models, "windows": windows, "plan_multipliers": plans, "effective_at": input.effective_at,
             "note": input.note}
 

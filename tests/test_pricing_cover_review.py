@@ -3,6 +3,8 @@ to store."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.test_api_ledger import START, grant, key, make_team
 from tests.test_api_pricing import CATALOG, QUOTE
 
@@ -93,3 +95,27 @@ async def test_a_model_whose_default_price_is_too_large_is_refused_when_publishe
     assert (held["__typename"], held["field"]) == ("ValidationError", "models.pub-huge")
     assert surge["publishPriceList"]["field"] == "models.pub-huge"
     assert after == before  # nothing published
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"resolutionTiers": [{"name": "1024", "multiplier": "1"}, {"name": "1024", "multiplier": "2"}]},
+     "models.pub-dup.resolution_tiers"),
+    ({"inputTypeMultipliers": [{"name": "edit", "multiplier": "1"}, {"name": "edit", "multiplier": "0.5"}],
+      "defaults": {"resolution": "1024", "input_type": "edit"}},
+     "models.pub-dup.input_type_multipliers"),
+    ({"planMultipliers": [{"planKey": "enterprise", "multiplier": "0.5"},
+                          {"planKey": "enterprise", "multiplier": "0.9"}]}, "planMultipliers"),
+])
+async def test_a_price_given_twice_is_refused_not_silently_dropped(db, client, change, field):
+    from tests.test_api_pricing import PUBLISH
+
+    team = await make_team(db, client, creators=0)
+    model = {"modelKey": "pub-dup", "displayName": "Dup", "vendor": "test", "modality": "IMAGE", "base": "4",
+             "resolutionTiers": [{"name": "1024", "multiplier": "1"}], "defaults": {"resolution": "1024"}}
+    plans = change.pop("planMultipliers", None)
+    async with client(team.operator) as api:
+        before = (await api("{ priceLists { version } }"))["priceLists"][0]["version"]
+        out = (await api(PUBLISH, input={"models": [{**model, **change}], "planMultipliers": plans}))["publishPriceList"]
+        after = (await api("{ priceLists { version } }"))["priceLists"][0]["version"]
+    assert (out["__typename"], out.get("field")) == ("ValidationError", field)
+    assert after == before
