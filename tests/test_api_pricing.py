@@ -122,6 +122,7 @@ async def test_a_surge_window_shows_up_with_its_end(db, client, restore_catalog)
     ("test-video", {"seconds": 36000}, "seconds"),  # a 10-hour video on a 10-second model
     ("test-video", {"seconds": "NaN"}, "seconds"),
     ("test-video", {"resolution": "8K"}, "resolution"),
+    ("test-video", {"seconds": 4, "note": "x" * 20_000}, "parameters"),  # above the size a start accepts
 ])
 async def test_bad_parameters_are_typed_validation_errors_and_nothing_is_held(db, client, model, params, field):
     team = await make_team(db, client, creators=1)

@@ -964,7 +964,7 @@ async def start_generation(
     parameters = parameters or {}
     req = await validated(db, who, lambda: StartRequest(
         ws_id=parse_id(workspace_id, "workspace"), key=idempotency.check_key(idempotency_key), model_key=model_key,
-        parameters=parameters, parameters_json=_check_parameters(parameters),
+        parameters=parameters, parameters_json=check_parameters(parameters),
         target_id=parse_id(on_behalf_of_member_id, "member") if on_behalf_of_member_id is not None else None,
     ))
     holds = db.coalescer("holds", write_holds)
@@ -1147,8 +1147,9 @@ def _started(sql: Sql, req: StartRequest, r: _Reservation) -> None:
                 memberId=str(r.member_id), modelKey=req.model_key, cost=format_credits(r.price))
 
 
-def _check_parameters(parameters: dict[str, Any], field: str = "parameters") -> str:
-    """Validate a JSON object from the client; returns it as JSON text."""
+def check_parameters(parameters: dict[str, Any], field: str = "parameters") -> str:
+    """Validate a JSON object from the client (a start's, a completion's usage, a quote's: the
+    same bounds, so a quote never prices what a start would refuse); returns it as JSON text."""
     if not isinstance(parameters, dict):
         raise ValidationFailed(field, "must be a JSON object")
     try:
@@ -1334,7 +1335,7 @@ async def complete_generation(
         if actual_cost is not None and usage is not None:
             raise ValidationFailed("usage", "give the reported usage or an actual cost, not both")
         if usage is not None:
-            _check_parameters(usage, "usage")
+            check_parameters(usage, "usage")
         actual = parse_credits(actual_cost, "actualCost", allow_zero=True) if actual_cost is not None else None
         return key, actual, parse_id(generation_id, "generation")
 

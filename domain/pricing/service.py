@@ -291,10 +291,13 @@ async def quote_generation(
 ) -> QuoteView:
     """What a generation would cost the viewer now, with line items; nothing moves."""
     from domain.ledger.queries import spendable_units
+    from domain.ledger.service import check_parameters
 
     ws_id = parse_id(workspace_id, "workspace")
-    if parameters is not None and not isinstance(parameters, Mapping):
-        raise ValidationFailed("parameters", "must be a JSON object")
+    if parameters is not None:
+        if not isinstance(parameters, Mapping):
+            raise ValidationFailed("parameters", "must be a JSON object")
+        check_parameters(dict(parameters))
 
     async def work(session: AsyncSession) -> QuoteView:
         me = await authorize(session, caller, ws_id, Action.VIEW_BALANCE, what="workspace")
