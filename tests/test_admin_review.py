@@ -30,6 +30,22 @@ async def test_the_audit_entry_of_a_plan_or_paid_seat_change_shows_the_values_be
     assert before["plan"] != after["plan"]
 
 
+async def test_paid_creator_seats_beyond_the_plans_seat_cap_are_refused_not_recorded_unusable(db, client):
+    # The creator seats a workspace may fill are min(seat cap, free + paid): seats paid for above
+    # the cap were recorded (a platform could charge for them) and could never be filled.
+    team = await make_team(db, client, creators=0, plan="team")  # a seat cap of 20, 3 creator seats free
+    async with client(team.owner) as api:
+        refused = (await api(UPDATE, ws=team.ws, paid=18))["updateWorkspace"]
+        assert (refused["__typename"], refused["code"]) == ("ValidationError", "VALIDATION")
+        assert "17" in refused["message"]
+        assert (await api(UPDATE, ws=team.ws, paid=17))["updateWorkspace"]["paidCreatorSeats"] == 17
+        # Checked against the plan the same change moves to: starter caps at 5 with 1 free.
+        moved = (await api(UPDATE, ws=team.ws, plan="starter", paid=5))["updateWorkspace"]
+        assert moved["__typename"] == "ValidationError" and "4" in moved["message"]
+        assert (await api(PLAN, ws=team.ws))["workspace"]["plan"]["key"] == "team"  # nothing changed
+        assert (await api(UPDATE, ws=team.ws, plan="starter", paid=4))["updateWorkspace"]["paidCreatorSeats"] == 4
+
+
 # --- an overage request whose limit is removed --------------------------------------------------
 
 REMOVE_LIMIT = ('mutation($l: ID!) { removeSpendLimit(input: {limitId: $l}) '

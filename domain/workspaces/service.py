@@ -210,6 +210,13 @@ async def update_workspace(
             if plan.daily_free_units > 0 and ws.next_daily_at is None:
                 ws.next_daily_at = next_day(caller.clock.now())
         if paid_creator_seats is not None:
+            # Seats paid for above the plan's seat cap could never be filled (`creator_seat_limit`):
+            # refused, not recorded for someone to be charged. A later plan with a lower cap keeps
+            # what was paid (the seats already filled are checked below).
+            most = plan.seat_cap - plan.free_creator_seats
+            if paid_creator_seats > most:
+                raise ValidationFailed("paidCreatorSeats", f"at most {most} on plan {plan.key}: its seat cap is "
+                                                           f"{plan.seat_cap}, {plan.free_creator_seats} creator seats free")
             ws.paid_creator_seats = paid_creator_seats
         if timezone is not None and check_timezone(timezone) != ws.timezone:
             ws.timezone = timezone
