@@ -550,7 +550,7 @@ class LedgerMutation:
             from_member_id=optional_id(input.from_member_id),
             to_member_id=optional_id(input.to_member_id),
             from_group_id=optional_id(input.from_billing_group_id),
-            to_group_id=optional_id(input.to_billing_group_id),
+            to_group_id=optional_id(input.to_billing_group_id), hold_ttl=ctx.hold_ttl,
         )
         return await result(call, Transfer.from_result)
 

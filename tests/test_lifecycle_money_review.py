@@ -14,7 +14,7 @@ from domain.ledger.models import EntryKind
 from domain.periods import service as periods
 from domain.periods.rules import next_day
 from policies import Authorizer
-from tests.test_api_ledger import START, key
+from tests.test_api_ledger import START, TRANSFER, key
 from tests.test_periods import (  # noqa: F401 - the periods database and its clock reset
     balance,
     clean,
@@ -146,6 +146,59 @@ LEDGER = """
 query($ws: ID!, $since: DateTime, $until: DateTime) {
   ledger(workspaceId: $ws, filter: {kinds: [EXPIRE], since: $since, until: $until}) {
     edges { node { kind amount occurredAt createdAt } } } }"""
+
+
+async def _transfer_to_owner(world, owner: str, ws: str, amount: str) -> dict:  # noqa: F811
+    async with world.client(owner) as api:
+        seat = (await api("query($ws: ID!) { workspace(id: $ws) { members { id } } }", ws=ws))["workspace"]
+        return (await api(TRANSFER, ws=ws, amount=amount, key=key(), to=seat["members"][0]["id"]))["transferCredits"]
+
+
+async def test_a_transfer_after_a_boundary_the_tick_has_not_reached_moves_that_periods_allowance(world):  # noqa: F811
+    """The start's case for transferCredits: ten minutes after a boundary, before any tick, 30
+    credits moved from the pool to a seat are the new period's allowance (issued at the boundary
+    by a tick on time), not the never-expiring credits kept for later. Before, the transfer found
+    the old allowance expired and the new one not issued yet, so it moved 30 of the promotion,
+    and the allowance issued a moment later stayed in the pool (to expire unspent if the pool
+    was not drawn on); a pool with nothing but its allowance was refused (InsufficientCredits)."""
+    key_ = await plan(world, includedCredits="100")
+    owner, ws = await workspace(world, key_)
+    lean_owner, lean = await workspace(world, key_)
+    await _promotion(world, ws, "500")
+    world.clock.offset = month(1, timedelta(minutes=10))
+    for token, space in ((owner, ws), (lean_owner, lean)):
+        moved = await _transfer_to_owner(world, token, space, "30")
+        assert moved["__typename"] == "Transfer", moved
+        [piece] = moved["grants"]
+        assert (piece["source"], piece["amount"]) == ("PLAN_ALLOWANCE", "30.000")
+        assert datetime.fromisoformat(piece["expiresAt"]) > world.clock.now()
+    b = await balance(world, owner, ws)
+    assert sorted((g["scope"], g["source"], g["remaining"]) for g in b["grants"] if g["remaining"] != "0.000") == [
+        ("SEAT", "PLAN_ALLOWANCE", "30.000"), ("WORKSPACE", "PLAN_ALLOWANCE", "70.000"),
+        ("WORKSPACE", "PROMOTION", "500.000")]
+    # Each period closed once, by the transfer: the tick that comes later finds nothing to do.
+    report = await world.tick(month(1, timedelta(minutes=30)))
+    assert closes_of(report, ws) == closes_of(report, lean) == []
+    for token, space in ((owner, ws), (lean_owner, lean)):
+        [breakage] = (await schedule(world, token, space))["breakage"]
+        assert (breakage["expired"], breakage["issued"]) == ("100.000", "100.000")
+        await clean(world, space)
+
+
+async def test_a_transfer_after_midnight_the_tick_has_not_reached_moves_that_days_free_credits(world):  # noqa: F811
+    """The same for the daily free credits: five seconds after midnight UTC, a transfer to a
+    seat moves today's free credits; before, it moved the promotion kept for later."""
+    key_ = await plan(world, dailyFreeCredits="60")
+    owner, ws = await workspace(world, key_)
+    await _promotion(world, ws, "500")
+    now = world.clock.now()
+    world.clock.offset = next_day(now) - now + timedelta(seconds=5)
+    moved = await _transfer_to_owner(world, owner, ws, "20")
+    assert moved["__typename"] == "Transfer", moved
+    [piece] = moved["grants"]
+    assert (piece["source"], piece["amount"]) == ("DAILY_FREE", "20.000")
+    assert datetime.fromisoformat(piece["expiresAt"]) == next_day(world.clock.now())
+    await clean(world, ws)
 
 
 async def test_the_ledger_dates_and_filters_an_entry_by_when_it_happened_not_when_the_scheduler_wrote_it(

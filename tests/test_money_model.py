@@ -302,7 +302,7 @@ class Run:
         m = self.model
         source = None if into_seat else seat
         units = amount * UNIT
-        args = dict(workspace_id=self.ws, amount=credits(units), idempotency_key=self.key(),
+        args = dict(workspace_id=self.ws, amount=credits(units), idempotency_key=self.key(), hold_ttl=self.hold_ttl,
                     from_member_id=None if into_seat else self.members[seat],
                     to_member_id=self.members[seat] if into_seat else None)
         draws = m.draw(source, units, as_spender=False)

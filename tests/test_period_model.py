@@ -453,16 +453,20 @@ class Run(money.Run):
 
     # -- the steps (start, complete and fail are test_money_model's) --
 
-    async def start(self, who: str, model_key: str, replay: bool = False):
+    async def close_due_first(self):
+        """A start or a transfer meeting a boundary due closes it first (`service.CalendarDue`),
+        as a plan change does: the same catch-up, run here on its own so that the step's checks
+        (a refusal changes nothing) see only the step. test_lifecycle_money_review pins that a
+        start and a transfer do run it."""
         m = self.model
         if m.boundary(m.k) <= m.now:
-            # A start meeting a boundary due closes it first (`service.CalendarDue`), as a plan
-            # change does: the same catch-up, run here on its own so that the start's checks (a
-            # refusal changes nothing) see only the start. test_lifecycle_money_review pins that
-            # a start does run it.
             await service.close_due_periods(self.w.db, self.ws_id, self.w.clock.now(), self.hold_ttl)
             m.catch_up()
             await self.bind()
+
+    async def start(self, who: str, model_key: str, replay: bool = False):
+        m = self.model
+        await self.close_due_first()
         count = len(m.gens)
         await super().start(who, model_key, replay)
         if len(self.model.gens) > count:
@@ -486,8 +490,9 @@ class Run(money.Run):
             frm = None if m.mode is AllocationMode.POOLED else "owner"
         if frm == to:
             return
+        await self.close_due_first()
         units = amount * UNIT
-        args = dict(workspace_id=self.ws, amount=credits(units), idempotency_key=self.key(),
+        args = dict(workspace_id=self.ws, amount=credits(units), idempotency_key=self.key(), hold_ttl=self.hold_ttl,
                     **{f"from_{k}": v for k, v in self._side(frm).items()},
                     **{f"to_{k}": v for k, v in self._side(to).items()})
         draws = m.draw(frm, units, as_spender=False)

@@ -521,7 +521,7 @@ async def test_a_transfer_splitting_the_allowance_while_the_period_closes_rolls_
     before_the_boundary = OffsetClock()  # the transfer's clock; the tick runs after the boundary
     caller = Caller(await identity.authenticate_secret(world.db, owner), Authorizer(), before_the_boundary)
     transfer = asyncio.ensure_future(transfer_credits(HeldOpen(), caller, workspace_id=ws, amount="40",
-                                                      idempotency_key=key(), to_group_id=group))
+                                                      idempotency_key=key(), to_group_id=group, hold_ttl=TTL))
     await asyncio.wait_for(posted.wait(), 10)
     ticking = asyncio.ensure_future(world.tick(month(1)))
     # Either the tick skips the workspace (the fix) and finishes, or the close waits for the

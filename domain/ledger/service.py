@@ -515,13 +515,17 @@ class TransferResult:
 async def transfer_credits(
     db: Database, caller: Caller, *, workspace_id: str, amount: str | None, idempotency_key: str,
     from_member_id: str | None = None, to_member_id: str | None = None,
-    from_group_id: str | None = None, to_group_id: str | None = None,
+    from_group_id: str | None = None, to_group_id: str | None = None, hold_ttl: timedelta,
 ) -> TransferResult:
     """Move credits between the pool, seats and billing groups (reserving credits for a group is
     a transfer from the pool to it; releasing one moves them back). Each source grant gets a
     TRANSFER_OUT entry and its credits a new grant on the receiving side that keeps the source
     grant's kind, priority, effective time and expiry: nothing is re-dated. With no amount (only
-    when the source is a group) everything spendable there moves."""
+    when the source is a group) everything spendable there moves.
+    `hold_ttl`: the server's hold time-to-live (the scheduler's). A transfer that finds a boundary
+    or a midnight due that the scheduler has not reached closes it first, as a start does
+    (`CalendarDue`): it moves the allowance (or the day's free credits) a tick on time would
+    have issued, not purchased credits kept for later."""
     ws_id = parse_id(workspace_id, "workspace")
     key = idempotency.check_key(idempotency_key)
     # An empty id is an unknown id, not an absent one (parse_id refuses it below).
@@ -538,7 +542,7 @@ async def transfer_credits(
         raise ValidationFailed("toMemberId", "source and destination are the same")
     request = {"workspace": str(ws_id), "amount": units, "from": list(source_side), "to": list(target_side)}
 
-    async def work(session: AsyncSession) -> TransferResult:
+    async def work(session: AsyncSession, catch_up: bool) -> TransferResult:
         # A transfer may split the allowance a period close is reading (a piece for a seat or a
         # group): the close must see every piece or none, or a piece it missed expires instead of
         # rolling over under the shared cap. The close claims the workspace row FOR NO KEY UPDATE
@@ -547,8 +551,11 @@ async def transfer_credits(
         # grants, the close's lock order. Member changes hold that row FOR UPDATE, so the caller
         # is checked again once the lock is held: a demotion (or a removal) committed while the
         # transfer waited is seen (`authorized_lock`).
-        await authorized_lock(session, caller, ws_id, Action.TRANSFER_CREDITS, what="workspace",
-                              lock=lambda: as_sql(session).execute(_SHARE_WORKSPACE, ws_id))
+        due, _ = await authorized_lock(
+            session, caller, ws_id, Action.TRANSFER_CREDITS, what="workspace",
+            lock=lambda: as_sql(session).fetchval(_SHARE_WORKSPACE, ws_id, caller.clock.now()))
+        if catch_up and due:
+            raise CalendarDue()  # after authorizing the caller: an outsider closes nothing
         # The key first (money rule 3): a replay answers with the transfer that happened, even
         # after its seat was removed or made STANDARD or its group archived. Only a new transfer
         # is checked against the seats and groups as they are now; a refusal rolls the claim back.
@@ -601,10 +608,18 @@ async def transfer_credits(
                             "toMember": target.id if target else None, "toGroup": target_group}, at=now)
         return await _transfer_result(session, ws_id, transfer_id)
 
-    return await db.transaction(work)
+    try:
+        return await db.transaction(lambda session: work(session, catch_up=True))
+    except CalendarDue:
+        # Once, as a start: a boundary passed meanwhile (a clock moved by a test) is moved as it is.
+        await close_due_periods(db, ws_id, caller.clock.now(), hold_ttl)
+        return await db.transaction(lambda session: work(session, catch_up=False))
 
 
-_SHARE_WORKSPACE = "SELECT 1 FROM workspaces WHERE id = $1 FOR SHARE"
+# Also answers whether a boundary or a midnight is due (the spender read's calendar_due): no statement more.
+_SHARE_WORKSPACE = """
+SELECT (next_renewal_at <= $2::timestamptz OR next_daily_at <= $2::timestamptz) IS TRUE
+FROM workspaces WHERE id = $1 FOR SHARE"""
 
 
 async def _any_member(session: AsyncSession, ws_id: uuid.UUID, member_id: str) -> Member:
@@ -1046,12 +1061,13 @@ class CalendarDue(Exception):
     closed yet: the old allowance (or the day's free credits) has expired at spend time, and the
     new one, which a tick on time issued at that instant, is not there. Planned now, the spend
     would be paid by credits kept for later (purchased ones, which never expire) or refused, and
-    the allowance issued a moment later would expire with that much unspent. The caller closes
+    the allowance issued a moment later would expire with that much unspent. A transfer meets it
+    too: it would move those credits instead of the allowance. The caller closes
     what is due (`close_due_periods`, in a transaction of its own) and plans again."""
 
 
 async def close_due_periods(db: Database, ws_id: uuid.UUID, now: datetime, hold_ttl: timedelta) -> None:
-    """`periods.close_due_periods` for a spend that met `CalendarDue`: as the scheduler's tick
+    """`periods.close_due_periods` for a spend (or a transfer) that met `CalendarDue`: as the scheduler's tick
     would have, at the time it would have (the workspace's timed-out holds released first).
     A close that fails is the scheduler's to report and retry (`periods.tick`); the spend goes
     on with what is there, as it did before it looked: a workspace whose close is broken must
