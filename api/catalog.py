@@ -131,7 +131,11 @@ class Quote:
     parameters: JSON = strawberry.field(description="The parameters priced, after defaults and limits.")
     multiplier: MultiplierInForce | None
     spendable: str = strawberry.field(description="What the viewer can spend now.")
-    can_afford: bool
+    can_afford: bool = strawberry.field(description=(
+        "Whether the viewer could start it now: their credits cover the total and no spend limit on them, "
+        "their billing group or the workspace (approved overages included) would refuse it."))
+    refusing_limit_id: strawberry.ID | None = strawberry.field(default=None, description=(
+        "The spend limit that would refuse the start (as SpendLimitExceeded would name it), if one would."))
 
     @classmethod
     def of(cls, v: prices.QuoteView) -> Quote:
@@ -144,6 +148,7 @@ class Quote:
             parameters={k: _dec(x) if isinstance(x, Decimal) else x for k, x in q.parameters.items()},
             multiplier=MultiplierInForce(window=TimeWindow.of(q.window), ends_at=q.window_ends_at) if q.window else None,
             spendable=format_credits(v.spendable), can_afford=v.can_afford,
+            refusing_limit_id=strawberry.ID(str(v.refusing_limit_id)) if v.refusing_limit_id else None,
         )
 
 

@@ -196,6 +196,24 @@ async def headroom(tx: AsyncSession | Sql, limit, period: datetime, now: datetim
     return limit["amount_units"] + await approved_extra(sql, limit["id"], period, now) - used
 
 
+async def refusing_limit(
+    tx: AsyncSession | Sql, *, workspace_id: uuid.UUID, member_id: uuid.UUID,
+    billing_group_id: uuid.UUID | None, units: int, now: datetime, timezone: str,
+):
+    """The limit that would refuse `member_id` a start holding `units` now, as `charge` would
+    (the first in id order without room for them; a zero-priced start is refused by none), or
+    None. Read-only, for a quote: no lock, no usage row (a period without one has used 0), so
+    a concurrent start may still take the room first."""
+    if units <= 0:
+        return None
+    sql = as_sql(tx)
+    for limit in await applicable_limits(sql, workspace_id, member_id, billing_group_id):
+        start = (await current_period(sql, limit["id"], limit["period"], now, timezone)).start
+        if await headroom(sql, limit, start, now) < units:
+            return limit
+    return None
+
+
 async def charge(
     tx: AsyncSession | Sql, *, workspace_id: uuid.UUID, member_id: uuid.UUID,
     billing_group_id: uuid.UUID | None, units: int, now: datetime,

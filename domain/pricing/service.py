@@ -283,14 +283,16 @@ async def reprice_usage(
 class QuoteView:
     priced: PricedRequest
     spendable: int
-    can_afford: bool
+    can_afford: bool  # the start would be refused neither for credits nor by a spend limit
+    refusing_limit_id: uuid.UUID | None = None  # the spend limit that would refuse it
 
 
 async def quote_generation(
     db: Database, caller: Caller, *, workspace_id: str, model_key: str, parameters: Mapping[str, Any] | None,
 ) -> QuoteView:
     """What a generation would cost the viewer now, with line items; nothing moves."""
-    from domain.ledger.queries import spendable_units
+    from domain.governance.limits import refusing_limit
+    from domain.ledger.queries import spendable_units, spender_of
     from domain.ledger.service import check_parameters
 
     ws_id = parse_id(workspace_id, "workspace")
@@ -304,7 +306,17 @@ async def quote_generation(
         ws = await session.get_one(Workspace, ws_id)
         priced = await price_request(session, ws, model_key, parameters or {}, caller.clock.now(), open_ended_max=True)
         spendable = await spendable_units(session, caller, ws, me)
-        return QuoteView(priced, spendable, spendable >= priced.quote.units)
+        units = priced.quote.units
+        # A start the viewer's credits cover may still be refused by a limit on them, their
+        # group or the workspace: "can afford" promises neither refusal. (Only a viewer who may
+        # generate has limits to meet; the others keep the answer by credits alone.)
+        limit = None
+        if spender_of(caller, ws_id, me) is not None:
+            limit = await refusing_limit(session, workspace_id=ws_id, member_id=me.id,
+                                         billing_group_id=me.billing_group_id, units=units,
+                                         now=priced.at, timezone=ws.timezone)
+        return QuoteView(priced, spendable, spendable >= units and limit is None,
+                         limit["id"] if limit is not None else None)
 
     return await db.read(work)
 
