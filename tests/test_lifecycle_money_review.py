@@ -67,13 +67,7 @@ async def test_a_start_after_a_boundary_the_tick_has_not_reached_draws_that_peri
         ("PLAN_ALLOWANCE", True, "50.000", "50.000"), ("PROMOTION", False, "500.000", "0.000")]
     [hold] = (await _start(world, lean_owner, lean))["holds"]
     assert (hold["grant"]["source"], hold["held"]) == ("PLAN_ALLOWANCE", "50.000")
-    # Each period closed once: the tick that comes later finds nothing left to do there.
-    report = await world.tick(month(1, timedelta(minutes=30)))
-    assert closes_of(report, ws) == closes_of(report, lean) == []
-    for token, space in ((owner, ws), (lean_owner, lean)):
-        [breakage] = (await schedule(world, token, space))["breakage"]
-        assert (breakage["expired"], breakage["issued"]) == ("100.000", "100.000")
-        await clean(world, space)
+    await _closed_once(world, (owner, ws), (lean_owner, lean))
 
 
 async def test_a_start_after_midnight_the_tick_has_not_reached_draws_that_days_free_credits(world):  # noqa: F811
@@ -176,13 +170,7 @@ async def test_a_transfer_after_a_boundary_the_tick_has_not_reached_moves_that_p
     assert sorted((g["scope"], g["source"], g["remaining"]) for g in b["grants"] if g["remaining"] != "0.000") == [
         ("SEAT", "PLAN_ALLOWANCE", "30.000"), ("WORKSPACE", "PLAN_ALLOWANCE", "70.000"),
         ("WORKSPACE", "PROMOTION", "500.000")]
-    # Each period closed once, by the transfer: the tick that comes later finds nothing to do.
-    report = await world.tick(month(1, timedelta(minutes=30)))
-    assert closes_of(report, ws) == closes_of(report, lean) == []
-    for token, space in ((owner, ws), (lean_owner, lean)):
-        [breakage] = (await schedule(world, token, space))["breakage"]
-        assert (breakage["expired"], breakage["issued"]) == ("100.000", "100.000")
-        await clean(world, space)
+    await _closed_once(world, (owner, ws), (lean_owner, lean))
 
 
 async def test_a_transfer_after_midnight_the_tick_has_not_reached_moves_that_days_free_credits(world):  # noqa: F811
@@ -262,3 +250,14 @@ async def test_an_operator_allowance_expiring_before_the_period_end_expires_on_i
     [breakage] = (await schedule(world, owner, ws))["breakage"]
     assert (breakage["expired"], breakage["rolledOver"]) == ("30.000", "100.000")
     await clean(world, ws)
+
+
+async def _closed_once(world, *spaces: tuple[str, str]) -> None:  # noqa: F811
+    """Each workspace's boundary was closed once, by the catch-up: the tick that comes later
+    finds nothing left to do, and the period's breakage counts the allowance once."""
+    report = await world.tick(month(1, timedelta(minutes=30)))
+    assert [closes_of(report, space) for _, space in spaces] == [[] for _ in spaces]
+    for token, space in spaces:
+        [breakage] = (await schedule(world, token, space))["breakage"]
+        assert (breakage["expired"], breakage["issued"]) == ("100.000", "100.000")
+        await clean(world, space)
