@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 from sqlalchemy import select
@@ -608,18 +608,18 @@ async def transfer_credits(
                             "toMember": target.id if target else None, "toGroup": target_group}, at=now)
         return await _transfer_result(session, ws_id, transfer_id)
 
-    try:
-        return await db.transaction(lambda session: work(session, catch_up=True))
-    except CalendarDue:
-        # Once, as a start: a boundary passed meanwhile (a clock moved by a test) is moved as it is.
-        await close_due_periods(db, ws_id, caller.clock.now(), hold_ttl)
-        return await db.transaction(lambda session: work(session, catch_up=False))
+    return await caught_up(db, ws_id, caller, hold_ttl,
+                           lambda catch_up: db.transaction(lambda session: work(session, catch_up)))
 
 
-# Also answers whether a boundary or a midnight is due (the spender read's calendar_due): no statement more.
-_SHARE_WORKSPACE = """
-SELECT (next_renewal_at <= $2::timestamptz OR next_daily_at <= $2::timestamptz) IS TRUE
-FROM workspaces WHERE id = $1 FOR SHARE"""
+def _calendar_due(workspace: str, now: str) -> str:
+    """SQL: whether the workspace row `workspace` is past a boundary or a midnight (daily free
+    credits) at `now` that the scheduler has not closed yet (`CalendarDue`); read with the row a
+    start or a transfer reads anyway, so the question costs no statement."""
+    return f"({workspace}.next_renewal_at <= {now} OR {workspace}.next_daily_at <= {now}) IS TRUE"
+
+
+_SHARE_WORKSPACE = f"SELECT {_calendar_due('workspaces', '$2::timestamptz')} FROM workspaces WHERE id = $1 FOR SHARE"
 
 
 async def _any_member(session: AsyncSession, ws_id: uuid.UUID, member_id: str) -> Member:
@@ -780,7 +780,7 @@ SELECT w.allocation_mode, w.pool_fallback, w.auto_topup_enabled, w.low_balance_a
        t.billing_group_id AS target_group_id,
        {price_list_in_force("$3")} AS price_list_id,
        EXISTS (SELECT 1 FROM spend_limits s WHERE s.workspace_id = w.id AND s.removed_at IS NULL) AS has_limits,
-       (w.next_renewal_at <= $3::timestamptz OR w.next_daily_at <= $3::timestamptz) IS TRUE AS calendar_due,
+       {_calendar_due("w", "$3::timestamptz")} AS calendar_due,
        (SELECT array_agg(g) FROM grants g
         WHERE g.workspace_id = w.id AND {live_at("$3")}
           AND (g.scope = 'WORKSPACE' OR (g.scope = 'SEAT' AND g.member_id = coalesce(t.id, c.id))
@@ -988,14 +988,8 @@ async def start_generation(
         caller = await authenticate(db, who)  # checked by the read (unless its connection was lost): no statement
         optimistic = Optimistic()
         try:
-            try:
-                started = await db.sql_transaction(
-                    lambda sql: _reserve_in_transaction(sql, caller, req, optimistic, catch_up=True))
-            except CalendarDue:
-                # Once: a boundary passed meanwhile (a clock moved by a test) is spent as it is.
-                await close_due_periods(db, req.ws_id, caller.clock.now(), hold_ttl)
-                started = await db.sql_transaction(
-                    lambda sql: _reserve_in_transaction(sql, caller, req, optimistic, catch_up=False))
+            started = await caught_up(db, req.ws_id, caller, hold_ttl, lambda catch_up: db.sql_transaction(
+                lambda sql: _reserve_in_transaction(sql, caller, req, optimistic, catch_up=catch_up)))
         except InsufficientCredits:
             # A pool too low for this generation may have got there with no spend to start its
             # auto top-up (credits expired, or moved to a seat). The refusal stands; the top-up,
@@ -1078,6 +1072,21 @@ async def close_due_periods(db: Database, ws_id: uuid.UUID, now: datetime, hold_
         await db.transaction(lambda session: periods.close_due_periods(session, ws_id, now, hold_ttl=hold_ttl))
     except Exception as exc:  # noqa: BLE001 - isolated: the spend goes on, the scheduler retries the close
         log.warning("closing the due periods of workspace %s before a spend failed", ws_id, exc_info=exc)
+
+
+_T = TypeVar("_T")
+
+
+async def caught_up(db: Database, ws_id: uuid.UUID, caller: Caller, hold_ttl: timedelta,
+                    attempt: Callable[[bool], Awaitable[_T]]) -> _T:
+    """Run `attempt(True)`, which raises `CalendarDue` (once its caller is authorized) where a
+    boundary is due; then close what is due (`close_due_periods`) and run `attempt(False)`, once:
+    a boundary passed meanwhile (a clock moved by a test) is spent or moved as it is."""
+    try:
+        return await attempt(True)
+    except CalendarDue:
+        await close_due_periods(db, ws_id, caller.clock.now(), hold_ttl)
+        return await attempt(False)
 
 
 async def _reserve_in_transaction(sql: Sql, caller: Caller, req: StartRequest, optimistic: Optimistic, *,
