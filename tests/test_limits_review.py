@@ -102,13 +102,7 @@ async def test_a_shortfall_above_the_hold_counts_only_what_was_drawn(db, client)
 
 
 async def test_an_approval_that_expires_mid_period_stops_raising_the_limit_then(db, live_server, client):
-    team = await make_team(db, client, creators=1)
-    await grant(client, team, "1000")
-    token, member = team.creators[0]
-    async with client(team.owner) as api:
-        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="20", action="REQUIRE_APPROVAL",
-                  member=member)
-    assert [(await start(client, token, team.ws))["__typename"] for _ in range(2)] == ["Generation"] * 2
+    team, token, member = await member_at_an_approval_limit(db, client)
     async with client(token) as api:
         req = (await api(REQUEST, ws=team.ws, amount="30", reason="deadline"))["requestOverage"]
     until = live_server.clock.now() + timedelta(minutes=30)
@@ -202,3 +196,16 @@ async def test_a_limit_lowered_while_a_start_waits_for_the_usage_row_binds_that_
         [limit] = (await api(LIMITS, ws=team.ws))["spendLimits"]
     assert limit["used"] == ("10.000" if answered_first else "20.000")
     assert await usage_drift(db, team.ws) == []
+
+
+async def member_at_an_approval_limit(db, client):
+    """A new team (1,000 credits) whose creator has a monthly REQUIRE_APPROVAL limit of 20, used up
+    by two 10-credit starts: (team, the creator's token, their member id)."""
+    team = await make_team(db, client, creators=1)
+    await grant(client, team, "1000")
+    token, member = team.creators[0]
+    async with client(team.owner) as api:
+        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="20", action="REQUIRE_APPROVAL",
+                  member=member)
+    assert [(await start(client, token, team.ws))["__typename"] for _ in range(2)] == ["Generation"] * 2
+    return team, token, member

@@ -10,6 +10,7 @@ from domain.db import as_sql
 from tests.test_api_governance import DECIDE, REQUEST, SET_LIMIT, start
 from tests.test_api_ledger import grant, make_team
 from tests.test_api_pricing import QUOTE
+from tests.test_limits_review import member_at_an_approval_limit
 
 QUOTE_LIMIT = QUOTE.replace("canAfford", "canAfford refusingLimitId")
 _USAGE_ROWS = """
@@ -54,13 +55,7 @@ async def test_a_quote_says_a_start_its_spend_limit_would_refuse_is_not_affordab
 
 
 async def test_a_quote_counts_approved_overages_and_the_workspaces_limit(db, client):
-    team = await make_team(db, client, creators=1)
-    await grant(client, team, "1000")
-    token, member = team.creators[0]
-    async with client(team.owner) as api:
-        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="20", action="REQUIRE_APPROVAL",
-                  member=member)
-    assert [(await start(client, token, team.ws))["__typename"] for _ in range(2)] == ["Generation"] * 2
+    team, token, member = await member_at_an_approval_limit(db, client)
     assert (await quote(client, token, team.ws))["canAfford"] is False
     async with client(token) as api:
         req = (await api(REQUEST, ws=team.ws, amount="10", reason="one more"))["requestOverage"]

@@ -11,7 +11,7 @@ from domain.periods.service import tick
 from tests.test_api_governance import REQUEST, SET_LIMIT, start
 from tests.test_api_ledger import grant, make_team
 from tests.test_limit_counts_period import ASSIGN, CREATE_GROUP
-from tests.test_limits_review import DECIDE_UNTIL
+from tests.test_limits_review import DECIDE_UNTIL, member_at_an_approval_limit
 
 OVERAGES = "query($ws: ID!) { overageRequests(workspaceId: $ws) { id status } }"
 OVERAGES_PENDING = "query($ws: ID!) { overageRequests(workspaceId: $ws, status: PENDING) { id status } }"
@@ -31,13 +31,7 @@ async def open_limit_alerts(client, team) -> list[str]:
 
 
 async def test_an_approval_that_expires_with_usage_over_the_limit_opens_its_100_percent_alert(db, live_server, client):
-    team = await make_team(db, client, creators=1)
-    await grant(client, team, "1000")
-    token, member = team.creators[0]
-    async with client(team.owner) as api:
-        await api(SET_LIMIT, ws=team.ws, scope="MEMBER", period="MONTH", amount="20", action="REQUIRE_APPROVAL",
-                  member=member)
-    assert [(await start(client, token, team.ws))["__typename"] for _ in range(2)] == ["Generation"] * 2
+    team, token, member = await member_at_an_approval_limit(db, client)
     assert await open_limit_alerts(client, team) == ["LIMIT_100", "LIMIT_80"]  # 20 of 20
     async with client(token) as api:
         req = (await api(REQUEST, ws=team.ws, amount="30", reason="deadline"))["requestOverage"]
